@@ -1,0 +1,129 @@
+"""Kernel benchmark: native prune_topk / subtract_sparse against their baselines, one run.
+
+    python benchmarks/bench_kernels.py [--repeats N] [--rows S] [--keep 0.01 0.1] [--out FILE]
+
+ResNet-18-shaped parameters (the 62 tensors of a CIFAR ResNet-18, 11.17M float32 values).
+Prints one table with the baseline beside each kernel and the ratio; writes the same numbers as
+JSON (default benchmarks/results/kernels.json) so runs can be compared across commits.
+Times are the best of N runs; the median is in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels  # noqa: E402
+
+from pyunlearn import __version__, ops  # noqa: E402
+
+
+@dataclass
+class Config:
+    keeps: tuple[float, ...] = (0.01, 0.1)
+    repeats: int = 15
+    rows: int = 64
+
+
+@dataclass
+class Timing:
+    best_ms: float
+    median_ms: float
+
+
+@dataclass
+class Result:
+    kernel: str
+    keep: float
+    native: Timing
+    baseline: str
+    baseline_time: Timing
+    speedup: float  # baseline / native
+    floor: Timing | None = None
+    vs_floor: float | None = None  # native / floor
+
+
+def timed(fn, repeats: int) -> Timing:
+    fn()  # warm-up: first-touch page faults and lazy initialisation are not the steady state
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return Timing(round(min(samples), 3), round(statistics.median(samples), 3))
+
+
+def run(config: Config) -> list[Result]:
+    results = []
+    for keep in config.keeps:
+        work = kernels.resnet18_workload(keep, config.rows)
+        native_state, torch_state = kernels.Alternating(work), kernels.Alternating(work)
+        native = timed(lambda: kernels.prune_native(work, native_state), config.repeats)
+        baseline = timed(lambda: kernels.prune_torch(work, torch_state), max(3, config.repeats // 3))
+        floor = timed(kernels.StreamingFloor(work), config.repeats)
+        results.append(Result("prune_topk (fused, refresh)", keep, native, "torch.topk per layer", baseline,
+                              round(baseline.best_ms / native.best_ms, 2), floor,
+                              round(native.best_ms / floor.best_ms, 2)))
+        params = [a.clone() for a in work.after[0]]
+        native = timed(lambda: kernels.subtract_native(work, params), config.repeats)
+        baseline = timed(lambda: kernels.subtract_index_add(work, params), max(3, config.repeats // 3))
+        results.append(Result(f"subtract_sparse ({config.rows} rows)", keep, native, "index_add_ per layer and row",
+                              baseline, round(baseline.best_ms / native.best_ms, 2)))
+    return results
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        f"{'kernel':<30} {'keep':>5} {'native ms':>10} {'baseline ms':>12} {'speedup':>8} {'floor ms':>9} {'/floor':>7}",
+        "-" * 87,
+    ]
+    for r in results:
+        floor = f"{r.floor.best_ms:>9.2f} {r.vs_floor:>6.2f}x" if r.floor else f"{'':>9} {'':>7}"
+        lines.append(f"{r.kernel:<30} {r.keep:>5} {r.native.best_ms:>10.2f} {r.baseline_time.best_ms:>12.2f} "
+                     f"{r.speedup:>7.1f}x {floor}")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "pyunlearn": __version__, "kernels": ops.backend(), "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=Config.repeats)
+    parser.add_argument("--rows", type=int, default=Config.rows)
+    parser.add_argument("--keep", type=float, nargs="+", default=list(Config.keeps))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels.json")
+    args = parser.parse_args(argv)
+    config = Config(tuple(args.keep), args.repeats, args.rows)
+    info = machine()
+    print(f"ResNet-18-shaped parameters (62 tensors, 11.17M values); {info['kernels']}; "
+          f"torch {info['torch']} on {info['torch_threads']} threads; {info['cpu']}")
+    results = run(config)
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "config": asdict(config),
+                                    "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

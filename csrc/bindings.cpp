@@ -1,0 +1,150 @@
+// pyunlearn._native: the kernels over numpy buffers. No libtorch: a CPU tensor's .numpy()
+// shares its memory, so nothing is copied, and the module survives torch upgrades.
+// The Python face (pyunlearn/ops.py) checks arguments with layer names first; the checks here
+// only keep a direct caller from crashing the process.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "prune.h"
+#include "subtract.h"
+
+namespace py = pybind11;
+using namespace pyunlearn;
+
+namespace {
+
+std::string where(const char* arg, int64_t layer) {
+    return layer < 0 ? std::string(arg) : std::string(arg) + "[" + std::to_string(layer) + "]";
+}
+
+// Only real numpy arrays: converting anything else would hand the kernel a silent copy, and an
+// in-place update would then be lost.
+py::array as_array(const py::object& obj, const char* arg, int64_t layer) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(where(arg, layer) + " must be a numpy array (pass tensor.numpy()), got " +
+                             std::string(py::str(py::type::of(obj))));
+    return py::reinterpret_borrow<py::array>(obj);
+}
+
+// The data pointer of a C-contiguous numpy array of the given element type, or a ValueError.
+template <class T>
+T* buffer(const py::array& a, const py::dtype& dtype, const char* arg, int64_t layer, bool write) {
+    if (!a.dtype().is(dtype))
+        throw py::type_error(where(arg, layer) + " must be " + std::string(py::str(dtype)) +
+                             ", got " + std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(where(arg, layer) + " must be C-contiguous");
+    if (write && !a.writeable()) throw py::value_error(where(arg, layer) + " must be writable");
+    return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+ValueEncoding encoding_of(const py::array& values) {
+    if (values.dtype().is(py::dtype::of<float>())) return ValueEncoding::Float32;
+    if (values.dtype().is(py::dtype("float16"))) return ValueEncoding::Float16;
+    throw py::type_error("values must be float32 or float16, got " + std::string(py::str(values.dtype())));
+}
+
+void check_k(int64_t k, int64_t numel, int64_t layer) {
+    if (k < 0 || k > numel)
+        throw py::value_error("k[" + std::to_string(layer) + "] = " + std::to_string(k) +
+                              " must lie in [0, " + std::to_string(numel) + "]");
+}
+
+void check_size(const py::array& a, int64_t expect, const char* arg) {
+    if (a.size() != expect)
+        throw py::value_error(std::string(arg) + " has " + std::to_string(a.size()) +
+                              " elements, expected " + std::to_string(expect));
+}
+
+int64_t prune(const std::vector<py::object>& before_objs, const std::vector<py::object>& after_objs,
+              const std::vector<int64_t>& k, const py::object& index_obj, const py::object& values_obj,
+              const py::object& scales_obj, bool refresh, int threads) {
+    const size_t L = after_objs.size();
+    std::vector<py::array> before, after;
+    for (size_t i = 0; i < before_objs.size(); ++i) before.push_back(as_array(before_objs[i], "before", i));
+    for (size_t i = 0; i < L; ++i) after.push_back(as_array(after_objs[i], "after", i));
+    const py::array index = as_array(index_obj, "index", -1), values = as_array(values_obj, "values", -1),
+                    scales = as_array(scales_obj, "scales", -1);
+    if (before.size() != L || k.size() != L)
+        throw py::value_error("before, after and k must have one entry per layer (got " +
+                              std::to_string(before.size()) + ", " + std::to_string(L) + ", " +
+                              std::to_string(k.size()) + ")");
+    const auto f32 = py::dtype::of<float>();
+    std::vector<PruneLayer> layers(L);
+    int64_t total_k = 0;
+    for (size_t i = 0; i < L; ++i) {
+        const int64_t n = after[i].size();
+        if (before[i].size() != n)
+            throw py::value_error("before[" + std::to_string(i) + "] has " + std::to_string(before[i].size()) +
+                                  " elements, after[" + std::to_string(i) + "] has " + std::to_string(n));
+        if (n > (int64_t{1} << 32) - 1)
+            throw py::value_error(where("after", i) + " has more than 2^32 - 1 elements; uint32 indices cannot address it");
+        check_k(k[i], n, i);
+        layers[i] = {buffer<const float>(after[i], f32, "after", i, false),
+                     buffer<float>(before[i], f32, "before", i, refresh), n, k[i]};
+        total_k += k[i];
+    }
+    const ValueEncoding enc = encoding_of(values);
+    check_size(index, total_k, "index");
+    check_size(values, total_k, "values");
+    check_size(scales, static_cast<int64_t>(L), "scales");
+    PruneOutput out{buffer<uint32_t>(index, py::dtype::of<uint32_t>(), "index", -1, true),
+                    buffer<void>(values, values.dtype(), "values", -1, true),
+                    buffer<float>(scales, f32, "scales", -1, true), enc};
+    py::gil_scoped_release release;
+    return prune_topk_cpu(layers, out, refresh, threads);
+}
+
+void subtract(const std::vector<py::object>& param_objs, const std::vector<int64_t>& k,
+              const py::object& index_obj, const py::object& values_obj, const py::object& scales_obj,
+              float alpha, int threads) {
+    const size_t L = param_objs.size();
+    std::vector<py::array> params;
+    for (size_t i = 0; i < L; ++i) params.push_back(as_array(param_objs[i], "params", i));
+    const py::array index = as_array(index_obj, "index", -1), values = as_array(values_obj, "values", -1),
+                    scales = as_array(scales_obj, "scales", -1);
+    if (k.size() != L)
+        throw py::value_error("params and k must have one entry per layer (got " + std::to_string(L) +
+                              " and " + std::to_string(k.size()) + ")");
+    if (index.ndim() != 2 || values.ndim() != 2 || scales.ndim() != 2)
+        throw py::value_error("index, values and scales must be 2-D: one row per stored step");
+    const int64_t S = index.shape(0), K = index.shape(1);
+    std::vector<SubtractLayer> layers(L);
+    int64_t total_k = 0;
+    for (size_t i = 0; i < L; ++i) {
+        check_k(k[i], params[i].size(), i);
+        layers[i] = {buffer<float>(params[i], py::dtype::of<float>(), "params", i, true), params[i].size(), k[i]};
+        total_k += k[i];
+    }
+    if (K != total_k) throw py::value_error("index rows have " + std::to_string(K) + " entries, sum(k) = " + std::to_string(total_k));
+    if (values.shape(0) != S || values.shape(1) != K)
+        throw py::value_error("values must have the shape of index");
+    if (scales.shape(0) != S || scales.shape(1) != static_cast<int64_t>(L))
+        throw py::value_error("scales must have shape (rows, layers)");
+    const ValueEncoding enc = encoding_of(values);
+    StoredRows rows{buffer<const uint32_t>(index, py::dtype::of<uint32_t>(), "index", -1, false),
+                    buffer<const void>(values, values.dtype(), "values", -1, false),
+                    buffer<const float>(scales, py::dtype::of<float>(), "scales", -1, false), enc, S, K};
+    py::gil_scoped_release release;
+    subtract_sparse_cpu(layers, rows, alpha, threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "pyunlearn's CPU kernels over numpy buffers (see pyunlearn/ops.py for the API)";
+    m.def("prune_topk", &prune, py::arg("before"), py::arg("after"), py::arg("k"), py::arg("index"),
+          py::arg("values"), py::arg("scales"), py::arg("refresh"), py::arg("threads") = 0,
+          "Fills index/values/scales; returns -1, or the first layer whose delta is not finite "
+          "(then no `before` was changed).");
+    m.def("subtract_sparse", &subtract, py::arg("params"), py::arg("k"), py::arg("index"),
+          py::arg("values"), py::arg("scales"), py::arg("alpha"), py::arg("threads") = 0);
+    m.def("simd_level", [] { return std::string(simd_level()); });
+    m.def("max_threads", [] { return omp_get_max_threads(); });
+    m.def("_small_layer_limit", &prune_small_layer_limit);
+    m.def("_set_small_layer_limit", &set_prune_small_layer_limit, py::arg("limit"));
+}

@@ -1,0 +1,100 @@
+"""Pure-torch reference kernels: the oracle the native ones are tested against, and the
+fallback where the extension is missing. Same signatures, same output bits; slow on purpose
+(plain per-layer torch ops, nothing clever).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from .errors import NonFiniteUpdateError
+from .row import Row
+
+
+def fp16_scale(max_abs: float) -> float:
+    """The power of two that puts max_abs in [2^14, 2^15) (see csrc/common.h)."""
+    if max_abs == 0.0:
+        return 1.0
+    exponent = math.frexp(max_abs)[1] - 1 - 14
+    return 2.0 ** max(exponent, -126)
+
+
+def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=None) -> Row:
+    before, after, k, value_dtype, names = _checks.check_prune_args(before, after, k, value_dtype, refresh, names)
+
+    deltas = []
+    for i, (b, a) in enumerate(zip(before, after)):
+        d = (a - b).reshape(-1)
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteUpdateError(
+                f"the update of {_checks.layer_label('after', i, names)} holds NaN or Inf; "
+                "nothing was recorded and the snapshot is unchanged"
+            )
+        deltas.append(d)
+
+    index, values, scales = [], [], []
+    for d, ki in zip(deltas, k):
+        magnitude = d.abs()
+        # A stable descending sort keeps equal magnitudes in index order: ties go to the lower index.
+        chosen = torch.sort(magnitude, descending=True, stable=True).indices[:ki]
+        chosen = torch.sort(chosen).values
+        chosen_delta = d[chosen]
+        scale = 1.0
+        if value_dtype == torch.float16:
+            scale = fp16_scale(float(magnitude.max())) if ki > 0 else 1.0
+            chosen_delta = (chosen_delta / scale).to(torch.float16)
+        index.append(torch.diff(chosen, prepend=torch.tensor([-1])).to(torch.uint32))
+        values.append(chosen_delta)
+        scales.append(scale)
+    if refresh:
+        with torch.no_grad():
+            for b, a in zip(before, after):
+                b.copy_(a)
+    return Row(
+        torch.cat(index) if index else torch.empty(0, dtype=torch.uint32),
+        torch.cat(values) if values else torch.empty(0, dtype=value_dtype),
+        torch.tensor(scales, dtype=torch.float32),
+    )
+
+
+def decode_indices(gaps: torch.Tensor) -> torch.Tensor:
+    """Gap-encoded uint32 indices of one layer segment → int64 positions."""
+    return gaps.to(torch.int64).cumsum(0) - 1
+
+
+def subtract_sparse(params, rows, k, alpha=1.0, *, names=None) -> None:
+    params, (index, values, scales), k, alpha, names = _checks.check_subtract_args(params, rows, k, alpha, names)
+    offsets = [0]
+    for ki in k:
+        offsets.append(offsets[-1] + ki)
+
+    # Decode and check every row before touching a parameter.
+    decoded = []
+    for s in range(index.shape[0]):
+        per_layer = []
+        for i, p in enumerate(params):
+            gaps = index[s, offsets[i] : offsets[i + 1]]
+            positions = decode_indices(gaps)
+            if gaps.numel() and (bool((gaps.to(torch.int64) == 0).any()) or int(positions[-1]) >= p.numel()):
+                raise ValueError(
+                    f"rows.index row {s}, layer {i}: indices repeat or run past the layer's {p.numel()} elements; "
+                    "rows must be as prune_topk writes them for these layers"
+                )
+            per_layer.append(positions)
+        decoded.append(per_layer)
+
+    # Canonical order: rows sorted by their bytes, as the native kernel does.
+    def row_bytes(s):
+        return (index[s].numpy().tobytes(), values[s].numpy().tobytes(), scales[s].numpy().tobytes())
+
+    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    with torch.no_grad():
+        for s in sorted(range(index.shape[0]), key=row_bytes):
+            for i, p in enumerate(params):
+                if k[i] == 0:
+                    continue
+                delta = values[s, offsets[i] : offsets[i + 1]].to(torch.float32) * scales[s, i]
+                flat = p.view(-1)
+                flat[decoded[s][i]] -= alpha32 * delta

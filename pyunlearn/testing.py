@@ -1,0 +1,42 @@
+"""Shared helpers for tests and benchmarks: parameter-set shapes and random layer sets."""
+from __future__ import annotations
+
+import torch
+
+
+def resnet18_cifar_shapes(num_classes: int = 10) -> list[tuple[str, tuple[int, ...]]]:
+    """The 62 trainable tensors of a CIFAR ResNet-18 (3×3 stem, no max-pool), 11.17M values.
+
+    Generated from the architecture rather than torchvision, which is not installable here.
+    """
+    shapes = [("conv1.weight", (64, 3, 3, 3)), ("bn1.weight", (64,)), ("bn1.bias", (64,))]
+    in_planes = 64
+    for stage, planes in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            stride = 2 if stage > 1 and block == 0 else 1
+            prefix = f"layer{stage}.{block}"
+            shapes += [
+                (f"{prefix}.conv1.weight", (planes, in_planes, 3, 3)),
+                (f"{prefix}.bn1.weight", (planes,)),
+                (f"{prefix}.bn1.bias", (planes,)),
+                (f"{prefix}.conv2.weight", (planes, planes, 3, 3)),
+                (f"{prefix}.bn2.weight", (planes,)),
+                (f"{prefix}.bn2.bias", (planes,)),
+            ]
+            if stride != 1 or in_planes != planes:
+                shapes += [
+                    (f"{prefix}.shortcut.0.weight", (planes, in_planes, 1, 1)),
+                    (f"{prefix}.shortcut.1.weight", (planes,)),
+                    (f"{prefix}.shortcut.1.bias", (planes,)),
+                ]
+            in_planes = planes
+    shapes += [("linear.weight", (num_classes, 512)), ("linear.bias", (num_classes,))]
+    return shapes
+
+
+def random_step(shapes, *, seed: int = 0, step_size: float = 1e-3):
+    """A (before, after) pair of float32 layer lists, as one SGD step would leave them."""
+    gen = torch.Generator().manual_seed(seed)
+    before = [torch.randn(shape, generator=gen) for _, shape in shapes]
+    after = [b + step_size * torch.randn(b.shape, generator=gen) for b in before]
+    return before, after

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up .venv (torch, the package with its native kernels, test tools) and runs one job:
+#   bash scripts/dev.sh main        the main job (for now the kernel self-check)
+#   bash scripts/dev.sh test        the test suite (slow tests excluded), as CI runs it
+#   bash scripts/dev.sh test-slow   the slow tests only
+#   bash scripts/dev.sh bench       the kernel benchmark (writes benchmarks/results/)
+# Works on a fresh clone: needs python3 (3.10+) with venv, and a C++17 compiler with OpenMP.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+# torch first, spelled exactly: a CPU wheel of 2.13.0 lies on this kind of machine, and any
+# other spelling (or letting the package's `torch>=2.1` pull it) fetches a multi-GB CUDA build.
+# Where the venv already imports a torch, it is left alone.
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "${PIP[@]}" "torch==2.13.0"
+fi
+"${PIP[@]}" "setuptools>=64" wheel "pybind11>=2.12" numpy
+# No build isolation: the build needs only setuptools + pybind11 (just installed), never torch.
+"${PIP[@]}" --no-build-isolation -e ".[test]"
+
+job="${1:-main}"
+shift || true
+case "$job" in
+    main) exec "$VENV/bin/pyunlearn" selfcheck "$@" ;;
+    test) exec "$PY" -m pytest -q "$@" ;;
+    test-slow) exec "$PY" -m pytest -q -m slow "$@" ;;
+    bench) exec "$PY" benchmarks/bench_kernels.py "$@" ;;
+    *) echo "unknown job '$job': use main, test, test-slow or bench" >&2; exit 2 ;;
+esac
