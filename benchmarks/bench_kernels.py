@@ -5,7 +5,7 @@
 ResNet-18-shaped parameters (the 62 tensors of a CIFAR ResNet-18, 11.17M float32 values).
 Prints one table with the baseline beside each kernel and the ratio; writes the same numbers as
 JSON (default benchmarks/results/kernels.json) so runs can be compared across commits.
-Times are the best of N runs; the median is in the JSON.
+Times are the best of N rounds (contenders interleaved); medians are in the JSON.
 """
 from __future__ import annotations
 
@@ -51,14 +51,18 @@ class Result:
     vs_floor: float | None = None  # native / floor
 
 
-def timed(fn, repeats: int) -> Timing:
-    fn()  # warm-up: first-touch page faults and lazy initialisation are not the steady state
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def race(contenders: dict, repeats: int) -> dict[str, Timing]:
+    """Times the contenders in turn, round after round, so a slow spell of a shared machine
+    hits them alike. Each gets one untimed warm-up call (first-touch page faults)."""
+    samples = {name: [] for name in contenders}
+    for fn in contenders.values():
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return Timing(round(min(samples), 3), round(statistics.median(samples), 3))
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: Timing(round(min(s), 3), round(statistics.median(s), 3)) for name, s in samples.items()}
 
 
 def run(config: Config) -> list[Result]:
@@ -66,17 +70,18 @@ def run(config: Config) -> list[Result]:
     for keep in config.keeps:
         work = kernels.resnet18_workload(keep, config.rows)
         native_state, torch_state = kernels.Alternating(work), kernels.Alternating(work)
-        native = timed(lambda: kernels.prune_native(work, native_state), config.repeats)
-        baseline = timed(lambda: kernels.prune_torch(work, torch_state), max(3, config.repeats // 3))
-        floor = timed(kernels.StreamingFloor(work), config.repeats)
-        results.append(Result("prune_topk (fused, refresh)", keep, native, "torch.topk per layer", baseline,
-                              round(baseline.best_ms / native.best_ms, 2), floor,
-                              round(native.best_ms / floor.best_ms, 2)))
+        t = race({"native": lambda: kernels.prune_native(work, native_state),
+                  "baseline": lambda: kernels.prune_torch(work, torch_state),
+                  "floor": kernels.StreamingFloor(work)}, config.repeats)
+        results.append(Result("prune_topk (fused, refresh)", keep, t["native"], "torch.topk per layer", t["baseline"],
+                              round(t["baseline"].best_ms / t["native"].best_ms, 2), t["floor"],
+                              round(t["native"].best_ms / t["floor"].best_ms, 2)))
         params = [a.clone() for a in work.after[0]]
-        native = timed(lambda: kernels.subtract_native(work, params), config.repeats)
-        baseline = timed(lambda: kernels.subtract_index_add(work, params), max(3, config.repeats // 3))
-        results.append(Result(f"subtract_sparse ({config.rows} rows)", keep, native, "index_add_ per layer and row",
-                              baseline, round(baseline.best_ms / native.best_ms, 2)))
+        t = race({"native": lambda: kernels.subtract_native(work, params),
+                  "baseline": lambda: kernels.subtract_index_add(work, params)}, config.repeats)
+        results.append(Result(f"subtract_sparse ({config.rows} rows)", keep, t["native"],
+                              "index_add_ per layer and row", t["baseline"],
+                              round(t["baseline"].best_ms / t["native"].best_ms, 2)))
     return results
 
 
