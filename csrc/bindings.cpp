@@ -145,6 +145,11 @@ PYBIND11_MODULE(_native, m) {
           py::arg("values"), py::arg("scales"), py::arg("alpha"), py::arg("threads") = 0);
     m.def("simd_level", [] { return std::string(simd_level()); });
     m.def("max_threads", [] { return omp_get_max_threads(); });
-    m.def("_small_layer_limit", &prune_small_layer_limit);
-    m.def("_set_small_layer_limit", &set_prune_small_layer_limit, py::arg("limit"));
+    m.def("_prune_tuning", [] {
+        const PruneTuning t = prune_tuning();
+        return py::make_tuple(t.small_layer_limit, t.serial_below);
+    }, "(small_layer_limit, serial_below)");
+    m.def("_set_prune_tuning", [](int64_t small_layer_limit, int64_t serial_below) {
+        set_prune_tuning({small_layer_limit, serial_below});
+    }, py::arg("small_layer_limit"), py::arg("serial_below"));
 }

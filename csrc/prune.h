@@ -28,9 +28,14 @@ struct PruneOutput {
 int64_t prune_topk_cpu(const std::vector<PruneLayer>& layers, const PruneOutput& out,
                        bool refresh, int threads);
 
-// Layers with fewer elements are each handled whole by one thread; larger ones are split
-// across all threads. Exposed so tests can push small layers through the parallel path.
-int64_t prune_small_layer_limit();
-void set_prune_small_layer_limit(int64_t limit);
+// Thresholds of the thread split, exposed so tests can push small inputs through the parallel
+// paths: layers below small_layer_limit elements are each handled whole by one thread (larger
+// ones are split across all threads); models below serial_below elements run on one thread.
+struct PruneTuning {
+    int64_t small_layer_limit;
+    int64_t serial_below;
+};
+PruneTuning prune_tuning();
+void set_prune_tuning(const PruneTuning& tuning);
 
 }  // namespace pyunlearn

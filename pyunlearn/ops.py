@@ -20,7 +20,7 @@ from . import _checks, _reference
 from .errors import NonFiniteUpdateError
 from .row import Row
 
-__all__ = ["Row", "prune_topk", "subtract_sparse", "k_for", "decode_row", "backend",
+__all__ = ["Row", "prune_topk", "Pruner", "subtract_sparse", "k_for", "decode_row", "backend",
            "prune_topk_reference", "subtract_sparse_reference"]
 
 prune_topk_reference = _reference.prune_topk
@@ -103,6 +103,47 @@ def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=N
     if refresh:
         increment_version(before)
     return row
+
+
+class Pruner:
+    """prune_topk over a fixed set of tensors, checked once: for a caller that prunes the same
+    parameters every optimizer step (the recorder), where re-checking every argument would cost
+    as much as the kernel on a small model. Each call verifies only that the tensors still sit
+    where they did (same storage) and rebuilds itself if not."""
+
+    def __init__(self, before, after, k, value_dtype="float16", *, names=None):
+        self._args = (before, after, k, value_dtype, names)
+        self._before, self._after, self._k, self._dtype, self._names = _checks.check_prune_args(
+            before, after, k, value_dtype, True, names)
+        self._layout = self._layout_of(self._before, self._after)
+        native = _native()
+        self._views = None if native is None else (
+            [b.detach().numpy() for b in self._before], [a.detach().numpy() for a in self._after])
+
+    @staticmethod
+    def _layout_of(before, after):
+        # Storage addresses only: replacing a tensor's data (param.data = ...) moves them; an
+        # in-place optimizer update does not.
+        return [t.data_ptr() for t in after] + [t.data_ptr() for t in before]
+
+    def __call__(self, refresh: bool = True) -> Row:
+        if self._views is None:
+            return _reference.prune_topk(self._before, self._after, self._k, self._dtype, refresh, names=self._names)
+        if self._layout_of(self._before, self._after) != self._layout:
+            self.__init__(*self._args[:4], names=self._args[4])
+        total = sum(self._k)
+        row = Row(torch.empty(total, dtype=torch.uint32), torch.empty(total, dtype=self._dtype),
+                  torch.empty(len(self._k), dtype=torch.float32))
+        bad = _native().prune_topk(self._views[0], self._views[1], self._k, row.index.numpy(), row.values.numpy(),
+                                   row.scales.numpy(), bool(refresh))
+        if bad >= 0:
+            raise NonFiniteUpdateError(
+                f"the update of {_checks.layer_label('after', bad, self._names)} holds NaN or Inf; "
+                "nothing was recorded and the snapshot is unchanged"
+            )
+        if refresh:
+            increment_version(self._before)
+        return row
 
 
 def subtract_sparse(params, rows, k, alpha=1.0, *, names=None) -> None:

@@ -1,6 +1,8 @@
 """Shared fixtures: the native module, layer-set builders, bitwise comparisons."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -23,16 +25,25 @@ def native():
     return module
 
 
+@contextlib.contextmanager
+def prune_tuning(native, small_layer_limit, serial_below=0):
+    saved = native._prune_tuning()
+    native._set_prune_tuning(small_layer_limit, serial_below)
+    try:
+        yield
+    finally:
+        native._set_prune_tuning(*saved)
+
+
 @pytest.fixture(params=["default", "all-parallel"])
 def small_layer_limit(request, native):
-    """Runs a test twice: with the built-in split between one-thread and all-thread layers, and
-    with every layer of 16+ elements split across threads (so small test layers cover the
-    parallel path too)."""
-    saved = native._small_layer_limit()
-    if request.param == "all-parallel":
-        native._set_small_layer_limit(16)
-    yield request.param
-    native._set_small_layer_limit(saved)
+    """Runs a test twice: with the built-in thread split, and with every layer of 16+ elements
+    split across all threads (so small test layers cover the parallel path too)."""
+    if request.param == "default":
+        yield request.param
+    else:
+        with prune_tuning(native, 16):
+            yield request.param
 
 
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -24,10 +24,12 @@ namespace pyunlearn {
 namespace {
 
 std::atomic<int64_t> g_small_layer_limit{int64_t{1} << 15};
+std::atomic<int64_t> g_serial_below{int64_t{1} << 16};  // models smaller than this run on one thread
 
 constexpr int64_t kBlock = 2048;         // Δ of one block (8 KB) is filtered while still in L1
 constexpr int64_t kSampleGroup = 16;     // contiguous sample entries: one cache line of each input
 constexpr int kRangeBits = 12;           // histogram of superset keys: 4096 buckets, 16 KB
+constexpr int64_t kSmallSuperset = 4096; // below this, the threshold is found by selection
 constexpr int64_t kCopySpan = int64_t{1} << 18;  // refresh copies this many floats per task
 
 // Per-layer scratch, reused across calls: page-faulting fresh buffers of a large model every
@@ -95,13 +97,16 @@ PU_HOT uint32_t diff_max_key(const float* a, const float* b, float* d, int64_t n
 }
 
 // A key that at least k entries of the layer reach, with high probability (4 standard
-// deviations of the sample count), from 1–4k entries taken in groups of 16 at scrambled
+// deviations of the sample count), from up to 4k entries taken in groups of 16 at scrambled
 // positions (so periodic weight layouts cannot alias with the sampling). Only speed depends
 // on it: the caller checks the count and falls back to 0. A larger sample would tighten the
 // superset, but its cache misses are serial and cost more than the superset saves.
 uint32_t sampled_floor(const PruneLayer& layer, std::vector<uint32_t>& sample) {
     const int64_t n = layer.numel, k = layer.k;
-    const int64_t wanted = std::min(n, std::clamp<int64_t>(64 * n / k, 1024, 4096));
+    // At most an eighth of the layer: on a small layer a larger sample costs more to select
+    // from than the superset it saves (a looser floor just means a larger superset).
+    const int64_t wanted = std::min(n / 8, std::clamp<int64_t>(64 * n / k, 1024, 4096));
+    if (wanted < 256) return 0;  // too small to sample: select from the whole layer
     const int64_t groups = std::max<int64_t>(1, wanted / kSampleGroup);
     sample.clear();
     for (int64_t g = 0; g < groups; ++g) {
@@ -232,6 +237,83 @@ struct LayerOut {
     float* scale;
 };
 
+// The k-th largest key of the superset and, per part, how many of its keys lie above it
+// (`greater`) and at it (`equal`). Two ways, picked by the superset's size:
+
+// A small superset: copy its keys and select. (A 4096-bucket histogram would cost more than the
+// whole layer on a small model.)
+template <class Region>
+uint32_t threshold_by_selection(Scratch& ws, int parts, const std::vector<int64_t>& count,
+                                Region region, int64_t k, std::vector<int64_t>& greater,
+                                std::vector<int64_t>& equal) {
+    std::vector<uint32_t>& keys = ws.sample;  // the sample is no longer needed
+    keys.clear();
+    for (int t = 0; t < parts; ++t) {
+        const float* d = ws.sup_delta.data() + region(t);
+        for (int64_t j = 0; j < count[t]; ++j) keys.push_back(abs_key(d[j]));
+    }
+    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<>());
+    const uint32_t threshold = keys[k - 1];
+    for (int t = 0; t < parts; ++t) {
+        const float* d = ws.sup_delta.data() + region(t);
+        for (int64_t j = 0; j < count[t]; ++j) {
+            const uint32_t key = abs_key(d[j]);
+            greater[t] += key > threshold;
+            equal[t] += key == threshold;
+        }
+    }
+    return threshold;
+}
+
+// A large superset: narrow a key range. Each round histograms the keys inside [range_lo,
+// range_hi] into 4096 buckets (per part, in parallel) and keeps the bucket that holds the k-th
+// largest; a bucket one key wide is the threshold. At most three rounds (31 key bits), and any
+// number of ties costs nothing extra.
+template <class Region>
+uint32_t threshold_by_histogram(Scratch& ws, int parts, const std::vector<int64_t>& count,
+                                Region region, int64_t k, uint32_t floor, uint32_t layer_max,
+                                std::vector<int64_t>& greater, std::vector<int64_t>& equal) {
+    const size_t buckets = size_t{1} << kRangeBits;
+    uint32_t range_lo = floor, range_hi = layer_max;
+    int64_t need = k;
+    for (;;) {
+        int shift = 0;
+        while (((range_hi - range_lo) >> shift) >= (uint32_t{1} << kRangeBits)) ++shift;
+        ws.hist.assign(buckets * parts, 0);
+        for_each_part(parts, [&](int t) {
+            uint32_t* hist = ws.hist.data() + buckets * t;
+            const float* d = ws.sup_delta.data() + region(t);
+            for (int64_t j = 0; j < count[t]; ++j) {
+                const uint32_t key = abs_key(d[j]);
+                if (key >= range_lo && key <= range_hi) ++hist[(key - range_lo) >> shift];
+            }
+        });
+        auto in_bucket = [&](size_t b) {
+            int64_t c = 0;
+            for (int t = 0; t < parts; ++t) c += ws.hist[buckets * t + b];
+            return c;
+        };
+        const size_t top = (range_hi - range_lo) >> shift;
+        size_t bucket = top;
+        int64_t above = 0;
+        for (;; --bucket) {  // ends: the range holds >= need keys
+            const int64_t c = in_bucket(bucket);
+            if (above + c >= need) break;
+            above += c;
+        }
+        for (int t = 0; t < parts; ++t)
+            for (size_t b = bucket + 1; b <= top; ++b) greater[t] += ws.hist[buckets * t + b];
+        need -= above;
+        const uint32_t bucket_lo = range_lo + (static_cast<uint32_t>(bucket) << shift);
+        if (shift == 0) {
+            for (int t = 0; t < parts; ++t) equal[t] = ws.hist[buckets * t + bucket];
+            return bucket_lo;
+        }
+        range_hi = std::min(range_hi, bucket_lo + ((uint32_t{1} << shift) - 1));
+        range_lo = bucket_lo;
+    }
+}
+
 // One layer, split into `parts` contiguous ranges (1 for a small layer on one thread).
 // Returns false if its Δ holds NaN or Inf.
 bool prune_layer(const PruneLayer& layer, int parts, Scratch& ws, const LayerOut& out,
@@ -267,54 +349,14 @@ bool prune_layer(const PruneLayer& layer, int parts, Scratch& ws, const LayerOut
     if (total < k) {  // the sample misled us: take everything (still exact, just slower)
         floor = 0;
         collect(floor);
+        total = 0;
+        for (int64_t c : count) total += c;
     }
 
-    // The exact threshold, by narrowing a key range over the superset: each round histograms
-    // the keys inside [range_lo, range_hi] into 4096 buckets and keeps the bucket that holds the
-    // k-th largest; a bucket one key wide is the threshold. At most three rounds (31 key bits),
-    // and any number of ties costs nothing extra. Per part, `greater` counts its keys above the
-    // final threshold and `equal` those at it.
-    const size_t buckets = size_t{1} << kRangeBits;
     std::vector<int64_t> greater(parts, 0), equal(parts, 0);
-    uint32_t range_lo = floor, range_hi = layer_max, threshold = 0;
-    int64_t need = k;
-    for (;;) {
-        int shift = 0;
-        while (((range_hi - range_lo) >> shift) >= (uint32_t{1} << kRangeBits)) ++shift;
-        ws.hist.assign(buckets * parts, 0);
-        for_each_part(parts, [&](int t) {
-            uint32_t* hist = ws.hist.data() + buckets * t;
-            const float* d = ws.sup_delta.data() + region(t);
-            for (int64_t j = 0; j < count[t]; ++j) {
-                const uint32_t key = abs_key(d[j]);
-                if (key >= range_lo && key <= range_hi) ++hist[(key - range_lo) >> shift];
-            }
-        });
-        auto in_bucket = [&](size_t b) {
-            int64_t c = 0;
-            for (int t = 0; t < parts; ++t) c += ws.hist[buckets * t + b];
-            return c;
-        };
-        const size_t top = (range_hi - range_lo) >> shift;
-        size_t bucket = top;
-        int64_t above = 0;
-        for (;; --bucket) {  // ends: the range holds >= need keys
-            const int64_t c = in_bucket(bucket);
-            if (above + c >= need) break;
-            above += c;
-        }
-        for (int t = 0; t < parts; ++t)
-            for (size_t b = bucket + 1; b <= top; ++b) greater[t] += ws.hist[buckets * t + b];
-        need -= above;
-        const uint32_t bucket_lo = range_lo + (static_cast<uint32_t>(bucket) << shift);
-        if (shift == 0) {
-            threshold = bucket_lo;
-            for (int t = 0; t < parts; ++t) equal[t] = ws.hist[buckets * t + bucket];
-            break;
-        }
-        range_hi = std::min(range_hi, bucket_lo + ((uint32_t{1} << shift) - 1));
-        range_lo = bucket_lo;
-    }
+    const uint32_t threshold = total <= kSmallSuperset
+        ? threshold_by_selection(ws, parts, count, region, k, greater, equal)
+        : threshold_by_histogram(ws, parts, count, region, k, floor, layer_max, greater, equal);
 
     // Each part's share of the output: its keys above the threshold, and the ties it may take
     // (ties go to the lower index, so earlier parts take theirs first).
@@ -357,13 +399,20 @@ void refresh_snapshot(const std::vector<PruneLayer>& layers, int threads) {
 
 }  // namespace
 
-int64_t prune_small_layer_limit() { return g_small_layer_limit.load(); }
-void set_prune_small_layer_limit(int64_t limit) { g_small_layer_limit.store(limit); }
+PruneTuning prune_tuning() { return {g_small_layer_limit.load(), g_serial_below.load()}; }
+void set_prune_tuning(const PruneTuning& tuning) {
+    g_small_layer_limit.store(tuning.small_layer_limit);
+    g_serial_below.store(tuning.serial_below);
+}
 
 int64_t prune_topk_cpu(const std::vector<PruneLayer>& layers, const PruneOutput& out,
                        bool refresh, int threads) {
-    const int T = resolve_threads(threads);
     const int64_t L = static_cast<int64_t>(layers.size());
+    int64_t total = 0;
+    for (const auto& layer : layers) total += layer.numel;
+    // A small model is done before a second thread would even wake up (tens of microseconds,
+    // measured on a 6k-parameter CNN): run it on the calling thread alone.
+    const int T = total < g_serial_below.load() && threads <= 0 ? 1 : resolve_threads(threads);
     const int64_t small_limit = g_small_layer_limit.load();
 
     std::vector<int64_t> offset(L + 1, 0), small, large;
