@@ -1,18 +1,16 @@
-"""The `pyunlearn` command."""
+"""The `pyunlearn` command: demo, inspect, forget, selfcheck."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _same_bits(xs, ys) -> bool:
-    return all(x.dtype == y.dtype and torch_equal_bits(x, y) for x, y in zip(xs, ys))
-
-
-def torch_equal_bits(x, y) -> bool:
     import torch
 
-    return x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    return all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+               for x, y in zip(xs, ys))
 
 
 def _selfcheck(args) -> int:
@@ -31,10 +29,7 @@ def _selfcheck(args) -> int:
     ops.subtract_sparse(params, row, k)
     ops.subtract_sparse_reference(reference_params, reference_row, k)
 
-    checks = {
-        "prune_topk": _same_bits(row, reference_row),
-        "subtract_sparse": _same_bits(params, reference_params),
-    }
+    checks = {"prune_topk": _same_bits(row, reference_row), "subtract_sparse": _same_bits(params, reference_params)}
     print(f"pyunlearn {__version__}, torch {torch.__version__}")
     print(f"kernels: {ops.backend()}")
     for name, ok in checks.items():
@@ -42,13 +37,101 @@ def _selfcheck(args) -> int:
     return 0 if all(checks.values()) else 1
 
 
+def _demo(args) -> int:
+    from .demo import DemoConfig, run
+
+    run(DemoConfig(epochs=args.epochs, keep=args.keep, forget=args.forget, seed=args.seed, store=args.store))
+    return 0
+
+
+def _inspect(args) -> int:
+    from .store import UpdateStore
+
+    store = UpdateStore.open(args.store, mode="r")
+    print(repr(store))
+    print(store.stats().table())
+    print(f"fingerprints: initial {store.initial_fingerprint}, final {store.final_fingerprint}")
+    ledger = store.ledger
+    print(f"ledger: {len(ledger.removed_steps)} steps removed" +
+          (f", model after deletion {ledger.fingerprint}" if ledger.fingerprint else ""))
+    print(f"\n{'layer':<40} {'shape':<20} {'numel':>10} {'k':>8}")
+    for layer in store.layers:
+        print(f"{layer.name:<40} {str(layer.shape):<20} {layer.numel:>10} {layer.k:>8}")
+    return 0
+
+
+def _read_ids(path: Path):
+    import numpy as np
+
+    if not path.exists():
+        raise FileNotFoundError(f"--ids {path}: no such file")
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    text = path.read_text().replace(",", " ").split()
+    try:
+        return np.array([int(t) for t in text], dtype=np.int64)
+    except ValueError as exc:
+        raise ValueError(f"--ids {path}: expected integer sample IDs separated by spaces, commas or lines ({exc})") from None
+
+
+def _forget(args) -> int:
+    import torch
+
+    from ._state_dict import module_for_store
+    from .store import UpdateStore
+    from .unlearn import amnesiac_forget
+
+    ids = _read_ids(Path(args.ids))
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"--checkpoint {args.checkpoint}: expected a state_dict (a dict of tensors)")
+    store = UpdateStore.open(args.store)
+    try:
+        module = module_for_store(state, store)
+        report = amnesiac_forget(module, store, ids)
+    finally:
+        store.close()
+    out = dict(state)
+    for name, p in module.named_parameters():
+        out[name] = p.detach().to(state[name].dtype)
+    torch.save(out, args.out)
+    print(f"forgot {len(ids)} IDs ({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
+          f"{report.steps_applied} subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyunlearn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pyunlearn", description="Make trained PyTorch models forget training samples.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train on the bundled digits with recording, forget samples, show the effect")
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--keep", type=float, default=0.01, help="share of each layer's update entries kept (default 0.01)")
+    demo.add_argument("--forget", type=int, default=10, help="how many training samples to forget (default 10)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--store", help="where to keep the update store (default: a temporary folder)")
+    demo.set_defaults(run=_demo)
+
+    inspect = commands.add_parser("inspect", help="a store's size, layer table and ledger")
+    inspect.add_argument("store")
+    inspect.set_defaults(run=_inspect)
+
+    forget = commands.add_parser("forget", help="forget sample IDs from a saved state_dict")
+    forget.add_argument("--store", required=True)
+    forget.add_argument("--checkpoint", required=True, help="state_dict saved with torch.save (loaded weights_only)")
+    forget.add_argument("--ids", required=True, help="file of sample IDs: whitespace/comma separated, or .npy")
+    forget.add_argument("--out", required=True, help="where to write the new state_dict")
+    forget.set_defaults(run=_forget)
+
     selfcheck = commands.add_parser("selfcheck", help="say which kernels are native and check them on a tiny model")
     selfcheck.set_defaults(run=_selfcheck)
+
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        print(f"pyunlearn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

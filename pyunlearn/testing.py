@@ -40,3 +40,46 @@ def random_step(shapes, *, seed: int = 0, step_size: float = 1e-3):
     before = [torch.randn(shape, generator=gen) for _, shape in shapes]
     after = [b + step_size * torch.randn(b.shape, generator=gen) for b in before]
     return before, after
+
+
+class TinyNet(torch.nn.Module):
+    """A two-layer MLP (8 → 16 → 3) with a frozen extra parameter, for store and recorder tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 3)
+        self.frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) + 0 * self.frozen.sum()
+
+
+def tiny_data(n: int = 120, *, seed: int = 0, first_id: int = 1000):
+    """(ids, x, y) of a small random classification problem; IDs start at `first_id`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return torch.arange(first_id, first_id + n), x, y
+
+
+def tiny_training(model, optimizer, data, *, epochs: int = 2, batch_size: int = 16, seed: int = 0,
+                  recorder=None, after_step=None) -> int:
+    """Seeded mini-batch training of `model`; declares each batch's IDs to `recorder` if given.
+    Calls after_step(step) after every step. Returns the number of steps."""
+    ids, x, y = data
+    gen = torch.Generator().manual_seed(seed)
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(ids), generator=gen)
+        for start in range(0, len(ids), batch_size):
+            sel = order[start : start + batch_size]
+            if recorder is not None:
+                recorder.batch(ids[sel])
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+            optimizer.step()
+            steps += 1
+            if after_step is not None:
+                after_step(steps)
+    return steps

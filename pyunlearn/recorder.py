@@ -1,0 +1,182 @@
+"""UpdateRecorder: hooks an optimizer's step, prunes each step's update, hands it to the store.
+
+    with UpdateRecorder(model, optimizer, store) as rec:
+        for ids, x, y in loader:
+            rec.batch(ids)
+            ...; optimizer.step()
+
+The pruning runs in the training thread right after each step (it is fast, and it must see
+the parameters before the next step changes them); compression and I/O run in a background
+writer fed through a bounded queue, so a slow disk slows training rather than filling memory.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from . import ops
+from ._ids import as_ids
+from ._model import as_float32_work, fingerprint
+from .errors import ModelMismatchError, PyunlearnError
+from .store import UpdateStore
+
+
+class RecorderError(PyunlearnError, RuntimeError):
+    """Recording cannot go on (the writer failed, or a step had no sample IDs)."""
+
+
+_STOP = object()
+
+
+class UpdateRecorder:
+    """Records every optimizer step of `model` into `store`.
+
+    optimizer: must update exactly the model's trainable parameters (those in the store's
+    layer table). allow_unlabeled_steps: record steps with no declared sample IDs instead of
+    refusing them. rows_per_handoff: rows passed to the writer at once (default: ~1 MB of rows,
+    at most 64; one thread wake-up per step would cost a small model more than the pruning).
+    queue_size: hand-offs waiting for the writer before training blocks, so at most
+    (queue_size + 2) · rows_per_handoff rows are held in memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: UpdateStore, *,
+                 allow_unlabeled_steps: bool = False, rows_per_handoff: int | None = None, queue_size: int = 8):
+        if not isinstance(store, UpdateStore):
+            raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for arg, value in (("queue_size", queue_size), ("rows_per_handoff", rows_per_handoff)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        self._params = store.check_model(model)
+        self._check_optimizer(optimizer, store)
+        for layer, p in zip(store.layers, self._params):
+            if p.device.type != "cpu":
+                raise ValueError(f"parameter {layer.name} is on {p.device}: this build records CPU models only "
+                                 "(the CUDA kernels are not built yet)")
+        if store.steps == 0 and fingerprint(self._params) != store.initial_fingerprint:
+            raise ModelMismatchError("the model differs from the one the store was created for: create the store "
+                                     "from the model as training starts")
+        self._model = model
+        self._store = store
+        self._names = [layer.name for layer in store.layers]
+        self._allow_unlabeled = bool(allow_unlabeled_steps)
+        self._snapshot = [p.detach().to(torch.float32).contiguous().clone() for p in self._params]
+        # Parameters the kernel can read in place get a prepared pruner; others (half precision,
+        # channels_last) are copied to float32 each step and go through the checked call.
+        self._in_place = all(as_float32_work(p).data_ptr() == p.data_ptr() for p in self._params)
+        # The parameters themselves, not detached views: `param.data = ...` then moves their
+        # storage address, which the pruner notices.
+        self._pruner = ops.Pruner(self._snapshot, self._params, store.k,
+                                  store.value_dtype, names=[layer.name for layer in store.layers]) if self._in_place else None
+        self._handoff_rows = rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6)))
+        self._outgoing: list[tuple] = []
+        self._pending: list[np.ndarray] = []
+        self._steps = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._writer_error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="pyunlearn-writer", daemon=True)
+        self._writer.start()
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+        self._closed = False
+
+    def _check_optimizer(self, optimizer, store) -> None:
+        """The optimizer must update exactly the recorded parameters: a parameter it skips would
+        be recorded as unchanged, one it adds would change the model unrecorded."""
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        in_store = {id(p) for p in self._params}
+        missing = [layer.name for layer, p in zip(store.layers, self._params) if id(p) not in in_optimizer]
+        extra = len(in_optimizer - in_store)
+        if missing or extra:
+            raise ValueError(f"the optimizer's parameters are not the model's trainable parameters: it lacks "
+                             f"{missing[:5]} and has {extra} others; give it model.parameters() (trainable only)")
+
+    # ----------------------------------------------------------------- the training side
+    def batch(self, ids) -> None:
+        """Declares the sample IDs used since the last step (several calls add up, as with
+        gradient accumulation)."""
+        self._check_open()
+        self._pending.append(as_ids(ids))
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded so far (handed to the writer; durable once flushed)."""
+        return self._steps
+
+    def _before_step(self, optimizer, args, kwargs):
+        self._check_open()
+        self._raise_writer_error()
+        if not self._pending and not self._allow_unlabeled:
+            # Refused before the step runs, so the model is unchanged.
+            raise RecorderError("optimizer.step() with no sample IDs declared since the last step: call "
+                                "rec.batch(ids) for each batch, or pass allow_unlabeled_steps=True")
+
+    def _after_step(self, optimizer, args, kwargs):
+        if self._pruner is not None:
+            row = self._pruner(refresh=True)
+        else:
+            live = [as_float32_work(p) for p in self._params]
+            row = ops.prune_topk(self._snapshot, live, self._store.k, self._store.value_dtype, refresh=True,
+                                 names=self._names)
+        ids = np.concatenate(self._pending) if self._pending else np.empty(0, np.int64)
+        self._pending = []
+        self._steps += 1
+        self._outgoing.append((row, ids))
+        if len(self._outgoing) >= self._handoff_rows:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        if self._outgoing:
+            self._queue.put(self._outgoing)  # blocks while the writer is behind: back-pressure
+            self._outgoing = []
+
+    # ----------------------------------------------------------------- the writer side
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._writer_error is not None:
+                continue  # keep draining so the training thread never blocks on a dead writer
+            try:
+                for row, ids in item:
+                    self._store.append(row, ids)
+            except BaseException as exc:  # re-raised in the training thread
+                self._writer_error = exc
+
+    def _raise_writer_error(self) -> None:
+        if self._writer_error is not None:
+            raise RecorderError(f"writing to {self._store.path} failed: {self._writer_error!r}; "
+                                "steps since the last flush are lost") from self._writer_error
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RecorderError("the recorder is closed")
+
+    # ----------------------------------------------------------------- closing
+    def remove(self) -> None:
+        """Stops recording: waits for the writer, removes the hooks, flushes the store and
+        records the model as the store's final model. Raises the writer's error, if any."""
+        if self._closed:
+            return
+        self._closed = True
+        for hook in self._hooks:
+            hook.remove()
+        self._hand_off()
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._raise_writer_error()
+        self._store.flush()
+        self._store.mark_final(self._model)
+
+    close = remove
+
+    def __enter__(self) -> "UpdateRecorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()

@@ -1,0 +1,80 @@
+"""Algorithm 1, (partial) amnesiac unlearning: subtract the stored updates of every step whose
+batch held a sample to forget. Dense amnesiac unlearning (Graves et al.) is the same call on a
+store created with keep=1.0, value_dtype="float32"."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import ops
+from .._ids import as_ids
+from .._model import as_float32_work, fingerprint
+from ..errors import ModelMismatchError, StoreError
+from ..store import UpdateStore
+
+
+@dataclass
+class ForgetReport:
+    steps_removed: int  # steps newly subtracted for this request
+    steps_applied: int  # steps subtracted from the model passed in (more when it was the original)
+    missing_ids: np.ndarray  # requested IDs no recorded step used
+    seconds: float
+    change_norm: float  # L2 norm of the change to the parameters
+    ledger_steps: int  # steps the ledger lists as removed after this request
+
+
+def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids) -> ForgetReport:
+    """Forgets `ids` from `model` in place and records it in the store's ledger.
+
+    `model` must be either the model the recording ended with (e.g. reloaded from its
+    checkpoint: every step in the ledger is subtracted too) or the model the last deletion
+    produced (only the new steps are subtracted). Any other model is refused. A step is never
+    subtracted twice. The ledger is written after the model changed; if that write fails, the
+    model is put back and the error raised.
+    """
+    start = time.perf_counter()
+    if not isinstance(store, UpdateStore):
+        raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
+    params = store.check_model(model)
+    ids = as_ids(ids)
+    lookup = store.steps_for(ids)
+    ledger = store.ledger
+    current = fingerprint(params)
+    if ledger.fingerprint is not None and current == ledger.fingerprint:
+        apply = np.setdiff1d(lookup.steps, ledger.removed_steps)
+    elif store.final_fingerprint is None:
+        raise StoreError(f"{store.path} has no final model fingerprint: recording did not close cleanly. "
+                         "Load the trained model and call store.mark_final(model) first")
+    elif current == store.final_fingerprint:
+        apply = np.union1d(ledger.removed_steps, lookup.steps)
+    else:
+        raise ModelMismatchError(
+            f"this model is neither the one recording ended with ({store.final_fingerprint}) nor the one the last "
+            f"deletion produced ({ledger.fingerprint}); it has {current}. Forget from one of those two"
+        )
+    new_steps = np.setdiff1d(lookup.steps, ledger.removed_steps)
+
+    rows = store.read(apply)
+    work = [as_float32_work(p) for p in params]
+    backup = [w.clone() for w in work]
+    with torch.no_grad():
+        ops.subtract_sparse(work, rows, store.k, names=[layer.name for layer in store.layers])
+        for p, w in zip(params, work):
+            if w is not p and w.data_ptr() != p.data_ptr():
+                p.copy_(w.view_as(p))
+        try:
+            store._record_deletion(np.union1d(ledger.removed_steps, new_steps), fingerprint(params))
+        except BaseException:
+            for p, b in zip(params, backup):
+                p.copy_(b.view_as(p))
+            raise
+    change = math.sqrt(sum(float(torch.linalg.vector_norm(w - b)) ** 2 for w, b in zip(work, backup)))
+    return ForgetReport(
+        steps_removed=int(new_steps.size), steps_applied=int(apply.size), missing_ids=lookup.missing,
+        seconds=time.perf_counter() - start, change_norm=change,
+        ledger_steps=int(np.union1d(ledger.removed_steps, new_steps).size),
+    )

@@ -1,0 +1,140 @@
+"""amnesiac_forget: the arithmetic, the ledger, refusals, and all-or-nothing behaviour."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import pyunlearn as pu
+from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.2)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        tiny_training(model, optimizer, tiny_data(), epochs=3, recorder=rec)
+    return model, store
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_equals_a_pure_torch_computation_from_the_stored_rows(recorded):
+    model, store = recorded
+    expected = _params(model)
+    steps = store.steps_for([1000, 1050]).steps
+    pu.ops.subtract_sparse_reference(expected, store.read(steps), store.k)
+    report = pu.amnesiac_forget(model, store, [1000, 1050, 99999])
+    assert report.steps_removed == steps.size == report.steps_applied
+    assert report.missing_ids.tolist() == [99999]
+    for got, want in zip(_params(model), expected):
+        assert torch.equal(got, want)
+    assert report.change_norm > 0 and report.seconds > 0
+
+
+def test_ledger_never_subtracts_a_step_twice(recorded):
+    model, store = recorded
+    original = copy.deepcopy(model)
+    first = pu.amnesiac_forget(model, store, [1000, 1001])
+    after_first = _params(model)
+    again = pu.amnesiac_forget(model, store, [1000])
+    assert again.steps_removed == 0 and again.steps_applied == 0
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), after_first))
+    overlapping = pu.amnesiac_forget(model, store, [1001, 1002])
+    steps_1002 = set(store.steps_for([1002]).steps) - set(store.steps_for([1000, 1001]).steps)
+    assert overlapping.steps_removed == len(steps_1002)
+    assert overlapping.ledger_steps == first.steps_removed + len(steps_1002)
+    pu.amnesiac_forget(model, store, [1003])
+    # The original model, reloaded, gets every ledger step subtracted and lands where the
+    # sequence of requests led (to float rounding: the subtraction order differs).
+    report = pu.amnesiac_forget(original, store, [1003])
+    assert report.steps_removed == 0
+    assert report.steps_applied == len(set(store.steps_for([1000, 1001, 1002, 1003]).steps))
+    for got, want in zip(_params(original), _params(model)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert store.ledger.fingerprint == pu._model.fingerprint(_params(original))
+    # Both are fine to forget from again; a third model is not.
+    pu.amnesiac_forget(original, store, [1004])
+
+
+def test_unknown_model_is_refused(recorded, tmp_path):
+    model, store = recorded
+    stranger = copy.deepcopy(model)
+    with torch.no_grad():
+        stranger.fc1.bias.add_(1e-3)
+    before = _params(stranger)
+    with pytest.raises(pu.ModelMismatchError, match="neither the one recording ended with"):
+        pu.amnesiac_forget(stranger, store, [1000])
+    assert all(torch.equal(a, b) for a, b in zip(_params(stranger), before))
+    other = torch.nn.Linear(8, 3)
+    with pytest.raises(pu.ModelMismatchError, match="missing"):
+        pu.amnesiac_forget(other, store, [1000])
+    reshaped = TinyNet()
+    reshaped.fc2 = torch.nn.Linear(16, 4)
+    with pytest.raises(pu.ModelMismatchError, match=r"fc2.weight has shape \(4, 16\)"):
+        pu.amnesiac_forget(reshaped, store, [1000])
+
+
+def test_bad_ids(recorded):
+    model, store = recorded
+    with pytest.raises(TypeError, match="ids must hold integers"):
+        pu.amnesiac_forget(model, store, [1.5, 2.0])
+    with pytest.raises(ValueError, match="ids is empty"):
+        pu.amnesiac_forget(model, store, [])
+    with pytest.raises(TypeError, match="store must be an UpdateStore"):
+        pu.amnesiac_forget(model, "store.zarr", [1000])
+
+
+def test_failed_ledger_write_puts_the_model_back(recorded, monkeypatch):
+    model, store = recorded
+    before = _params(model)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "_record_deletion", fail)
+    with pytest.raises(OSError, match="disk full"):
+        pu.amnesiac_forget(model, store, [1000])
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), before))
+    assert store.ledger.removed_steps.size == 0
+
+
+def test_store_without_a_final_model_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.2)
+    rec = pu.UpdateRecorder(model, optimizer, store)
+    tiny_training(model, optimizer, tiny_data(), epochs=1, recorder=rec)
+    with pytest.raises(pu.StoreError, match="no final model fingerprint"):
+        pu.amnesiac_forget(model, store, [1000])
+    rec.close()
+    pu.amnesiac_forget(model, store, [1000])
+
+
+def test_non_contiguous_and_half_parameters(tmp_path):
+    """Parameters the kernels cannot update in place are worked on as float32 copies."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32")
+    initial = _params(model)
+    ids, x = torch.arange(8), torch.randn(8, 2, 6, 6)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        for step in range(4):
+            rec.batch(ids[step * 2 : step * 2 + 2])
+            optimizer.zero_grad()
+            model(x[step * 2 : step * 2 + 2]).sum().backward()
+            optimizer.step()
+    pu.amnesiac_forget(model, store, ids)
+    for got, want in zip(_params(model), initial):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
