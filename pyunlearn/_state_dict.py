@@ -23,5 +23,9 @@ def module_for_store(state: dict, store) -> nn.Module:
             if not hasattr(module, part):
                 module.add_module(part, nn.Module())
             module = getattr(module, part)
-        module.register_parameter(leaf, nn.Parameter(tensor.detach().to(torch.float32).clone()))
+        if not tensor.is_floating_point():
+            raise ModelMismatchError(f"checkpoint {layer.name} is {tensor.dtype}, not a floating-point tensor")
+        # The checkpoint's own dtype: a deletion's result is then fingerprinted exactly as it is
+        # saved, so the output can be fed back in for the next request.
+        module.register_parameter(leaf, nn.Parameter(tensor.detach().clone()))
     return root

@@ -93,7 +93,7 @@ def _forget(args) -> int:
         store.close()
     out = dict(state)
     for name, p in module.named_parameters():
-        out[name] = p.detach().to(state[name].dtype)
+        out[name] = p.detach().clone()
     torch.save(out, args.out)
     print(f"forgot {len(ids)} IDs ({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
           f"{report.steps_applied} subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}")

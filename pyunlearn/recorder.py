@@ -20,7 +20,7 @@ import torch
 from . import ops
 from ._ids import as_ids
 from ._model import as_float32_work, fingerprint
-from .errors import ModelMismatchError, PyunlearnError
+from .errors import ModelMismatchError, NonFiniteUpdateError, PyunlearnError
 from .store import UpdateStore
 
 
@@ -53,6 +53,8 @@ class UpdateRecorder:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         self._params = store.check_model(model)
         self._check_optimizer(optimizer, store)
+        store._require_writer()  # fail now, not after training steps went unrecorded
+        store._refuse_if_ledger("record more steps into")
         for layer, p in zip(store.layers, self._params):
             if p.device.type != "cpu":
                 raise ValueError(f"parameter {layer.name} is on {p.device}: this build records CPU models only "
@@ -78,6 +80,7 @@ class UpdateRecorder:
         self._steps = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._writer_error: BaseException | None = None
+        self._failed: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="pyunlearn-writer", daemon=True)
         self._writer.start()
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
@@ -109,6 +112,10 @@ class UpdateRecorder:
 
     def _before_step(self, optimizer, args, kwargs):
         self._check_open()
+        if self._failed is not None:
+            raise RecorderError("recording stopped after a step whose update held NaN or Inf; the store holds the "
+                                "steps before it. Reload a good checkpoint, truncate the store to its step and "
+                                "start a new recorder") from self._failed
         self._raise_writer_error()
         if not self._pending and not self._allow_unlabeled:
             # Refused before the step runs, so the model is unchanged.
@@ -116,14 +123,18 @@ class UpdateRecorder:
                                 "rec.batch(ids) for each batch, or pass allow_unlabeled_steps=True")
 
     def _after_step(self, optimizer, args, kwargs):
-        if self._pruner is not None:
-            row = self._pruner(refresh=True)
-        else:
-            live = [as_float32_work(p) for p in self._params]
-            row = ops.prune_topk(self._snapshot, live, self._store.k, self._store.value_dtype, refresh=True,
-                                 names=self._names)
-        ids = np.concatenate(self._pending) if self._pending else np.empty(0, np.int64)
-        self._pending = []
+        pending, self._pending = self._pending, []  # this step's IDs, whatever happens next
+        try:
+            if self._pruner is not None:
+                row = self._pruner(refresh=True)
+            else:
+                live = [as_float32_work(p) for p in self._params]
+                row = ops.prune_topk(self._snapshot, live, self._store.k, self._store.value_dtype, refresh=True,
+                                     names=self._names)
+        except NonFiniteUpdateError as exc:
+            self._failed = exc  # the snapshot no longer matches any recorded state: stop
+            raise
+        ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
         self._steps += 1
         self._outgoing.append((row, ids))
         if len(self._outgoing) >= self._handoff_rows:
@@ -163,15 +174,18 @@ class UpdateRecorder:
         records the model as the store's final model. Raises the writer's error, if any."""
         if self._closed:
             return
-        self._closed = True
         for hook in self._hooks:
             hook.remove()
-        self._hand_off()
-        self._queue.put(_STOP)
-        self._writer.join()
+        try:
+            self._hand_off()
+        finally:
+            self._queue.put(_STOP)  # the writer drains everything, even after an error
+            self._writer.join()
+            self._closed = True
         self._raise_writer_error()
         self._store.flush()
-        self._store.mark_final(self._model)
+        if self._failed is None:  # a model holding an unrecorded update is not the final model
+            self._store.mark_final(self._model)
 
     close = remove
 

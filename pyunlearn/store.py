@@ -180,6 +180,10 @@ class UpdateStore:
             "final_steps": None,
             "ledger": {"removed_steps": [], "fingerprint": None},
         }
+        if overwrite:  # never wipe a store another writer is using
+            guard = WriterLock(zstore, where)
+            guard.acquire()
+            guard.release()
         try:
             group = zarr.open_group(zstore, mode="w" if overwrite else "w-", attributes=attrs, zarr_format=3)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
@@ -298,7 +302,13 @@ class UpdateStore:
     def _require_writer(self) -> None:
         if self._read_only:
             raise StoreError(f"{self._where} was opened read-only (mode='r'); open it with mode='a' to change it")
-        self._lock.acquire()
+        if not self._lock.held:
+            self._lock.acquire()
+            # Another writer may have committed since this handle read the attributes: start
+            # from what is on disk, never from a stale copy.
+            self.refresh()
+            self._buffer = None
+            self._pending_ids = []
 
     def _start_buffer(self) -> None:
         """The chunk that holds the next step, with its already committed rows read back, so the
@@ -321,6 +331,7 @@ class UpdateStore:
         """Adds one step: its pruned row (as prune_topk returns it) and the sample IDs of its
         batch (may be empty). Durable after flush() or once its chunk fills."""
         self._require_writer()
+        self._refuse_if_ledger("record more steps into")
         index, values, scales = self._check_row(row)
         # Sorted within the step: lookups do not care about order, and sorted IDs compress better.
         ids = np.sort(as_ids(ids, allow_empty=True))
@@ -332,7 +343,12 @@ class UpdateStore:
         buf["rows"] = r + 1
         self._pending_ids.append(ids)
         if buf["rows"] == self.steps_per_chunk:
-            self._write_buffer()
+            try:
+                self._write_buffer()
+            except BaseException:
+                buf["rows"] = r  # the step was not stored: a retry must not store it twice
+                self._pending_ids.pop()
+                raise
             self._buffer = None
 
     def _check_row(self, row):
@@ -403,10 +419,17 @@ class UpdateStore:
         self._buffer = None
         self._pending_ids = []
 
+    def _refuse_if_ledger(self, action: str) -> None:
+        if len(self.ledger.removed_steps):
+            raise StoreError(f"{self._where} has a deletion ledger ({len(self.ledger.removed_steps)} steps removed): "
+                             f"cannot {action} it, since further training would start from a model the ledger "
+                             "does not describe. Record further training into a new store")
+
     def mark_final(self, model) -> None:
         """Records `model` as the trained model these steps produced (the recorder does this on
         close; call it yourself after recovering an interrupted run)."""
         self._require_writer()
+        self._refuse_if_ledger("mark a new final model of")
         self.flush()
         self._commit(fingerprint_final=fingerprint(self.check_model(model)), final_steps=self._committed_steps)
 
@@ -414,6 +437,12 @@ class UpdateStore:
         self._require_writer()
         self._commit(ledger={"removed_steps": [int(s) for s in np.unique(removed_steps)],
                              "fingerprint": model_fingerprint})
+
+    def release(self) -> None:
+        """Flushes and gives up the writer lock but keeps the store open (the next change takes
+        the lock again, re-reading what other writers committed meanwhile)."""
+        self.flush()
+        self._lock.release()
 
     def close(self) -> None:
         """Flushes (if written) and releases the writer lock."""

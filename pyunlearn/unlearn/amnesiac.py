@@ -17,6 +17,9 @@ from ..errors import ModelMismatchError, StoreError
 from ..store import UpdateStore
 
 
+READ_BATCH_BYTES = 256 << 20
+
+
 @dataclass
 class ForgetReport:
     steps_removed: int  # steps newly subtracted for this request
@@ -39,6 +42,16 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids) -> ForgetRe
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
         raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
+    holds_lock = store._lock.held
+    try:
+        return _forget(model, store, ids, start)
+    finally:
+        if not holds_lock:  # a lock this call took is given back: others may forget next
+            store._lock.release()
+
+
+def _forget(model, store: UpdateStore, ids, start: float) -> ForgetReport:
+    store._require_writer()  # the lock first: the ledger read below must be current
     params = store.check_model(model)
     ids = as_ids(ids)
     lookup = store.steps_for(ids)
@@ -58,11 +71,20 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids) -> ForgetRe
         )
     new_steps = np.setdiff1d(lookup.steps, ledger.removed_steps)
 
-    rows = store.read(apply)
     work = [as_float32_work(p) for p in params]
     backup = [w.clone() for w in work]
+    names = [layer.name for layer in store.layers]
     with torch.no_grad():
-        ops.subtract_sparse(work, rows, store.k, names=[layer.name for layer in store.layers])
+        try:
+            # Rows in batches of ~256 MB: a long run's matched steps need not fit in memory.
+            row_bytes = store.row_length * (4 + np.dtype(store.value_dtype).itemsize) + 4 * len(store.layers)
+            per_batch = max(1, READ_BATCH_BYTES // row_bytes)
+            for first in range(0, apply.size, per_batch):
+                ops.subtract_sparse(work, store.read(apply[first : first + per_batch]), store.k, names=names)
+        except BaseException:
+            for w, b in zip(work, backup):
+                w.copy_(b)
+            raise
         for p, w in zip(params, work):
             if w is not p and w.data_ptr() != p.data_ptr():
                 p.copy_(w.view_as(p))
