@@ -71,3 +71,122 @@ def split(data: SampleSet, test_fraction: float = 0.2, *, seed: int = 0) -> tupl
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(data)))
     return data.subset(order[n_test:]), data.subset(order[:n_test])
+
+
+# ---------------------------------------------------------------------------- IDX files
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+def read_idx(path) -> np.ndarray:
+    """One IDX file (MNIST's format: magic, dimension sizes, big-endian data), gzipped or raw."""
+    import gzip
+    from pathlib import Path
+
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    start = 4 + 4 * dims
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - start != expected:
+        raise ValueError(f"{path}: header promises {expected} bytes of data for shape {shape}, found {len(raw) - start}")
+    return np.frombuffer(raw, dtype=dtype, offset=start).reshape(shape)
+
+
+def idx(folder=FASHION_MNIST_DEBIAN) -> tuple[SampleSet, SampleSet]:
+    """(train, test) from a folder of MNIST-format IDX files (MNIST or Fashion-MNIST):
+    train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+    t10k-labels-idx1-ubyte, each optionally .gz. Images scaled to [0, 1], shape (N, 1, H, W).
+    Train IDs are 0..N−1, test IDs follow them, so an ID names one sample of the whole set."""
+    from pathlib import Path
+
+    folder = Path(folder)
+
+    def find(stem):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).exists():
+                return folder / name
+        raise FileNotFoundError(f"{folder} has no {stem}[.gz]; Fashion-MNIST comes with Debian's "
+                                "dataset-fashion-mnist package (files under /usr/share/datasets/fashion-mnist)")
+
+    sets, first_id = [], 0
+    for split_name in ("train", "t10k"):
+        images = read_idx(find(f"{split_name}-images-idx3-ubyte"))
+        labels = read_idx(find(f"{split_name}-labels-idx1-ubyte"))
+        if len(images) != len(labels):
+            raise ValueError(f"{folder}: {len(images)} {split_name} images but {len(labels)} labels")
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+        y = torch.from_numpy(labels.astype(np.int64))
+        sets.append(SampleSet(torch.arange(first_id, first_id + len(y), dtype=torch.int64), x, y))
+        first_id += len(y)
+    return sets[0], sets[1]
+
+
+# ---------------------------------------------------------------------------- forget sets
+def forget_random(train: SampleSet, n: int, *, seed: int = 0) -> tuple[SampleSet, SampleSet]:
+    """(train, forget): n training samples drawn at random."""
+    if not 0 < n < len(train):
+        raise ValueError(f"n must lie in [1, {len(train) - 1}], got {n}")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return train, train.subset(pick)
+
+
+def forget_class(train: SampleSet, label: int) -> tuple[SampleSet, SampleSet]:
+    """(train, forget): every training sample of one class."""
+    mask = train.y == label
+    if not bool(mask.any()):
+        raise ValueError(f"no training sample has label {label}")
+    return train, train.subset(mask)
+
+
+def forget_rare_class(train: SampleSet, label: int, n: int, *, seed: int = 0) -> tuple[SampleSet, SampleSet]:
+    """(train, forget) for the amnesiac paper's rare-class set-up: class `label` is cut to n
+    random samples in training, and those n are then forgotten."""
+    members = torch.nonzero(train.y == label).flatten()
+    if not 0 < n <= len(members):
+        raise ValueError(f"n must lie in [1, {len(members)}] (samples of class {label}), got {n}")
+    keep = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))[:n]]
+    mask = train.y != label
+    mask[keep] = True
+    reduced = train.subset(mask)
+    return reduced, reduced.subset(reduced.y == label)
+
+
+def parse_forget(spec: str, train: SampleSet, *, seed: int = 0) -> tuple[SampleSet, SampleSet]:
+    """'random:N', 'class:C' or 'rare:C:N' → (train, forget)."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "random" and len(parts) == 2:
+            return forget_random(train, int(parts[1]), seed=seed)
+        if parts[0] == "class" and len(parts) == 2:
+            return forget_class(train, int(parts[1]))
+        if parts[0] == "rare" and len(parts) == 3:
+            return forget_rare_class(train, int(parts[1]), int(parts[2]), seed=seed)
+    except ValueError as exc:
+        if "invalid literal" not in str(exc):
+            raise
+    raise ValueError(f"forget set-up must be random:N, class:C or rare:C:N, got {spec!r}")
+
+
+class IdDataset(torch.utils.data.Dataset):
+    """Wraps any map-style dataset of (x, y) so items come as (id, x, y), the ID being the
+    index plus `first_id`: the recorder's loader convention for datasets without IDs."""
+
+    def __init__(self, dataset, first_id: int = 0):
+        self.dataset = dataset
+        self.first_id = int(first_id)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return torch.tensor(self.first_id + index, dtype=torch.int64), x, y

@@ -17,19 +17,29 @@ from .store import UpdateStore
 from .unlearn import amnesiac_forget
 
 
-class DigitsCNN(nn.Module):
-    """Two 3×3 conv layers and a linear head for 8×8 images (~6k parameters)."""
+class SmallCNN(nn.Module):
+    """Two 3×3 conv layers, each followed by 2×2 max-pooling, and a linear head, for square
+    one-channel images whose side is a multiple of 4."""
 
-    def __init__(self, classes: int = 10):
+    def __init__(self, image_size: int, channels: tuple[int, int], classes: int = 10):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 2 * 2, classes)
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.conv1 = nn.Conv2d(1, channels[0], 3, padding=1)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.fc = nn.Linear(channels[1] * (image_size // 4) ** 2, classes)
 
     def forward(self, x):
         x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
         return self.fc(x.flatten(1))
+
+
+class DigitsCNN(SmallCNN):
+    """SmallCNN for the 8×8 digits: 16 and 32 channels, ~6k parameters."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__(8, (16, 32), classes)
 
 
 @torch.no_grad()

@@ -1,4 +1,12 @@
-"""Unlearning methods. Algorithm 1 (amnesiac, from recorded updates) is in amnesiac.py."""
+"""Unlearning methods: amnesiac (Algorithm 1, from recorded updates), label flipping
+(Algorithm 2), gradient ascent (Algorithm 3), each of the last two naive (keep=None) or with
+layer-wise partial updates (keep=r); and fine-tuning on retained data."""
+from ._loop import UnlearnReport
 from .amnesiac import ForgetReport, amnesiac_forget
+from .finetune import fine_tune
+from .gradient import gradient_ascent
+from .label_flip import label_flip
+from .partial import LayerwiseMask
 
-__all__ = ["ForgetReport", "amnesiac_forget"]
+__all__ = ["ForgetReport", "amnesiac_forget", "label_flip", "gradient_ascent", "fine_tune", "LayerwiseMask",
+           "UnlearnReport"]

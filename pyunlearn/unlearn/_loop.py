@@ -1,0 +1,63 @@
+"""The optimisation loop the unlearning methods share: epochs of mini-batches, a loss, and a
+plain or layer-wise partial optimizer step."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._model import trainable_parameters
+from ..data import SampleSet
+from .partial import LayerwiseMask, check_keep
+
+
+@dataclass
+class UnlearnReport:
+    method: str
+    keep: float | None  # None: naive (every entry may change)
+    steps: int
+    seconds: float
+
+
+def check_data(arg: str, data) -> SampleSet:
+    if not isinstance(data, SampleSet):
+        raise TypeError(f"{arg} must be a pyunlearn.data.SampleSet (ids, x, y), got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{arg} is empty: there is nothing to train on")
+    return data
+
+
+def check_positive(arg: str, value, kind=float):
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ValueError(f"{arg} must be a positive {kind.__name__}, got {value!r}")
+    return value
+
+
+def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
+             lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
+             seed: int = 0, clip: float | None = None) -> UnlearnReport:
+    """SGD over `batches(generator)` (a fresh iterator each epoch) minimising `loss(batch)`."""
+    check_positive("epochs", epochs, int)
+    check_positive("lr", lr)
+    keep = check_keep(keep)
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    mask = LayerwiseMask(model, optimizer, keep) if keep is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    start, steps = time.perf_counter(), 0
+    was_training = model.training
+    model.train()
+    for _ in range(epochs):
+        for batch in batches(generator):
+            optimizer.zero_grad()
+            loss(batch).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            (mask.step if mask is not None else optimizer.step)()
+            steps += 1
+    model.train(was_training)
+    return UnlearnReport(method, keep, steps, time.perf_counter() - start)

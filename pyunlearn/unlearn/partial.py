@@ -1,0 +1,62 @@
+"""Layer-wise partial updates: at each unlearning step only each layer's k_i = ceil(keep·numel_i)
+entries with the largest |gradient| may change; every other entry, and its optimizer state
+(momentum, Adam moments), is put back bit for bit after the optimizer step. Putting back the
+state too matters: otherwise momentum gathered on a frozen entry would move it the first time it
+is selected, and weight decay would shrink entries that were never chosen."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .._model import trainable_parameters
+
+
+def check_keep(keep) -> float | None:
+    if keep is None:
+        return None
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be None (naive: update everything) or a ratio in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+class LayerwiseMask:
+    """Wraps optimizer steps so only the top-|grad| entries of each layer change."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: float):
+        self.params = [p for _, p in trainable_parameters(model)]
+        if not self.params:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        self.optimizer = optimizer
+        self.k = ops.k_for([p.numel() for p in self.params], check_keep(keep))
+        self._zeros = [torch.zeros(p.numel(), dtype=torch.float32) for p in self.params]
+
+    def selection(self) -> list[torch.Tensor]:
+        """Per layer, the flat positions of the k largest |grad| (the native top-k kernel on
+        Δ = grad − 0). A parameter without a gradient selects nothing."""
+        grads = [p.grad.detach().to(torch.float32).reshape(-1).contiguous() if p.grad is not None else z
+                 for p, z in zip(self.params, self._zeros)]
+        row = ops.prune_topk(self._zeros, grads, self.k, "float32", refresh=False)
+        return [positions if p.grad is not None else positions[:0]
+                for (positions, _), p in zip(ops.decode_row(row, self.k), self.params)]
+
+    def step(self) -> None:
+        chosen = self.selection()
+        saved = [(p.detach().clone(), self._state_tensors(p)) for p in self.params]
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, (before, state_before), positions in zip(self.params, saved, chosen):
+                frozen = torch.ones(p.numel(), dtype=torch.bool)
+                frozen[positions] = False
+                p.view(-1)[frozen] = before.view(-1)[frozen]
+                for name, now in self.optimizer.state.get(p, {}).items():
+                    if not isinstance(now, torch.Tensor) or now.shape != p.shape:
+                        continue  # step counters and other scalars
+                    # State the step created (the first one) starts from zero for frozen entries.
+                    old = state_before.get(name)
+                    now.view(-1)[frozen] = old.view(-1)[frozen] if old is not None else 0
+
+    def _state_tensors(self, p) -> dict[str, torch.Tensor]:
+        """Copies of the optimizer's per-entry state of p (tensors shaped like p)."""
+        state = self.optimizer.state.get(p, {})
+        return {name: v.detach().clone() for name, v in state.items()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape}
