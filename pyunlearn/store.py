@@ -393,7 +393,9 @@ class UpdateStore:
             arr.resize((-(-length // chunk) * chunk,))
 
     def _commit(self, **changes) -> None:
-        self._group.attrs.update(changes)
+        # One metadata write for all changes. (zarr's attrs.update() writes once per key: a crash
+        # between two of those writes left committed_steps and committed_samples disagreeing.)
+        self._group = self._group.update_attributes(changes)
         self._attrs.update(changes)
         self._committed_steps = int(self._attrs["committed_steps"])
         self._committed_samples = int(self._attrs["committed_samples"])
