@@ -283,3 +283,24 @@ def test_reads_a_store_written_by_version_0_1(tmp_path):
     expected = json.loads((FIXTURES / "v0.1-tinynet.json").read_text())
     assert store.steps_for([1003]).steps.tolist() == expected["steps_of_1003"]
     assert store.read([7]).index[0].tolist() == expected["index_of_step_7"]
+
+
+@pytest.fixture(params=["local", "fsspec-memory"])
+def store_path(request, tmp_path):
+    """The same checks against a local folder and an fsspec URL (in-memory filesystem)."""
+    if request.param == "local":
+        return str(tmp_path / "s.zarr")
+    return f"memory://pyunlearn-tests/{tmp_path.name}/s.zarr"
+
+
+def test_store_works_on_each_back_end(store_path):
+    model, store = _record(store_path, steps_per_chunk=3)
+    assert store.steps == 16
+    reader = pu.UpdateStore.open(store_path, mode="r")
+    assert reader.steps == 16 and torch.equal(reader.read([7]).index, store.read([7]).index)
+    with pytest.raises(pu.StoreLockedError):
+        pu.UpdateStore.open(store_path).truncate(3)  # the recording handle still holds the lock
+    report = pu.amnesiac_forget(model, store, [1000, 1001])
+    assert report.steps_removed == store.steps_for([1000, 1001]).steps.size > 0
+    store.close()
+    assert len(pu.UpdateStore.open(store_path, mode="r").ledger.removed_steps) == report.steps_removed
