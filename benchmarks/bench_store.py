@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         results["forget"]["DigitsCNN keep=0.01, 450 steps"] = forget_latency(model, stores[0], train_set.ids.numpy())
         for keep in KEEPS:
             resnet, store = resnet_store(root, keep, args.resnet_steps)
-            results["sizes"].append(asdict(size_result(f"ResNet-18 shapes (11.2M), synthetic steps", store)))
+            results["sizes"].append(asdict(size_result("ResNet-18 shapes (11.2M), synthetic steps", store)))
             if keep == 0.01:
                 results["forget"][f"ResNet-18 shapes keep=0.01, {store.steps} steps"] = forget_latency(
                     resnet, store, np.arange(store.samples), counts=(1,), repeats=3)

@@ -153,11 +153,12 @@ def write(rows: list[Row], args, out: Path) -> None:
     print(f"wrote {out / args.name}.md, .csv, .png")
 
 
-def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv, doc: str, forget_default: str, forget_help: str):
+    """The experiment scripts' shared command line."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="fashion-mnist", choices=["digits", "fashion-mnist"])
     parser.add_argument("--idx-folder", default=FASHION_MNIST_DEBIAN, help="folder of the IDX files")
-    parser.add_argument("--forget", default="random:300", help="random:N, class:C or rare:C:N")
+    parser.add_argument("--forget", default=forget_default, help=forget_help)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -167,10 +168,14 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--name", help="file name stem (default: <data>-<forget>)")
     args = parser.parse_args(argv)
     args.name = args.name or f"{args.data}-{args.forget.replace(':', '-')}"
+    return args
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(argv, __doc__, "random:300", "random:N, class:C or rare:C:N")
     rows = run(args)
     write(rows, args, args.out)
     return rows
-
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,11 @@ class UpdateRecorder:
         self._store = store
         self._names = [layer.name for layer in store.layers]
         self._allow_unlabeled = bool(allow_unlabeled_steps)
+        self._optimizer = optimizer
+        self._family = _attribution_family(optimizer) if store.attribution == "gradient" else None
+        if self._family is not None:
+            store._set_optimizer(self._family)
+            self._zeros = [torch.zeros(p.numel(), dtype=torch.float32) for p in self._params]
         self._snapshot = [p.detach().to(torch.float32).contiguous().clone() for p in self._params]
         # Parameters the kernel can read in place get a prepared pruner; others (half precision,
         # channels_last) are copied to float32 each step and go through the checked call.
@@ -124,8 +129,11 @@ class UpdateRecorder:
 
     def _after_step(self, optimizer, args, kwargs):
         pending, self._pending = self._pending, []  # this step's IDs, whatever happens next
+        hyper = None
         try:
-            if self._pruner is not None:
+            if self._family is not None:
+                row, hyper = self._gradient_row()
+            elif self._pruner is not None:
                 row = self._pruner(refresh=True)
             else:
                 live = [as_float32_work(p) for p in self._params]
@@ -136,9 +144,28 @@ class UpdateRecorder:
             raise
         ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
         self._steps += 1
-        self._outgoing.append((row, ids))
+        self._outgoing.append((row, ids, hyper))
         if len(self._outgoing) >= self._handoff_rows:
             self._hand_off()
+
+    def _gradient_row(self):
+        """Gradient attribution: the pruned gradient this step used (for Adam divided by
+        √v̂ + ε, the state after the step) and the step's (lr, momentum or β1, Adam step)."""
+        group = self._optimizer.param_groups[0]
+        vectors, adam_step = [], 0.0
+        for p in self._params:
+            g = p.grad.detach().to(torch.float32) if p.grad is not None else torch.zeros(p.shape)
+            if self._family == "adam":
+                state = self._optimizer.state[p]
+                adam_step = float(state["step"])
+                beta2 = group["betas"][1]
+                v_hat = state["exp_avg_sq"].detach().to(torch.float32) / (1.0 - beta2 ** adam_step)
+                g = g / (v_hat.sqrt() + group["eps"])
+            vectors.append(g.reshape(-1).contiguous())
+        row = ops.prune_topk(self._zeros, vectors, self._store.k, self._store.value_dtype, refresh=False,
+                             names=self._names)
+        decay = group["betas"][0] if self._family == "adam" else group.get("momentum", 0.0)
+        return row, (float(group["lr"]), float(decay), adam_step)
 
     def _hand_off(self) -> None:
         if self._outgoing:
@@ -154,8 +181,8 @@ class UpdateRecorder:
             if self._writer_error is not None:
                 continue  # keep draining so the training thread never blocks on a dead writer
             try:
-                for row, ids in item:
-                    self._store.append(row, ids)
+                for row, ids, hyper in item:
+                    self._store.append(row, ids, hyper)
             except BaseException as exc:  # re-raised in the training thread
                 self._writer_error = exc
 
@@ -194,3 +221,25 @@ class UpdateRecorder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.remove()
+
+
+def _attribution_family(optimizer) -> str:
+    """'sgd' or 'adam' when gradient attribution can follow the optimizer's arithmetic; a clear
+    error otherwise."""
+    groups = optimizer.param_groups
+    if isinstance(optimizer, torch.optim.SGD):
+        family, keys = "sgd", ("lr", "momentum", "dampening", "nesterov")
+        for g in groups:
+            if g.get("nesterov") or g.get("dampening", 0) != 0:
+                raise ValueError("gradient attribution follows plain SGD with momentum: nesterov and dampening "
+                                 "are not supported; record with attribution='update'")
+    elif type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        family, keys = "adam", ("lr", "betas", "eps")
+        if any(g.get("amsgrad") for g in groups):
+            raise ValueError("gradient attribution does not support amsgrad; record with attribution='update'")
+    else:
+        raise ValueError(f"gradient attribution supports SGD, Adam and AdamW, not {type(optimizer).__name__}; "
+                         "record with attribution='update'")
+    if any(any(g[k] != groups[0][k] for k in keys) for g in groups[1:]):
+        raise ValueError("gradient attribution needs one learning rate and momentum for all parameter groups")
+    return family

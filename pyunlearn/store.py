@@ -40,6 +40,7 @@ CHUNK_BYTES = 4 << 20  # ~4 MB per chunk: zarr's per-chunk cost (~0.3 ms) stays 
 MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
 IDS_PER_CHUNK = CHUNK_BYTES // 8
 _VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
+ATTRIBUTIONS = ("update", "gradient")
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,10 @@ class UpdateStore:
         self._where = where
         self._read_only = read_only
         self._lock = WriterLock(zstore, where)
-        self._arrays = {name: group[name] for name in ("values", "index", "scales", "sample_ids", "offsets")}
+        names = ["values", "index", "scales", "sample_ids", "offsets"]
+        if dict(group.attrs).get("attribution", "update") == "gradient":
+            names.append("step_hyper")
+        self._arrays = {name: group[name] for name in names}
         self._load_attrs()
         self._buffer = None  # rows of the chunk being filled (see _start_buffer)
         self._pending_ids: list[np.ndarray] = []
@@ -143,9 +147,17 @@ class UpdateStore:
     # ----------------------------------------------------------------- making and opening
     @classmethod
     def create(cls, path, model, keep: float = 0.01, value_dtype: str = "float16", *,
-               steps_per_chunk: int | None = None, overwrite: bool = False, storage_options=None) -> "UpdateStore":
+               attribution: str = "update", steps_per_chunk: int | None = None, overwrite: bool = False,
+               storage_options=None) -> "UpdateStore":
         """A new, empty store for `model`'s trainable parameters (requires_grad), named as in
-        model.named_parameters(); k_i = ceil(keep · numel_i), at least 1. Opened for writing."""
+        model.named_parameters(); k_i = ceil(keep · numel_i), at least 1. Opened for writing.
+
+        attribution: "update" stores each step's parameter change Δθ (the paper's method);
+        "gradient" stores each step's batch gradient (for Adam, preconditioned) with the step's
+        learning rate and momentum, so that forgetting can subtract a batch's whole first-order
+        contribution to the final weights, including what momentum carried into later steps."""
+        if attribution not in ATTRIBUTIONS:
+            raise ValueError(f"attribution must be 'update' or 'gradient', got {attribution!r}")
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
@@ -171,6 +183,8 @@ class UpdateStore:
             "layers": [layer.to_json() for layer in layers],
             "keep": float(keep),
             "value_dtype": value_dtype,
+            "attribution": attribution,
+            "optimizer": None,  # gradient attribution: the optimizer family, set by the first recorder
             "row_length": row_length,
             "steps_per_chunk": steps_per_chunk,
             "committed_steps": 0,
@@ -202,6 +216,9 @@ class UpdateStore:
         offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
                                      compressors=_codecs(8), fill_value=0)
         offsets[0] = 0
+        if attribution == "gradient":  # per step: learning rate, momentum (or Adam's β1), Adam's step count
+            group.create_array("step_hyper", shape=(0, 3), dtype=np.float64, chunks=(steps_per_chunk, 3),
+                               compressors=_codecs(8), fill_value=0)
         store = cls(zstore, group, where, read_only=False)
         store._lock.acquire()
         return store
@@ -240,6 +257,7 @@ class UpdateStore:
         self.k = [layer.k for layer in self.layers]
         self.keep = float(a["keep"])
         self.value_dtype = a["value_dtype"]
+        self.attribution = a.get("attribution", "update")  # stores of 0.1.0 predate the field
         self.row_length = int(a["row_length"])
         self.steps_per_chunk = int(a["steps_per_chunk"])
         self._committed_steps = int(a["committed_steps"])
@@ -322,17 +340,25 @@ class UpdateStore:
             "index": np.zeros((C, K), dtype=np.uint32),
             "scales": np.zeros((C, L), dtype=np.float32),
         }
+        if self.attribution == "gradient":
+            buf["step_hyper"] = np.zeros((C, 3), dtype=np.float64)
         if buf["rows"]:
-            for name in ("values", "index", "scales"):
+            for name in self._row_arrays():
                 buf[name][: buf["rows"]] = self._read_array(name, slice(start, self._committed_steps))
         self._buffer = buf
 
-    def append(self, row: Row, ids) -> None:
+    def _row_arrays(self) -> tuple[str, ...]:
+        return ("values", "index", "scales", "step_hyper") if self.attribution == "gradient" else ("values", "index", "scales")
+
+    def append(self, row: Row, ids, hyper: tuple[float, float, float] | None = None) -> None:
         """Adds one step: its pruned row (as prune_topk returns it) and the sample IDs of its
-        batch (may be empty). Durable after flush() or once its chunk fills."""
+        batch (may be empty); for gradient attribution also `hyper` = (learning rate, momentum
+        or Adam's β1, Adam's step count or 0). Durable after flush() or once its chunk fills."""
         self._require_writer()
         self._refuse_if_ledger("record more steps into")
         index, values, scales = self._check_row(row)
+        if (hyper is None) != (self.attribution == "update"):
+            raise ValueError("hyper (lr, momentum, adam_step) is required with gradient attribution and only then")
         # Sorted within the step: lookups do not care about order, and sorted IDs compress better.
         ids = np.sort(as_ids(ids, allow_empty=True))
         if self._buffer is None:
@@ -340,6 +366,8 @@ class UpdateStore:
         buf = self._buffer
         r = buf["rows"]
         buf["index"][r], buf["values"][r], buf["scales"][r] = index, values, scales
+        if hyper is not None:
+            buf["step_hyper"][r] = hyper
         buf["rows"] = r + 1
         self._pending_ids.append(ids)
         if buf["rows"] == self.steps_per_chunk:
@@ -373,7 +401,7 @@ class UpdateStore:
         counts = np.array([len(x) for x in self._pending_ids], dtype=np.int64)
         first_sample, last_sample = self._committed_samples, self._committed_samples + len(ids)
         # Data first, committed counts last: a crash in between leaves the old prefix.
-        for name in ("values", "index", "scales"):
+        for name in self._row_arrays():
             arr = self._arrays[name]
             if arr.shape[0] < start + self.steps_per_chunk:
                 arr.resize((start + self.steps_per_chunk, arr.shape[1]))
@@ -434,6 +462,42 @@ class UpdateStore:
         self._refuse_if_ledger("mark a new final model of")
         self.flush()
         self._commit(fingerprint_final=fingerprint(self.check_model(model)), final_steps=self._committed_steps)
+
+    def _set_optimizer(self, family: str) -> None:
+        """Gradient attribution: the optimizer family whose arithmetic the coefficients follow."""
+        current = self._attrs.get("optimizer")
+        if current is not None and current != family:
+            raise StoreError(f"{self._where} was recorded with a {current} optimizer; cannot continue with {family}")
+        if current is None:
+            self._require_writer()
+            self._commit(optimizer=family)
+
+    def coefficients(self, steps) -> np.ndarray:
+        """Gradient attribution: for each of `steps`, the factor c_t by which its stored (pruned)
+        gradient moved the final weights (θ_final = … − c_t·g_t), from the stored per-step
+        hyper-parameters of every step up to the final model.
+
+        SGD with momentum μ: c_t = Σ_{s≥t} lr_s · μ_{t+1}···μ_s (exact for the gradient's linear
+        effect, schedules included). Adam: the stored vector is g_t / (√v̂_t + ε), and
+        c_t = (1 − β1) Σ_{s≥t} β1^(s−t) · lr_s / (1 − β1^(n_s)) with n_s Adam's step count —
+        first-order, holding each later step's second-moment estimate at step t's value."""
+        if self.attribution != "gradient":
+            raise StoreError(f"{self._where} stores updates (attribution='update'); coefficients need 'gradient'")
+        final = self._attrs.get("final_steps")
+        if final is None:
+            raise StoreError(f"{self._where} has no final model: close the recorder (or call mark_final) first")
+        hyper = self._read_array("step_hyper", slice(0, int(final)))
+        lr, decay, adam_step = hyper[:, 0], hyper[:, 1], hyper[:, 2]
+        c = np.zeros(int(final) + 1)
+        if self._attrs.get("optimizer") == "adam":
+            weight = lr / (1.0 - decay ** np.maximum(adam_step, 1))
+            for t in range(int(final) - 1, -1, -1):
+                c[t] = weight[t] + (decay[t + 1] if t + 1 < final else 0.0) * c[t + 1]
+            c[:-1] *= 1.0 - decay
+        else:
+            for t in range(int(final) - 1, -1, -1):
+                c[t] = lr[t] + (decay[t + 1] if t + 1 < final else 0.0) * c[t + 1]
+        return c[np.asarray(steps, dtype=np.int64)]
 
     def _record_deletion(self, removed_steps: np.ndarray, model_fingerprint: str) -> None:
         self._require_writer()

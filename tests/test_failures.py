@@ -1,7 +1,6 @@
 """Regressions from review: stale handles, ledger safety, locks, failed writes, NaN steps."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

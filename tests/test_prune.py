@@ -212,9 +212,9 @@ def test_pruner_matches_prune_topk_and_follows_moved_tensors():
     snapshot = [p.detach().clone() for p in params]
     reference_snapshot = [p.detach().clone() for p in params]
     pruner = ops.Pruner(snapshot, params, [30, 2], "float16", names=["a", "b"])
-    for step in range(3):
+    for turn in range(3):
         with torch.no_grad():
-            if step == 1:
+            if turn == 1:
                 params[0].data = params[0].data.clone()  # storage moved: the pruner must notice
             for p in params:
                 p.add_(torch.randn(p.shape, generator=gen))

@@ -128,7 +128,7 @@ def test_writer_error_surfaces_in_the_training_thread(tmp_path, monkeypatch):
     store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
     rec = pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=1)
 
-    def broken_append(row, ids):
+    def broken_append(row, ids, hyper=None):
         raise OSError("disk full")
 
     monkeypatch.setattr(store, "append", broken_append)
@@ -155,9 +155,9 @@ def test_queue_applies_back_pressure(tmp_path, monkeypatch):
     release = threading.Event()
     real_append = store.append
 
-    def stalled_append(row, ids):
+    def stalled_append(row, ids, hyper=None):
         release.wait(30)
-        real_append(row, ids)
+        real_append(row, ids, hyper)
 
     monkeypatch.setattr(store, "append", stalled_append)
     rec = pu.UpdateRecorder(model, optimizer, store, queue_size=2, rows_per_handoff=1)

@@ -1,6 +1,8 @@
 """Algorithm 1, (partial) amnesiac unlearning: subtract the stored updates of every step whose
 batch held a sample to forget. Dense amnesiac unlearning (Graves et al.) is the same call on a
-store created with keep=1.0, value_dtype="float32"."""
+store created with keep=1.0, value_dtype="float32". On a store with attribution="gradient" each
+step's stored gradient is subtracted times its coefficient (UpdateStore.coefficients): the
+batch's whole first-order contribution, momentum included."""
 from __future__ import annotations
 
 import math
@@ -80,7 +82,13 @@ def _forget(model, store: UpdateStore, ids, start: float) -> ForgetReport:
             row_bytes = store.row_length * (4 + np.dtype(store.value_dtype).itemsize) + 4 * len(store.layers)
             per_batch = max(1, READ_BATCH_BYTES // row_bytes)
             for first in range(0, apply.size, per_batch):
-                ops.subtract_sparse(work, store.read(apply[first : first + per_batch]), store.k, names=names)
+                steps = apply[first : first + per_batch]
+                rows = store.read(steps)
+                if store.attribution == "gradient":
+                    # The batch moved the weights by −c_t·g_t; undoing it subtracts −c_t·g_t.
+                    factors = torch.from_numpy(-store.coefficients(steps).astype(np.float32))
+                    rows = rows._replace(scales=rows.scales * factors[:, None])
+                ops.subtract_sparse(work, rows, store.k, names=names)
         except BaseException:
             for w, b in zip(work, backup):
                 w.copy_(b)
