@@ -34,9 +34,11 @@ def predictions(model: torch.nn.Module, data: SampleSet, batch_size: int = 1024)
     """Softmax probabilities, in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([torch.softmax(model(data.x[i : i + batch_size]), dim=1) for i in range(0, len(data), batch_size)])
-    model.train(was_training)
-    return out
+    try:
+        return torch.cat([torch.softmax(model(data.x[i : i + batch_size]), dim=1)
+                          for i in range(0, len(data), batch_size)])
+    finally:
+        model.train(was_training)
 
 
 def accuracy(model: torch.nn.Module, data: SampleSet) -> float:

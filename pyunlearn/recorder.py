@@ -71,6 +71,9 @@ class UpdateRecorder:
         if self._family is not None:
             store._set_optimizer(self._family)
             self._zeros = [torch.zeros(p.numel(), dtype=torch.float32) for p in self._params]
+            # Momentum carried in from steps recorded before this recorder exists only if the
+            # optimizer's state came with it (e.g. loaded with the checkpoint).
+            self._carry_in = any(len(optimizer.state.get(p, {})) for p in self._params)
         self._snapshot = [p.detach().to(torch.float32).contiguous().clone() for p in self._params]
         # Parameters the kernel can read in place get a prepared pruner; others (half precision,
         # channels_last) are copied to float32 each step and go through the checked call.
@@ -154,18 +157,26 @@ class UpdateRecorder:
         group = self._optimizer.param_groups[0]
         vectors, adam_step = [], 0.0
         for p in self._params:
-            g = p.grad.detach().to(torch.float32) if p.grad is not None else torch.zeros(p.shape)
+            if p.grad is None:  # untouched this step: contributes nothing
+                vectors.append(torch.zeros(p.numel()))
+                continue
+            g = p.grad.detach().to(device="cpu", dtype=torch.float32)
             if self._family == "adam":
                 state = self._optimizer.state[p]
-                adam_step = float(state["step"])
-                beta2 = group["betas"][1]
-                v_hat = state["exp_avg_sq"].detach().to(torch.float32) / (1.0 - beta2 ** adam_step)
+                step = float(state["step"])  # this parameter's own count: it may have skipped steps
+                adam_step = max(adam_step, step)
+                v_hat = state["exp_avg_sq"].detach().to(device="cpu", dtype=torch.float32) / (1.0 - group["betas"][1] ** step)
                 g = g / (v_hat.sqrt() + group["eps"])
             vectors.append(g.reshape(-1).contiguous())
         row = ops.prune_topk(self._zeros, vectors, self._store.k, self._store.value_dtype, refresh=False,
                              names=self._names)
-        decay = group["betas"][0] if self._family == "adam" else group.get("momentum", 0.0)
-        return row, (float(group["lr"]), float(decay), adam_step)
+        beta1 = float(group["betas"][0]) if self._family == "adam" else 0.0
+        carry = beta1 if self._family == "adam" else float(group.get("momentum", 0.0))
+        if not self._carry_in:  # the first step of a fresh optimizer keeps nothing of earlier steps
+            carry, self._carry_in = 0.0, True
+        # Adam's bias correction uses the largest step count among the layers (they differ only
+        # if some layer skipped steps).
+        return row, (float(group["lr"]), carry, adam_step, beta1)
 
     def _hand_off(self) -> None:
         if self._outgoing:
@@ -227,6 +238,8 @@ def _attribution_family(optimizer) -> str:
     """'sgd' or 'adam' when gradient attribution can follow the optimizer's arithmetic; a clear
     error otherwise."""
     groups = optimizer.param_groups
+    if any(g.get("maximize") for g in groups):
+        raise ValueError("gradient attribution does not support maximize=True; record with attribution='update'")
     if isinstance(optimizer, torch.optim.SGD):
         family, keys = "sgd", ("lr", "momentum", "dampening", "nesterov")
         for g in groups:

@@ -35,12 +35,17 @@ from .errors import CorruptStoreError, ModelMismatchError, StoreError, StoreForm
 from .row import Row
 
 FORMAT_NAME = "pyunlearn.update-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attribution field, step_hyper for gradient stores
+READABLE_VERSIONS = (1, 2)  # version 1 (pyunlearn 0.1.0): update attribution only
 CHUNK_BYTES = 4 << 20  # ~4 MB per chunk: zarr's per-chunk cost (~0.3 ms) stays small beside the data
 MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
 IDS_PER_CHUNK = CHUNK_BYTES // 8
 _VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
 ATTRIBUTIONS = ("update", "gradient")
+# Gradient attribution, per step: the learning rate; the carry, how much of the previous step's
+# momentum (SGD) or first moment (Adam) survives into this step (μ or β1, 0 when the optimizer's
+# state was fresh, e.g. a resumed run without its optimizer state); Adam's step count; Adam's β1.
+HYPER_COLUMNS = ("lr", "carry", "adam_step", "beta1")
 
 
 @dataclass(frozen=True)
@@ -216,8 +221,9 @@ class UpdateStore:
         offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
                                      compressors=_codecs(8), fill_value=0)
         offsets[0] = 0
-        if attribution == "gradient":  # per step: learning rate, momentum (or Adam's β1), Adam's step count
-            group.create_array("step_hyper", shape=(0, 3), dtype=np.float64, chunks=(steps_per_chunk, 3),
+        if attribution == "gradient":  # per step: see HYPER_COLUMNS
+            group.create_array("step_hyper", shape=(0, len(HYPER_COLUMNS)), dtype=np.float64,
+                               chunks=(steps_per_chunk, len(HYPER_COLUMNS)),
                                compressors=_codecs(8), fill_value=0)
         store = cls(zstore, group, where, read_only=False)
         store._lock.acquire()
@@ -239,9 +245,11 @@ class UpdateStore:
         if attrs.get("format") != FORMAT_NAME:
             raise StoreFormatError(f"{where} is a Zarr group but not a pyunlearn update store "
                                    f"(format {attrs.get('format')!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READABLE_VERSIONS:
             raise StoreFormatError(f"{where} has update-store format version {attrs.get('format_version')!r}; "
-                                   f"this pyunlearn ({__version__}) reads version {FORMAT_VERSION}")
+                                   f"this pyunlearn ({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+        if attrs.get("attribution", "update") not in ATTRIBUTIONS:
+            raise StoreFormatError(f"{where} uses attribution {attrs.get('attribution')!r}, unknown to this pyunlearn")
         return cls(zstore, group, where, read_only=mode == "r")
 
     @staticmethod
@@ -341,7 +349,7 @@ class UpdateStore:
             "scales": np.zeros((C, L), dtype=np.float32),
         }
         if self.attribution == "gradient":
-            buf["step_hyper"] = np.zeros((C, 3), dtype=np.float64)
+            buf["step_hyper"] = np.zeros((C, len(HYPER_COLUMNS)), dtype=np.float64)
         if buf["rows"]:
             for name in self._row_arrays():
                 buf[name][: buf["rows"]] = self._read_array(name, slice(start, self._committed_steps))
@@ -350,15 +358,15 @@ class UpdateStore:
     def _row_arrays(self) -> tuple[str, ...]:
         return ("values", "index", "scales", "step_hyper") if self.attribution == "gradient" else ("values", "index", "scales")
 
-    def append(self, row: Row, ids, hyper: tuple[float, float, float] | None = None) -> None:
+    def append(self, row: Row, ids, hyper: tuple[float, ...] | None = None) -> None:
         """Adds one step: its pruned row (as prune_topk returns it) and the sample IDs of its
-        batch (may be empty); for gradient attribution also `hyper` = (learning rate, momentum
-        or Adam's β1, Adam's step count or 0). Durable after flush() or once its chunk fills."""
+        batch (may be empty); for gradient attribution also `hyper`, the step's values of
+        HYPER_COLUMNS. Durable after flush() or once its chunk fills."""
         self._require_writer()
         self._refuse_if_ledger("record more steps into")
         index, values, scales = self._check_row(row)
-        if (hyper is None) != (self.attribution == "update"):
-            raise ValueError("hyper (lr, momentum, adam_step) is required with gradient attribution and only then")
+        if (hyper is None) != (self.attribution == "update") or (hyper is not None and len(hyper) != len(HYPER_COLUMNS)):
+            raise ValueError(f"hyper {HYPER_COLUMNS} is required with gradient attribution, and only then")
         # Sorted within the step: lookups do not care about order, and sorted IDs compress better.
         ids = np.sort(as_ids(ids, allow_empty=True))
         if self._buffer is None:
@@ -486,17 +494,14 @@ class UpdateStore:
         final = self._attrs.get("final_steps")
         if final is None:
             raise StoreError(f"{self._where} has no final model: close the recorder (or call mark_final) first")
-        hyper = self._read_array("step_hyper", slice(0, int(final)))
-        lr, decay, adam_step = hyper[:, 0], hyper[:, 1], hyper[:, 2]
-        c = np.zeros(int(final) + 1)
-        if self._attrs.get("optimizer") == "adam":
-            weight = lr / (1.0 - decay ** np.maximum(adam_step, 1))
-            for t in range(int(final) - 1, -1, -1):
-                c[t] = weight[t] + (decay[t + 1] if t + 1 < final else 0.0) * c[t + 1]
-            c[:-1] *= 1.0 - decay
-        else:
-            for t in range(int(final) - 1, -1, -1):
-                c[t] = lr[t] + (decay[t + 1] if t + 1 < final else 0.0) * c[t + 1]
+        final = int(final)
+        lr, carry, adam_step, beta1 = self._read_array("step_hyper", slice(0, final)).T
+        adam = self._attrs.get("optimizer") == "adam"
+        weight = lr / (1.0 - beta1 ** np.maximum(adam_step, 1)) if adam else lr
+        total = np.zeros(final + 1)  # total[t] = Σ_{s≥t} weight_s · carry_{t+1}···carry_s
+        for t in range(final - 1, -1, -1):
+            total[t] = weight[t] + (carry[t + 1] if t + 1 < final else 0.0) * total[t + 1]
+        c = total[:final] * (1.0 - beta1) if adam else total[:final]
         return c[np.asarray(steps, dtype=np.int64)]
 
     def _record_deletion(self, removed_steps: np.ndarray, model_fingerprint: str) -> None:

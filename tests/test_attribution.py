@@ -168,3 +168,50 @@ def test_cohort_table_smoke_run(tmp_path):
     assert touched[("cohort", "update keep=1.0")] == 2  # 20 samples < 32: one batch per epoch
     assert touched[("random", "update keep=1.0")] > touched[("cohort", "update keep=1.0")]
     assert (tmp_path / "smoke.md").exists() and (tmp_path / "smoke.csv").exists()
+
+
+def test_maximize_is_refused(tmp_path):
+    model = Linear()
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, attribution="gradient")
+    with pytest.raises(ValueError, match="maximize"):
+        pu.UpdateRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1, maximize=True), store)
+
+
+def test_a_resumed_run_with_a_fresh_optimizer_cuts_the_momentum_chain(tmp_path):
+    """After truncate, a new optimizer starts with no momentum: steps before the resume must not
+    be credited with momentum that never reached the steps after it."""
+    model = Linear()
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32", attribution="gradient")
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), store)
+    store.truncate(2)
+    rec = pu.UpdateRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), store)
+    for t in (2, 3):
+        rec.batch([t])
+        model.w.grad = DIRECTIONS[t].clone()
+        rec._optimizer.param_groups[0]["lr"] = LRS[t]
+        rec._optimizer.step()
+    rec.close()
+    mu = 0.9
+    assert store.coefficients([0, 1, 2]).tolist() == pytest.approx([LRS[0] + mu * LRS[1], LRS[1], LRS[2] + mu * LRS[3]])
+
+
+def test_adam_layers_that_skip_steps(tmp_path):
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.u = torch.nn.Parameter(torch.ones(2))
+
+    model = Two()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32", attribution="gradient")
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        for t in range(4):
+            rec.batch([t])
+            optimizer.zero_grad()
+            loss = model.w.sum() + (model.u.sum() if t >= 2 else 0)  # u first gets a gradient at step 2
+            loss.backward()
+            optimizer.step()
+    hyper = store._read_array("step_hyper", slice(0, 4))
+    assert hyper[:, 2].tolist() == [1, 2, 3, 4]  # w's count: the largest
+    pu.amnesiac_forget(model, store, [3])

@@ -135,3 +135,17 @@ def test_bad_inputs():
         gradient_ascent(model, _samples(), lr=-1.0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         label_flip(model, _samples(), classes=2)
+
+
+def test_partial_updates_on_a_non_contiguous_parameter():
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(3, 5).t())  # transposed: not contiguous
+    assert not model.w.is_contiguous()
+    optimizer = torch.optim.SGD([model.w], lr=0.1, momentum=0.9)
+    mask = LayerwiseMask(model, optimizer, keep=0.2)
+    before = model.w.detach().clone()
+    (model.w * torch.arange(15.0).view(5, 3)).sum().backward()
+    chosen = mask.selection()[0]
+    mask.step()
+    moved = (model.w.detach() != before).reshape(-1).nonzero().flatten()
+    assert torch.equal(moved, chosen) and chosen.numel() == 3

@@ -39,7 +39,7 @@ def test_create_describes_the_model(tmp_path):
     assert store.k == [math.ceil(0.1 * n) for n in (128, 16, 48, 3)] == [13, 2, 5, 1]
     assert [layer.offset for layer in store.layers] == [0, 13, 15, 20]
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
-    assert attrs["format"] == "pyunlearn.update-store" and attrs["format_version"] == 1
+    assert attrs["format"] == "pyunlearn.update-store" and attrs["format_version"] == 2
     assert attrs["value_dtype"] == "float16" and attrs["row_length"] == 21
     # Every array uses spec codecs only: bytes, blosc, crc32c.
     for name in ("values", "index", "scales", "sample_ids", "offsets"):
@@ -234,7 +234,7 @@ def test_open_refuses_what_is_not_a_store(tmp_path):
     doc = json.loads(meta.read_text())
     doc["attributes"]["format_version"] = 99
     meta.write_text(json.dumps(doc))
-    with pytest.raises(pu.StoreFormatError, match="format version 99; this pyunlearn .* reads version 1"):
+    with pytest.raises(pu.StoreFormatError, match="format version 99; this pyunlearn .* reads versions 1, 2"):
         pu.UpdateStore.open(tmp_path / "future.zarr")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         pu.UpdateStore.create(tmp_path / "other.zarr", TinyNet())

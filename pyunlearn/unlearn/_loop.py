@@ -51,13 +51,15 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     start, steps = time.perf_counter(), 0
     was_training = model.training
     model.train()
-    for _ in range(epochs):
-        for batch in batches(generator):
-            optimizer.zero_grad()
-            loss(batch).backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            (mask.step if mask is not None else optimizer.step)()
-            steps += 1
-    model.train(was_training)
+    try:
+        for _ in range(epochs):
+            for batch in batches(generator):
+                optimizer.zero_grad()
+                loss(batch).backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                (mask.step if mask is not None else optimizer.step)()
+                steps += 1
+    finally:
+        model.train(was_training)
     return UnlearnReport(method, keep, steps, time.perf_counter() - start)

@@ -81,13 +81,13 @@ def _forget(model, store: UpdateStore, ids, start: float) -> ForgetReport:
             # Rows in batches of ~256 MB: a long run's matched steps need not fit in memory.
             row_bytes = store.row_length * (4 + np.dtype(store.value_dtype).itemsize) + 4 * len(store.layers)
             per_batch = max(1, READ_BATCH_BYTES // row_bytes)
+            # The batch moved the weights by −c_t·g_t; undoing it subtracts −c_t·g_t.
+            factors = -store.coefficients(apply).astype(np.float32) if store.attribution == "gradient" else None
             for first in range(0, apply.size, per_batch):
-                steps = apply[first : first + per_batch]
-                rows = store.read(steps)
-                if store.attribution == "gradient":
-                    # The batch moved the weights by −c_t·g_t; undoing it subtracts −c_t·g_t.
-                    factors = torch.from_numpy(-store.coefficients(steps).astype(np.float32))
-                    rows = rows._replace(scales=rows.scales * factors[:, None])
+                rows = store.read(apply[first : first + per_batch])
+                if factors is not None:
+                    batch_factors = torch.from_numpy(factors[first : first + per_batch])
+                    rows = rows._replace(scales=rows.scales * batch_factors[:, None])
                 ops.subtract_sparse(work, rows, store.k, names=names)
         except BaseException:
             for w, b in zip(work, backup):

@@ -23,9 +23,14 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
     (naive) or 33% (keep 0.1), and cost 30 (naive) or 18 (partial) points of test accuracy;
     lr 0.01 forgets everything and leaves the model near chance."""
     forget_data = check_data("forget_data", forget_data)
-    if classes is None:
-        with torch.no_grad():
-            classes = int(model(forget_data.x[:1]).shape[1])
+    if classes is None:  # one probe, in eval mode: BatchNorm must neither fail nor update on it
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                classes = int(model(forget_data.x[:1]).shape[1])
+        finally:
+            model.train(was_training)
     if classes < 2:
         raise ValueError(f"label flipping needs at least 2 classes, got {classes}")
     if int(forget_data.y.max()) >= classes or int(forget_data.y.min()) < 0:

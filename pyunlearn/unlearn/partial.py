@@ -1,6 +1,7 @@
 """Layer-wise partial updates: at each unlearning step only each layer's k_i = ceil(keep·numel_i)
 entries with the largest |gradient| may change; every other entry, and its optimizer state
-(momentum, Adam moments), is put back bit for bit after the optimizer step. Putting back the
+(momentum, Adam moments), is put back bit for bit after the optimizer step. Buffers are not
+parameters: BatchNorm running statistics still move while the methods train. Putting back the
 state too matters: otherwise momentum gathered on a frozen entry would move it the first time it
 is selected, and weight decay would shrink entries that were never chosen."""
 from __future__ import annotations
@@ -27,15 +28,16 @@ class LayerwiseMask:
         if not self.params:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         self.optimizer = optimizer
+        self._names = [name for name, _ in trainable_parameters(model)]
         self.k = ops.k_for([p.numel() for p in self.params], check_keep(keep))
         self._zeros = [torch.zeros(p.numel(), dtype=torch.float32) for p in self.params]
 
     def selection(self) -> list[torch.Tensor]:
         """Per layer, the flat positions of the k largest |grad| (the native top-k kernel on
         Δ = grad − 0). A parameter without a gradient selects nothing."""
-        grads = [p.grad.detach().to(torch.float32).reshape(-1).contiguous() if p.grad is not None else z
+        grads = [p.grad.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous() if p.grad is not None else z
                  for p, z in zip(self.params, self._zeros)]
-        row = ops.prune_topk(self._zeros, grads, self.k, "float32", refresh=False)
+        row = ops.prune_topk(self._zeros, grads, self.k, "float32", refresh=False, names=self._names)
         return [positions if p.grad is not None else positions[:0]
                 for (positions, _), p in zip(ops.decode_row(row, self.k), self.params)]
 
@@ -45,15 +47,18 @@ class LayerwiseMask:
         self.optimizer.step()
         with torch.no_grad():
             for p, (before, state_before), positions in zip(self.params, saved, chosen):
+                # The mask in the parameter's logical shape: positions count in row-major order,
+                # and torch.where works whatever the memory layout (channels_last, transposed).
                 frozen = torch.ones(p.numel(), dtype=torch.bool)
                 frozen[positions] = False
-                p.view(-1)[frozen] = before.view(-1)[frozen]
+                frozen = frozen.view(p.shape).to(p.device)
+                p.copy_(torch.where(frozen, before, p))
                 for name, now in self.optimizer.state.get(p, {}).items():
                     if not isinstance(now, torch.Tensor) or now.shape != p.shape:
                         continue  # step counters and other scalars
                     # State the step created (the first one) starts from zero for frozen entries.
                     old = state_before.get(name)
-                    now.view(-1)[frozen] = old.view(-1)[frozen] if old is not None else 0
+                    now.copy_(torch.where(frozen, old if old is not None else torch.zeros_like(now), now))
 
     def _state_tensors(self, p) -> dict[str, torch.Tensor]:
         """Copies of the optimizer's per-entry state of p (tensors shaped like p)."""
