@@ -62,15 +62,15 @@ def cnn_stores(root: Path, epochs: int = 10):
     return model, stores, train_set
 
 
-def resnet_store(root: Path, keep: float, steps: int):
+def resnet_store(root, keep: float, steps: int, *, storage_options=None):
     """Synthetic SGD-like steps on ResNet-18-shaped parameters, recorded the way the recorder
-    does (prune with refresh, append), with 32 sample IDs per step."""
+    does (prune with refresh, append), with 32 sample IDs per step. `root`: a folder or URL."""
     shapes = resnet18_cifar_shapes()
     gen = torch.Generator().manual_seed(0)
     model = torch.nn.Module()
     for i, (_, shape) in enumerate(shapes):
         model.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(shape, generator=gen)))
-    store = pu.UpdateStore.create(root / f"resnet-{keep}.zarr", model, keep=keep)
+    store = pu.UpdateStore.create(f"{root}/resnet-{keep}.zarr", model, keep=keep, storage_options=storage_options)
     params = [p.detach() for p in store.check_model(model)]
     snapshot = [p.clone() for p in params]
     for step in range(steps):

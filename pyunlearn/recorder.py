@@ -42,10 +42,20 @@ class UpdateRecorder:
     (queue_size + 2) · rows_per_handoff rows are held in memory.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: UpdateStore, *,
-                 allow_unlabeled_steps: bool = False, rows_per_handoff: int | None = None, queue_size: int = 8):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: UpdateStore | None, *,
+                 allow_unlabeled_steps: bool = False, rows_per_handoff: int | None = None, queue_size: int = 8,
+                 writer_rank: int = 0):
+        self._dist = _Distributed.current(writer_rank)
+        if self._dist is not None and not self._dist.writes:
+            # Under DDP every rank holds the same parameters after a step: only the writer rank
+            # prunes and writes; the others take part in gathering the batch IDs.
+            self._init_follower(model, optimizer, allow_unlabeled_steps)
+            return
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # the store records the wrapped module's parameter names
         if not isinstance(store, UpdateStore):
-            raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
+            raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}"
+                            + ("" if self._dist is None else " (on the writer rank; other ranks may pass None)"))
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for arg, value in (("queue_size", queue_size), ("rows_per_handoff", rows_per_handoff)):
@@ -95,6 +105,27 @@ class UpdateRecorder:
                        optimizer.register_step_post_hook(self._after_step)]
         self._closed = False
 
+    def _init_follower(self, model, optimizer, allow_unlabeled_steps) -> None:
+        self._store = None
+        self._allow_unlabeled = bool(allow_unlabeled_steps)
+        self._pending: list[np.ndarray] = []
+        self._steps = 0
+        self._failed = None
+        self._writer_error = None
+        self._closed = False
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step_follower)]
+
+    def _after_step_follower(self, optimizer, args, kwargs):
+        pending, self._pending = self._pending, []
+        ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
+        try:
+            self._dist.gather(ids, None)  # raises on every rank if the writer rank failed
+        except RecorderError as exc:
+            self._failed = exc
+            raise
+        self._steps += 1
+
     def _check_optimizer(self, optimizer, store) -> None:
         """The optimizer must update exactly the recorded parameters: a parameter it skips would
         be recorded as unchanged, one it adds would change the model unrecorded."""
@@ -121,10 +152,10 @@ class UpdateRecorder:
     def _before_step(self, optimizer, args, kwargs):
         self._check_open()
         if self._failed is not None:
-            raise RecorderError("recording stopped after a step whose update held NaN or Inf; the store holds the "
-                                "steps before it. Reload a good checkpoint, truncate the store to its step and "
-                                "start a new recorder") from self._failed
-        self._raise_writer_error()
+            raise RecorderError(f"recording stopped ({self._failed}); the store holds the steps before it. Reload "
+                                "a good checkpoint, truncate the store to its step and start a new recorder") from self._failed
+        if self._dist is None:  # under DDP the writer's error reaches every rank through the gather
+            self._raise_writer_error()
         if not self._pending and not self._allow_unlabeled:
             # Refused before the step runs, so the model is unchanged.
             raise RecorderError("optimizer.step() with no sample IDs declared since the last step: call "
@@ -132,7 +163,7 @@ class UpdateRecorder:
 
     def _after_step(self, optimizer, args, kwargs):
         pending, self._pending = self._pending, []  # this step's IDs, whatever happens next
-        hyper = None
+        hyper, failure = None, None
         try:
             if self._family is not None:
                 row, hyper = self._gradient_row()
@@ -143,9 +174,16 @@ class UpdateRecorder:
                 row = ops.prune_topk(self._snapshot, live, self._store.k, self._store.value_dtype, refresh=True,
                                      names=self._names)
         except NonFiniteUpdateError as exc:
-            self._failed = exc  # the snapshot no longer matches any recorded state: stop
-            raise
+            self._failed = failure = exc  # the snapshot no longer matches any recorded state: stop
         ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
+        if self._dist is not None:  # the global batch: every rank's IDs; a failure stops all ranks
+            try:
+                ids = self._dist.gather(ids, failure or self._writer_error)
+            except RecorderError as exc:
+                self._failed = exc
+                raise
+        if failure is not None:
+            raise failure
         self._steps += 1
         self._outgoing.append((row, ids, hyper))
         if len(self._outgoing) >= self._handoff_rows:
@@ -209,8 +247,15 @@ class UpdateRecorder:
     # ----------------------------------------------------------------- closing
     def remove(self) -> None:
         """Stops recording: waits for the writer, removes the hooks, flushes the store and
-        records the model as the store's final model. Raises the writer's error, if any."""
+        records the model as the store's final model. Raises the writer's error, if any.
+        Under DDP it involves no collective: the other ranks just remove their hooks, and a
+        failure while closing is raised on the writer rank only."""
         if self._closed:
+            return
+        if self._store is None:  # a follower rank
+            for hook in self._hooks:
+                hook.remove()
+            self._closed = True
             return
         for hook in self._hooks:
             hook.remove()
@@ -256,3 +301,34 @@ def _attribution_family(optimizer) -> str:
     if any(any(g[k] != groups[0][k] for k in keys) for g in groups[1:]):
         raise ValueError("gradient attribution needs one learning rate and momentum for all parameter groups")
     return family
+
+
+class _Distributed:
+    """What the recorder needs of torch.distributed: whether this rank writes, and a gather of
+    each rank's batch IDs that also carries the writer's failure to every rank, so that no rank
+    waits in a collective for a writer that has stopped."""
+
+    def __init__(self, rank: int, world: int, writer_rank: int):
+        self.rank, self.world, self.writer_rank = rank, world, writer_rank
+        self.writes = rank == writer_rank
+
+    @classmethod
+    def current(cls, writer_rank: int) -> "_Distributed | None":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        world = dist.get_world_size()
+        if isinstance(writer_rank, bool) or not isinstance(writer_rank, int) or not 0 <= writer_rank < world:
+            raise ValueError(f"writer_rank must be a rank in [0, {world}), got {writer_rank!r}")
+        return cls(dist.get_rank(), world, writer_rank)
+
+    def gather(self, ids: np.ndarray, failure: BaseException | None) -> np.ndarray:
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (ids, None if failure is None else repr(failure)))
+        failures = [f for _, f in gathered if f is not None]
+        if failures:
+            raise RecorderError(f"recording stopped on the writer rank ({failures[0]}); every rank stops with it")
+        return np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered])

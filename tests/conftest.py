@@ -71,3 +71,29 @@ def prune_both(before, after, k, value_dtype, refresh=True):
 
 def stack_rows(rows):
     return ops.Row(*(torch.stack(field) for field in zip(*rows)))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on loopback: moto's server on 127.0.0.1 and a free port, with one bucket.
+    Yields the storage_options a store needs (endpoint and the fake credentials)."""
+    import logging
+    import socket
+
+    boto3 = pytest.importorskip("boto3", reason="S3 tests need the test extra (moto[server], s3fs)")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="pyunlearn-key", aws_secret_access_key=S3_SECRET,
+                 region_name="us-east-1").create_bucket(Bucket="pyunlearn-tests")
+    yield {"endpoint_url": endpoint, "key": "pyunlearn-key", "secret": S3_SECRET}
+    server.stop()
+
+
+S3_SECRET = "never-print-this-secret"

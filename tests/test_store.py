@@ -285,22 +285,44 @@ def test_reads_a_store_written_by_version_0_1(tmp_path):
     assert store.read([7]).index[0].tolist() == expected["index_of_step_7"]
 
 
-@pytest.fixture(params=["local", "fsspec-memory"])
-def store_path(request, tmp_path):
-    """The same checks against a local folder and an fsspec URL (in-memory filesystem)."""
+@pytest.fixture(params=["local", "fsspec-memory", "s3"])
+def back_end(request, tmp_path):
+    """(path, storage_options) of the same store on each back-end: a local folder, an fsspec
+    in-memory filesystem, and S3 (moto's server on loopback)."""
     if request.param == "local":
-        return str(tmp_path / "s.zarr")
-    return f"memory://pyunlearn-tests/{tmp_path.name}/s.zarr"
+        return str(tmp_path / "s.zarr"), None
+    if request.param == "fsspec-memory":
+        return f"memory://pyunlearn-tests/{tmp_path.name}/s.zarr", None
+    return f"s3://pyunlearn-tests/{tmp_path.name}/s.zarr", request.getfixturevalue("s3_server")
 
 
-def test_store_works_on_each_back_end(store_path):
-    model, store = _record(store_path, steps_per_chunk=3)
+def _record_at(back_end, **kwargs):
+    path, options = back_end
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    store = pu.UpdateStore.create(path, model, keep=0.25, storage_options=options, **kwargs)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        tiny_training(model, optimizer, tiny_data(), epochs=2, recorder=rec)
+    return model, store
+
+
+def test_store_works_on_each_back_end(back_end):
+    path, options = back_end
+    model, store = _record_at(back_end, steps_per_chunk=3)
     assert store.steps == 16
-    reader = pu.UpdateStore.open(store_path, mode="r")
+    reader = pu.UpdateStore.open(path, mode="r", storage_options=options)
     assert reader.steps == 16 and torch.equal(reader.read([7]).index, store.read([7]).index)
-    with pytest.raises(pu.StoreLockedError):
-        pu.UpdateStore.open(store_path).truncate(3)  # the recording handle still holds the lock
+    assert reader.steps_for([1005]).steps.tolist() == store.steps_for([1005]).steps.tolist()
+    with pytest.raises(pu.StoreLockedError) as locked:
+        pu.UpdateStore.open(path, storage_options=options).truncate(3)  # the recording handle holds the lock
     report = pu.amnesiac_forget(model, store, [1000, 1001])
     assert report.steps_removed == store.steps_for([1000, 1001]).steps.size > 0
     store.close()
-    assert len(pu.UpdateStore.open(store_path, mode="r").ledger.removed_steps) == report.steps_removed
+    again = pu.UpdateStore.open(path, storage_options=options)
+    assert len(again.ledger.removed_steps) == report.steps_removed
+    pu.amnesiac_forget(model, again, [1002])  # the lock is free again; forgetting continues the ledger
+    with pytest.raises(FileNotFoundError) as missing:
+        pu.UpdateStore.open(path + "-missing", storage_options=options)
+    for error in (locked.value, missing.value):
+        assert "never-print-this-secret" not in str(error) and "never-print-this-secret" not in repr(store)

@@ -1,0 +1,72 @@
+"""Recording throughput and amnesiac_forget latency: S3 (moto's server on loopback) vs local disk.
+
+    python benchmarks/bench_s3.py
+
+ResNet-18-shaped parameters, synthetic steps recorded as the recorder does (prune + append, 32
+IDs a step, ~4 MB chunks), then forgetting one ID. Loopback S3 has no network latency: real S3
+adds tens of milliseconds per request, which this does not measure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import resnet_store  # noqa: E402
+
+import pyunlearn as pu  # noqa: E402
+
+STEPS = 24
+
+
+def measure(path, options) -> dict:
+    start = time.perf_counter()
+    model, store = resnet_store(path, 0.01, STEPS, storage_options=options)
+    store.close()
+    record_s = time.perf_counter() - start
+    reopened = pu.UpdateStore.open(store.path, storage_options=options)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = []
+    for i in range(5):
+        model.load_state_dict(state)
+        reopened._commit(ledger={"removed_steps": [], "fingerprint": None})
+        times.append(pu.amnesiac_forget(model, reopened, [i * 37]).seconds)
+    return {"record_steps_per_s": round(STEPS / record_s, 2), "forget_1_id_ms": round(statistics.median(times) * 1e3, 1),
+            "bytes": reopened.stats().total_bytes}
+
+
+def main() -> int:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                 region_name="us-east-1").create_bucket(Bucket="bench")
+    options = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {"local disk": measure(Path(tmp), None), "S3 (moto, loopback)": measure("s3://bench", options)}
+    server.stop()
+    print(f"ResNet-18 shapes, keep 0.01, {STEPS} synthetic steps; {pu.ops.backend()}")
+    print(f"{'back-end':<22} {'record steps/s':>15} {'forget 1 ID ms':>15} {'bytes':>12}")
+    for name, r in results.items():
+        print(f"{name:<22} {r['record_steps_per_s']:>15.2f} {r['forget_1_id_ms']:>15.1f} {r['bytes']:>12,}")
+    out = Path(__file__).resolve().parent / "results" / "s3.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Recording under DistributedDataParallel: two CPU processes (gloo) against one process."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import pyunlearn as pu
+from pyunlearn.testing import TinyNet, tiny_data
+
+GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
+
+_WORKER = r"""
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import pyunlearn as pu
+from pyunlearn.testing import TinyNet, tiny_data
+
+def worker(rank, world, path, port, fail):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = TinyNet()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    store = pu.UpdateStore.create(path, model, keep=1.0, value_dtype="float32", steps_per_chunk=4) if rank == 0 else None
+    if fail and rank == 0:
+        def broken(row, ids, hyper=None):
+            raise OSError("disk full")
+        store.append = broken
+    ids, x, y = tiny_data(%(samples)d)
+    gen = torch.Generator().manual_seed(0)
+    rec = pu.UpdateRecorder(ddp, optimizer, store, rows_per_handoff=1)
+    try:
+        for _ in range(%(epochs)d):
+            order = torch.randperm(%(samples)d, generator=gen)
+            for start in range(0, %(samples)d, %(batch)d):
+                half = %(batch)d // world
+                sel = order[start : start + %(batch)d][rank * half : (rank + 1) * half]
+                rec.batch(ids[sel])
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x[sel]), y[sel]).backward()
+                optimizer.step()
+                if fail:
+                    import time; time.sleep(0.05)  # let the writer fail before the next step
+        rec.close()
+    except pu.RecorderError as exc:
+        print(f"rank {rank} stopped: {exc}", flush=True)
+        return
+    if rank == 0:
+        torch.save(model.state_dict(), path + ".pt")
+        store.close()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fail"), nprocs=2)
+""" % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ddp(path, mode="ok"):
+    script = path.parent / "ddp_worker.py"  # a file: spawned processes import the worker from it
+    script.write_text(_WORKER)
+    return subprocess.run([sys.executable, str(script), str(path), str(_free_port()), mode],
+                          capture_output=True, text=True, timeout=240)
+
+
+def _single_process(path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    store = pu.UpdateStore.create(path, model, keep=1.0, value_dtype="float32", steps_per_chunk=4)
+    ids, x, y = tiny_data(SAMPLES)
+    gen = torch.Generator().manual_seed(0)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        for _ in range(EPOCHS):
+            order = torch.randperm(SAMPLES, generator=gen)
+            for start in range(0, SAMPLES, GLOBAL_BATCH):
+                sel = order[start : start + GLOBAL_BATCH]
+                rec.batch(ids[sel])
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+                optimizer.step()
+    return model, store
+
+
+def _dense(store, step):
+    out = [torch.zeros(layer.shape) for layer in store.layers]
+    pu.ops.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
+    return out
+
+
+def test_ddp_store_equals_a_single_process_run(tmp_path):
+    result = _run_ddp(tmp_path / "ddp.zarr")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = pu.UpdateStore.open(tmp_path / "ddp.zarr")
+    model, single = _single_process(tmp_path / "single.zarr")
+    assert ddp.steps == single.steps == EPOCHS * SAMPLES // GLOBAL_BATCH
+    for name in ("sample_ids", "offsets"):
+        n = single.samples if name == "sample_ids" else single.steps + 1
+        assert np.array_equal(ddp._read_array(name, slice(0, n)), single._read_array(name, slice(0, n)))
+    for step in range(single.steps):
+        for a, b in zip(_dense(ddp, step), _dense(single, step)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Forgetting works on the DDP-trained model as on the single-process one.
+    trained = TinyNet()
+    trained.load_state_dict(torch.load(str(tmp_path / "ddp.zarr") + ".pt", weights_only=True))
+    report = pu.amnesiac_forget(trained, ddp, [1000, 1001])
+    assert report.steps_removed == single.steps_for([1000, 1001]).steps.size
+    expected = pu.amnesiac_forget(model, single, [1000, 1001])
+    assert report.steps_applied == expected.steps_applied
+    for a, b in zip(trained.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_writer_stops_every_rank(tmp_path):
+    result = _run_ddp(tmp_path / "ddp.zarr", "fail")  # the timeout turns a hang into a failure
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 stopped" in result.stdout and "rank 1 stopped" in result.stdout
+    assert "disk full" in result.stdout
