@@ -9,21 +9,18 @@ adds tens of milliseconds per request, which this does not measure.
 from __future__ import annotations
 
 import json
-import logging
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import boto3
-from moto.server import ThreadedMotoServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import resnet_store  # noqa: E402
 
 import pyunlearn as pu  # noqa: E402
+from pyunlearn.testing import LoopbackS3  # noqa: E402
 
 STEPS = 24
 
@@ -45,19 +42,10 @@ def measure(path, options) -> dict:
 
 
 def main() -> int:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
-                 region_name="us-east-1").create_bucket(Bucket="bench")
-    options = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+    s3 = LoopbackS3("bench")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"local disk": measure(Path(tmp), None), "S3 (moto, loopback)": measure("s3://bench", options)}
-    server.stop()
+        results = {"local disk": measure(Path(tmp), None), "S3 (moto, loopback)": measure("s3://bench", s3.options)}
+    s3.stop()
     print(f"ResNet-18 shapes, keep 0.01, {STEPS} synthetic steps; {pu.ops.backend()}")
     print(f"{'back-end':<22} {'record steps/s':>15} {'forget 1 ID ms':>15} {'bytes':>12}")
     for name, r in results.items():

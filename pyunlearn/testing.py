@@ -83,3 +83,29 @@ def tiny_training(model, optimizer, data, *, epochs: int = 2, batch_size: int = 
             if after_step is not None:
                 after_step(steps)
     return steps
+
+
+class LoopbackS3:
+    """A real S3 API on 127.0.0.1 (moto's server, a free port) with one bucket, for tests and
+    benchmarks. `options` are the storage_options a store needs. Needs moto[server] and boto3."""
+
+    def __init__(self, bucket: str, key: str = "pyunlearn-key", secret: str = "pyunlearn-secret"):
+        import logging
+        import socket
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        self.options = {"endpoint_url": endpoint, "key": key, "secret": secret}
+
+    def stop(self) -> None:
+        self._server.stop()

@@ -75,24 +75,12 @@ def stack_rows(rows):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API on loopback: moto's server on 127.0.0.1 and a free port, with one bucket.
-    Yields the storage_options a store needs (endpoint and the fake credentials)."""
-    import logging
-    import socket
+    """A real S3 API on loopback (moto's server) with one bucket; yields storage_options."""
+    pytest.importorskip("moto", reason="S3 tests need the test extra (moto[server], s3fs)")
+    from pyunlearn.testing import LoopbackS3
 
-    boto3 = pytest.importorskip("boto3", reason="S3 tests need the test extra (moto[server], s3fs)")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="pyunlearn-key", aws_secret_access_key=S3_SECRET,
-                 region_name="us-east-1").create_bucket(Bucket="pyunlearn-tests")
-    yield {"endpoint_url": endpoint, "key": "pyunlearn-key", "secret": S3_SECRET}
+    server = LoopbackS3("pyunlearn-tests", secret=S3_SECRET)
+    yield server.options
     server.stop()
 
 
