@@ -22,11 +22,37 @@ from pyunlearn.testing import TinyNet, tiny_data, tiny_training
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _record(path, *, keep=0.25, value_dtype="float16", epochs=2, steps_per_chunk=None, seed=0, n=120):
+@pytest.fixture(params=["local", "fsspec-memory", "s3"])
+def back_end(request, tmp_path):
+    """(path, storage_options) of the same store on each back-end: a local folder, an fsspec
+    in-memory filesystem, and S3 (moto's server on loopback)."""
+    if request.param == "local":
+        return str(tmp_path / "s.zarr"), None
+    if request.param == "fsspec-memory":
+        return f"memory://pyunlearn-tests/{tmp_path.name}/s.zarr", None
+    return f"s3://pyunlearn-tests/{tmp_path.name}/s.zarr", request.getfixturevalue("s3_server")
+
+
+def _where(target):
+    """(path, storage_options) from a back_end pair or a plain local path."""
+    return target if isinstance(target, tuple) else (str(target), None)
+
+
+def _open(target, **kwargs):
+    path, options = _where(target)
+    return pu.UpdateStore.open(path, storage_options=options, **kwargs)
+
+
+def _create(target, model, **kwargs):
+    path, options = _where(target)
+    return pu.UpdateStore.create(path, model, storage_options=options, **kwargs)
+
+
+def _record(target, *, keep=0.25, value_dtype="float16", epochs=2, steps_per_chunk=None, seed=0, n=120):
     torch.manual_seed(seed)
     model = TinyNet()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    store = pu.UpdateStore.create(path, model, keep=keep, value_dtype=value_dtype, steps_per_chunk=steps_per_chunk)
+    store = _create(target, model, keep=keep, value_dtype=value_dtype, steps_per_chunk=steps_per_chunk)
     with pu.UpdateRecorder(model, optimizer, store) as rec:
         tiny_training(model, optimizer, tiny_data(n), epochs=epochs, recorder=rec)
     return model, store
@@ -57,9 +83,9 @@ def test_chunks_follow_a_byte_target(tmp_path):
     assert big.steps_per_chunk * row_bytes >= (4 << 20) - row_bytes
 
 
-def test_append_flush_read_round_trip(tmp_path):
+def test_append_flush_read_round_trip(back_end):
     model = TinyNet()
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5, value_dtype="float32", steps_per_chunk=3)
+    store = _create(back_end, model, keep=0.5, value_dtype="float32", steps_per_chunk=3)
     gen = torch.Generator().manual_seed(0)
     snapshot = [p.detach().clone() for p in store.check_model(model)]
     rows = []
@@ -76,7 +102,7 @@ def test_append_flush_read_round_trip(tmp_path):
     for j, step in enumerate([6, 0, 3]):
         for a, b in zip(rows[step], (f[j] for f in got)):
             assert torch.equal(a, b)
-    again = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    again = _open(back_end, mode="r")
     assert again.steps == 7 and torch.equal(again.read([5]).index[0], rows[5].index)
 
 
@@ -100,8 +126,8 @@ def test_read_touches_only_the_needed_chunks(tmp_path):
     assert values_chunks == ["values/c/2/0", "values/c/5/0"]
 
 
-def test_steps_for_matches_brute_force(tmp_path):
-    _, store = _record(tmp_path / "s.zarr", epochs=3)
+def test_steps_for_matches_brute_force(back_end):
+    _, store = _record(back_end, epochs=3)
     ids = store._read_array("sample_ids", slice(0, store.samples))
     offsets = store._read_array("offsets", slice(0, store.steps + 1))
     rng = np.random.default_rng(0)
@@ -112,8 +138,8 @@ def test_steps_for_matches_brute_force(tmp_path):
     assert lookup.missing.tolist() == [-3, 5, 10**12]
 
 
-def test_truncate_and_resume(tmp_path):
-    model, store = _record(tmp_path / "s.zarr", steps_per_chunk=3)
+def test_truncate_and_resume(back_end):
+    model, store = _record(back_end, steps_per_chunk=3)
     kept = store.read(np.arange(5))
     store.truncate(5)
     assert store.steps == 5 and store.final_fingerprint is None
@@ -127,22 +153,22 @@ def test_truncate_and_resume(tmp_path):
         store.truncate(8)
 
 
-def test_truncate_refuses_a_store_with_a_ledger(tmp_path):
-    model, store = _record(tmp_path / "s.zarr")
+def test_truncate_refuses_a_store_with_a_ledger(back_end):
+    model, store = _record(back_end)
     pu.amnesiac_forget(model, store, [1000])
     with pytest.raises(pu.StoreError, match="deletion ledger"):
         store.truncate(1)
 
 
-def test_one_writer_at_a_time_and_readers_see_the_committed_prefix(tmp_path):
+def test_one_writer_at_a_time_and_readers_see_the_committed_prefix(back_end):
     model = TinyNet()
-    writer = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5, steps_per_chunk=2)
-    second = pu.UpdateStore.open(tmp_path / "s.zarr")  # opening is fine; writing is not
+    writer = _create(back_end, model, keep=0.5, steps_per_chunk=2)
+    second = _open(back_end)  # opening is fine; writing is not
     row = pu.ops.prune_topk([p.detach().clone() for p in writer.check_model(model)],
                             [p.detach() + 1 for p in writer.check_model(model)], writer.k)
     with pytest.raises(pu.StoreLockedError, match=rf"being written by process {os.getpid()}"):
         second.append(row, [1])
-    reader = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    reader = _open(back_end, mode="r")
     writer.append(row, [1])
     reader.refresh()
     assert reader.steps == 0  # buffered, not committed
@@ -252,8 +278,8 @@ def test_bad_create_arguments(tmp_path):
         pu.UpdateStore.create(tmp_path / "d", "model")
 
 
-def test_bad_lookups(tmp_path):
-    _, store = _record(tmp_path / "s.zarr")
+def test_bad_lookups(back_end):
+    _, store = _record(back_end)
     with pytest.raises(TypeError, match="ids must hold integers"):
         store.steps_for(np.array([1.5]))
     with pytest.raises(ValueError, match="ids is empty"):
@@ -264,8 +290,8 @@ def test_bad_lookups(tmp_path):
         store.append(pu.Row(torch.zeros(3, dtype=torch.int32), torch.zeros(3), torch.zeros(4)), [1])
 
 
-def test_stats(tmp_path):
-    _, store = _record(tmp_path / "s.zarr", keep=0.25)
+def test_stats(back_end):
+    _, store = _record(back_end, keep=0.25)
     stats = store.stats()
     assert stats.steps == 16 and stats.samples == 240
     assert stats.dense_bytes == (128 + 16 + 48 + 3) * 4 * 16
@@ -285,31 +311,9 @@ def test_reads_a_store_written_by_version_0_1(tmp_path):
     assert store.read([7]).index[0].tolist() == expected["index_of_step_7"]
 
 
-@pytest.fixture(params=["local", "fsspec-memory", "s3"])
-def back_end(request, tmp_path):
-    """(path, storage_options) of the same store on each back-end: a local folder, an fsspec
-    in-memory filesystem, and S3 (moto's server on loopback)."""
-    if request.param == "local":
-        return str(tmp_path / "s.zarr"), None
-    if request.param == "fsspec-memory":
-        return f"memory://pyunlearn-tests/{tmp_path.name}/s.zarr", None
-    return f"s3://pyunlearn-tests/{tmp_path.name}/s.zarr", request.getfixturevalue("s3_server")
-
-
-def _record_at(back_end, **kwargs):
-    path, options = back_end
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    store = pu.UpdateStore.create(path, model, keep=0.25, storage_options=options, **kwargs)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(), epochs=2, recorder=rec)
-    return model, store
-
-
 def test_store_works_on_each_back_end(back_end):
     path, options = back_end
-    model, store = _record_at(back_end, steps_per_chunk=3)
+    model, store = _record(back_end, steps_per_chunk=3)
     assert store.steps == 16
     reader = pu.UpdateStore.open(path, mode="r", storage_options=options)
     assert reader.steps == 16 and torch.equal(reader.read([7]).index, store.read([7]).index)
