@@ -46,13 +46,23 @@ def worker(rank, world, path, port, fail):
                 if fail:
                     import time; time.sleep(0.05)  # let the writer fail before the next step
         rec.close()
+        if rank == 0:
+            torch.save(model.state_dict(), path + ".pt")
+            store.close()
     except pu.RecorderError as exc:
         print(f"rank {rank} stopped: {exc}", flush=True)
-        return
-    if rank == 0:
-        torch.save(model.state_dict(), path + ".pt")
-        store.close()
-    dist.destroy_process_group()
+    finally:
+        # Tear down on every path, DDP's reducer before the process group it uses. Then leave
+        # without running C++ static destructors: torch 2.13 with gloo sometimes aborts a rank at
+        # interpreter exit ("terminate called without an active exception", ~1 run in 10, seen
+        # on the rank that never touches pyunlearn's native code) after all work is done.
+        del ddp
+        import gc
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
 
 if __name__ == "__main__":
     mp.spawn(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fail"), nprocs=2)
