@@ -10,12 +10,20 @@ from typing import Sequence
 
 import torch
 
+from .errors import NonFiniteUpdateError
+
 _VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MAX_LAYER_NUMEL = 2**32 - 1  # indices within a layer are stored as uint32
 
 
 def layer_label(arg: str, i: int, names: Sequence[str] | None) -> str:
     return f"{arg}[{i}] ({names[i]})" if names is not None else f"{arg}[{i}]"
+
+
+def non_finite_update(i: int, names) -> NonFiniteUpdateError:
+    """The error for layer i's update holding NaN or Inf (the same from every kernel path)."""
+    return NonFiniteUpdateError(f"the update of {layer_label('after', i, names)} holds NaN or Inf; "
+                                "nothing was recorded and the snapshot is unchanged")
 
 
 def check_names(names, count: int) -> list[str] | None:

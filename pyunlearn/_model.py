@@ -21,10 +21,13 @@ def fingerprint(params) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
+def kernel_ready(param: torch.Tensor) -> bool:
+    """Whether the kernels can read and write `param` in place: contiguous float32 on the CPU."""
+    return param.dtype == torch.float32 and param.device.type == "cpu" and param.is_contiguous()
+
+
 def as_float32_work(param: torch.Tensor) -> torch.Tensor:
-    """The tensor the kernels can use for `param`: itself when it is a contiguous float32 CPU
-    tensor (so kernels work in place), a contiguous float32 copy otherwise."""
+    """The tensor the kernels can use for `param`: itself when it is kernel-ready (so kernels
+    work in place), a contiguous float32 copy otherwise."""
     p = param.detach()
-    if p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous():
-        return p
-    return p.to(device="cpu", dtype=torch.float32).contiguous()
+    return p if kernel_ready(p) else p.to(device="cpu", dtype=torch.float32).contiguous()

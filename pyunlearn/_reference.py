@@ -9,7 +9,6 @@ import math
 import torch
 
 from . import _checks
-from .errors import NonFiniteUpdateError
 from .row import Row
 
 
@@ -28,10 +27,7 @@ def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=N
     for i, (b, a) in enumerate(zip(before, after)):
         d = (a - b).reshape(-1)
         if not bool(torch.isfinite(d).all()):
-            raise NonFiniteUpdateError(
-                f"the update of {_checks.layer_label('after', i, names)} holds NaN or Inf; "
-                "nothing was recorded and the snapshot is unchanged"
-            )
+            raise _checks.non_finite_update(i, names)
         deltas.append(d)
 
     index, values, scales = [], [], []

@@ -34,14 +34,16 @@ class SampleSet:
         selection = torch.as_tensor(selection)
         return SampleSet(self.ids[selection], self.x[selection], self.y[selection])
 
+    def _holds(self, ids) -> torch.Tensor:
+        return torch.isin(self.ids, torch.as_tensor(np.asarray(ids), dtype=torch.int64))
+
     def without(self, ids) -> "SampleSet":
         """All samples whose ID is not in `ids`."""
-        drop = torch.isin(self.ids, torch.as_tensor(np.asarray(ids), dtype=torch.int64))
-        return self.subset(~drop)
+        return self.subset(~self._holds(ids))
 
     def with_ids(self, ids) -> "SampleSet":
-        keep = torch.isin(self.ids, torch.as_tensor(np.asarray(ids), dtype=torch.int64))
-        return self.subset(keep)
+        """The samples whose ID is in `ids`."""
+        return self.subset(self._holds(ids))
 
     def batches(self, batch_size: int, *, shuffle: bool = True,
                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

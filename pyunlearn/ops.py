@@ -17,7 +17,6 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import _checks, _reference
-from .errors import NonFiniteUpdateError
 from .row import Row
 
 __all__ = ["Row", "prune_topk", "Pruner", "subtract_sparse", "k_for", "decode_row", "backend",
@@ -80,26 +79,18 @@ def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=N
     if native is None:
         return _reference.prune_topk(before, after, k, value_dtype, refresh, names=names)
     before, after, k, value_dtype, names = _checks.check_prune_args(before, after, k, value_dtype, refresh, names)
+    return _prune_native(native, before, [b.detach().numpy() for b in before], [a.detach().numpy() for a in after],
+                         k, value_dtype, refresh, names)
 
-    row = Row(
-        torch.empty(sum(k), dtype=torch.uint32),
-        torch.empty(sum(k), dtype=value_dtype),
-        torch.empty(len(k), dtype=torch.float32),
-    )
-    bad = native.prune_topk(
-        [b.detach().numpy() for b in before],
-        [a.detach().numpy() for a in after],
-        k,
-        row.index.numpy(),
-        row.values.numpy(),
-        row.scales.numpy(),
-        bool(refresh),
-    )
+
+def _prune_native(native, before, before_views, after_views, k, value_dtype, refresh, names) -> Row:
+    """The native call behind prune_topk and Pruner, on checked arguments and numpy views."""
+    row = Row(torch.empty(sum(k), dtype=torch.uint32), torch.empty(sum(k), dtype=value_dtype),
+              torch.empty(len(k), dtype=torch.float32))
+    bad = native.prune_topk(before_views, after_views, k, row.index.numpy(), row.values.numpy(),
+                            row.scales.numpy(), bool(refresh))
     if bad >= 0:
-        raise NonFiniteUpdateError(
-            f"the update of {_checks.layer_label('after', bad, names)} holds NaN or Inf; "
-            "nothing was recorded and the snapshot is unchanged"
-        )
+        raise _checks.non_finite_update(bad, names)
     if refresh:
         increment_version(before)
     return row
@@ -131,19 +122,7 @@ class Pruner:
             return _reference.prune_topk(self._before, self._after, self._k, self._dtype, refresh, names=self._names)
         if self._layout_of(self._before, self._after) != self._layout:
             self.__init__(*self._args[:4], names=self._args[4])
-        total = sum(self._k)
-        row = Row(torch.empty(total, dtype=torch.uint32), torch.empty(total, dtype=self._dtype),
-                  torch.empty(len(self._k), dtype=torch.float32))
-        bad = _native().prune_topk(self._views[0], self._views[1], self._k, row.index.numpy(), row.values.numpy(),
-                                   row.scales.numpy(), bool(refresh))
-        if bad >= 0:
-            raise NonFiniteUpdateError(
-                f"the update of {_checks.layer_label('after', bad, self._names)} holds NaN or Inf; "
-                "nothing was recorded and the snapshot is unchanged"
-            )
-        if refresh:
-            increment_version(self._before)
-        return row
+        return _prune_native(_native(), self._before, *self._views, self._k, self._dtype, refresh, self._names)
 
 
 def subtract_sparse(params, rows, k, alpha=1.0, *, names=None) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from . import ops
 from ._ids import as_ids
-from ._model import as_float32_work, fingerprint
+from ._model import as_float32_work, fingerprint, kernel_ready
 from .errors import ModelMismatchError, NonFiniteUpdateError, PyunlearnError
 from .store import UpdateStore
 
@@ -78,20 +78,21 @@ class UpdateRecorder:
         self._allow_unlabeled = bool(allow_unlabeled_steps)
         self._optimizer = optimizer
         self._family = _attribution_family(optimizer) if store.attribution == "gradient" else None
-        if self._family is not None:
+        self._pruner = None
+        if self._family is not None:  # gradient attribution: no snapshot, the gradients are the rows
             store._set_optimizer(self._family)
             self._zeros = [torch.zeros(p.numel(), dtype=torch.float32) for p in self._params]
             # Momentum carried in from steps recorded before this recorder exists only if the
             # optimizer's state came with it (e.g. loaded with the checkpoint).
             self._carry_in = any(len(optimizer.state.get(p, {})) for p in self._params)
-        self._snapshot = [p.detach().to(torch.float32).contiguous().clone() for p in self._params]
-        # Parameters the kernel can read in place get a prepared pruner; others (half precision,
-        # channels_last) are copied to float32 each step and go through the checked call.
-        self._in_place = all(as_float32_work(p).data_ptr() == p.data_ptr() for p in self._params)
-        # The parameters themselves, not detached views: `param.data = ...` then moves their
-        # storage address, which the pruner notices.
-        self._pruner = ops.Pruner(self._snapshot, self._params, store.k,
-                                  store.value_dtype, names=[layer.name for layer in store.layers]) if self._in_place else None
+        else:
+            self._snapshot = [p.detach().to(torch.float32).contiguous().clone() for p in self._params]
+            # Parameters the kernel can read in place get a prepared pruner, over the parameters
+            # themselves (not detached views: `param.data = ...` then moves their storage
+            # address, which the pruner notices). Others (half precision, channels_last) are
+            # copied to float32 each step and go through the checked call.
+            if all(kernel_ready(p) for p in self._params):
+                self._pruner = ops.Pruner(self._snapshot, self._params, store.k, store.value_dtype, names=self._names)
         self._handoff_rows = rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6)))
         self._outgoing: list[tuple] = []
         self._pending: list[np.ndarray] = []
@@ -117,14 +118,22 @@ class UpdateRecorder:
                        optimizer.register_step_post_hook(self._after_step_follower)]
 
     def _after_step_follower(self, optimizer, args, kwargs):
+        self._gather(self._take_pending(), None)
+        self._steps += 1
+
+    def _take_pending(self) -> np.ndarray:
+        """The IDs declared since the last step, as one array; the next step starts empty."""
         pending, self._pending = self._pending, []
-        ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
+        return np.concatenate(pending) if pending else np.empty(0, np.int64)
+
+    def _gather(self, ids: np.ndarray, failure: BaseException | None) -> np.ndarray:
+        """Every rank's IDs (the global batch); raises on every rank if any rank reported a
+        failure, and stops recording here too."""
         try:
-            self._dist.gather(ids, None)  # raises on every rank if the writer rank failed
+            return self._dist.gather(ids, failure)
         except RecorderError as exc:
             self._failed = exc
             raise
-        self._steps += 1
 
     def _check_optimizer(self, optimizer, store) -> None:
         """The optimizer must update exactly the recorded parameters: a parameter it skips would
@@ -162,7 +171,7 @@ class UpdateRecorder:
                                 "rec.batch(ids) for each batch, or pass allow_unlabeled_steps=True")
 
     def _after_step(self, optimizer, args, kwargs):
-        pending, self._pending = self._pending, []  # this step's IDs, whatever happens next
+        ids = self._take_pending()  # this step's IDs, whatever happens next
         hyper, failure = None, None
         try:
             if self._family is not None:
@@ -175,13 +184,8 @@ class UpdateRecorder:
                                      names=self._names)
         except NonFiniteUpdateError as exc:
             self._failed = failure = exc  # the snapshot no longer matches any recorded state: stop
-        ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
         if self._dist is not None:  # the global batch: every rank's IDs; a failure stops all ranks
-            try:
-                ids = self._dist.gather(ids, failure or self._writer_error)
-            except RecorderError as exc:
-                self._failed = exc
-                raise
+            ids = self._gather(ids, failure or self._writer_error)
         if failure is not None:
             raise failure
         self._steps += 1

@@ -17,6 +17,13 @@ def _model(seed=0):
     return TinyNet()
 
 
+def _setup(tmp_path, **store_options):
+    """A fresh TinyNet, plain SGD over its trainable parameters, and an empty store for it."""
+    model = _model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return model, optimizer, pu.UpdateStore.create(tmp_path / "s.zarr", model, **store_options)
+
+
 def _optimizers():
     return {
         "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -61,9 +68,7 @@ def test_dense_store_is_exact(tmp_path):
 
 
 def test_step_ids_and_gradient_accumulation(tmp_path):
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5)
+    model, optimizer, store = _setup(tmp_path, keep=0.5)
     ids, x, y = tiny_data(40)
     with pu.UpdateRecorder(model, optimizer, store) as rec:
         for step in range(4):
@@ -80,9 +85,7 @@ def test_step_ids_and_gradient_accumulation(tmp_path):
 
 
 def test_step_without_ids_is_refused_before_it_runs(tmp_path):
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
+    model, optimizer, store = _setup(tmp_path)
     rec = pu.UpdateRecorder(model, optimizer, store)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(2, 8)).sum().backward()
@@ -95,9 +98,7 @@ def test_step_without_ids_is_refused_before_it_runs(tmp_path):
 
 
 def test_unlabeled_steps_when_allowed(tmp_path):
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
+    model, optimizer, store = _setup(tmp_path)
     with pu.UpdateRecorder(model, optimizer, store, allow_unlabeled_steps=True):
         model(torch.randn(2, 8)).sum().backward()
         optimizer.step()
@@ -123,9 +124,7 @@ def test_model_changed_since_create_is_refused(tmp_path):
 
 
 def test_writer_error_surfaces_in_the_training_thread(tmp_path, monkeypatch):
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
+    model, optimizer, store = _setup(tmp_path)
     rec = pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=1)
 
     def broken_append(row, ids, hyper=None):
@@ -149,9 +148,7 @@ def test_writer_error_surfaces_in_the_training_thread(tmp_path, monkeypatch):
 
 def test_queue_applies_back_pressure(tmp_path, monkeypatch):
     """With a stalled writer, training blocks after queue_size rows instead of buffering all."""
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
+    model, optimizer, store = _setup(tmp_path)
     release = threading.Event()
     real_append = store.append
 
@@ -177,9 +174,7 @@ def test_queue_applies_back_pressure(tmp_path, monkeypatch):
 
 
 def test_close_removes_the_hooks(tmp_path):
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
+    model, optimizer, store = _setup(tmp_path)
     with pu.UpdateRecorder(model, optimizer, store) as rec:
         tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)
     steps = store.steps
@@ -190,9 +185,7 @@ def test_close_removes_the_hooks(tmp_path):
 
 
 def test_rows_reach_the_store_in_hand_offs(tmp_path):
-    model = _model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, steps_per_chunk=2)
+    model, optimizer, store = _setup(tmp_path, steps_per_chunk=2)
     with pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=3) as rec:
         tiny_training(model, optimizer, tiny_data(80), epochs=1, recorder=rec)  # 5 steps
         deadline = time.monotonic() + 10

@@ -72,6 +72,7 @@ def _forget(model, store: UpdateStore, ids, start: float) -> ForgetReport:
             f"deletion produced ({ledger.fingerprint}); it has {current}. Forget from one of those two"
         )
     new_steps = np.setdiff1d(lookup.steps, ledger.removed_steps)
+    ledger_after = np.union1d(ledger.removed_steps, new_steps)
 
     work = [as_float32_work(p) for p in params]
     backup = [w.clone() for w in work]
@@ -97,7 +98,7 @@ def _forget(model, store: UpdateStore, ids, start: float) -> ForgetReport:
             if w is not p and w.data_ptr() != p.data_ptr():
                 p.copy_(w.view_as(p))
         try:
-            store._record_deletion(np.union1d(ledger.removed_steps, new_steps), fingerprint(params))
+            store._record_deletion(ledger_after, fingerprint(params))
         except BaseException:
             for p, b in zip(params, backup):
                 p.copy_(b.view_as(p))
@@ -106,5 +107,5 @@ def _forget(model, store: UpdateStore, ids, start: float) -> ForgetReport:
     return ForgetReport(
         steps_removed=int(new_steps.size), steps_applied=int(apply.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change,
-        ledger_steps=int(np.union1d(ledger.removed_steps, new_steps).size),
+        ledger_steps=int(ledger_after.size),
     )
