@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     results = run(config)
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "config": asdict(config),
+    from _meta import run_metadata  # benchmarks/ is on sys.path (see kernels above)
+
+    args.out.write_text(json.dumps({"meta": run_metadata(asdict(config)), "machine": info, "config": asdict(config),
                                     "results": [asdict(r) for r in results]}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -51,7 +51,10 @@ def main() -> int:
     for name, r in results.items():
         print(f"{name:<22} {r['record_steps_per_s']:>15.2f} {r['forget_1_id_ms']:>15.1f} {r['bytes']:>12,}")
     out = Path(__file__).resolve().parent / "results" / "s3.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    from _meta import run_metadata  # benchmarks/ is on sys.path (see bench_store above)
+
+    meta = run_metadata({"model": "ResNet-18 shapes", "keep": 0.01, "steps": STEPS, "ids_per_step": 32})
+    out.write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

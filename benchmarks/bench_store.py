@@ -179,7 +179,10 @@ def main(argv=None) -> int:
         cells = ", ".join(f"{n} IDs {v['median_s'] * 1e3:.1f} ms ({v['steps_removed']} steps)" for n, v in by_count.items())
         print(f"  {name}: {cells}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    from _meta import run_metadata  # benchmarks/, the script's folder, is on sys.path
+
+    meta = run_metadata({"resnet_steps": args.resnet_steps, "keeps": list(KEEPS), "value_dtype": "float16"})
+    args.out.write_text(json.dumps({"meta": meta, **results}, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -129,7 +129,9 @@ def run(args) -> list[Row]:
 def write(rows: list[Row], args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/cohort_table.py " + " ".join(sys.argv[1:])
-    lines = [f"`{command}` (seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}); gap: to the Retrain "
+    from _meta import meta_comment, run_metadata  # benchmarks/ is on sys.path (see paper_table above)
+
+    lines = [meta_comment(run_metadata({"command": command, **vars(args)})), f"`{command}` (seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}); gap: to the Retrain "
              "of the same batching\n", "| batching | method | UA | RA | TA | MIA | avg gap to Retrain | steps touched | "
              "seconds | store bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -122,7 +122,11 @@ def write(rows: list[Row], args, out: Path) -> None:
     header = "| method | UA | RA | TA | MIA | avg gap to Retrain | seconds | store bytes |\n|---|---|---|---|---|---|---|---|\n"
     body = "".join(f"| {r.method} | {r.UA:.2f} | {r.RA:.2f} | {r.TA:.2f} | {r.MIA:.2f} | {r.gap:.2f} | {r.seconds:.2f} | "
                    f"{'' if r.store_bytes is None else f'{r.store_bytes:,}'} |\n" for r in rows)
-    (out / f"{args.name}.md").write_text(f"`{command}` (seed {args.seed}, {args.epochs} epochs)\n\n" + header + body)
+    from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
+
+    meta = meta_comment(run_metadata({"command": command, **vars(args)}))
+    (out / f"{args.name}.md").write_text(f"{meta}\n`{command}` (seed {args.seed}, {args.epochs} epochs)\n\n"
+                                         + header + body)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()

@@ -1,4 +1,4 @@
-"""The package as a user meets it: exports, version, the command, the fallback, the README."""
+"""The package as a user meets it: exports, version, the command, the fallback, the README and docs."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -64,15 +64,72 @@ def test_env_variable_forces_the_reference():
     assert "kernels: reference (torch; PYUNLEARN_REFERENCE is set)" in out.stdout
 
 
-def _readme_python_blocks():
-    text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+# The pages whose ```python blocks must run as written (```text blocks are not run), and the
+# pages whose links must resolve inside the repository.
+DOC_PAGES = ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+LINKED_PAGES = DOC_PAGES + ["CHANGELOG.md", "benchmarks/README.md"]
 
 
-@pytest.mark.parametrize("block", range(len(_readme_python_blocks())))
-def test_readme_snippet_runs(block, tmp_path, monkeypatch):
+def _python_blocks(page: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(), flags=re.S | re.M)
+
+
+_BLOCKS = [(page, i) for page in DOC_PAGES for i in range(len(_python_blocks(page)))]
+
+
+def test_the_docs_pages_exist():
+    assert {"docs/format.md", "docs/guide.md", "docs/kernels.md"} <= set(DOC_PAGES)
+    assert all(_python_blocks(page) for page in ("README.md", "docs/format.md", "docs/guide.md", "docs/kernels.md"))
+
+
+@pytest.mark.parametrize("page, block", _BLOCKS, ids=[f"{page}-{i}" for page, i in _BLOCKS])
+def test_doc_snippet_runs(page, block, tmp_path, monkeypatch):
+    """Each block runs alone, in a fresh working directory, as a reader would paste it."""
     monkeypatch.chdir(tmp_path)
-    exec(compile(_readme_python_blocks()[block], f"README.md block {block}", "exec"), {})
+    exec(compile(_python_blocks(page)[block], f"{page} block {block}", "exec"), {})
+
+
+def _prose(text: str) -> str:
+    """The text without fenced code blocks and inline code, where brackets are not links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def _links(text: str) -> list[str]:
+    prose = _prose(text)
+    inline = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose)
+    reference = re.findall(r"^\s*\[[^\]]+\]:\s*(\S+)", prose, flags=re.M)
+    autolinks = re.findall(r"<([a-z][a-z0-9+.-]*:[^>\s]*)>", prose)
+    return inline + reference + autolinks
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+\s+(.*?)\s*$", _prose(text), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES)
+def test_doc_links_resolve_inside_the_repository(page):
+    source = ROOT / page
+    text = source.read_text()
+    links = _links(text)
+    for link in links:
+        assert not re.match(r"[a-z][a-z0-9+.-]*:", link, flags=re.I), f"{page}: {link} points outside the repository"
+        path, _, anchor = link.partition("#")
+        target = (source.parent / path).resolve() if path else source
+        assert target.is_relative_to(ROOT), f"{page}: {link} leaves the repository"
+        assert target.relative_to(ROOT).parts[:1] != ("shared",), f"{page}: {link} points into shared/"
+        assert target.exists(), f"{page}: {link} does not resolve ({target} is missing)"
+        if anchor and target.suffix == ".md":
+            assert anchor in _anchors(target.read_text()), f"{page}: {link}: no heading #{anchor} in {path or page}"
+    assert "http://" not in _prose(text) and "https://" not in _prose(text), f"{page} names a URL"
+
+
+def test_link_checker_sees_links():
+    links = _links("[a](docs/guide.md) `[b](x.md)`\n[c]: ref.md\n```text\n[d](y.md)\n```\n<https://z>")
+    assert links == ["docs/guide.md", "ref.md", "https://z"]
+    assert "bench_kernelspy-the-kernels" in _anchors("## bench_kernels.py: the kernels")
 
 
 def test_readme_opens_with_the_two_commands():
