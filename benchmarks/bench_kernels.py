@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels  # noqa: E402
+from pyunlearn import __version__, ops
 
-from pyunlearn import __version__, ops  # noqa: E402
+import kernels  # a sibling: Python puts the script's folder first on sys.path
 
 
 @dataclass

@@ -15,12 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyunlearn as pu
+from pyunlearn.testing import LoopbackS3
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_store import resnet_store  # noqa: E402
-
-import pyunlearn as pu  # noqa: E402
-from pyunlearn.testing import LoopbackS3  # noqa: E402
+from bench_store import resnet_store  # a sibling: Python puts the script's folder first on sys.path
 
 STEPS = 24
 

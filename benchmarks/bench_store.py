@@ -25,7 +25,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.data import digits, split
-from pyunlearn.demo import DigitsCNN, train
+from pyunlearn.models import DigitsCNN, train
 from pyunlearn.testing import resnet18_cifar_shapes
 
 KEEPS = (0.01, 0.05, 0.1)

@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_table import load, parse_args  # noqa: E402
+import pyunlearn as pu
+from pyunlearn.data import CohortBatchSampler, SampleSet, sample_batches
+from pyunlearn.metrics import Evaluation, evaluate
+from pyunlearn.models import SmallCNN
 
-import pyunlearn as pu  # noqa: E402
-from pyunlearn.data import CohortBatchSampler, SampleSet, sample_batches  # noqa: E402
-from pyunlearn.demo import SmallCNN  # noqa: E402
-from pyunlearn.metrics import Evaluation, evaluate  # noqa: E402
+from paper_table import load, parse_args  # a sibling: Python puts the script's folder first on sys.path
 
 STORES = [("update", 1.0, "float32"), ("update", 0.01, "float16"), ("gradient", 1.0, "float32"),
           ("gradient", 0.01, "float16")]

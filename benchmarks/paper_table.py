@@ -27,8 +27,8 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.data import FASHION_MNIST_DEBIAN, SampleSet, digits, idx, parse_forget, split
-from pyunlearn.demo import SmallCNN, train
 from pyunlearn.metrics import Evaluation, evaluate
+from pyunlearn.models import SmallCNN, train
 from pyunlearn.unlearn import fine_tune, gradient_ascent, label_flip
 
 PARTIAL_KEEPS = (0.01, 0.05, 0.1, 0.2)

@@ -3,15 +3,11 @@ runs once, as a smoke test. Timed: pytest benchmarks/ --benchmark-enable
 The table for the README comes from bench_kernels.py, which times everything in one run."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels  # noqa: E402
+from pyunlearn.testing import resnet18_cifar_shapes
 
-from pyunlearn.testing import resnet18_cifar_shapes  # noqa: E402
+import kernels  # a sibling: pytest puts this folder (it has no __init__.py) first on sys.path
 
 
 

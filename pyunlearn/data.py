@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ._validate import positive_int
 
 @dataclass
 class SampleSet:
@@ -48,8 +49,7 @@ class SampleSet:
     def batches(self, batch_size: int, *, shuffle: bool = True,
                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(ids, x, y) mini-batches; shuffled with `generator` when asked."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = positive_int("batch_size", batch_size)
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             sel = order[start : start + batch_size]
@@ -213,9 +213,7 @@ class CohortBatchSampler(torch.utils.data.Sampler):
         cohort_of = np.asarray(cohort_of)
         if cohort_of.ndim != 1 or cohort_of.size == 0 or cohort_of.dtype.kind not in "iu":
             raise ValueError("cohort_of must be a non-empty 1-D array of integer unit IDs, one per sample")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.batch_size, self.seed, self.epoch = batch_size, int(seed), 0
+        self.batch_size, self.seed, self.epoch = positive_int("batch_size", batch_size), int(seed), 0
         units, inverse = np.unique(cohort_of, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(units)))])

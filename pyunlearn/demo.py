@@ -12,34 +12,9 @@ import torch
 from torch import nn
 
 from .data import SampleSet, digits, split
-from .recorder import UpdateRecorder
+from .models import DigitsCNN, train
 from .store import UpdateStore
 from .unlearn import amnesiac_forget
-
-
-class SmallCNN(nn.Module):
-    """Two 3×3 conv layers, each followed by 2×2 max-pooling, and a linear head, for square
-    one-channel images whose side is a multiple of 4."""
-
-    def __init__(self, image_size: int, channels: tuple[int, int], classes: int = 10):
-        super().__init__()
-        if image_size % 4:
-            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
-        self.conv1 = nn.Conv2d(1, channels[0], 3, padding=1)
-        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
-        self.fc = nn.Linear(channels[1] * (image_size // 4) ** 2, classes)
-
-    def forward(self, x):
-        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
-
-
-class DigitsCNN(SmallCNN):
-    """SmallCNN for the 8×8 digits: 16 and 32 channels, ~6k parameters."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__(8, (16, 32), classes)
 
 
 @torch.no_grad()
@@ -50,35 +25,6 @@ def accuracy(model: nn.Module, data: SampleSet) -> float:
     correct = (model(data.x).argmax(1) == data.y).sum().item()
     model.train()
     return 100.0 * correct / len(data)
-
-
-def train(model, data: SampleSet, *, epochs: int, batch_size: int, lr: float, seed: int,
-          stores: tuple[UpdateStore, ...] = (), progress: bool = False):
-    """SGD with momentum; records every step into each of `stores` (one recorder each)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    generator = torch.Generator().manual_seed(seed)
-    recorders = [UpdateRecorder(model, optimizer, store) for store in stores]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=epochs * -(-len(data) // batch_size), desc="training (recording)", unit="step")
-    try:
-        for _ in range(epochs):
-            for ids, x, y in data.batches(batch_size, generator=generator):
-                for recorder in recorders:
-                    recorder.batch(ids)
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-                if bar is not None:
-                    bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-        for recorder in recorders:
-            recorder.close()
-    return model
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import _checks, _reference
+from ._validate import ratio
 from .row import Row
 
 __all__ = ["Row", "prune_topk", "Pruner", "subtract_sparse", "k_for", "decode_row", "backend",
@@ -61,8 +62,7 @@ def backend() -> str:
 
 def k_for(numels: Sequence[int], keep: float) -> list[int]:
     """Entries kept per layer at ratio `keep`: ceil(keep · numel), at least 1 (0 for an empty layer)."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a ratio in (0, 1], got {keep!r}")
+    keep = ratio("keep", keep)
     return [min(n, max(1, math.ceil(keep * n))) for n in numels]
 
 

@@ -1,7 +1,14 @@
-"""Shared helpers for tests and benchmarks: parameter-set shapes and random layer sets."""
+"""Shared helpers for tests and benchmarks: parameter-set shapes, random layer sets, a tiny
+model and data set, and a store recorded from training them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+from .recorder import UpdateRecorder
+from .store import UpdateStore
 
 
 def resnet18_cifar_shapes(num_classes: int = 10) -> list[tuple[str, tuple[int, ...]]]:
@@ -83,6 +90,43 @@ def tiny_training(model, optimizer, data, *, epochs: int = 2, batch_size: int = 
             if after_step is not None:
                 after_step(steps)
     return steps
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A recorded training run of recorded_store."""
+
+    model: TinyNet  # as training left it
+    store: UpdateStore  # open for writing, unless recorded_store was told to close it
+    optimizer: torch.optim.Optimizer
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (ids, x, y) of tiny_data
+    steps: int
+    initial: dict[str, torch.Tensor]  # the model's state_dict before training
+
+
+def recorded_store(path, *, keep: float = 0.25, value_dtype: str = "float16", attribution: str = "update",
+                   momentum: float = 0.9, optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
+                   epochs: int = 2, n: int = 120, batch_size: int = 16, steps_per_chunk: int | None = None,
+                   seed: int = 0, storage_options=None, close: bool = False) -> Recorded:
+    """Trains a TinyNet (initialised after torch.manual_seed(seed); the data and the batch order
+    keep tiny_data's and tiny_training's seed 0) on tiny_data(n) with tiny_training, recording
+    every step into a new store at `path`.
+
+    The optimizer is SGD(lr=0.1, momentum=momentum) over the trainable parameters, or
+    optimizer(trainable parameters) when given. The store is left open unless close=True."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(trainable) if optimizer is not None else torch.optim.SGD(trainable, lr=0.1, momentum=momentum)
+    store = UpdateStore.create(path, model, keep=keep, value_dtype=value_dtype, attribution=attribution,
+                               steps_per_chunk=steps_per_chunk, storage_options=storage_options)
+    data = tiny_data(n)
+    with UpdateRecorder(model, opt, store) as rec:
+        steps = tiny_training(model, opt, data, epochs=epochs, batch_size=batch_size, recorder=rec)
+    if close:
+        store.close()
+    return Recorded(model, store, opt, data, steps, initial)
 
 
 class LoopbackS3:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +73,14 @@ def prune_both(before, after, k, value_dtype, refresh=True):
 
 def stack_rows(rows):
     return ops.Row(*(torch.stack(field) for field in zip(*rows)))
+
+
+@pytest.fixture
+def benchmark_script(monkeypatch):
+    """Imports benchmarks/<name>.py as `python benchmarks/<name>.py` would see it: with that
+    folder first on sys.path for this test only, so its imports of sibling scripts resolve."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module
 
 
 @pytest.fixture(scope="session")

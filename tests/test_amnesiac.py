@@ -7,18 +7,13 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 @pytest.fixture
 def recorded(tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.2)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(), epochs=3, recorder=rec)
-    return model, store
+    run = recorded_store(tmp_path / "s.zarr", keep=0.2, epochs=3)
+    return run.model, run.store
 
 
 def _params(model):

@@ -150,15 +150,10 @@ def test_attribution_argument_checked(tmp_path):
         pu.UpdateStore.create(tmp_path / "s.zarr", Linear(), attribution="both")
 
 
-def test_cohort_table_smoke_run(tmp_path):
+def test_cohort_table_smoke_run(tmp_path, benchmark_script):
     """The evidence script on the digits: completes, numbers in range, cohort batching touches
     fewer steps than random batching (a property of the sampler, not a claim about accuracy)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import cohort_table
-
+    cohort_table = benchmark_script("cohort_table")
     rows = cohort_table.main(["--data", "digits", "--forget", "cohort:20:20", "--epochs", "2", "--batch-size", "32",
                               "--mia-samples", "300", "--out", str(tmp_path), "--name", "smoke"])
     assert len(rows) == 12

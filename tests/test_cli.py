@@ -9,7 +9,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from pyunlearn.testing import recorded_store
 
 
 def _run(*args):
@@ -26,13 +26,7 @@ def test_demo_runs_and_reports(tmp_path):
 
 
 def _recorded_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.3)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(), epochs=2, recorder=rec)
-    store.close()
+    model = recorded_store(tmp_path / "s.zarr", keep=0.3, momentum=0.0, close=True).model
     torch.save(model.state_dict(), tmp_path / "final.pt")
     return model
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data
+from pyunlearn.testing import TinyNet, recorded_store
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
 
@@ -83,22 +83,10 @@ def _run_ddp(path, mode="ok"):
 
 
 def _single_process(path):
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    store = pu.UpdateStore.create(path, model, keep=1.0, value_dtype="float32", steps_per_chunk=4)
-    ids, x, y = tiny_data(SAMPLES)
-    gen = torch.Generator().manual_seed(0)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        for _ in range(EPOCHS):
-            order = torch.randperm(SAMPLES, generator=gen)
-            for start in range(0, SAMPLES, GLOBAL_BATCH):
-                sel = order[start : start + GLOBAL_BATCH]
-                rec.batch(ids[sel])
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
-                optimizer.step()
-    return model, store
+    """The workers' run on one process: same seeds, same global batches in the same order."""
+    run = recorded_store(path, keep=1.0, value_dtype="float32", steps_per_chunk=4, n=SAMPLES, epochs=EPOCHS,
+                         batch_size=GLOBAL_BATCH)
+    return run.model, run.store
 
 
 def _dense(store, step):

@@ -6,22 +6,16 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _recorded(path, **create):
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD(_trainable(model), lr=0.1)
-    store = pu.UpdateStore.create(path, model, keep=0.3, **create)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(64), epochs=1, recorder=rec)
-    store.close()
-    return model, optimizer
+def _recorded(path):
+    run = recorded_store(path, keep=0.3, momentum=0.0, n=64, epochs=1, close=True)
+    return run.model, run.optimizer
 
 
 def _row(store, model):

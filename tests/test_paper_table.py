@@ -3,14 +3,10 @@ claims themselves are checked by reading benchmarks/results/, not asserted)."""
 from __future__ import annotations
 
 import csv
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paper_table  # noqa: E402
 
 
-def test_digits_smoke_run(tmp_path):
+def test_digits_smoke_run(tmp_path, benchmark_script):
+    paper_table = benchmark_script("paper_table")
     rows = paper_table.main(["--data", "digits", "--forget", "random:20", "--epochs", "2", "--batch-size", "32",
                              "--mia-samples", "300", "--out", str(tmp_path), "--name", "smoke"])
     methods = [r.method for r in rows]

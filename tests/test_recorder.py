@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 def _model(seed=0):
@@ -36,11 +36,7 @@ def test_recording_does_not_change_training(tmp_path, name):
     make = _optimizers()[name]
     plain = _model()
     tiny_training(plain, make([p for p in plain.parameters() if p.requires_grad]), tiny_data())
-    recorded = _model()
-    optimizer = make([p for p in recorded.parameters() if p.requires_grad])
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", recorded, keep=0.1)
-    with pu.UpdateRecorder(recorded, optimizer, store) as rec:
-        tiny_training(recorded, optimizer, tiny_data(), recorder=rec)
+    recorded = recorded_store(tmp_path / "s.zarr", keep=0.1, optimizer=make).model
     for a, b in zip(plain.state_dict().values(), recorded.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -48,19 +44,14 @@ def test_recording_does_not_change_training(tmp_path, name):
 def test_dense_store_is_exact(tmp_path):
     """keep=1, float32: the stored updates sum to θ_final − θ_initial, and forgetting every ID
     gives θ_initial back (to float rounding)."""
-    model = _model()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32", steps_per_chunk=4)
-    data = tiny_data()
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        steps = tiny_training(model, optimizer, data, epochs=3, recorder=rec)
+    run = recorded_store(tmp_path / "s.zarr", keep=1.0, value_dtype="float32", steps_per_chunk=4, epochs=3)
+    model, store, steps, initial = run.model, run.store, run.steps, run.initial
     assert store.steps == steps
     total = [torch.zeros(layer.shape) for layer in store.layers]
     pu.ops.subtract_sparse(total, store.read(np.arange(steps)), store.k, alpha=-1.0)
     for t, (name, p) in zip(total, ((n, p) for n, p in model.named_parameters() if p.requires_grad)):
         torch.testing.assert_close(t, p.detach() - initial[name], rtol=0, atol=1e-5)
-    report = pu.amnesiac_forget(model, store, data[0])
+    report = pu.amnesiac_forget(model, store, run.data[0])
     assert report.steps_removed == steps
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -17,7 +17,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -48,14 +48,11 @@ def _create(target, model, **kwargs):
     return pu.UpdateStore.create(path, model, storage_options=options, **kwargs)
 
 
-def _record(target, *, keep=0.25, value_dtype="float16", epochs=2, steps_per_chunk=None, seed=0, n=120):
-    torch.manual_seed(seed)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    store = _create(target, model, keep=keep, value_dtype=value_dtype, steps_per_chunk=steps_per_chunk)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(n), epochs=epochs, recorder=rec)
-    return model, store
+def _record(target, **options):
+    """(model, open store) of recorded_store (keep 0.25, 16 steps by default) on `target`."""
+    path, storage_options = _where(target)
+    run = recorded_store(path, storage_options=storage_options, **options)
+    return run.model, run.store
 
 
 def test_create_describes_the_model(tmp_path):

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .._model import trainable_parameters
+from .._validate import positive_int, positive_number
 from ..data import SampleSet
 from .partial import LayerwiseMask, check_keep
 
@@ -29,18 +30,11 @@ def check_data(arg: str, data) -> SampleSet:
     return data
 
 
-def check_positive(arg: str, value, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise ValueError(f"{arg} must be a positive {kind.__name__}, got {value!r}")
-    return value
-
-
 def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
              lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
              seed: int = 0, clip: float | None = None) -> UnlearnReport:
     """SGD over `batches(generator)` (a fresh iterator each epoch) minimising `loss(batch)`."""
-    check_positive("epochs", epochs, int)
-    check_positive("lr", lr)
+    epochs, lr = positive_int("epochs", epochs), positive_number("lr", lr)
     keep = check_keep(keep)
     params = [p for _, p in trainable_parameters(model)]
     if not params:

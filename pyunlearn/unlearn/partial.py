@@ -10,14 +10,12 @@ import torch
 
 from .. import ops
 from .._model import trainable_parameters
+from .._validate import ratio
 
 
 def check_keep(keep) -> float | None:
-    if keep is None:
-        return None
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be None (naive: update everything) or a ratio in (0, 1], got {keep!r}")
-    return float(keep)
+    """None (naive: every entry may change) or a ratio in (0, 1]."""
+    return None if keep is None else ratio("keep, if not None (naive: update everything),", keep)
 
 
 class LayerwiseMask:
