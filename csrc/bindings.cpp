@@ -99,7 +99,7 @@ int64_t prune(const std::vector<py::object>& before_objs, const std::vector<py::
     return prune_topk_cpu(layers, out, refresh, threads);
 }
 
-void subtract(const std::vector<py::object>& param_objs, const std::vector<int64_t>& k,
+py::object subtract(const std::vector<py::object>& param_objs, const std::vector<int64_t>& k,
               const py::object& index_obj, const py::object& values_obj, const py::object& scales_obj,
               float alpha, int threads) {
     const size_t L = param_objs.size();
@@ -129,8 +129,13 @@ void subtract(const std::vector<py::object>& param_objs, const std::vector<int64
     StoredRows rows{buffer<const uint32_t>(index, py::dtype::of<uint32_t>(), "index", -1, false),
                     buffer<const void>(values, values.dtype(), "values", -1, false),
                     buffer<const float>(scales, py::dtype::of<float>(), "scales", -1, false), enc, S, K};
-    py::gil_scoped_release release;
-    subtract_sparse_cpu(layers, rows, alpha, threads);
+    BadRow bad;
+    {
+        py::gil_scoped_release release;
+        bad = subtract_sparse_cpu(layers, rows, alpha, threads);
+    }
+    if (bad.row < 0) return py::none();
+    return py::make_tuple(bad.row, bad.layer, std::string(bad.reason));
 }
 
 }  // namespace
@@ -142,7 +147,9 @@ PYBIND11_MODULE(_native, m) {
           "Fills index/values/scales; returns -1, or the first layer whose delta is not finite "
           "(then no `before` was changed).");
     m.def("subtract_sparse", &subtract, py::arg("params"), py::arg("k"), py::arg("index"),
-          py::arg("values"), py::arg("scales"), py::arg("alpha"), py::arg("threads") = 0);
+          py::arg("values"), py::arg("scales"), py::arg("alpha"), py::arg("threads") = 0,
+          "Applies every row and returns None; or, if a row's indices repeat or run past its layer, "
+          "returns (row, layer, reason) of the first such and changes nothing.");
     m.def("simd_level", [] { return std::string(simd_level()); });
     m.def("max_threads", [] { return omp_get_max_threads(); });
     m.def("_prune_tuning", [] {

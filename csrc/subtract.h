@@ -23,11 +23,19 @@ struct StoredRows {
     int64_t row_len;  // Σ k
 };
 
-// Throws std::invalid_argument naming the row and layer when a row's indices repeat or run
-// past the layer; nothing is written then. Rows are applied in a canonical order (by their
-// bytes) and each parameter is updated by one thread, so the result is bit-identical
-// whatever the thread count or the order in which rows are given.
-void subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredRows& rows,
-                         float alpha, int threads);
+// A stored row the kernel refused: which row (position in `rows`), which layer, and why.
+struct BadRow {
+    int64_t row = -1;  // -1: every row was valid and has been applied
+    int64_t layer = -1;
+    const char* reason = nullptr;  // a static string
+};
+
+// Applies every row and returns BadRow{} (row == -1). If a row's indices repeat or run past its
+// layer, returns the lowest such (row, layer) and writes nothing: the caller turns that into an
+// error naming the step and the layer. Rows are applied in a canonical order (by their bytes)
+// and each parameter is updated by one thread, so the result is bit-identical whatever the
+// thread count or the order in which rows are given.
+BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredRows& rows,
+                           float alpha, int threads);
 
 }  // namespace pyunlearn

@@ -26,6 +26,30 @@ def non_finite_update(i: int, names) -> NonFiniteUpdateError:
                                 "nothing was recorded and the snapshot is unchanged")
 
 
+# Why a stored row is refused; the native kernel reports the same two reasons.
+REPEATED_INDEX = "repeats an index (a zero gap)"
+INDEX_PAST_END = "decodes to an index past the layer's end"
+
+
+def bad_stored_row(row: int, layer: int, reason: str, names, steps) -> ValueError:
+    """The error for stored row `row` (its position in the batch given) whose indices in
+    `layer` are invalid: named by the step it stores when `steps` is given, and by the layer's
+    name when `names` is (the same from every kernel path)."""
+    which = f"the stored row of step {int(steps[row])} (rows[{row}])" if steps is not None else f"rows[{row}]"
+    return ValueError(f"{which}, {layer_label('layer', layer, names)}: {reason}; nothing was changed. Rows must "
+                      "be as prune_topk writes them for these layers (a store that holds such a row is damaged)")
+
+
+def check_steps(steps, rows: int):
+    """Optional step numbers labelling the stored rows in errors: one int per row."""
+    if steps is None:
+        return None
+    steps = [int(s) for s in steps]
+    if len(steps) != rows:
+        raise ValueError(f"steps must give one step number per stored row ({rows}), got {len(steps)}")
+    return steps
+
+
 def check_names(names, count: int) -> list[str] | None:
     if names is None:
         return None
@@ -159,9 +183,10 @@ def check_prune_args(before, after, k, value_dtype, refresh, names):
     return before, after, check_k(k, after, names), check_value_dtype(value_dtype), names
 
 
-def check_subtract_args(params, rows, k, alpha, names):
+def check_subtract_args(params, rows, k, alpha, names, steps):
     """subtract_sparse's arguments, checked; rows come back as 2-D (index, values, scales)."""
     names = check_names(names, len(check_list("params", params)))
     params = check_tensor_list("params", params, names, writable=True)
     k = check_k(k, params, names)
-    return params, check_rows(rows, k), k, check_alpha(alpha), names
+    rows = check_rows(rows, k)
+    return params, rows, k, check_alpha(alpha), names, check_steps(steps, rows[0].shape[0])

@@ -60,8 +60,21 @@ def decode_indices(gaps: torch.Tensor) -> torch.Tensor:
     return gaps.to(torch.int64).cumsum(0) - 1
 
 
-def subtract_sparse(params, rows, k, alpha=1.0, *, names=None) -> None:
-    params, (index, values, scales), k, alpha, names = _checks.check_subtract_args(params, rows, k, alpha, names)
+def _first_fault(gaps: torch.Tensor, positions: torch.Tensor, numel: int) -> str:
+    """Which fault the native kernel reports for a bad segment: it scans blocks of 64 gaps and
+    checks each block for a zero gap before checking where the block ends."""
+    for start in range(0, gaps.numel(), 64):
+        end = min(start + 64, gaps.numel())
+        if bool((gaps[start:end] == 0).any()):
+            return _checks.REPEATED_INDEX
+        if int(positions[end - 1]) >= numel:
+            return _checks.INDEX_PAST_END
+    raise AssertionError("the segment has no fault")
+
+
+def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> None:
+    params, (index, values, scales), k, alpha, names, steps = _checks.check_subtract_args(
+        params, rows, k, alpha, names, steps)
     offsets = [0]
     for ki in k:
         offsets.append(offsets[-1] + ki)
@@ -73,11 +86,8 @@ def subtract_sparse(params, rows, k, alpha=1.0, *, names=None) -> None:
         for i, p in enumerate(params):
             gaps = index[s, offsets[i] : offsets[i + 1]]
             positions = decode_indices(gaps)
-            if gaps.numel() and (bool((gaps.to(torch.int64) == 0).any()) or int(positions[-1]) >= p.numel()):
-                raise ValueError(
-                    f"rows.index row {s}, layer {i}: indices repeat or run past the layer's {p.numel()} elements; "
-                    "rows must be as prune_topk writes them for these layers"
-                )
+            if gaps.numel() and (bool((gaps == 0).any()) or int(positions[-1]) >= p.numel()):
+                raise _checks.bad_stored_row(s, i, _first_fault(gaps, positions, p.numel()), names, steps)
             per_layer.append(positions)
         decoded.append(per_layer)
 

@@ -125,21 +125,26 @@ class Pruner:
         return _prune_native(_native(), self._before, *self._views, self._k, self._dtype, refresh, self._names)
 
 
-def subtract_sparse(params, rows, k, alpha=1.0, *, names=None) -> None:
+def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> None:
     """params[i][idx] −= alpha · Δ for every stored row, in place.
 
     `rows`: a Row of one step (1-D) or a stack (2-D); `k`: the per-layer counts it was pruned
-    with. Rows are applied in a canonical order (sorted by their bytes) and each parameter by one
+    with; `names` (layer names) and `steps` (the step number of each row) only label errors.
+    Rows are applied in a canonical order (sorted by their bytes) and each parameter by one
     thread, so the result is bit-identical whatever the thread count or row order. A row whose
-    indices repeat or run past a layer raises ValueError before anything is changed.
+    indices repeat or run past a layer raises ValueError naming its step and layer, before
+    anything is changed.
     """
     native = _native()
     if native is None:
-        return _reference.subtract_sparse(params, rows, k, alpha, names=names)
-    params, (index, values, scales), k, alpha, names = _checks.check_subtract_args(params, rows, k, alpha, names)
-    native.subtract_sparse(
+        return _reference.subtract_sparse(params, rows, k, alpha, names=names, steps=steps)
+    params, (index, values, scales), k, alpha, names, steps = _checks.check_subtract_args(
+        params, rows, k, alpha, names, steps)
+    bad = native.subtract_sparse(
         [p.detach().numpy() for p in params], k, index.numpy(), values.numpy(), scales.numpy(), alpha
     )
+    if bad is not None:
+        raise _checks.bad_stored_row(*bad, names, steps)
     # The kernel wrote through numpy, behind autograd's back: bump the version counters so a
     # graph that saved these tensors fails loudly instead of using stale values.
     for p in params:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyunlearn import ops
+from pyunlearn.row import Row
 
 from .conftest import assert_same_bits, stack_rows
 from .strategies import step
@@ -143,8 +144,8 @@ def _bad_cases():
         ("k-sum", row, [2, 2], ValueError, r"sum\(k\) = 4"),
         ("mixed-dims", row._replace(index=row.index[None]), k, ValueError, "all be 1-D"),
         ("not-a-row", "rows", k, TypeError, "rows must be a Row"),
-        ("zero-gap", row._replace(index=corrupt_zero), k, ValueError, "row 0, layer 0"),
-        ("out-of-range", row._replace(index=corrupt_far), k, ValueError, "row 0, layer 1"),
+        ("zero-gap", row._replace(index=corrupt_zero), k, ValueError, r"rows\[0\], layer\[0\]: repeats an index"),
+        ("out-of-range", row._replace(index=corrupt_far), k, ValueError, r"rows\[0\], layer\[1\]: decodes to an index past"),
     ]
 
 
@@ -157,6 +158,23 @@ def test_bad_rows_are_refused_and_params_untouched(case, kernel):
     with pytest.raises(error, match=message):
         kernel(params, rows, k)
     assert_same_bits(params, saved, "params")
+
+
+@pytest.mark.parametrize("kernel", [ops.subtract_sparse, ops.subtract_sparse_reference], ids=["native", "reference"])
+def test_a_bad_stored_row_is_named_by_its_step_and_layer(kernel):
+    """One convention for both kernels: the error names the step the row stores and the layer's
+    name; the first bad (row, layer) is reported, whatever the thread timing."""
+    row, k = _good_rows()
+    stack = Row(*(torch.stack([f, f, f]) for f in row))
+    stack.index[1, 3] = 0  # row 1, layer 1: a repeated index
+    stack.index[2, 0] = 200  # row 2, layer 0: past the end (reported after row 1)
+    params = [torch.arange(10.0), torch.ones(4)]
+    saved = [p.clone() for p in params]
+    with pytest.raises(ValueError, match=r"stored row of step 71 \(rows\[1\]\), layer\[1\] \(fc\.bias\): repeats"):
+        kernel(params, stack, k, names=["fc.weight", "fc.bias"], steps=[70, 71, 72])
+    assert_same_bits(params, saved, "params")
+    with pytest.raises(ValueError, match="one step number per stored row"):
+        kernel(params, stack, k, steps=[1])
 
 
 @pytest.mark.parametrize("alpha, error", [(float("nan"), ValueError), (1e39, ValueError), ("1", TypeError), (True, TypeError)])

@@ -8,7 +8,6 @@
 // count or the order the rows came in: the result is bit-identical.
 #include <algorithm>
 #include <cstring>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -83,12 +82,12 @@ PU_HOT void apply_entries(float* param, const uint32_t* gaps, const void* values
 
 }  // namespace
 
-void subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredRows& rows,
-                         float alpha, int threads) {
+BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredRows& rows,
+                           float alpha, int threads) {
     const int T = resolve_threads(threads);
     const int64_t L = static_cast<int64_t>(layers.size());
     const int64_t S = rows.rows;
-    if (S == 0 || L == 0) return;
+    if (S == 0 || L == 0) return {};
 
     int64_t tile = kTilePositions, total_tiles = 0;
     auto count_tiles = [&] {
@@ -113,8 +112,8 @@ void subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredR
     const int64_t cursors_per_row = cursor_begin[L];
     std::vector<Cursor> cursors(S * cursors_per_row);
 
-    int64_t bad_segment = -1;  // lowest failing s·L + i, so the message does not depend on timing
-    std::string bad_reason;
+    int64_t bad_segment = -1;  // lowest failing s·L + i, so the report does not depend on timing
+    const char* bad_reason = nullptr;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(T)
     for (int64_t seg = 0; seg < S * L; ++seg) {
         const int64_t s = seg / L, i = seg % L;
@@ -145,21 +144,16 @@ void subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredR
             if (!bad && pos >= n) bad = "decodes to an index past the layer's end";  // indices only grow
         }
         if (bad) {
-            std::string why = std::string(bad) + " (layer of " + std::to_string(n) + " elements)";
 #pragma omp critical(pyunlearn_subtract_error)
             if (bad_segment < 0 || seg < bad_segment) {
                 bad_segment = seg;
-                bad_reason = std::move(why);
+                bad_reason = bad;
             }
             continue;
         }
         for (; next_tile <= tiles; ++next_tile) c[next_tile] = {k, pos};
     }
-    if (bad_segment >= 0) {
-        throw std::invalid_argument("rows.index row " + std::to_string(bad_segment / L) + ", layer " +
-                                    std::to_string(bad_segment % L) + ": " + bad_reason +
-                                    "; rows must be as prune_topk writes them for these layers");
-    }
+    if (bad_segment >= 0) return {bad_segment / L, bad_segment % L, bad_reason};
 
     const std::vector<int64_t> order = canonical_order(rows, L);
     const size_t width = value_width(rows.encoding);
@@ -179,6 +173,7 @@ void subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredR
                           c[0].entry, c[1].entry, c[0].prev, rows.scales[s * L + i], alpha);
         }
     }
+    return {};
 }
 
 }  // namespace pyunlearn
