@@ -100,6 +100,17 @@ def _forget(args) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pickle import UnpicklingError  # torch.load(weights_only=True) refusing a pickled object
+
+    from .errors import PyunlearnError
+
+    return (PyunlearnError, OSError, ValueError, TypeError, KeyError, RuntimeError, OverflowError, UnpicklingError)
+
+
+_USER_ERRORS = _user_errors()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyunlearn", description="Make trained PyTorch models forget training samples.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,9 +140,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+    except _USER_ERRORS as exc:
+        # Every pyunlearn error, and what bad files or arguments raise: one line, exit 1.
+        # (argparse's own usage errors exit 2.) Anything else is a bug and keeps its traceback.
         print(f"pyunlearn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

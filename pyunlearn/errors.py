@@ -1,4 +1,17 @@
-"""Exceptions pyunlearn raises beyond the built-in TypeError / ValueError / KeyError."""
+"""Every error pyunlearn raises of its own. Each also derives from the built-in error a caller
+would catch without knowing pyunlearn, so `except FileNotFoundError` or `except ValueError`
+keeps working:
+
+    PyunlearnError                          base of all below (catch this for "any pyunlearn error")
+    ├── NonFiniteUpdateError   ValueError   a step's update holds NaN or Inf
+    ├── ModelMismatchError     ValueError   the model is not the one the store or ledger describes
+    ├── RecorderError          RuntimeError recording cannot go on
+    └── StoreError             RuntimeError a store cannot be used as asked
+        ├── StoreNotFoundError FileNotFoundError   no store at the path
+        ├── StoreFormatError   ValueError          not a pyunlearn store, or an unknown format version
+        ├── StoreLockedError                       another writer holds the store
+        └── CorruptStoreError  OSError             stored data or metadata is damaged or missing
+"""
 
 
 class PyunlearnError(Exception):
@@ -9,21 +22,31 @@ class NonFiniteUpdateError(PyunlearnError, ValueError):
     """A layer's update (after − before) holds NaN or Inf: training diverged, nothing was recorded."""
 
 
-class StoreError(PyunlearnError):
+class ModelMismatchError(PyunlearnError, ValueError):
+    """The model is not the one the store (or its ledger) describes."""
+
+
+class RecorderError(PyunlearnError, RuntimeError):
+    """Recording cannot go on (the writer failed, or a step had no sample IDs)."""
+
+
+class StoreError(PyunlearnError, RuntimeError):
     """An update store cannot be used as asked."""
 
 
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """The path holds no update store."""
+
+
 class StoreFormatError(StoreError, ValueError):
-    """The path holds no update store, or one of a format version this code does not read."""
+    """The path holds a Zarr group that is not an update store, or one of a format version this
+    code does not read."""
 
 
 class StoreLockedError(StoreError):
     """Another writer holds the store."""
 
 
-class CorruptStoreError(StoreError):
-    """A chunk of the store fails its checksum or cannot be decoded."""
-
-
-class ModelMismatchError(PyunlearnError, ValueError):
-    """The model is not the one the store (or its ledger) describes."""
+class CorruptStoreError(StoreError, OSError):
+    """Stored data or metadata is damaged or missing (a checksum fails, a chunk cannot be
+    decoded, a metadata field is malformed)."""

@@ -63,15 +63,47 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
     _recorded_checkpoint(tmp_path)
     out = _run("forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "final.pt"),
                "--ids", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o.pt"))
-    assert out.returncode == 2 and "--ids" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 1 and "--ids" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "bad.txt").write_text("12 x")
     out = _run("forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "final.pt"),
                "--ids", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o.pt"))
-    assert out.returncode == 2 and "integer sample IDs" in out.stderr
+    assert out.returncode == 1 and "integer sample IDs" in out.stderr
     out = _run("inspect", str(tmp_path / "missing.zarr"))
-    assert out.returncode == 2 and "no update store" in out.stderr
+    assert out.returncode == 1 and "no update store" in out.stderr
     torch.save({"fc1.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pt")
     (tmp_path / "ok.txt").write_text("1000")
     out = _run("forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "wrong.pt"),
                "--ids", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "o.pt"))
-    assert out.returncode == 2 and "checkpoint fc1.weight has shape (3, 3)" in out.stderr
+    assert out.returncode == 1 and "checkpoint fc1.weight has shape (3, 3)" in out.stderr
+
+
+def test_a_locked_store_is_one_line(tmp_path):
+    _recorded_checkpoint(tmp_path)
+    (tmp_path / "ids.txt").write_text("1000")
+    holder = pu.UpdateStore.open(tmp_path / "s.zarr")
+    with holder.writing():  # another writer holds the store
+        out = _run("forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "final.pt"),
+                   "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "o.pt"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("pyunlearn forget: error: ") and "one writer at a time" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_corrupt_store_is_one_line(tmp_path):
+    _recorded_checkpoint(tmp_path)
+    (tmp_path / "ids.txt").write_text("1000")
+    for chunk in (tmp_path / "s.zarr" / "sample_ids" / "c").iterdir():
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte: the chunk's crc32c no longer matches
+        chunk.write_bytes(bytes(data))
+    for command in (["inspect", str(tmp_path / "s.zarr")],
+                    ["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "final.pt"),
+                     "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "o.pt")]):
+        out = _run(*command)
+        if command[0] == "inspect":  # inspect reads no sample IDs: it still works
+            assert out.returncode == 0, out.stderr
+            continue
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "sample_ids" in out.stderr and "damaged" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
