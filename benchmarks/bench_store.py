@@ -128,11 +128,15 @@ def forget_latency(model, store, candidates: np.ndarray, counts=(1, 10, 100), re
     out = {}
     rng = np.random.default_rng(0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    # Each trial starts from the store as recording left it: its metadata (with an empty
+    # ledger) is put back on disk between trials, so no trial subtracts another's steps.
+    pristine = (Path(store.path) / "zarr.json").read_bytes()
     for n in counts:
         times, steps = [], []
         for _ in range(repeats):
             model.load_state_dict(state)  # the original final model: accepted, ledger applies
-            store._commit(ledger={"removed_steps": [], "fingerprint": None})  # fresh ledger per trial
+            (Path(store.path) / "zarr.json").write_bytes(pristine)
+            store.refresh()
             report = pu.amnesiac_forget(model, store, rng.choice(candidates, n, replace=False))
             times.append(report.seconds)
             steps.append(report.steps_removed)

@@ -6,11 +6,31 @@ import hashlib
 
 import torch
 
+from .errors import ModelMismatchError
+
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def match_layers(model: torch.nn.Module, layers, where: str) -> list[torch.nn.Parameter]:
+    """The model's trainable parameters in the order of `layers` (a store's layer table), or
+    ModelMismatchError saying what differs."""
+    params = trainable_parameters(model)
+    names, expected = [n for n, _ in params], [layer.name for layer in layers]
+    if names != expected:
+        missing = [n for n in expected if n not in names]
+        extra = [n for n in names if n not in expected]
+        raise ModelMismatchError(
+            f"the model's trainable parameters do not match the store's layer table ({where}): "
+            f"missing {missing[:5]}, unexpected {extra[:5]}"
+            + ("" if missing or extra else "; same names in another order"))
+    for (name, p), layer in zip(params, layers):
+        if tuple(p.shape) != layer.shape:
+            raise ModelMismatchError(f"parameter {name} has shape {tuple(p.shape)}, the store recorded {layer.shape}")
+    return [p for _, p in params]
 
 
 def fingerprint(params) -> str:

@@ -93,7 +93,7 @@ def test_failed_ledger_write_puts_the_model_back(recorded, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "_record_deletion", fail)
+    monkeypatch.setattr(store, "record_deletion", fail)
     with pytest.raises(OSError, match="disk full"):
         pu.amnesiac_forget(model, store, [1000])
     assert all(torch.equal(a, b) for a, b in zip(_params(model), before))

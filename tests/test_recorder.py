@@ -127,7 +127,7 @@ def test_writer_error_surfaces_in_the_training_thread(tmp_path, monkeypatch):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()  # recorded; the writer fails in the background
     deadline = time.monotonic() + 10
-    while rec._writer_error is None and time.monotonic() < deadline:
+    while rec._role._writer.error is None and time.monotonic() < deadline:
         time.sleep(0.01)
     rec.batch(ids)
     with pytest.raises(pu.RecorderError, match="disk full"):

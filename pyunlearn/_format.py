@@ -1,0 +1,238 @@
+"""The update store's on-disk format: its metadata as one checked value, and its arrays.
+
+docs/format.md is the contract other Zarr readers rely on; this module is its only writer.
+The group attributes are read into a frozen StoreMetadata (every field checked, older format
+versions upgraded in `from_attrs`, the one place that knows them) and written back whole
+with `to_attrs`, so that no field is ever read from a raw dict elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .attribution import HYPER_WIDTH
+from .errors import CorruptStoreError, StoreFormatError
+from .ledger import Ledger
+from ._validate import positive_int
+
+FORMAT_NAME = "pyunlearn.update-store"
+FORMAT_VERSION = 2  # 2 (pyunlearn 0.2.0): attribution and optimizer fields, step_hyper for gradient stores
+READABLE_VERSIONS = (1, 2)  # 1 (pyunlearn 0.1.0): update attribution only
+CHUNK_BYTES = 4 << 20  # ~4 MB per chunk: zarr's per-chunk cost (~0.3 ms) stays small beside the data
+MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
+IDS_PER_CHUNK = CHUNK_BYTES // 8
+VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
+ATTRIBUTIONS = ("update", "gradient")
+ROW_ARRAYS = ("values", "index", "scales")  # one row per step; gradient stores add step_hyper
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    k: int
+    offset: int  # where the layer's entries start in a row
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "numel": self.numel, "k": self.k, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Layer":
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), int(d["numel"]), int(d["k"]), int(d["offset"]))
+
+
+@dataclass(frozen=True)
+class StoreMetadata:
+    """The group attributes of an update store (see docs/format.md)."""
+
+    format_version: int
+    written_by: str
+    layers: tuple[Layer, ...]
+    keep: float
+    value_dtype: str
+    attribution: str
+    optimizer: str | None  # gradient attribution: the optimizer family, set by the first recorder
+    row_length: int
+    steps_per_chunk: int
+    committed_steps: int
+    committed_samples: int
+    fingerprint_initial: str
+    fingerprint_final: str | None
+    final_steps: int | None
+    ledger: Ledger
+
+    @classmethod
+    def new(cls, named_params, *, keep: float, value_dtype: str, attribution: str,
+            steps_per_chunk: int | None) -> "StoreMetadata":
+        """The metadata of a new, empty store of these (name, parameter) pairs: k_i =
+        ceil(keep · numel_i), at least 1; errors name the argument that is wrong."""
+        from . import __version__, ops
+        from ._model import fingerprint
+
+        if attribution not in ATTRIBUTIONS:
+            raise ValueError(f"attribution must be 'update' or 'gradient', got {attribution!r}")
+        if not named_params:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        if value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be 'float16' (scaled) or 'float32' (lossless), got {value_dtype!r}")
+        layers, offset = [], 0
+        for (name, p), k in zip(named_params, ops.k_for([p.numel() for _, p in named_params], keep)):
+            layers.append(Layer(name, tuple(p.shape), p.numel(), k, offset))
+            offset += k
+        return cls(
+            format_version=FORMAT_VERSION, written_by=f"pyunlearn {__version__}", layers=tuple(layers),
+            keep=float(keep), value_dtype=value_dtype, attribution=attribution, optimizer=None, row_length=offset,
+            steps_per_chunk=default_steps_per_chunk(offset) if steps_per_chunk is None
+            else positive_int("steps_per_chunk", steps_per_chunk),
+            committed_steps=0, committed_samples=0, fingerprint_initial=fingerprint([p for _, p in named_params]),
+            fingerprint_final=None, final_steps=None, ledger=Ledger.empty())
+
+    @property
+    def row_arrays(self) -> tuple[str, ...]:
+        return ROW_ARRAYS + ("step_hyper",) if self.attribution == "gradient" else ROW_ARRAYS
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return self.row_arrays + ("sample_ids", "offsets")
+
+    def replace(self, **changes) -> "StoreMetadata":
+        return dataclasses.replace(self, **changes)
+
+    def to_attrs(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "written_by": self.written_by,
+            "layers": [layer.to_json() for layer in self.layers],
+            "keep": self.keep,
+            "value_dtype": self.value_dtype,
+            "attribution": self.attribution,
+            "optimizer": self.optimizer,
+            "row_length": self.row_length,
+            "steps_per_chunk": self.steps_per_chunk,
+            "committed_steps": self.committed_steps,
+            "committed_samples": self.committed_samples,
+            "fingerprint_initial": self.fingerprint_initial,
+            "fingerprint_final": self.fingerprint_final,
+            "final_steps": self.final_steps,
+            "ledger": self.ledger.to_attrs(),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> "StoreMetadata":
+        """The checked metadata of the group at `where`: StoreFormatError if it is not an
+        update store of a version this code reads, CorruptStoreError if a field is malformed."""
+        from . import __version__
+
+        if attrs.get("format") != FORMAT_NAME:
+            raise StoreFormatError(f"{where} is a Zarr group but not a pyunlearn update store "
+                                   f"(format {attrs.get('format')!r})")
+        version = attrs.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise StoreFormatError(f"{where} has update-store format version {version!r}; this pyunlearn "
+                                   f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+        attrs = _upgrade(dict(attrs), version)
+        try:
+            meta = cls(
+                format_version=int(version),
+                written_by=str(attrs.get("written_by", "")),
+                layers=tuple(Layer.from_json(d) for d in attrs["layers"]),
+                keep=float(attrs["keep"]),
+                value_dtype=_one_of(attrs["value_dtype"], VALUE_DTYPES, "value_dtype"),
+                attribution=_one_of(attrs["attribution"], ATTRIBUTIONS, "attribution"),
+                optimizer=_optional(attrs["optimizer"], str),
+                row_length=_count(attrs["row_length"]),
+                steps_per_chunk=_count(attrs["steps_per_chunk"]),
+                committed_steps=_count(attrs["committed_steps"]),
+                committed_samples=_count(attrs["committed_samples"]),
+                fingerprint_initial=_optional(attrs["fingerprint_initial"], str),
+                fingerprint_final=_optional(attrs["fingerprint_final"], str),
+                final_steps=_optional(attrs["final_steps"], int),
+                ledger=Ledger.from_attrs(attrs["ledger"], where),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise CorruptStoreError(f"{where}: the store's group attributes are malformed ({what}); "
+                                    "restore its zarr.json from a copy") from None
+        if sum(layer.k for layer in meta.layers) != meta.row_length:
+            raise CorruptStoreError(f"{where}: the layer table's k add up to {sum(layer.k for layer in meta.layers)}, "
+                                    f"not the row length {meta.row_length}")
+        return meta
+
+
+def _upgrade(attrs: dict, version: int) -> dict:
+    """Fields a store of an older format version lacks, with the values they implied."""
+    if version == 1:  # pyunlearn 0.1.0 recorded updates only
+        attrs.setdefault("attribution", "update")
+        attrs.setdefault("optimizer", None)
+    return attrs
+
+
+def _one_of(value, allowed, field: str):
+    if value not in allowed:
+        raise ValueError(f"{field} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative int, got {value!r}")
+    return value
+
+
+def _optional(value, kind):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise TypeError(f"expected {kind.__name__} or null, got {value!r}")
+    return value
+
+
+def check_row(meta: StoreMetadata, row, hyper) -> dict[str, np.ndarray]:
+    """A pruned row (index, values, scales) and, for gradient stores, the step's
+    hyper-parameters, as the store's arrays hold them; or an error naming what does not fit."""
+    if not isinstance(row, tuple) or len(row) != 3:
+        raise TypeError("row must be a Row (index, values, scales) as prune_topk returns")
+    fields = dict(zip(("index", "values", "scales"),
+                      (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t) for t in row)))
+    K, L = meta.row_length, len(meta.layers)
+    for name, dtype, shape in (("index", np.uint32, (K,)), ("values", VALUE_DTYPES[meta.value_dtype], (K,)),
+                               ("scales", np.float32, (L,))):
+        got = fields[name]
+        if got.shape != shape or got.dtype != dtype:
+            raise ValueError(f"row.{name} must be {np.dtype(dtype)} of shape {shape}, got {got.dtype} {got.shape}")
+    if (hyper is None) != (meta.attribution == "update") or (hyper is not None and len(hyper) > HYPER_WIDTH):
+        raise ValueError(f"hyper (at most {HYPER_WIDTH} values) is required with gradient attribution, and only then")
+    if hyper is not None:
+        fields["step_hyper"] = np.pad(np.asarray(hyper, dtype=np.float64), (0, HYPER_WIDTH - len(hyper)))
+    return fields
+
+
+def codecs(typesize: int):
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
+
+
+def default_steps_per_chunk(row_length: int) -> int:
+    return max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_BYTES // max(1, row_length * 4)))
+
+
+def create_arrays(group, meta: StoreMetadata) -> None:
+    """The empty arrays of a new store (see docs/format.md)."""
+    C, K, L = meta.steps_per_chunk, meta.row_length, len(meta.layers)
+    entries_per_chunk = max(1, min(K, CHUNK_BYTES // 4)) if C == 1 else K
+    value_np = VALUE_DTYPES[meta.value_dtype]
+    group.create_array("values", shape=(0, K), dtype=value_np, chunks=(C, entries_per_chunk),
+                       compressors=codecs(np.dtype(value_np).itemsize), fill_value=0)
+    group.create_array("index", shape=(0, K), dtype=np.uint32, chunks=(C, entries_per_chunk),
+                       compressors=codecs(4), fill_value=0)
+    group.create_array("scales", shape=(0, L), dtype=np.float32, chunks=(C, L), compressors=codecs(4), fill_value=0)
+    group.create_array("sample_ids", shape=(0,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
+                       compressors=codecs(8), fill_value=0)
+    offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
+                                 compressors=codecs(8), fill_value=0)
+    offsets[0] = 0
+    if meta.attribution == "gradient":  # per step: the optimizer family's hyper-parameters
+        group.create_array("step_hyper", shape=(0, HYPER_WIDTH), dtype=np.float64, chunks=(C, HYPER_WIDTH),
+                           compressors=codecs(8), fill_value=0)

@@ -1,0 +1,159 @@
+"""The storage side's parts on their own: errors, the ledger's rule, the metadata value, the
+write session and the attribution lookup."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pyunlearn as pu
+from pyunlearn import attribution, errors
+from pyunlearn._format import StoreMetadata
+from pyunlearn.ledger import Ledger
+from pyunlearn.testing import TinyNet, recorded_store
+
+
+@pytest.mark.parametrize("error, builtin", [
+    (errors.StoreError, RuntimeError), (errors.StoreLockedError, RuntimeError),
+    (errors.StoreNotFoundError, FileNotFoundError), (errors.StoreFormatError, ValueError),
+    (errors.CorruptStoreError, OSError), (errors.ModelMismatchError, ValueError),
+    (errors.NonFiniteUpdateError, ValueError), (errors.RecorderError, RuntimeError),
+])
+def test_every_error_is_a_pyunlearn_error_and_a_builtin(error, builtin):
+    assert issubclass(error, errors.PyunlearnError) and issubclass(error, builtin)
+    assert str(error("what happened")) == "what happened"
+
+
+def test_a_missing_store_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no update store") as caught:
+        pu.UpdateStore.open(tmp_path / "nothing.zarr")
+    assert isinstance(caught.value, pu.StoreError)
+
+
+# ------------------------------------------------------------------ the ledger's rule
+def _plan(ledger, requested, model_fp, final_fp="final"):
+    return ledger.plan(np.asarray(requested, dtype=np.int64), model_fingerprint=model_fp,
+                       final_fingerprint=final_fp, where="s.zarr")
+
+
+def test_ledger_rule_from_the_final_model_subtracts_old_and_new_steps():
+    ledger = Ledger(np.array([2, 5]), "after")
+    plan = _plan(ledger, [5, 7], "final")
+    assert plan.subtract.tolist() == [2, 5, 7] and plan.new_steps.tolist() == [7]
+    assert ledger.after(plan.new_steps, "next") == Ledger(np.array([2, 5, 7]), "next")
+    assert ledger.after(plan.new_steps, "next") != Ledger(np.array([2, 5, 7]), "other")
+
+
+def test_ledger_rule_from_the_last_deletion_subtracts_only_new_steps():
+    plan = _plan(Ledger(np.array([2, 5]), "after"), [5, 7], "after")
+    assert plan.subtract.tolist() == [7] and plan.new_steps.tolist() == [7]
+
+
+def test_ledger_rule_refuses_any_other_model_and_a_store_without_final():
+    with pytest.raises(pu.ModelMismatchError, match="neither the one recording ended with"):
+        _plan(Ledger(np.array([2]), "after"), [3], "other")
+    with pytest.raises(pu.StoreError, match="mark_final"):
+        _plan(Ledger.empty(), [3], "other", final_fp=None)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"removed_steps": [3, 2], "fingerprint": None},  # not sorted
+    {"removed_steps": [1, 1], "fingerprint": None},  # repeated
+    {"removed_steps": ["1"], "fingerprint": None},
+    {"removed_steps": [1]},
+    {"removed_steps": [1], "fingerprint": 7},
+])
+def test_a_malformed_ledger_is_corruption(attrs):
+    with pytest.raises(pu.CorruptStoreError, match="ledger"):
+        Ledger.from_attrs(attrs, "s.zarr")
+
+
+# ------------------------------------------------------------------ the metadata value
+def test_metadata_round_trips_and_damaged_fields_are_corruption(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr", close=True).store
+    attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
+    meta = StoreMetadata.from_attrs(attrs, "s.zarr")
+    assert meta == store.metadata and StoreMetadata.from_attrs(meta.to_attrs(), "s.zarr") == meta
+    for field, bad in (("committed_steps", -1), ("committed_steps", "24"), ("layers", [{"name": "x"}]),
+                       ("value_dtype", "int8"), ("row_length", meta.row_length + 1), ("fingerprint_final", 3)):
+        with pytest.raises(pu.CorruptStoreError, match="s.zarr"):
+            StoreMetadata.from_attrs(dict(attrs, **{field: bad}), "s.zarr")
+    damaged = dict(attrs)
+    del damaged["ledger"]
+    with pytest.raises(pu.CorruptStoreError, match="ledger"):
+        StoreMetadata.from_attrs(damaged, "s.zarr")
+    with pytest.raises(pu.StoreFormatError, match="format version 99"):
+        StoreMetadata.from_attrs(dict(attrs, format_version=99), "s.zarr")
+
+
+def test_damaged_metadata_on_disk_is_refused_at_open(tmp_path):
+    recorded_store(tmp_path / "s.zarr", close=True)
+    path = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(path.read_text())
+    doc["attributes"]["committed_samples"] = None
+    path.write_text(json.dumps(doc))
+    with pytest.raises(pu.CorruptStoreError, match="committed_samples|malformed"):
+        pu.UpdateStore.open(tmp_path / "s.zarr")
+
+
+# ------------------------------------------------------------------ the write session
+def test_a_write_session_releases_only_the_lock_it_took(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr", close=True).store
+    other = pu.UpdateStore.open(tmp_path / "s.zarr")
+    with store.writing():
+        with pytest.raises(pu.StoreLockedError):
+            with other.writing():
+                pass
+        with store.writing():  # nested: already held, so not released at its end
+            pass
+        with pytest.raises(pu.StoreLockedError):
+            other.truncate(1)
+    with other.writing():  # released at the end of the outer session
+        other.truncate(10)
+    with store.writing():  # a session starts from what is on disk, not from its stale copy
+        assert store.steps == 10
+
+
+def test_a_failing_session_still_releases_its_lock(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr", close=True).store
+    with pytest.raises(ZeroDivisionError):
+        with store.writing():
+            1 / 0
+    with pu.UpdateStore.open(tmp_path / "s.zarr").writing():
+        pass
+
+
+def test_a_read_only_store_refuses_a_session(tmp_path):
+    recorded_store(tmp_path / "s.zarr", close=True)
+    with pytest.raises(pu.StoreError, match="read-only"):
+        with pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").writing():
+            pass
+
+
+# ------------------------------------------------------------------ attribution lookup
+@pytest.mark.parametrize("make, family", [
+    (lambda p: torch.optim.SGD(p, lr=0.1), attribution.SGDMomentum),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), attribution.SGDMomentum),
+    (lambda p: torch.optim.Adam(p), attribution.AdamFamily),
+    (lambda p: torch.optim.AdamW(p), attribution.AdamFamily),
+])
+def test_family_lookup(make, family):
+    assert attribution.family_for(make(TinyNet().fc1.parameters())) is family
+    assert attribution.family_named(family.name) is family
+
+
+def test_unknown_family_name_is_a_clear_error():
+    with pytest.raises(pu.StoreError, match="optimizer family 'lion'"):
+        attribution.family_named("lion")
+
+
+def test_coefficients_need_a_gradient_store_with_a_final_model(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr").store
+    with pytest.raises(pu.StoreError, match="attribution='update'"):
+        attribution.coefficients(store, [0])
+    model = TinyNet()
+    grad_store = pu.UpdateStore.create(tmp_path / "g.zarr", model, attribution="gradient")
+    with pytest.raises(pu.StoreError, match="no final model"):
+        attribution.coefficients(grad_store, [0])
