@@ -8,6 +8,8 @@ with `to_attrs`, so that no field is ever read from a raw dict elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +21,8 @@ from .ledger import Ledger
 from ._validate import positive_int
 
 FORMAT_NAME = "pyunlearn.update-store"
-FORMAT_VERSION = 2  # 2 (pyunlearn 0.2.0): attribution and optimizer fields, step_hyper for gradient stores
-READABLE_VERSIONS = (1, 2)  # 1 (pyunlearn 0.1.0): update attribution only
+FORMAT_VERSION = 3  # 3: checksummed attributes, resume point, creation marker
+READABLE_VERSIONS = (1, 2, 3)  # 2 (0.2.0): attribution, optimizer, step_hyper; 1 (0.1.0): update attribution only
 CHUNK_BYTES = 4 << 20  # ~4 MB per chunk: zarr's per-chunk cost (~0.3 ms) stays small beside the data
 MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
 IDS_PER_CHUNK = CHUNK_BYTES // 8
@@ -46,6 +48,21 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    steps: int
+    fingerprint: str
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, d) -> "ResumePoint | None":
+        if d is None:
+            return None
+        return cls(_count(d["steps"]), _optional(d["fingerprint"], str) or "")
+
+
+@dataclass(frozen=True)
 class StoreMetadata:
     """The group attributes of an update store (see docs/format.md)."""
 
@@ -64,6 +81,12 @@ class StoreMetadata:
     fingerprint_final: str | None
     final_steps: int | None
     ledger: Ledger
+    # The model as it was after `steps` committed steps (set by recorder.flush() and by
+    # mark_final): a recorder may continue this store only from that model.
+    resume_point: ResumePoint | None = None
+    # Stores created since format 3 write every chunk, even one of zeros, so a missing chunk is
+    # damage. Older stores may lack chunks of zeros: there a missing chunk cannot be told apart.
+    chunks_always_written: bool = False
 
     @classmethod
     def new(cls, named_params, *, keep: float, value_dtype: str, attribution: str,
@@ -89,7 +112,7 @@ class StoreMetadata:
             steps_per_chunk=default_steps_per_chunk(offset) if steps_per_chunk is None
             else positive_int("steps_per_chunk", steps_per_chunk),
             committed_steps=0, committed_samples=0, fingerprint_initial=fingerprint([p for _, p in named_params]),
-            fingerprint_final=None, final_steps=None, ledger=Ledger.empty())
+            fingerprint_final=None, final_steps=None, ledger=Ledger.empty(), chunks_always_written=True)
 
     @property
     def row_arrays(self) -> tuple[str, ...]:
@@ -120,7 +143,16 @@ class StoreMetadata:
             "fingerprint_final": self.fingerprint_final,
             "final_steps": self.final_steps,
             "ledger": self.ledger.to_attrs(),
+            "resume_point": None if self.resume_point is None else self.resume_point.to_json(),
+            "chunks_always_written": self.chunks_always_written,
+            "creation_complete": True,
         }
+
+    def to_checked_attrs(self) -> dict:
+        """to_attrs() with its checksum: what is written to disk."""
+        attrs = self.to_attrs()
+        attrs["checksum"] = attrs_checksum(attrs)
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict, where: str) -> "StoreMetadata":
@@ -135,6 +167,15 @@ class StoreMetadata:
         if version not in READABLE_VERSIONS:
             raise StoreFormatError(f"{where} has update-store format version {version!r}; this pyunlearn "
                                    f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+        if attrs.get("creation_complete") is False:
+            raise CorruptStoreError(f"{where}: creating this store did not finish (the process stopped midway); "
+                                    "create it again with UpdateStore.create(..., overwrite=True)")
+        if "checksum" in attrs or version >= 3:  # a flipped bit must not pass for another valid value
+            expected = attrs_checksum({k: v for k, v in attrs.items() if k != "checksum"})
+            if attrs.get("checksum") != expected:
+                raise CorruptStoreError(f"{where}: the store's group attributes (ledger, committed counts, "
+                                        "fingerprints) fail their checksum: zarr.json was damaged or edited. "
+                                        "Restore it from a copy")
         attrs = _upgrade(dict(attrs), version)
         try:
             meta = cls(
@@ -153,6 +194,8 @@ class StoreMetadata:
                 fingerprint_final=_optional(attrs["fingerprint_final"], str),
                 final_steps=_optional(attrs["final_steps"], int),
                 ledger=Ledger.from_attrs(attrs["ledger"], where),
+                resume_point=ResumePoint.from_json(attrs.get("resume_point")),
+                chunks_always_written=attrs.get("chunks_always_written", False) is True,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
@@ -162,6 +205,12 @@ class StoreMetadata:
             raise CorruptStoreError(f"{where}: the layer table's k add up to {sum(layer.k for layer in meta.layers)}, "
                                     f"not the row length {meta.row_length}")
         return meta
+
+
+def attrs_checksum(attrs: dict) -> str:
+    """sha256 of the attributes as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(attrs, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _upgrade(attrs: dict, version: int) -> dict:
@@ -219,7 +268,8 @@ def default_steps_per_chunk(row_length: int) -> int:
 
 
 def create_arrays(group, meta: StoreMetadata) -> None:
-    """The empty arrays of a new store (see docs/format.md)."""
+    """The empty arrays of a new store (see docs/format.md). Chunks equal to the fill value are
+    written too, so that a missing chunk always means damage."""
     C, K, L = meta.steps_per_chunk, meta.row_length, len(meta.layers)
     entries_per_chunk = max(1, min(K, CHUNK_BYTES // 4)) if C == 1 else K
     value_np = VALUE_DTYPES[meta.value_dtype]
@@ -231,7 +281,7 @@ def create_arrays(group, meta: StoreMetadata) -> None:
     group.create_array("sample_ids", shape=(0,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
                        compressors=codecs(8), fill_value=0)
     offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
-                                 compressors=codecs(8), fill_value=0)
+                                 compressors=codecs(8), fill_value=0, config={"write_empty_chunks": True})
     offsets[0] = 0
     if meta.attribution == "gradient":  # per step: the optimizer family's hyper-parameters
         group.create_array("step_hyper", shape=(0, HYPER_WIDTH), dtype=np.float64, chunks=(C, HYPER_WIDTH),

@@ -1,7 +1,10 @@
 """Where a store lives: a local folder, an fsspec URL (s3://…, memory://…) or a zarr Store."""
 from __future__ import annotations
 
+import json
 import os
+
+from .errors import StoreNotFoundError
 
 
 def zarr_store(path, storage_options, read_only: bool):
@@ -20,4 +23,34 @@ def zarr_store(path, storage_options, read_only: bool):
     from zarr.storage import LocalStore
 
     local = text[len("file://"):] if text.startswith("file://") else text
+    if os.path.isfile(local):
+        raise StoreNotFoundError(f"{text} is a file: an update store is a folder (or an fsspec URL)")
     return LocalStore(local, read_only=read_only), text
+
+
+def what_is_there(zstore) -> str:
+    """'nothing' (no keys), 'pyunlearn' (a group whose attributes name the update-store format,
+    finished or not) or 'other' (anything else: other files, another Zarr hierarchy)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from ._format import FORMAT_NAME
+
+    async def first_key():
+        async for key in zstore.list():
+            return key
+        return None
+
+    try:
+        if sync(first_key()) is None:
+            return "nothing"
+    except FileNotFoundError:
+        return "nothing"
+    buf = sync(zstore.get("zarr.json", default_buffer_prototype()))
+    if buf is None:
+        return "other"
+    try:
+        attrs = json.loads(buf.to_bytes()).get("attributes", {})
+    except (ValueError, AttributeError):
+        return "other"
+    return "pyunlearn" if isinstance(attrs, dict) and attrs.get("format") == FORMAT_NAME else "other"

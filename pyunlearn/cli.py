@@ -75,6 +75,9 @@ def _read_ids(path: Path):
 
 
 def _forget(args) -> int:
+    """Forget with the ledger last: the new checkpoint is written (atomically) before the ledger
+    that describes it, so a failure or a kill at any point leaves a ledger that matches a model
+    on disk (the input checkpoint, or the output one)."""
     import torch
 
     from ._state_dict import module_for_store
@@ -82,22 +85,68 @@ def _forget(args) -> int:
     from .unlearn import amnesiac_forget
 
     ids = _read_ids(Path(args.ids))
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    out_path = Path(args.out)
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
+    state = _load_checkpoint(args.checkpoint)
     if not isinstance(state, dict):
         raise ValueError(f"--checkpoint {args.checkpoint}: expected a state_dict (a dict of tensors)")
     store = UpdateStore.open(args.store)
     try:
-        module = module_for_store(state, store)
-        report = amnesiac_forget(module, store, ids)
+        with store.writing():  # one writer from reading the ledger to writing it
+            module = module_for_store(state, store)
+            report = amnesiac_forget(module, store, ids, commit=False)
+            out = dict(state)
+            for name, p in module.named_parameters():
+                out[name] = p.detach().clone()
+            _save_atomically(out, out_path)
+            store.record_deletion(report.ledger_after, replacing=report.ledger_before)
     finally:
         store.close()
-    out = dict(state)
-    for name, p in module.named_parameters():
-        out[name] = p.detach().clone()
-    torch.save(out, args.out)
     print(f"forgot {len(ids)} IDs ({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
           f"{report.steps_applied} subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}")
     return 0
+
+
+def _load_checkpoint(path: str):
+    """torch.load with weights_only=True (a checkpoint may come from anywhere: never run its
+    pickled code), its refusal as one line."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--checkpoint {path}: holds objects other than tensors, which are not loaded "
+                         f"(weights_only); save model.state_dict() instead ({first})") from None
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """torch.save into a temporary file beside `path`, fsync, rename over `path`: readers see
+    the old file or the new one, never a partial one (also when `path` is the input)."""
+    import os
+    import tempfile
+
+    import torch
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself made durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -143,7 +192,8 @@ def main(argv=None) -> int:
     except _USER_ERRORS as exc:
         # Every pyunlearn error, and what bad files or arguments raise: one line, exit 1.
         # (argparse's own usage errors exit 2.) Anything else is a bug and keeps its traceback.
-        print(f"pyunlearn {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"pyunlearn {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -16,9 +16,10 @@ import torch
 import zarr
 
 from ._buffer import ChunkBuffer
-from ._format import Layer, StoreMetadata, check_row, create_arrays
+from ._chunks import ChunkPresence
+from ._format import FORMAT_NAME, FORMAT_VERSION, Layer, StoreMetadata, check_row, create_arrays
 from ._ids import as_ids
-from ._location import zarr_store
+from ._location import what_is_there, zarr_store
 from ._lock import WriterLock
 from ._model import fingerprint, match_layers, trainable_parameters
 from ._sample_index import SampleIndex, StepLookup
@@ -56,16 +57,23 @@ class UpdateStore:
         meta = StoreMetadata.new(trainable_parameters(model), keep=keep, value_dtype=value_dtype,
                                  attribution=attribution, steps_per_chunk=steps_per_chunk)
         zstore, where = zarr_store(path, storage_options, read_only=False)
-        if overwrite:  # never wipe a store another writer is using
+        there = what_is_there(zstore)
+        if there == "other":  # never delete what pyunlearn did not write
+            raise FileExistsError(f"{where} holds files that are not a pyunlearn update store: choose an empty or "
+                                  "new folder (overwrite=True replaces only an update store)")
+        if there == "pyunlearn" and not overwrite:
+            raise FileExistsError(f"{where} already holds an update store; open it with UpdateStore.open, "
+                                  "or pass overwrite=True to replace it")
+        if there == "pyunlearn":  # never wipe a store another writer is using
             guard = WriterLock(zstore, where)
             guard.acquire()
             guard.release()
-        try:
-            group = zarr.open_group(zstore, mode="w" if overwrite else "w-", attributes=meta.to_attrs(), zarr_format=3)
-        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-            raise FileExistsError(f"{where} already holds a Zarr store; open it with UpdateStore.open, "
-                                  "or pass overwrite=True to replace it") from exc
+        # The group first, marked unfinished, the arrays, then the real metadata: a crash midway
+        # leaves a folder that open() calls unfinished and create(overwrite=True) may replace.
+        group = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "creation_complete": False})
         create_arrays(group, meta)
+        group.update_attributes(meta.to_checked_attrs())
         store = cls(zstore, where, read_only=False)
         store._lock.acquire()
         return store
@@ -95,10 +103,14 @@ class UpdateStore:
         self._group = group
         self._meta = StoreMetadata.from_attrs(dict(group.attrs), self._where)
         try:
-            self._arrays = {name: group[name] for name in self._meta.array_names}
+            # Chunks equal to the fill value are written too: a missing chunk then always means
+            # damage (see _chunks.py), never "all zeros".
+            self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
+                            for name in self._meta.array_names}
         except KeyError as exc:
             raise CorruptStoreError(f"{self._where}: the store's array {exc} is missing") from None
         self._sample_index: SampleIndex | None = None
+        self._chunks = ChunkPresence(self._zstore, self._where)
 
     # ----------------------------------------------------------------- facts
     path = property(lambda self: self._where)
@@ -180,8 +192,8 @@ class UpdateStore:
     def _commit(self, **changes) -> None:
         # The whole metadata in one write (zarr's attrs.update() writes once per key: a crash
         # between two of those writes left committed_steps and committed_samples disagreeing).
-        meta = self._meta.replace(**changes)
-        self._group = self._group.update_attributes(meta.to_attrs())
+        meta = self._meta.replace(format_version=FORMAT_VERSION, **changes)
+        self._group = self._group.update_attributes(meta.to_checked_attrs())
         self._meta = meta
         self._sample_index = None
 
@@ -221,10 +233,16 @@ class UpdateStore:
             self._take_lock()
             self._commit(optimizer=name)
 
-    def record_deletion(self, ledger: Ledger) -> None:
-        """Writes the ledger after a deletion (amnesiac_forget does this once the model changed)."""
-        self._take_lock()
-        self._commit(ledger=ledger)
+    def record_deletion(self, ledger: Ledger, *, replacing: Ledger) -> None:
+        """Replaces the ledger `replacing` by `ledger`, or StoreError if the store's ledger is no
+        longer `replacing` (another deletion came in between). amnesiac_forget does this once
+        the model changed; undoing a deletion whose model could not be saved is the reverse:
+        record_deletion(report.ledger_before, replacing=report.ledger_after)."""
+        with self.writing():
+            if self.ledger != replacing:
+                raise StoreError(f"{self._where}: the deletion ledger changed since this deletion read it "
+                                 "(another deletion was recorded meanwhile); nothing was written")
+            self._commit(ledger=ledger)
 
     def release(self) -> None:
         """Flushes and gives up the writer lock but keeps the store open (the next change takes
@@ -252,6 +270,8 @@ class UpdateStore:
     def _read_array(self, name: str, selection, *, rows: np.ndarray | None = None):
         """arr[selection], or the given rows (orthogonal selection: only their chunks are read)."""
         arr = self._arrays[name]
+        if self._meta.chunks_always_written:
+            self._chunks.require(arr, rows if rows is not None else np.arange(arr.shape[0])[selection])
         try:
             return arr.oindex[rows, :] if rows is not None else arr[selection]
         except Exception as exc:  # zarr/numcodecs raise many types for a damaged chunk

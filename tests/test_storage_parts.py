@@ -75,12 +75,16 @@ def test_metadata_round_trips_and_damaged_fields_are_corruption(tmp_path):
     store = recorded_store(tmp_path / "s.zarr", close=True).store
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
     meta = StoreMetadata.from_attrs(attrs, "s.zarr")
-    assert meta == store.metadata and StoreMetadata.from_attrs(meta.to_attrs(), "s.zarr") == meta
+    assert meta == store.metadata and StoreMetadata.from_attrs(meta.to_checked_attrs(), "s.zarr") == meta
+    # Field checks, on a version-2 document (no checksum) so that each field's own check runs.
+    unchecked = {k: v for k, v in attrs.items() if k != "checksum"} | {"format_version": 2}
+    assert StoreMetadata.from_attrs(unchecked, "s.zarr").ledger == meta.ledger
     for field, bad in (("committed_steps", -1), ("committed_steps", "24"), ("layers", [{"name": "x"}]),
-                       ("value_dtype", "int8"), ("row_length", meta.row_length + 1), ("fingerprint_final", 3)):
+                       ("value_dtype", "int8"), ("row_length", meta.row_length + 1), ("fingerprint_final", 3),
+                       ("resume_point", {"steps": "x", "fingerprint": "f"})):
         with pytest.raises(pu.CorruptStoreError, match="s.zarr"):
-            StoreMetadata.from_attrs(dict(attrs, **{field: bad}), "s.zarr")
-    damaged = dict(attrs)
+            StoreMetadata.from_attrs(dict(unchecked, **{field: bad}), "s.zarr")
+    damaged = dict(unchecked)
     del damaged["ledger"]
     with pytest.raises(pu.CorruptStoreError, match="ledger"):
         StoreMetadata.from_attrs(damaged, "s.zarr")
@@ -88,14 +92,41 @@ def test_metadata_round_trips_and_damaged_fields_are_corruption(tmp_path):
         StoreMetadata.from_attrs(dict(attrs, format_version=99), "s.zarr")
 
 
-def test_damaged_metadata_on_disk_is_refused_at_open(tmp_path):
+def _edit_attributes(path, edit):
+    doc = json.loads(path.read_text())
+    edit(doc["attributes"])
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda a: a["ledger"]["removed_steps"].append(3),  # a step marked removed that was not
+    lambda a: a.update(committed_steps=a["committed_steps"] - 1),
+    lambda a: a.update(fingerprint_final=a["fingerprint_final"][:-1] + "0"),
+    lambda a: a.update(format_version=2),  # one bit: '3' -> '2' must not switch the checksum off
+    lambda a: a.update(committed_samples=None),
+], ids=["ledger", "count", "fingerprint", "version", "malformed"])
+def test_edited_metadata_on_disk_fails_its_checksum_before_anything_changes(tmp_path, edit):
     recorded_store(tmp_path / "s.zarr", close=True)
     path = tmp_path / "s.zarr" / "zarr.json"
-    doc = json.loads(path.read_text())
-    doc["attributes"]["committed_samples"] = None
-    path.write_text(json.dumps(doc))
-    with pytest.raises(pu.CorruptStoreError, match="committed_samples|malformed"):
-        pu.UpdateStore.open(tmp_path / "s.zarr")
+    _edit_attributes(path, edit)
+    before = path.read_bytes()
+    for attempt in (lambda: pu.UpdateStore.open(tmp_path / "s.zarr"),
+                    lambda: pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")):
+        with pytest.raises(pu.CorruptStoreError, match="checksum"):
+            attempt()
+    assert path.read_bytes() == before
+
+
+def test_a_store_of_format_2_reads_and_is_checksummed_at_its_first_write(tmp_path):
+    recorded_store(tmp_path / "s.zarr", close=True)
+    path = tmp_path / "s.zarr" / "zarr.json"
+    _edit_attributes(path, lambda a: (a.pop("checksum"), a.update(format_version=2)))
+    store = pu.UpdateStore.open(tmp_path / "s.zarr")
+    assert store.metadata.format_version == 2
+    store.truncate(10)
+    store.close()
+    attrs = json.loads(path.read_text())["attributes"]
+    assert attrs["format_version"] == 3 and attrs["checksum"].startswith("sha256:")
 
 
 # ------------------------------------------------------------------ the write session

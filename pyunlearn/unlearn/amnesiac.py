@@ -16,6 +16,8 @@ from .. import ops
 from .._ids import as_ids
 from .._model import as_float32_work, fingerprint
 from ..attribution import coefficients
+from ..errors import CorruptStoreError
+from ..ledger import Ledger
 from ..store import UpdateStore
 
 
@@ -30,17 +32,28 @@ class ForgetReport:
     seconds: float
     change_norm: float  # L2 norm of the change to the parameters
     ledger_steps: int  # steps the ledger lists as removed after this request
+    ledger_before: Ledger  # the store's ledger before this request
+    ledger_after: Ledger  # the ledger that describes the model this request produced
+    committed: bool  # whether ledger_after was written (commit=True)
 
 
-def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids) -> ForgetReport:
+def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: bool = True) -> ForgetReport:
     """Forgets `ids` from `model` in place and records it in the store's ledger.
 
     `model` must be either the model the recording ended with (e.g. reloaded from its
     checkpoint: every step in the ledger is subtracted too) or the model the last deletion
     produced (only the new steps are subtracted); any other model is refused (the rule lives in
-    pyunlearn.ledger). A step is never subtracted twice. The ledger is written after the model
-    changed; if that write fails, the model is put back and the error raised. The call runs in
-    a write session: it holds the store's writer lock from reading the ledger to writing it.
+    pyunlearn.ledger). A step is never subtracted twice. Stored rows holding NaN or Inf, or
+    damaged or missing chunks, are refused and the model is left as it was.
+
+    The order that keeps the ledger true: the ledger must describe a model that exists. With
+    commit=True (default) the ledger is written once the model changed (if that write fails,
+    the model is put back); save the model next, and if saving fails undo the entry with
+    store.record_deletion(report.ledger_before, replacing=report.ledger_after). With
+    commit=False the model changes but the ledger does not: save the model first (atomically),
+    then store.record_deletion(report.ledger_after, replacing=report.ledger_before) — what
+    `pyunlearn forget` does. The call runs in a write session: it holds the store's writer lock
+    from reading the ledger to writing it.
     """
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
@@ -48,8 +61,9 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids) -> ForgetRe
     with store.writing():  # the lock first: the ledger read below must be current
         params = store.check_model(model)
         lookup = store.steps_for(as_ids(ids))
-        plan = store.ledger.plan(lookup.steps, model_fingerprint=fingerprint(params),
-                                 final_fingerprint=store.final_fingerprint, where=store.path)
+        ledger = store.ledger
+        plan = ledger.plan(lookup.steps, model_fingerprint=fingerprint(params),
+                           final_fingerprint=store.final_fingerprint, where=store.path)
         work = [as_float32_work(p) for p in params]
         backup = [w.clone() for w in work]
         with torch.no_grad():
@@ -61,16 +75,18 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids) -> ForgetRe
             for p, w in zip(params, work):
                 if w is not p and w.data_ptr() != p.data_ptr():
                     p.copy_(w.view_as(p))
-            ledger_after = store.ledger.after(plan.new_steps, fingerprint(params))
-            try:
-                store.record_deletion(ledger_after)
-            except BaseException:
-                _restore(params, backup)
-                raise
+            ledger_after = ledger.after(plan.new_steps, fingerprint(params))
+            if commit:
+                try:
+                    store.record_deletion(ledger_after, replacing=ledger)
+                except BaseException:
+                    _restore(params, backup)
+                    raise
     change = math.sqrt(sum(float(torch.linalg.vector_norm(w - b)) ** 2 for w, b in zip(work, backup)))
     return ForgetReport(
         steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
+        ledger_before=ledger, ledger_after=ledger_after, committed=bool(commit),
     )
 
 
@@ -87,7 +103,18 @@ def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray) -
         rows = store.read(batch)
         if factors is not None:
             rows = rows._replace(scales=rows.scales * torch.from_numpy(factors[first : first + per_batch])[:, None])
+        _refuse_non_finite(rows, batch, store)
         ops.subtract_sparse(work, rows, store.k, names=names, steps=batch)
+
+
+def _refuse_non_finite(rows, steps: np.ndarray, store: UpdateStore) -> None:
+    """NaN or Inf in a stored row would be written into the parameters: refuse it (the caller
+    puts back what earlier batches changed)."""
+    bad = ~(torch.isfinite(rows.values).all(dim=1) & torch.isfinite(rows.scales).all(dim=1))
+    if bool(bad.any()):
+        step = int(steps[int(bad.nonzero()[0, 0])])
+        raise CorruptStoreError(f"{store.path}: the stored row of step {step} holds NaN or Inf; nothing was "
+                                "subtracted. The store is damaged: restore it from a copy")
 
 
 def _restore(tensors: list[torch.Tensor], backup: list[torch.Tensor]) -> None:

@@ -1,0 +1,196 @@
+"""A deletion the ledger records is a deletion that happened (issue 11): missing chunks, NaN rows,
+unfinished or foreign folders, the CLI's order of writes, undoing a ledger entry."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pyunlearn as pu
+from pyunlearn.cli import main
+from pyunlearn.testing import TinyNet, recorded_store
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(xs, ys):
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def _recorded(tmp_path, **options):
+    run = recorded_store(tmp_path / "s.zarr", keep=0.3, momentum=0.0, steps_per_chunk=4, close=True, **options)
+    return run.model, tmp_path / "s.zarr"
+
+
+# ------------------------------------------------------------------ missing chunks
+def test_a_missing_values_chunk_is_corruption_not_zeros(tmp_path):
+    model, path = _recorded(tmp_path)
+    store = pu.UpdateStore.open(path)
+    steps = store.steps_for([1000]).steps
+    (path / "values" / "c" / str(int(steps[0]) // 4) / "0").unlink()
+    before = _params(model)
+    with pytest.raises(pu.CorruptStoreError, match=r"chunk values/c/\d+/0 of array 'values' is missing"):
+        pu.amnesiac_forget(model, store, [1000])
+    assert _same(_params(model), before) and not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
+
+
+def test_a_missing_sample_ids_chunk_does_not_make_ids_look_unseen(tmp_path):
+    _, path = _recorded(tmp_path)
+    (path / "sample_ids" / "c" / "0").unlink()
+    with pytest.raises(pu.CorruptStoreError, match="sample_ids"):
+        pu.UpdateStore.open(path, mode="r").steps_for([1000])
+
+
+def test_stored_rows_with_nan_are_refused_before_the_model_changes(tmp_path):
+    model, path = _recorded(tmp_path, value_dtype="float32")
+    store = pu.UpdateStore.open(path)
+    steps = store.steps_for([1000, 1001, 1002]).steps
+    import zarr
+
+    values = zarr.open_array(path / "values", mode="r+")
+    values[int(steps[-1]), 0] = np.nan  # a valid chunk (checksum fine) holding NaN
+    before = _params(model)
+    with pytest.raises(pu.CorruptStoreError, match=f"step {int(steps[-1])} holds NaN or Inf"):
+        pu.amnesiac_forget(model, store, [1000, 1001, 1002])
+    assert _same(_params(model), before) and not store.ledger.has_deletions
+
+
+# ------------------------------------------------------------------ create and overwrite
+def test_a_crash_inside_create_leaves_a_folder_that_says_so(tmp_path, monkeypatch):
+    import pyunlearn._format as fmt
+
+    real = fmt.create_arrays
+
+    def crash(group, meta):
+        group.create_array("values", shape=(0, 1), dtype="f4")
+        raise KeyboardInterrupt  # the process stops midway
+
+    monkeypatch.setattr("pyunlearn.store.create_arrays", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet())
+    monkeypatch.setattr("pyunlearn.store.create_arrays", real)
+    with pytest.raises(pu.CorruptStoreError, match="did not finish.*overwrite=True"):
+        pu.UpdateStore.open(tmp_path / "s.zarr")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet())
+    pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), overwrite=True).close()
+    assert pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").steps == 0
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_create_never_deletes_what_is_not_a_store(tmp_path, overwrite):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError) as caught:
+        pu.UpdateStore.create(folder, TinyNet(), overwrite=overwrite)
+    assert "not a pyunlearn update store" in str(caught.value) and "pass overwrite=True" not in str(caught.value)
+    assert (folder / "thesis.tex").read_text() == "years of work" and not (folder / "zarr.json").exists()
+
+
+def test_create_in_an_empty_folder_and_over_a_store(tmp_path):
+    (tmp_path / "empty").mkdir()
+    pu.UpdateStore.create(tmp_path / "empty", TinyNet()).close()
+    _, path = _recorded(tmp_path)
+    pu.UpdateStore.create(path, TinyNet(), overwrite=True).close()
+    assert pu.UpdateStore.open(path, mode="r").steps == 0
+
+
+# ------------------------------------------------------------------ the ledger's compare-and-swap, undo
+def test_undoing_a_deletion_whose_model_could_not_be_saved(tmp_path):
+    model, path = _recorded(tmp_path)
+    final = _params(model)
+    store = pu.UpdateStore.open(path)
+    report = pu.amnesiac_forget(model, store, [1000])
+    assert report.committed and store.ledger == report.ledger_after
+    store.record_deletion(report.ledger_before, replacing=report.ledger_after)  # the save failed: undo
+    assert not store.ledger.has_deletions
+    restored = TinyNet()
+    restored.load_state_dict(dict(zip([n for n, _ in model.named_parameters()], final)), strict=False)
+    again = pu.amnesiac_forget(restored, store, [1000])  # from the final model, as if never forgotten
+    assert again.steps_removed == report.steps_removed
+
+
+def test_a_stale_ledger_write_is_refused(tmp_path):
+    model, path = _recorded(tmp_path)
+    other = TinyNet()
+    other.load_state_dict(model.state_dict())
+    store = pu.UpdateStore.open(path)
+    report = pu.amnesiac_forget(model, store, [1000], commit=False)
+    assert not report.committed and not store.ledger.has_deletions
+    pu.amnesiac_forget(other, pu.UpdateStore.open(path), [1001])  # another deletion came first
+    with pytest.raises(pu.StoreError, match="ledger changed"):
+        store.record_deletion(report.ledger_after, replacing=report.ledger_before)
+
+
+# ------------------------------------------------------------------ the CLI
+def _cli_setup(tmp_path):
+    model, path = _recorded(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "final.pt")
+    (tmp_path / "ids.txt").write_text("1000")
+    return path
+
+
+def _forget(tmp_path, out, checkpoint="final.pt", ids="ids.txt", store="s.zarr"):
+    return subprocess.run([sys.executable, "-m", "pyunlearn.cli", "forget", "--store", str(tmp_path / store),
+                           "--checkpoint", str(tmp_path / checkpoint), "--ids", str(tmp_path / ids),
+                           "--out", str(out)], capture_output=True, text=True)
+
+
+def test_cli_forget_with_a_bad_out_leaves_the_ledger_alone(tmp_path):
+    path = _cli_setup(tmp_path)
+    out = _forget(tmp_path, tmp_path / "no-such-folder" / "o.pt")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "--out" in out.stderr
+    assert not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
+    assert _forget(tmp_path, tmp_path / "o.pt").returncode == 0  # the next request is not refused
+
+
+def test_cli_forget_writes_the_model_before_the_ledger(tmp_path, monkeypatch, capsys):
+    """A save that fails midway (full disk, kill) leaves the input checkpoint intact and the
+    ledger describing it, also when --out is --checkpoint."""
+    path = _cli_setup(tmp_path)
+    original = (tmp_path / "final.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    args = ["forget", "--store", str(path), "--checkpoint", str(tmp_path / "final.pt"),
+            "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "final.pt")]
+    assert main(args) == 1
+    assert "No space left" in capsys.readouterr().err
+    assert (tmp_path / "final.pt").read_bytes() == original
+    assert not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".final")) == []  # no temp left
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(args) == 0  # in place, atomically: the ledger now describes the new file
+    model = TinyNet()
+    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
+    store = pu.UpdateStore.open(path)
+    assert store.ledger.fingerprint == pu._model.fingerprint(store.check_model(model))
+
+
+@pytest.mark.parametrize("case", ["store-is-a-file", "id-past-int64", "pickled-object"])
+def test_cli_bad_input_is_one_line(tmp_path, case):
+    _cli_setup(tmp_path)
+    kwargs = {}
+    if case == "store-is-a-file":
+        (tmp_path / "file.zarr").write_text("x")
+        kwargs["store"] = "file.zarr"
+    elif case == "id-past-int64":
+        (tmp_path / "big.txt").write_text(str(2**63))
+        kwargs["ids"] = "big.txt"
+    else:
+        torch.save({"fc1.weight": torch.zeros(1), "extra": pu.ForgetReport}, tmp_path / "pickled.pt")
+        kwargs["checkpoint"] = "pickled.pt"
+    out = _forget(tmp_path, tmp_path / "o.pt", **kwargs)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("pyunlearn forget: error: ")
