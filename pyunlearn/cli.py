@@ -75,9 +75,10 @@ def _read_ids(path: Path):
 
 
 def _forget(args) -> int:
-    """Forget with the ledger last: the new checkpoint is written (atomically) before the ledger
-    that describes it, so a failure or a kill at any point leaves a ledger that matches a model
-    on disk (the input checkpoint, or the output one)."""
+    """Forget with the ledger in two writes around the save: the deletion is recorded as pending,
+    the new checkpoint written atomically, then the deletion committed. A failure or a kill at
+    any point leaves a ledger that matches a model on disk (the input checkpoint, or the output
+    one, also when --out is --checkpoint)."""
     import torch
 
     from ._state_dict import module_for_store
@@ -99,8 +100,12 @@ def _forget(args) -> int:
             out = dict(state)
             for name, p in module.named_parameters():
                 out[name] = p.detach().clone()
-            _save_atomically(out, out_path)
-            store.record_deletion(report.ledger_after, replacing=report.ledger_before)
+            try:
+                _save_atomically(out, out_path)
+            except BaseException:  # the new model does not exist: neither does its deletion
+                store.record_deletion(report.ledger_before, replacing=report.ledger_pending)
+                raise
+            store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
     finally:
         store.close()
     print(f"forgot {len(ids)} IDs ({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "

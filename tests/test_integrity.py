@@ -123,10 +123,36 @@ def test_a_stale_ledger_write_is_refused(tmp_path):
     other.load_state_dict(model.state_dict())
     store = pu.UpdateStore.open(path)
     report = pu.amnesiac_forget(model, store, [1000], commit=False)
-    assert not report.committed and not store.ledger.has_deletions
+    assert not report.committed and not store.ledger.has_deletions and store.ledger == report.ledger_pending
     pu.amnesiac_forget(other, pu.UpdateStore.open(path), [1001])  # another deletion came first
     with pytest.raises(pu.StoreError, match="ledger changed"):
-        store.record_deletion(report.ledger_after, replacing=report.ledger_before)
+        store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
+
+
+def test_a_pending_deletion_accepts_the_model_before_and_the_model_after(tmp_path):
+    """The state a kill between "model saved" and "deletion committed" leaves: whichever of the
+    two models survived on disk can be forgotten from, and settles the pending entry."""
+    model, path = _recorded(tmp_path)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    report = pu.amnesiac_forget(model, pu.UpdateStore.open(path), [1000], commit=False)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pu.UpdateStore.open(path, mode="r").ledger.pending is not None
+
+    saved = TinyNet()
+    saved.load_state_dict(after)  # the save went through: the pending deletion is applied
+    r1 = pu.amnesiac_forget(saved, pu.UpdateStore.open(path), [1001])
+    assert r1.ledger_after.removed_steps.tolist() == sorted(set(report.ledger_after.removed_steps) |
+                                                             set(r1.ledger_after.removed_steps))
+    assert set(report.ledger_after.removed_steps) <= set(r1.ledger_after.removed_steps)
+    assert r1.steps_applied == r1.steps_removed  # only new steps were subtracted from it
+
+    model2, path2 = _recorded(tmp_path / "b")
+    pu.amnesiac_forget(model2, pu.UpdateStore.open(path2), [1000], commit=False)
+    lost = TinyNet()
+    lost.load_state_dict(final)  # the save never happened: the final model is still accepted
+    r2 = pu.amnesiac_forget(lost, pu.UpdateStore.open(path2), [1001])
+    assert r2.ledger_after.pending is None
+    assert r2.steps_applied == r2.steps_removed == len(pu.UpdateStore.open(path2, mode="r").steps_for([1001]).steps)
 
 
 # ------------------------------------------------------------------ the CLI

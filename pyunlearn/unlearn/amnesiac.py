@@ -34,6 +34,7 @@ class ForgetReport:
     ledger_steps: int  # steps the ledger lists as removed after this request
     ledger_before: Ledger  # the store's ledger before this request
     ledger_after: Ledger  # the ledger that describes the model this request produced
+    ledger_pending: Ledger | None  # commit=False: what was written (ledger_before with this deletion pending)
     committed: bool  # whether ledger_after was written (commit=True)
 
 
@@ -46,14 +47,17 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
     pyunlearn.ledger). A step is never subtracted twice. Stored rows holding NaN or Inf, or
     damaged or missing chunks, are refused and the model is left as it was.
 
-    The order that keeps the ledger true: the ledger must describe a model that exists. With
-    commit=True (default) the ledger is written once the model changed (if that write fails,
-    the model is put back); save the model next, and if saving fails undo the entry with
-    store.record_deletion(report.ledger_before, replacing=report.ledger_after). With
-    commit=False the model changes but the ledger does not: save the model first (atomically),
-    then store.record_deletion(report.ledger_after, replacing=report.ledger_before) — what
-    `pyunlearn forget` does. The call runs in a write session: it holds the store's writer lock
-    from reading the ledger to writing it.
+    The ledger must describe a model that exists, whenever the process stops. With commit=True
+    (default) the ledger is written once the model changed (if that write fails, the model is
+    put back); save the model next, and if saving fails undo the entry with
+    store.record_deletion(report.ledger_before, replacing=report.ledger_after). For a save
+    that may be interrupted, use commit=False: the deletion is written as *pending* (both the
+    model before and the model after it are then accepted); save the model (atomically: a
+    temporary file renamed over the target), then
+    store.record_deletion(report.ledger_after, replacing=report.ledger_pending), or on failure
+    store.record_deletion(report.ledger_before, replacing=report.ledger_pending). That is what
+    `pyunlearn forget` does. The call runs in a write session: it holds the store's writer
+    lock from reading the ledger to writing it.
     """
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
@@ -75,18 +79,20 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
             for p, w in zip(params, work):
                 if w is not p and w.data_ptr() != p.data_ptr():
                     p.copy_(w.view_as(p))
-            ledger_after = ledger.after(plan.new_steps, fingerprint(params))
-            if commit:
-                try:
-                    store.record_deletion(ledger_after, replacing=ledger)
-                except BaseException:
-                    _restore(params, backup)
-                    raise
+            result = fingerprint(params)
+            ledger_after = plan.base.after(plan.new_steps, result)
+            written = ledger_after if commit else plan.base.with_pending(plan.new_steps, result)
+            try:
+                store.record_deletion(written, replacing=ledger)
+            except BaseException:
+                _restore(params, backup)
+                raise
     change = math.sqrt(sum(float(torch.linalg.vector_norm(w - b)) ** 2 for w, b in zip(work, backup)))
     return ForgetReport(
         steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
-        ledger_before=ledger, ledger_after=ledger_after, committed=bool(commit),
+        ledger_before=ledger, ledger_after=ledger_after, ledger_pending=None if commit else written,
+        committed=bool(commit),
     )
 
 
