@@ -1,11 +1,23 @@
 """The single-writer lock of an update store: a key created only if absent.
 
-The lock names its holder (host, process, a random token). Taking it writes the key with
-`set_if_not_exists` and reads it back: the writer whose token is there holds it. A lock left by
-a process of this host that no longer runs (killed mid-training) is stale and taken over.
+The lock names its holder (host, process, a random token). Taking it creates the key only if it
+is absent and reads it back: the writer whose token is there holds it. How "only if absent" is
+enforced depends on the back-end:
+
+- a local folder (zarr LocalStore): an exclusive create (a hard link), atomic;
+- S3 (an FsspecStore over s3fs): a conditional PUT (If-None-Match: *), atomic on AWS S3 and on
+  the S3-compatible services that implement it;
+- anything else (other fsspec file systems): zarr's `set_if_not_exists`, check-then-put, so two
+  writers starting within one round trip of each other can both believe they hold it.
+
+A lock left by a process that no longer runs (killed mid-training) is taken over, with a
+warning, only in a local folder, where host and pid identify the process. On object storage a
+lock is never taken over: the same host name may be another machine's (containers), so the
+user removes it with `UpdateStore.break_lock`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -26,21 +38,96 @@ def _read(store) -> dict | None:
     if buf is None:
         return None
     try:
-        return json.loads(buf.to_bytes())
+        holder = json.loads(buf.to_bytes())
     except ValueError:
         return {"unreadable": True}
+    return holder if isinstance(holder, dict) else {"unreadable": True}
 
 
-def _alive_here(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine's process: cannot tell, assume it runs
+def _is_local(store) -> bool:
+    from zarr.storage import LocalStore
+
+    return isinstance(store, LocalStore)
+
+
+def _s3_path(store) -> tuple[object, str] | None:
+    """(s3fs file system, the lock's bucket/key) when the store is an FsspecStore over S3."""
+    from zarr.storage import FsspecStore
+
+    if not isinstance(store, FsspecStore):
+        return None
     try:
-        os.kill(int(holder["pid"]), 0)
+        from s3fs import S3FileSystem
+    except ImportError:  # pragma: no cover - an S3 store cannot exist without s3fs
+        return None
+    if not isinstance(store.fs, S3FileSystem):
+        return None
+    return store.fs, f"{store.path.rstrip('/')}/{LOCK_KEY}"
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an error s3fs translated (its cause is botocore's ClientError)."""
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
+    return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+async def _create_if_absent(store, data: bytes) -> None:
+    """Writes the lock key unless it exists; never overwrites one that another writer created
+    first where the back-end can enforce it (see the module's docstring)."""
+    s3 = _s3_path(store)
+    if s3 is None:
+        await store.set_if_not_exists(LOCK_KEY, default_buffer_prototype().buffer.from_bytes(data))
+        return
+    fs, path = s3
+    try:  # a fresh HEAD (not s3fs's listing cache): the common case, and all that a service
+        await fs._info(path, refresh=True)  # ignoring the condition gets
+        return
+    except FileNotFoundError:
+        pass
+    for attempt in range(5):
+        try:
+            await fs._pipe_file(path, data, mode="create")  # PutObject with If-None-Match: *
+            return
+        except FileExistsError:  # 412 PreconditionFailed: another writer's lock is there
+            return
+        except OSError as exc:
+            code = _s3_code(exc)
+            if code == "PreconditionFailed":
+                return
+            if code == "ConditionalRequestConflict" and attempt < 4:  # 409: a concurrent put; retry
+                await asyncio.sleep(0.05 * 2**attempt)
+                continue
+            if code in ("NotImplemented", "InvalidArgument", "InvalidRequest"):  # pragma: no cover
+                break
+            raise
+    # The service rejects the condition: check-then-put, as on other back-ends.
+    await store.set_if_not_exists(LOCK_KEY, default_buffer_prototype().buffer.from_bytes(data))
+
+
+def _pid_alive(holder: dict) -> bool | None:
+    """Whether the holder's process runs: True, False, or None (another host, no usable pid)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, KeyError, ValueError, TypeError):
+    except PermissionError:  # another user's process
         return True
+    except OSError:
+        return None
     return True
+
+
+def _describe(holder: dict | None) -> str:
+    if holder is None:
+        return "another writer"
+    if holder.get("unreadable"):
+        return "an unreadable lock"
+    return f"process {holder.get('pid')} on {holder.get('host')}"
 
 
 class WriterLock:
@@ -57,25 +144,52 @@ class WriterLock:
         if self._token is not None:
             return
         token = uuid.uuid4().hex
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "since": time.time()}
-        for _ in range(2):
-            sync(self._store.set_if_not_exists(LOCK_KEY, default_buffer_prototype().buffer.from_bytes(json.dumps(me).encode())))
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token,
+                         "since": time.time()}).encode()
+        holder = None
+        for _ in range(3):
+            sync(_create_if_absent(self._store, me))
             holder = _read(self._store)
-            if holder is not None and holder.get("token") == token:
+            if holder is None:  # released (or broken) between the put and the read: try again
+                continue
+            if holder.get("token") == token:
                 self._token = token
                 return
-            if holder is not None and not holder.get("unreadable") and not _alive_here(holder):
-                warnings.warn(f"{self._where}: taking over the writer lock of process {holder.get('pid')}, "
-                              "which no longer runs", RuntimeWarning, stacklevel=4)
-                sync(self._store.delete(LOCK_KEY))
+            if _is_local(self._store) and not holder.get("unreadable") and _pid_alive(holder) is False:
+                if self._take_over(holder):
+                    warnings.warn(f"{self._where}: taking over the writer lock of process {holder.get('pid')}, "
+                                  "which no longer runs", RuntimeWarning, stacklevel=4)
                 continue
             break
-        who = "an unreadable lock" if holder is None or holder.get("unreadable") else \
-            f"process {holder.get('pid')} on {holder.get('host')}"
+        never = "" if _is_local(self._store) else " (on object storage a lock is never taken over automatically)"
         raise StoreLockedError(
-            f"{self._where} is being written by {who}: one writer at a time. If that writer is gone for "
-            f"good, remove the lock with UpdateStore.break_lock({self._where!r})"
+            f"{self._where} is being written by {_describe(holder)}: one writer at a time. If that writer is "
+            f"gone for good, remove the lock with UpdateStore.break_lock({self._where!r}){never}"
         )
+
+    def _take_over(self, stale: dict) -> bool:
+        """Removes a local stale lock, but only that one: the file is first moved aside, and put
+        back if it turns out to be a lock another writer took meanwhile."""
+        lock = os.path.join(str(self._store.root), LOCK_KEY)
+        aside = f"{lock}.{uuid.uuid4().hex}.stale"
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:  # another writer removed it first
+            return False
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read())
+        except ValueError:
+            moved = {}
+        if isinstance(moved, dict) and moved.get("token") == stale.get("token"):
+            os.unlink(aside)
+            return True
+        try:  # a fresh lock, not the stale one: give it back
+            os.link(aside, lock)
+        except FileExistsError:  # pragma: no cover - a third writer took it in between
+            pass
+        os.unlink(aside)
+        return False
 
     def release(self) -> None:
         if self._token is None:
@@ -86,8 +200,18 @@ class WriterLock:
         self._token = None
 
     @staticmethod
-    def break_lock(store) -> bool:
-        if _read(store) is None:
+    def break_lock(store, where: str = "the store", *, force: bool = False) -> bool:
+        """Removes the lock; returns whether there was one. Without force, refuses (StoreLockedError)
+        a lock whose holder is a running process of this host. Another host's process cannot be
+        checked: its lock is removed."""
+        holder = _read(store)
+        if holder is None:
             return False
+        if not force and not holder.get("unreadable") and _pid_alive(holder):
+            raise StoreLockedError(
+                f"{where}: the writer lock is held by {_describe(holder)}, which is alive: not removed. Close "
+                "that writer (or stop its process); break_lock(..., force=True) removes the lock anyway, and "
+                "two writers then corrupt the store"
+            )
         sync(store.delete(LOCK_KEY))
         return True

@@ -89,10 +89,15 @@ class UpdateStore:
         return cls(zstore, where, read_only=mode == "r")
 
     @staticmethod
-    def break_lock(path, *, storage_options=None) -> bool:
-        """Removes a writer lock left by a writer that is gone. Returns whether there was one."""
-        zstore, _ = zarr_store(path, storage_options, read_only=False)
-        return WriterLock.break_lock(zstore)
+    def break_lock(path, *, storage_options=None, force: bool = False) -> bool:
+        """Removes a writer lock left by a writer that is gone. Returns whether there was one.
+
+        A lock whose holder is a running process of this host is not removed (StoreLockedError
+        naming it) unless force=True. A holder on another host cannot be checked: its lock is
+        removed, so be sure that writer has stopped; two writers at once corrupt the store. An
+        unreadable lock is removed."""
+        zstore, where = zarr_store(path, storage_options, read_only=False)
+        return WriterLock.break_lock(zstore, where, force=force)
 
     def refresh(self) -> None:
         """Re-reads the metadata: a reader sees what a writer committed since."""
