@@ -265,24 +265,3 @@ def codecs(typesize: int):
 
 def default_steps_per_chunk(row_length: int) -> int:
     return max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_BYTES // max(1, row_length * 4)))
-
-
-def create_arrays(group, meta: StoreMetadata) -> None:
-    """The empty arrays of a new store (see docs/format.md). Chunks equal to the fill value are
-    written too, so that a missing chunk always means damage."""
-    C, K, L = meta.steps_per_chunk, meta.row_length, len(meta.layers)
-    entries_per_chunk = max(1, min(K, CHUNK_BYTES // 4)) if C == 1 else K
-    value_np = VALUE_DTYPES[meta.value_dtype]
-    group.create_array("values", shape=(0, K), dtype=value_np, chunks=(C, entries_per_chunk),
-                       compressors=codecs(np.dtype(value_np).itemsize), fill_value=0)
-    group.create_array("index", shape=(0, K), dtype=np.uint32, chunks=(C, entries_per_chunk),
-                       compressors=codecs(4), fill_value=0)
-    group.create_array("scales", shape=(0, L), dtype=np.float32, chunks=(C, L), compressors=codecs(4), fill_value=0)
-    group.create_array("sample_ids", shape=(0,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
-                       compressors=codecs(8), fill_value=0)
-    offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
-                                 compressors=codecs(8), fill_value=0, config={"write_empty_chunks": True})
-    offsets[0] = 0
-    if meta.attribution == "gradient":  # per step: the optimizer family's hyper-parameters
-        group.create_array("step_hyper", shape=(0, HYPER_WIDTH), dtype=np.float64, chunks=(C, HYPER_WIDTH),
-                           compressors=codecs(8), fill_value=0)

@@ -79,8 +79,6 @@ def _forget(args) -> int:
     the new checkpoint written atomically, then the deletion committed. A failure or a kill at
     any point leaves a ledger that matches a model on disk (the input checkpoint, or the output
     one, also when --out is --checkpoint)."""
-    import torch
-
     from ._state_dict import module_for_store
     from .store import UpdateStore
     from .unlearn import amnesiac_forget

@@ -4,10 +4,19 @@
         for ids, x, y in loader:
             rec.batch(ids)
             ...; optimizer.step()
+            if checkpoint_now:
+                torch.save({"model": ..., "optimizer": ..., "recorder": rec.state_dict()}, path)
 
 The pruning runs in the training thread right after each step (it is fast, and it must see
 the parameters before the next step changes them); compression and I/O run in a background
 writer fed through a bounded queue, so a slow disk slows training rather than filling memory.
+The writer flushes the store every `flush_every_s` seconds; `rec.flush()` (and
+`rec.state_dict()`, which flushes) makes every recorded step durable at once.
+
+Before every step the recorder re-checks, cheaply, that the optimizer still holds the recorded
+parameters with their dtype, device and shape (and, for gradient attribution, settings its
+family follows), and that a store which already had steps is continued from the model those
+steps end with (resume rules: `load_state_dict`). A refused step has not run.
 
 Parts: UpdateRecorder (the hooks and the IDs declared per step) delegates each step to a role:
 _WritingRole (prunes a row, hands it to a _BackgroundWriter) or, on a DDP rank that does not
@@ -17,8 +26,11 @@ against a snapshot) or _GradientRows (the optimizer family's vectors, pyunlearn.
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -32,6 +44,18 @@ from .store import UpdateStore
 
 __all__ = ["UpdateRecorder", "RecorderError"]
 
+STATE_FORMAT = "pyunlearn.recorder-state"
+STATE_VERSION = 1
+
+
+class _ResumeRefused(RecorderError):
+    """The store has steps and the model is not the one they end with (recoverable: load the
+    checkpoint's recorder state, or truncate the store, and step again)."""
+
+
+class _TrainingChanged(RecorderError):
+    """The optimizer's parameters or a parameter's dtype, device or shape changed mid-run."""
+
 
 class UpdateRecorder:
     """Records every optimizer step of `model` into `store`.
@@ -41,26 +65,38 @@ class UpdateRecorder:
     refusing them. rows_per_handoff: rows passed to the writer at once (default: ~1 MB of rows,
     at most 64; one thread wake-up per step would cost a small model more than the pruning).
     queue_size: hand-offs waiting for the writer before training blocks, so at most
-    (queue_size + 2) · rows_per_handoff rows are held in memory. The recorder holds the store's
-    writer lock while it records (a write session, released at close if it took it).
+    (queue_size + 2) · rows_per_handoff rows are held in memory. flush_every_s: the writer
+    flushes the store when this many seconds passed since its last flush (and the training
+    thread hands its rows over at least this often), so a crash loses about that much
+    training; None: only full chunks, rec.flush() and close() write. state: a recorder state
+    saved with the checkpoint training resumes from (load_state_dict). The recorder holds the
+    store's writer lock while it records (a write session, released at close if it took it).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: UpdateStore | None, *,
                  allow_unlabeled_steps: bool = False, rows_per_handoff: int | None = None, queue_size: int = 8,
-                 writer_rank: int = 0):
+                 writer_rank: int = 0, flush_every_s: float | None = 60.0, state: dict | None = None):
+        flush_every_s = _seconds_or_none("flush_every_s", flush_every_s)
         dist = _Distributed.current(writer_rank)
         if dist is not None and not dist.writes:
-            self._role = _FollowerRole(dist)
+            self._role = _FollowerRole(model, dist)
         else:
             self._role = _WritingRole(model, optimizer, store, dist, rows_per_handoff=rows_per_handoff,
-                                      queue_size=queue_size)
+                                      queue_size=queue_size, flush_every_s=flush_every_s)
         self._allow_unlabeled = bool(allow_unlabeled_steps)
         self._pending: list[np.ndarray] = []
-        self._steps = 0
         self._failed: BaseException | None = None
         self._closed = False
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
+        if state is not None:
+            try:
+                self._load_state(state, stacklevel=3)
+            except BaseException:
+                self._failed = RecorderError("the recorder state could not be loaded")
+                with contextlib.suppress(Exception):
+                    self.remove()
+                raise
 
     # ----------------------------------------------------------------- the training side
     def batch(self, ids) -> None:
@@ -71,15 +107,27 @@ class UpdateRecorder:
 
     @property
     def steps(self) -> int:
-        """Steps recorded so far (handed to the writer; durable once flushed)."""
-        return self._steps
+        """The store's step count with every step recorded so far (those of a store this
+        recorder continues included): handed to the writer, durable once flushed. On a DDP
+        rank that does not write: the steps this recorder took part in (or the loaded state's)."""
+        return self._role.steps
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() (or remove()) was called."""
+        return self._closed
 
     def _before_step(self, optimizer, args, kwargs):
         self._check_open()
         if self._failed is not None:
             raise RecorderError(f"recording stopped ({self._failed}); the store holds the steps before it. Reload "
-                                "a good checkpoint, truncate the store to its step and start a new recorder") from self._failed
-        self._role.before_step()
+                                "a good checkpoint and start a new recorder with the recorder state saved with it "
+                                "(state=...), or truncate the store to its step") from self._failed
+        try:
+            self._role.before_step()
+        except _TrainingChanged as exc:  # the step has not run, but the recorder cannot go on
+            self._failed = exc
+            raise
         if not self._pending and not self._allow_unlabeled:
             # Refused before the step runs, so the model is unchanged.
             raise RecorderError("optimizer.step() with no sample IDs declared since the last step: call "
@@ -93,17 +141,60 @@ class UpdateRecorder:
         except (NonFiniteUpdateError, RecorderError) as exc:
             self._failed = exc  # the snapshot no longer matches any recorded state: stop
             raise
-        self._steps += 1  # counted before the hand-off, which may block while the writer is behind
+        self._role.steps += 1  # counted before the hand-off, which may block while the writer is behind
         self._role.hand_off(recorded)
 
     def _check_open(self) -> None:
         if self._closed:
             raise RecorderError("the recorder is closed")
 
+    # ----------------------------------------------------------------- checkpoints
+    def flush(self) -> int:
+        """Makes every step recorded so far durable: hands over the rows the training thread
+        holds, waits until the writer appended them, flushes the store and records the model as
+        the store's resume point. Returns the committed step count (== rec.steps). Raises the
+        writer's error if it failed. Call it from the training thread, between steps."""
+        self._check_open()
+        steps = self._role.flush(mark=self._failed is None)
+        if self._failed is not None:
+            raise RecorderError(f"recording stopped ({self._failed}): the {steps} steps before it are flushed, but "
+                                "this model is not the one they end with") from self._failed
+        return steps
+
+    def state_dict(self) -> dict:
+        """The recorder's part of a checkpoint (flushes first): the committed step count and
+        the model's fingerprint at that step. Save it with the model and the optimizer, and
+        give it to load_state_dict (or UpdateRecorder(..., state=...)) when resuming."""
+        steps = self.flush()
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "steps": steps,
+                "fingerprint": self._role.fingerprint_at(steps)}
+
+    def load_state_dict(self, state: dict) -> int:
+        """Continues from the checkpoint `state` was saved with (see state_dict); call it with
+        that checkpoint's model loaded, before the first step. The model must be the one the
+        state describes (ModelMismatchError otherwise). If the store holds more steps than the
+        state (an abandoned run went on after the checkpoint) they are dropped, with a
+        RuntimeWarning saying how many; returns that number. A store holding fewer steps than
+        the state is refused (RecorderError): it lost steps the checkpoint had."""
+        return self._load_state(state, stacklevel=3)
+
+    def _load_state(self, state, *, stacklevel: int) -> int:
+        self._check_open()
+        if self._failed is not None:
+            raise RecorderError(f"recording stopped ({self._failed}): start a new recorder to resume") from self._failed
+        steps, model_fingerprint = _parse_state(state)
+        dropped = self._role.load_state(steps, model_fingerprint)
+        if dropped:
+            warnings.warn(f"resuming from the checkpoint at step {steps}: dropped the store's {dropped} later "
+                          f"steps (steps {steps}..{steps + dropped - 1}, recorded by a run that went on after "
+                          "that checkpoint and was abandoned)", RuntimeWarning, stacklevel=stacklevel)
+        return dropped
+
     # ----------------------------------------------------------------- closing
     def remove(self) -> None:
         """Stops recording: waits for the writer, removes the hooks, flushes the store and
-        records the model as the store's final model. Raises the writer's error, if any.
+        records the model as the store's final model (unless recording failed, or the model was
+        never accepted as the one the store's steps end with). Raises the writer's error, if any.
         Under DDP it involves no collective: the other ranks just remove their hooks, and a
         failure while closing is raised on the writer rank only."""
         if self._closed:
@@ -127,8 +218,12 @@ class _FollowerRole:
     step, so only the writer rank prunes and writes; this one takes part in gathering the
     batch IDs, and raises with every other rank when the writer reports a failure."""
 
-    def __init__(self, dist: "_Distributed"):
+    def __init__(self, model, dist: "_Distributed"):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self._dist = dist
+        self.steps = 0
 
     def before_step(self) -> None:
         pass  # the writer's error reaches this rank through the gather
@@ -139,15 +234,32 @@ class _FollowerRole:
     def hand_off(self, recorded: None) -> None:
         pass
 
+    def flush(self, mark: bool) -> int:
+        return self.steps
+
+    def fingerprint_at(self, steps: int) -> str:
+        return fingerprint(self._params)
+
+    def load_state(self, steps: int, model_fingerprint: str) -> int:
+        if fingerprint(self._params) != model_fingerprint:
+            raise ModelMismatchError(_STATE_MISMATCH)
+        self.steps = steps
+        return 0  # the writer rank truncates the store
+
     def close(self, mark_final: bool) -> None:
         pass
 
 
-class _WritingRole:
-    """The rank that records: checks the model, optimizer and store once, then per step
-    prunes a row and hands it to the background writer."""
+_STATE_MISMATCH = ("the model is not the one this recorder state was saved with: the state belongs to another "
+                   "checkpoint. Load the model (and the optimizer) from the checkpoint the state was saved in, "
+                   "then the state")
 
-    def __init__(self, model, optimizer, store, dist, *, rows_per_handoff, queue_size):
+
+class _WritingRole:
+    """The rank that records: checks the model, optimizer and store once, re-checks them
+    cheaply before every step, prunes a row after it and hands it to the background writer."""
+
+    def __init__(self, model, optimizer, store, dist, *, rows_per_handoff, queue_size, flush_every_s):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # the store records the wrapped module's parameter names
         if not isinstance(store, UpdateStore):
@@ -175,24 +287,119 @@ class _WritingRole:
             if family is not None:
                 store.set_optimizer_family(family.name)
             self._session = self._session.pop_all()  # the session stays open until close()
-        names = [layer.name for layer in store.layers]
-        self._rows = _GradientRows(family(optimizer, params), store, names) if family is not None else \
-            _UpdateRows(params, store, names)
-        self._model, self._store, self._dist = model, store, dist
+        self._model, self._optimizer, self._store, self._dist = model, optimizer, store, dist
+        self._params, self._family = params, family
+        self._names = [layer.name for layer in store.layers]
+        # What the per-step checks compare against (_changed): cheap to read back every step.
+        self._param_ids = _optimizer_param_ids(optimizer)
+        self._layout = [(p.dtype, p.device, p.shape) for p in params]
+        self.steps = store.steps
+        # A store that already has steps continues only from the model they end with; checked
+        # at the first step (or settled by load_state), when the checkpoint's model is loaded.
+        self._resume_pending = store.steps > 0
+        self._deferred: RecorderError | None = None  # under DDP: a refusal raised through the gather
+        self._rows = self._make_rows()
         self._writer = _BackgroundWriter(
-            store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size)
+            store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size,
+            flush_every_s)
 
+    def _make_rows(self):
+        if self._family is not None:
+            return _GradientRows(self._family(self._optimizer, self._params), self._store, self._names)
+        return _UpdateRows(self._params, self._store, self._names)
+
+    # ----------------------------------------------------------------- per step
     def before_step(self) -> None:
         if self._dist is None:  # under DDP the writer's error reaches every rank through the gather
             self._writer.raise_error()
+        problem = self._changed()
+        if problem is None and self._resume_pending:
+            problem = self._settle_resume()
+        if problem is not None:
+            if self._dist is None:
+                raise problem  # before the step: the model and the store are unchanged
+            self._deferred = problem  # every rank must reach the gather, where all of them raise it
+
+    def _changed(self) -> "_TrainingChanged | None":
+        """What changed since recording started that would make the recorded steps wrong, or
+        None. Runs before every step, so it compares only cheap facts."""
+        if _optimizer_param_ids(self._optimizer) != self._param_ids:  # ~0.1 µs a parameter in all
+            now = _optimizer_param_ids(self._optimizer)
+            added, removed = len(set(now) - set(self._param_ids)), len(set(self._param_ids) - set(now))
+            what = f"{added} added, {removed} removed" if added or removed else "the same ones, reordered"
+            return _TrainingChanged(
+                f"the optimizer's parameters changed since recording started ({what}; "
+                "optimizer.add_param_group or an edit of param_groups): a parameter outside the store's layer table "
+                "would change the model unrecorded, one left out would be recorded as unchanged. This step did not "
+                "run; recording stopped and close() will not mark a final model (the model still holds the weights "
+                "after the last recorded step: store.mark_final(model) if training ends here). A store records the "
+                "parameters that were trainable when it was created: to train others too (an unfrozen layer), "
+                "close the recorder before changing the optimizer and record the rest of training into a new store "
+                "created from the model as it is then")
+        for (dtype, device, shape), p, name in zip(self._layout, self._params, self._names):
+            if p.dtype is not dtype or p.device != device or p.shape != shape:
+                return _TrainingChanged(
+                    f"parameter {name} changed from {dtype} on {device}, shape {tuple(shape)}, to {p.dtype} on "
+                    f"{p.device}, shape {tuple(p.shape)}, since recording started (model.half(), model.to(...) or "
+                    "param.data = ...): the conversion changes the weights outside any recorded step, so the store "
+                    "would no longer describe the model. This step did not run; recording stopped and close() will "
+                    "not mark a final model. Convert the model before creating its store, or close the recorder "
+                    "before converting and record the rest of training into a new store created from the converted "
+                    "model")
+        if self._family is not None:
+            try:
+                self._family.check(self._optimizer)
+            except ValueError as exc:
+                return _TrainingChanged(
+                    f"the optimizer's settings changed since recording started: {exc}. This step did not run; "
+                    "recording stopped and close() will not mark a final model")
+        return None
+
+    def _settle_resume(self) -> "_ResumeRefused | None":
+        """For a store that had steps when recording started: accepts the model if it is the
+        one they end with (then the recorder starts from it), or says what to do."""
+        store = self._store
+        n, model_fingerprint = store.steps, fingerprint(self._params)
+        point = store.metadata.resume_point
+        if n == 0:
+            accepted = model_fingerprint == store.initial_fingerprint
+        else:
+            accepted = (point is not None and point.steps == n and point.fingerprint in ("", model_fingerprint)) or \
+                (store.final_steps == n and store.final_fingerprint == model_fingerprint)
+        if accepted:
+            self._resumed(n)
+            return None
+        if n == 0:
+            known = ": the store is empty, and this is not the model it was created for"
+        elif point is not None and point.steps == n or store.final_steps == n:
+            known = ""
+        elif point is not None:
+            known = (f" (the last model it knows is the one after step {point.steps}; the steps after it were "
+                     "written by a run that neither flushed nor closed its recorder)")
+        else:
+            known = " (it knows no model to continue from: the run that wrote it neither flushed nor closed its recorder)"
+        return _ResumeRefused(
+            f"{store.path} already holds {n} steps, and this model is not the one they end with{known}. Is training "
+            "resuming from an earlier checkpoint? This step did not run. Load the recorder state saved with that "
+            "checkpoint: rec.load_state_dict(ckpt[\"recorder\"]) (or UpdateRecorder(..., state=ckpt[\"recorder\"])), "
+            "which drops the store's steps after the checkpoint's. Without a saved state: store.truncate(step) with "
+            "the checkpoint's step (the later steps belong to the abandoned run), then step again")
+
+    def _resumed(self, steps: int) -> None:
+        """Recording continues from the model as it is now, after `steps` steps."""
+        self._resume_pending = False
+        self.steps = steps
+        self._rows = self._make_rows()  # a fresh snapshot (and momentum carry-in) of the loaded model
 
     def after_step(self, ids: np.ndarray) -> tuple:
         """This step's (row, global batch IDs, hyper-parameters)."""
-        row, hyper, failure = None, None, None
-        try:
-            row, hyper = self._rows()
-        except NonFiniteUpdateError as exc:
-            failure = exc
+        row, hyper, failure = None, None, self._deferred
+        self._deferred = None
+        if failure is None:
+            try:
+                row, hyper = self._rows()
+            except NonFiniteUpdateError as exc:
+                failure = exc
         if self._dist is not None:  # the global batch: every rank's IDs; a failure stops all ranks
             ids = self._dist.gather(ids, failure or self._writer.error)
         if failure is not None:
@@ -202,12 +409,67 @@ class _WritingRole:
     def hand_off(self, recorded: tuple) -> None:
         self._writer.put(recorded)
 
+    # ----------------------------------------------------------------- checkpoints
+    def flush(self, mark: bool) -> int:
+        self._writer.drain()
+        self._writer.raise_error()
+        self._store.flush()
+        if mark and self._resume_pending:
+            refusal = self._settle_resume()
+            if refusal is not None:
+                raise refusal
+        if mark:
+            point = self._store.metadata.resume_point
+            if point is None or point.steps != self.steps or not point.fingerprint:
+                self._store.mark_resume_point(self._model, steps=self.steps)
+        return self.steps
+
+    def fingerprint_at(self, steps: int) -> str:
+        point = self._store.metadata.resume_point  # flush() recorded it
+        if point is None or point.steps != steps or not point.fingerprint:
+            raise RecorderError(f"{self._store.path} changed while the recorder state was taken: its resume point is "
+                                f"{point}, not the model after step {steps}")
+        return point.fingerprint
+
+    def load_state(self, steps: int, model_fingerprint: str) -> int:
+        store = self._store
+        self._writer.drain()
+        self._writer.raise_error()
+        store.flush()
+        if fingerprint(self._params) != model_fingerprint:
+            raise ModelMismatchError(_STATE_MISMATCH)
+        n = store.steps
+        if n < steps:
+            raise RecorderError(
+                f"the checkpoint was saved after step {steps}, but {store.path} holds only {n} committed steps: the "
+                "store lost steps the checkpoint had (it was not flushed before the checkpoint was saved, e.g. the "
+                "checkpoint's recorder state did not come from rec.state_dict(), or the store was truncated or "
+                f"restored from an older copy since). Resume from a checkpoint saved at step {n} or earlier, with "
+                "its recorder state, or record into a new store")
+        if n == steps:
+            point = store.metadata.resume_point
+            known = {point.fingerprint} if point is not None and point.steps == n and point.fingerprint else set()
+            if store.final_steps == n and store.final_fingerprint:
+                known.add(store.final_fingerprint)
+            if known and model_fingerprint not in known:
+                raise RecorderError(
+                    f"{store.path} holds {n} steps, as the checkpoint does, but they end with another model: another "
+                    "run went on from an earlier checkpoint and replaced the steps this one saw. Resume from a "
+                    "checkpoint older than that branch point (with its recorder state), or record into a new store")
+        else:
+            store.truncate(steps)
+        store.mark_resume_point(self._model, steps=steps)
+        self._resumed(steps)
+        return n - steps
+
     def close(self, mark_final: bool) -> None:
         with self._session:  # releases the writer lock at the end if the recorder took it
             self._writer.stop()
             self._writer.raise_error()
             self._store.flush()
-            if mark_final:  # a model holding an unrecorded update is not the final model
+            # A model holding an unrecorded update, or one never accepted as the one the
+            # store's steps end with, is not the final model.
+            if mark_final and (not self._resume_pending or self._settle_resume() is None):
                 self._store.mark_final(self._model)
 
 
@@ -251,40 +513,56 @@ _STOP = object()
 
 class _BackgroundWriter:
     """A thread that appends rows to the store. Rows arrive in hand-offs of several rows
-    through a bounded queue (back-pressure: a slow disk slows training). After an error it keeps
-    draining, so the training thread never blocks on a dead writer; the error is re-raised in
-    the training thread by raise_error()."""
+    through a bounded queue (back-pressure: a slow disk slows training). Every `flush_every_s`
+    seconds (if not None) the training thread hands over what it holds and the writer flushes
+    the store after its next append. After an error it keeps draining, so the training thread
+    never blocks on a dead writer; the error is re-raised in the training thread by raise_error()."""
 
-    def __init__(self, store: UpdateStore, handoff_rows: int, queue_size: int):
-        self._store, self._handoff_rows = store, handoff_rows
+    def __init__(self, store: UpdateStore, handoff_rows: int, queue_size: int, flush_every_s: float | None):
+        self._store, self._handoff_rows, self._flush_every_s = store, handoff_rows, flush_every_s
         self._outgoing: list[tuple] = []
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
+        self._last_handoff = self._last_flush = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="pyunlearn-writer", daemon=True)
         self._thread.start()
 
     def put(self, item: tuple) -> None:
         self._outgoing.append(item)
-        if len(self._outgoing) >= self._handoff_rows:
+        if len(self._outgoing) >= self._handoff_rows or (
+                self._flush_every_s is not None and time.monotonic() - self._last_handoff >= self._flush_every_s):
             self._hand_off()
 
     def _hand_off(self) -> None:
         if self._outgoing:
             self._queue.put(self._outgoing)  # blocks while the writer is behind
             self._outgoing = []
+        self._last_handoff = time.monotonic()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
-                return
-            if self.error is not None:
-                continue
             try:
-                for row, ids, hyper in item:
-                    self._store.append(row, ids, hyper)
-            except BaseException as exc:  # re-raised in the training thread
-                self.error = exc
+                if item is _STOP:
+                    return
+                if self.error is not None:
+                    continue
+                try:
+                    for row, ids, hyper in item:
+                        self._store.append(row, ids, hyper)
+                        if self._flush_every_s is not None and \
+                                time.monotonic() - self._last_flush >= self._flush_every_s:
+                            self._store.flush()
+                            self._last_flush = time.monotonic()
+                except BaseException as exc:  # re-raised in the training thread
+                    self.error = exc
+            finally:
+                self._queue.task_done()
+
+    def drain(self) -> None:
+        """Hands off what is left and waits until the writer appended everything (or failed)."""
+        self._hand_off()
+        self._queue.join()
 
     def stop(self) -> None:
         """Hands off what is left and waits until everything was written (or failed)."""
@@ -298,6 +576,31 @@ class _BackgroundWriter:
         if self.error is not None:
             raise RecorderError(f"writing to {self._store.path} failed: {self.error!r}; "
                                 "steps since the last flush are lost") from self.error
+
+
+def _optimizer_param_ids(optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _seconds_or_none(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0, or None, got {value!r}")
+    return float(value)
+
+
+def _parse_state(state) -> tuple[int, str]:
+    """(steps, fingerprint) of a recorder state (UpdateRecorder.state_dict), checked."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError("state must be a recorder state, as UpdateRecorder.state_dict() returns "
+                         f"(a dict with format {STATE_FORMAT!r}); got {type(state).__name__}")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"recorder state version {state.get('version')!r}: this pyunlearn reads version {STATE_VERSION}")
+    steps, model_fingerprint = state.get("steps"), state.get("fingerprint")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not isinstance(model_fingerprint, str):
+        raise ValueError(f"malformed recorder state: steps {steps!r}, fingerprint {model_fingerprint!r}")
+    return steps, model_fingerprint
 
 
 def _check_optimizer(optimizer, store, params) -> None:

@@ -1,31 +1,28 @@
 """UpdateStore: the pruned update of every optimizer step of one model, by sample ID, in a Zarr
-v3 group (docs/format.md). This module is the facade users see; the format lives in _format.py,
-the chunk being filled in _buffer.py, the ID lookup in _sample_index.py, the ledger in
-ledger.py, the writer lock in _lock.py.
-
-Rows are buffered and written a whole chunk at a time; the committed counts in the group
-attributes are written after the data, so readers (and a store reopened after a crash) see a
-consistent prefix.
-"""
+v3 group (docs/format.md). The facade users see; the format is in _format.py, the arrays in
+_arrays.py, the chunk being filled in _buffer.py, the ID lookup in _sample_index.py, the ledger
+in ledger.py, the writer lock in _lock.py. Committed counts are written after the data, so
+readers (and a store reopened after a crash) see a consistent prefix."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import zarr
 
+from ._arrays import StoreArrays, create_group
 from ._buffer import ChunkBuffer
-from ._chunks import ChunkPresence
-from ._format import FORMAT_NAME, FORMAT_VERSION, Layer, StoreMetadata, check_row, create_arrays
+from ._format import FORMAT_VERSION, Layer, ResumePoint, StoreMetadata, check_row
 from ._ids import as_ids
-from ._location import what_is_there, zarr_store
+from ._location import zarr_store
 from ._lock import WriterLock
 from ._model import fingerprint, match_layers, trainable_parameters
 from ._sample_index import SampleIndex, StepLookup
 from ._stats import StoreStats
 from ._validate import int_in_range
-from .errors import CorruptStoreError, StoreError, StoreNotFoundError
+from .errors import StoreError, StoreNotFoundError
 from .ledger import Ledger
 from .row import Row
 
@@ -40,6 +37,8 @@ class UpdateStore:
         self._zstore, self._where, self._read_only = zstore, where, read_only
         self._lock = WriterLock(zstore, where)
         self._buffer: ChunkBuffer | None = None  # the chunk being filled, from the first append on
+        # The recorder's writer thread appends while the training thread may flush or mark a model.
+        self._mutex = threading.RLock()
         self.refresh()
 
     # ----------------------------------------------------------------- making and opening
@@ -49,31 +48,12 @@ class UpdateStore:
                storage_options=None) -> "UpdateStore":
         """A new, empty store for `model`'s trainable parameters (requires_grad), named as in
         model.named_parameters(); k_i = ceil(keep · numel_i), at least 1. Opened for writing.
-
-        attribution: "update" stores each step's parameter change Δθ (the paper's method);
-        "gradient" stores each step's batch gradient in its optimizer family's terms with the
-        step's hyper-parameters (pyunlearn.attribution), so that forgetting can subtract a batch's
-        whole first-order contribution to the final weights, momentum included."""
+        attribution: "update" stores each step's Δθ (the paper's method); "gradient" each step's
+        batch gradient and hyper-parameters (pyunlearn.attribution), momentum included."""
         meta = StoreMetadata.new(trainable_parameters(model), keep=keep, value_dtype=value_dtype,
                                  attribution=attribution, steps_per_chunk=steps_per_chunk)
         zstore, where = zarr_store(path, storage_options, read_only=False)
-        there = what_is_there(zstore)
-        if there == "other":  # never delete what pyunlearn did not write
-            raise FileExistsError(f"{where} holds files that are not a pyunlearn update store: choose an empty or "
-                                  "new folder (overwrite=True replaces only an update store)")
-        if there == "pyunlearn" and not overwrite:
-            raise FileExistsError(f"{where} already holds an update store; open it with UpdateStore.open, "
-                                  "or pass overwrite=True to replace it")
-        if there == "pyunlearn":  # never wipe a store another writer is using
-            guard = WriterLock(zstore, where)
-            guard.acquire()
-            guard.release()
-        # The group first, marked unfinished, the arrays, then the real metadata: a crash midway
-        # leaves a folder that open() calls unfinished and create(overwrite=True) may replace.
-        group = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "creation_complete": False})
-        create_arrays(group, meta)
-        group.update_attributes(meta.to_checked_attrs())
+        create_group(zstore, where, meta, overwrite=overwrite)
         store = cls(zstore, where, read_only=False)
         store._lock.acquire()
         return store
@@ -90,12 +70,9 @@ class UpdateStore:
 
     @staticmethod
     def break_lock(path, *, storage_options=None, force: bool = False) -> bool:
-        """Removes a writer lock left by a writer that is gone. Returns whether there was one.
-
-        A lock whose holder is a running process of this host is not removed (StoreLockedError
-        naming it) unless force=True. A holder on another host cannot be checked: its lock is
-        removed, so be sure that writer has stopped; two writers at once corrupt the store. An
-        unreadable lock is removed."""
+        """Removes a writer lock left by a writer that is gone; returns whether there was one. A
+        running holder on this host is refused (StoreLockedError) unless force=True; one on another
+        host cannot be checked and is removed: be sure it stopped (two writers corrupt a store)."""
         zstore, where = zarr_store(path, storage_options, read_only=False)
         return WriterLock.break_lock(zstore, where, force=force)
 
@@ -107,15 +84,8 @@ class UpdateStore:
             raise StoreNotFoundError(f"no update store at {self._where}: create one with UpdateStore.create") from exc
         self._group = group
         self._meta = StoreMetadata.from_attrs(dict(group.attrs), self._where)
-        try:
-            # Chunks equal to the fill value are written too: a missing chunk then always means
-            # damage (see _chunks.py), never "all zeros".
-            self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
-                            for name in self._meta.array_names}
-        except KeyError as exc:
-            raise CorruptStoreError(f"{self._where}: the store's array {exc} is missing") from None
+        self._data = StoreArrays(self._zstore, group, self._meta, self._where)
         self._sample_index: SampleIndex | None = None
-        self._chunks = ChunkPresence(self._zstore, self._where)
 
     # ----------------------------------------------------------------- facts
     path = property(lambda self: self._where)
@@ -175,23 +145,24 @@ class UpdateStore:
         """Adds one step: its pruned row (as prune_topk returns it) and the sample IDs of its
         batch (may be empty); for gradient attribution also `hyper`, the step's values of its
         optimizer family's columns. Durable after flush() or once its chunk fills."""
-        self._take_lock()
-        self.ledger.refuse_more_training(self._where, "record more steps into")
-        fields = check_row(self._meta, row, hyper)
-        if self._buffer is None:
-            self._buffer = ChunkBuffer(self._meta, self._read_array)
-        # Sorted within the step: lookups do not care about order, and sorted IDs compress better.
-        self._buffer.add(fields, np.sort(as_ids(ids, allow_empty=True)))
-        if self._buffer.full:
-            try:
-                self._write_buffer()
-            except BaseException:
-                self._buffer.drop_last()
-                raise
-            self._buffer = None
+        with self._mutex:
+            self._take_lock()
+            self.ledger.refuse_more_training(self._where, "record more steps into")
+            fields = check_row(self._meta, row, hyper)
+            if self._buffer is None:
+                self._buffer = ChunkBuffer(self._meta, self._data.read)
+            # Sorted within the step: lookups do not care about order, and sorted IDs compress better.
+            self._buffer.add(fields, np.sort(as_ids(ids, allow_empty=True)))
+            if self._buffer.full:
+                try:
+                    self._write_buffer()
+                except BaseException:
+                    self._buffer.drop_last()
+                    raise
+                self._buffer = None
 
     def _write_buffer(self) -> None:
-        steps, samples = self._buffer.write(self._arrays)
+        steps, samples = self._buffer.write(self._data.arrays)
         self._commit(committed_steps=steps, committed_samples=samples)
 
     def _commit(self, **changes) -> None:
@@ -203,34 +174,59 @@ class UpdateStore:
         self._sample_index = None
 
     def flush(self) -> None:
-        """Makes every appended step durable and visible to readers."""
-        if self._buffer is not None and self._buffer.has_new_rows:
-            self._take_lock()
-            self._write_buffer()
+        """Makes every appended step durable and visible to readers. Safe to call from another
+        thread while a recorder writes (e.g. at a checkpoint), but it reaches only the rows the
+        recorder already appended: `recorder.flush()` also writes the rows the recorder holds."""
+        with self._mutex:
+            if self._buffer is not None and self._buffer.has_new_rows:
+                self._take_lock()
+                self._write_buffer()
 
     def truncate(self, step: int) -> None:
-        """Drops steps >= step (to resume training from a checkpoint taken at `step`)."""
-        self._take_lock()
-        self.flush()
-        step = int_in_range("step", step, 0, self.steps)
-        if self.ledger.has_deletions:
-            raise StoreError(f"{self._where} has a deletion ledger ({len(self.ledger.removed_steps)} steps removed); "
-                             "truncating would detach it from the model it describes")
-        samples = int(self._read_array("offsets", slice(step, step + 1))[0])
-        self._commit(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None)
-        self._buffer = None
+        """Drops steps >= step (to resume training from a checkpoint taken at `step`). The resume
+        point is kept if it was at `step`; otherwise it becomes "truncated by hand, model
+        unknown", and a recorder continues from the model it is given (your checkpoint's)."""
+        with self._mutex:
+            self._take_lock()
+            self.flush()
+            step = int_in_range("step", step, 0, self.steps)
+            if self.ledger.has_deletions:
+                raise StoreError(f"{self._where} has a deletion ledger ({len(self.ledger.removed_steps)} steps "
+                                 "removed); truncating would detach it from the model it describes")
+            samples = int(self._data.read("offsets", slice(step, step + 1))[0])
+            point = self._meta.resume_point
+            if point is None or point.steps != step:
+                point = ResumePoint(step, "")  # "" : chosen by hand, model unknown
+            self._commit(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
+                         resume_point=point)
+            self._buffer = None
 
     def mark_final(self, model) -> None:
         """Records `model` as the trained model these steps produced (the recorder does this on
-        close; call it yourself after recovering an interrupted run)."""
-        self._take_lock()
-        self.ledger.refuse_more_training(self._where, "mark a new final model of")
-        self.flush()
-        self._commit(fingerprint_final=fingerprint(self.check_model(model)), final_steps=self.steps)
+        close; call it yourself after recovering an interrupted run). It is also the store's
+        resume point: a recorder may continue from it."""
+        with self._mutex:
+            self._take_lock()
+            self.ledger.refuse_more_training(self._where, "mark a new final model of")
+            self.flush()
+            model_fingerprint = fingerprint(self.check_model(model))
+            self._commit(fingerprint_final=model_fingerprint, final_steps=self.steps,
+                         resume_point=ResumePoint(self.steps, model_fingerprint))
+
+    def mark_resume_point(self, model, *, steps: int | None = None) -> None:
+        """Flushes and records `model` as the model after the committed steps, the only one a
+        recorder may continue from (recorder.flush() does this). `steps`, if given, must be the
+        step count after the flush (StoreError otherwise: the model would pair with other steps)."""
+        with self._mutex:
+            self._take_lock()
+            self.flush()
+            if steps is not None and steps != self.steps:
+                raise StoreError(f"{self._where} holds {self.steps} committed steps, not {steps}: the model "
+                                 "cannot be marked as the one after them")
+            self._commit(resume_point=ResumePoint(self.steps, fingerprint(self.check_model(model))))
 
     def set_optimizer_family(self, name: str) -> None:
-        """Gradient attribution: the optimizer family (pyunlearn.attribution) whose arithmetic
-        the stored vectors follow; set once, by the first recorder."""
+        """Gradient stores: the optimizer family (pyunlearn.attribution) of the vectors; set once."""
         if self._meta.optimizer is not None and self._meta.optimizer != name:
             raise StoreError(f"{self._where} was recorded with a {self._meta.optimizer} optimizer; "
                              f"cannot continue with {name}")
@@ -239,10 +235,9 @@ class UpdateStore:
             self._commit(optimizer=name)
 
     def record_deletion(self, ledger: Ledger, *, replacing: Ledger) -> None:
-        """Replaces the ledger `replacing` by `ledger`, or StoreError if the store's ledger is no
-        longer `replacing` (another deletion came in between). amnesiac_forget does this once
-        the model changed; undoing a deletion whose model could not be saved is the reverse:
-        record_deletion(report.ledger_before, replacing=report.ledger_after)."""
+        """Replaces the ledger `replacing` by `ledger` (compare-and-swap: StoreError if another
+        deletion came in between). amnesiac_forget writes its entries so; to undo one whose model
+        could not be saved: record_deletion(report.ledger_before, replacing=report.ledger_after)."""
         with self.writing():
             if self.ledger != replacing:
                 raise StoreError(f"{self._where}: the deletion ledger changed since this deletion read it "
@@ -272,26 +267,14 @@ class UpdateStore:
         self.close()
 
     # ----------------------------------------------------------------- reading
-    def _read_array(self, name: str, selection, *, rows: np.ndarray | None = None):
-        """arr[selection], or the given rows (orthogonal selection: only their chunks are read)."""
-        arr = self._arrays[name]
-        if self._meta.chunks_always_written:
-            self._chunks.require(arr, rows if rows is not None else np.arange(arr.shape[0])[selection])
-        try:
-            return arr.oindex[rows, :] if rows is not None else arr[selection]
-        except Exception as exc:  # zarr/numcodecs raise many types for a damaged chunk
-            where = f"rows of {name}" if rows is not None else f"{name}[{selection}]"
-            raise CorruptStoreError(f"{self._where}: reading {where} failed: {exc}. A chunk is damaged "
-                                    "or missing (its checksum does not match); restore the store from a copy") from exc
-
     def steps_for(self, ids) -> StepLookup:
         """The committed steps whose batches held any of `ids`, and the IDs never seen."""
         ids = as_ids(ids)
         if self._sample_index is None:
             n, m = self.steps, self.samples
             self._sample_index = SampleIndex(
-                self._read_array("sample_ids", slice(0, m)) if m else np.empty(0, np.int64),
-                self._read_array("offsets", slice(0, n + 1)))
+                self._data.read("sample_ids", slice(0, m)) if m else np.empty(0, np.int64),
+                self._data.read("offsets", slice(0, n + 1)))
         return self._sample_index.lookup(ids)
 
     def read(self, steps) -> Row:
@@ -299,24 +282,17 @@ class UpdateStore:
         steps = as_ids(steps, "steps", allow_empty=True)
         if steps.size and (steps.min() < 0 or steps.max() >= self.steps):
             raise ValueError(f"steps must lie in [0, {self.steps}) (the committed steps)")
-        unique, inverse = np.unique(steps, return_inverse=True)
-        fields = []
-        for name in ("index", "values", "scales"):
-            arr = self._arrays[name]
-            data = self._read_array(name, None, rows=unique)[inverse] if unique.size else \
-                np.empty((0, arr.shape[1]), dtype=arr.dtype)
-            fields.append(torch.from_numpy(np.ascontiguousarray(data)))
-        return Row(*fields)
+        return self._data.rows(steps)
 
     def read_step_hyper(self, steps: int) -> np.ndarray:
         """Gradient stores: the per-step hyper-parameters of steps [0, steps), float64, one
         column per value the optimizer family records (zero-padded)."""
         if self.attribution != "gradient":
             raise StoreError(f"{self._where} stores updates (attribution='update'): it has no step hyper-parameters")
-        return self._read_array("step_hyper", slice(0, steps))
+        return self._data.read("step_hyper", slice(0, steps))
 
     def stats(self) -> StoreStats:
-        return StoreStats.measure(self._meta, {name: int(arr.nbytes_stored()) for name, arr in self._arrays.items()})
+        return StoreStats.measure(self._meta, self._data.bytes_stored())
 
     def __repr__(self) -> str:
         return (f"UpdateStore({self._where!r}, steps={self.steps}, layers={len(self.layers)}, "

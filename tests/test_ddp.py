@@ -103,7 +103,7 @@ def test_ddp_store_equals_a_single_process_run(tmp_path):
     assert ddp.steps == single.steps == EPOCHS * SAMPLES // GLOBAL_BATCH
     for name in ("sample_ids", "offsets"):
         n = single.samples if name == "sample_ids" else single.steps + 1
-        assert np.array_equal(ddp._read_array(name, slice(0, n)), single._read_array(name, slice(0, n)))
+        assert np.array_equal(ddp._data.read(name, slice(0, n)), single._data.read(name, slice(0, n)))
     for step in range(single.steps):
         for a, b in zip(_dense(ddp, step), _dense(single, step)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -2,7 +2,6 @@
 unfinished or foreign folders, the CLI's order of writes, undoing a ledger entry."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -63,7 +62,7 @@ def test_stored_rows_with_nan_are_refused_before_the_model_changes(tmp_path):
 
 # ------------------------------------------------------------------ create and overwrite
 def test_a_crash_inside_create_leaves_a_folder_that_says_so(tmp_path, monkeypatch):
-    import pyunlearn._format as fmt
+    import pyunlearn._arrays as fmt
 
     real = fmt.create_arrays
 
@@ -71,10 +70,10 @@ def test_a_crash_inside_create_leaves_a_folder_that_says_so(tmp_path, monkeypatc
         group.create_array("values", shape=(0, 1), dtype="f4")
         raise KeyboardInterrupt  # the process stops midway
 
-    monkeypatch.setattr("pyunlearn.store.create_arrays", crash)
+    monkeypatch.setattr("pyunlearn._arrays.create_arrays", crash)
     with pytest.raises(KeyboardInterrupt):
         pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet())
-    monkeypatch.setattr("pyunlearn.store.create_arrays", real)
+    monkeypatch.setattr("pyunlearn._arrays.create_arrays", real)
     with pytest.raises(pu.CorruptStoreError, match="did not finish.*overwrite=True"):
         pu.UpdateStore.open(tmp_path / "s.zarr")
     with pytest.raises(FileExistsError, match="overwrite=True"):

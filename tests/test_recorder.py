@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pyunlearn as pu
+from pyunlearn._model import fingerprint
 from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
 
 
@@ -199,3 +200,159 @@ def test_bad_ids(tmp_path):
     with pytest.raises(ValueError, match="must be 1-D"):
         rec.batch(np.zeros((2, 2), dtype=np.int64))
     rec.close()
+
+
+# ------------------------------------------------------------------ flushing, and changes mid-run
+def _record_tiny(path, *, steps_per_chunk=5, epochs=12, after_step=None, **recorder_options):
+    """300 small steps (TinyNet, plain SGD, batches of 16 of 400 samples), every row handed to
+    the writer on its own; after_step(store, step) runs in the training thread after each."""
+    model = _model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    store = pu.UpdateStore.create(path, model, keep=0.5, steps_per_chunk=steps_per_chunk)
+    rec = pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=1, **recorder_options)
+    tiny_training(model, optimizer, tiny_data(400), epochs=epochs, recorder=rec,
+                  after_step=None if after_step is None else lambda step: after_step(store, step))
+    rec.close()
+    return store
+
+
+def test_store_flush_from_the_training_thread_while_the_recorder_writes(tmp_path):
+    """store.flush() at every step, racing the writer thread's appends, commits exactly what an
+    undisturbed recording commits: every step with its own IDs and row."""
+    reference = _record_tiny(tmp_path / "reference.zarr")
+    flushed = _record_tiny(tmp_path / "flushed.zarr", after_step=lambda store, step: store.flush())
+    assert flushed.steps == reference.steps == 300
+    assert flushed.samples == reference.samples
+    for name in ("offsets", "sample_ids"):
+        n = reference.steps + 1 if name == "offsets" else reference.samples
+        assert np.array_equal(flushed._data.read(name, slice(0, n)), reference._data.read(name, slice(0, n)))
+    for a, b in zip(flushed.read(np.arange(300)), reference.read(np.arange(300))):
+        assert torch.equal(a, b)
+
+
+def test_recorder_flush_makes_every_recorded_step_durable(tmp_path):
+    model, optimizer, store = _setup(tmp_path, keep=0.5)  # a chunk holds thousands of steps
+    rec = pu.UpdateRecorder(model, optimizer, store, flush_every_s=None)
+    tiny_training(model, optimizer, tiny_data(160), epochs=1, recorder=rec)
+    assert pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").steps == 0  # store.flush() alone cannot reach them
+    store.flush()
+    assert pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").steps == 0
+    assert rec.flush() == rec.steps == 10
+    reader = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    assert reader.steps == 10 and reader.steps_for(np.arange(1000, 1160)).missing.size == 0
+    point = reader.metadata.resume_point
+    assert point.steps == 10 and point.fingerprint == fingerprint(store.check_model(model))
+    tiny_training(model, optimizer, tiny_data(32, first_id=5000), epochs=1, recorder=rec)
+    assert rec.flush() == 12 == pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").steps
+    rec.close()
+
+
+def test_flush_every_s_zero_flushes_after_every_append(tmp_path, monkeypatch):
+    model, optimizer, store = _setup(tmp_path, keep=0.5)
+    events = []
+    real_append, real_flush = store.append, store.flush
+
+    def append(row, ids, hyper=None):
+        events.append("append")
+        real_append(row, ids, hyper)
+
+    def flush():
+        events.append("flush")
+        real_flush()
+
+    monkeypatch.setattr(store, "append", append)
+    monkeypatch.setattr(store, "flush", flush)
+    rec = pu.UpdateRecorder(model, optimizer, store, flush_every_s=0.0)
+    tiny_training(model, optimizer, tiny_data(160), epochs=1, recorder=rec)
+    reader = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    deadline = time.monotonic() + 10
+    while reader.steps < 10 and time.monotonic() < deadline:  # durable without rec.flush() or close()
+        time.sleep(0.01)
+        reader.refresh()
+    assert reader.steps == 10
+    rec.close()
+    appends = [i for i, e in enumerate(events) if e == "append"]
+    assert len(appends) == 10 and all(events[i + 1] == "flush" for i in appends)
+    with pytest.raises(ValueError, match="flush_every_s must be a number of seconds >= 0, or None"):
+        pu.UpdateRecorder(model, optimizer, store, flush_every_s=-1)
+
+
+def test_recorder_flush_raises_the_writer_error(tmp_path, monkeypatch):
+    model, optimizer, store = _setup(tmp_path)
+    rec = pu.UpdateRecorder(model, optimizer, store)
+
+    def broken_append(row, ids, hyper=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "append", broken_append)
+    tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)
+    with pytest.raises(pu.RecorderError, match="disk full"):
+        rec.flush()
+    with pytest.raises(pu.RecorderError, match="disk full"):
+        rec.close()
+    assert store.final_fingerprint is None
+
+
+def _change(model, optimizer, how):
+    if how == "model.half()":
+        model.half()
+    elif how == "param.data = double":
+        model.fc1.weight.data = model.fc1.weight.data.double()
+    elif how == "add_param_group":  # a frozen layer unfrozen mid-run
+        model.frozen.requires_grad_(True)
+        optimizer.add_param_group({"params": [model.frozen]})
+    elif how == "nesterov":  # gradient attribution does not follow Nesterov momentum
+        optimizer.param_groups[0]["nesterov"] = True
+    elif how == "per-group lr":  # nor one learning rate per group
+        moved = optimizer.param_groups[0]["params"][2:]
+        del optimizer.param_groups[0]["params"][2:]
+        optimizer.add_param_group({"params": moved, "lr": 0.5})  # the same parameters, in the same order
+
+
+@pytest.mark.parametrize("how, attribution, message", [
+    ("model.half()", "update", r"parameter fc1.weight changed from torch.float32 on cpu, shape \(16, 8\), to "
+                               r"torch.float16"),
+    ("param.data = double", "update", r"parameter fc1.weight changed from torch.float32.* to torch.float64"),
+    ("add_param_group", "update", r"the optimizer's parameters changed since recording started \(1 added, 0 removed"),
+    ("nesterov", "gradient", r"the optimizer's settings changed since recording started: .*nesterov"),
+    ("per-group lr", "gradient", r"settings changed since recording started: .*one learning rate"),
+])
+def test_a_change_mid_run_is_refused_before_the_step(tmp_path, how, attribution, message):
+    model = _model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5, attribution=attribution)
+    rec = pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=1)
+    tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)  # 2 steps
+    _change(model, optimizer, how)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec.batch([1])
+    with pytest.raises(pu.RecorderError, match=message):
+        optimizer.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), "a refused step changed the model"
+    rec.batch([2])
+    with pytest.raises(pu.RecorderError, match="recording stopped"):
+        optimizer.step()
+    rec.close()
+    assert store.steps == 2 and store.final_fingerprint is None  # the steps before it, and no final model
+
+
+def test_the_per_step_checks_cost_microseconds(tmp_path):
+    model, optimizer, store = _setup(tmp_path)
+    rec = pu.UpdateRecorder(model, optimizer, store)
+    check = rec._role._changed
+    assert check() is None
+    n = 2000
+    best = min(_timed(check, n) for _ in range(5))
+    rec.close()
+    assert best < 50e-6, f"{best * 1e6:.1f} µs a step"  # ~2 µs measured on the development machine
+
+
+def _timed(fn, n):
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n

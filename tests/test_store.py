@@ -125,8 +125,8 @@ def test_read_touches_only_the_needed_chunks(tmp_path):
 
 def test_steps_for_matches_brute_force(back_end):
     _, store = _record(back_end, epochs=3)
-    ids = store._read_array("sample_ids", slice(0, store.samples))
-    offsets = store._read_array("offsets", slice(0, store.steps + 1))
+    ids = store._data.read("sample_ids", slice(0, store.samples))
+    offsets = store._data.read("offsets", slice(0, store.steps + 1))
     rng = np.random.default_rng(0)
     query = np.concatenate([rng.choice(ids, 7), [5, -3, 10**12]])
     expected = sorted({s for s in range(store.steps) for i in ids[offsets[s]:offsets[s + 1]] if i in set(query)})
@@ -211,7 +211,7 @@ def test_killed_recording_leaves_a_consistent_prefix_and_resumes(tmp_path):
         store = pu.UpdateStore.open(path)
         committed = store.steps
         assert 3 <= committed <= 160 and committed % 3 == 0  # whole chunks only
-        offsets = store._read_array("offsets", slice(0, committed + 1))
+        offsets = store._data.read("offsets", slice(0, committed + 1))
         assert offsets[-1] == store.samples and np.all(np.diff(offsets) > 0)
         rows = store.read(np.arange(committed))
         pu.ops.subtract_sparse([torch.zeros(layer.shape) for layer in store.layers], rows, store.k)  # decodes

@@ -1,0 +1,98 @@
+"""The store's arrays on disk: making the group of a new store, opening the arrays of an
+existing one, and reading them with every failure turned into CorruptStoreError (a damaged
+chunk, or a missing one: see _chunks.py). The layout is docs/format.md's."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zarr
+
+from ._chunks import ChunkPresence
+from ._format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, VALUE_DTYPES, StoreMetadata, codecs
+from ._location import what_is_there
+from ._lock import WriterLock
+from .attribution import HYPER_WIDTH
+from .errors import CorruptStoreError
+from .row import Row
+
+
+def create_group(zstore, where: str, meta: StoreMetadata, *, overwrite: bool):
+    """The group of a new store with its empty arrays. Refuses a place that holds anything but
+    an update store, and an update store unless `overwrite` (and no writer holds it)."""
+    there = what_is_there(zstore)
+    if there == "other":  # never delete what pyunlearn did not write
+        raise FileExistsError(f"{where} holds files that are not a pyunlearn update store: choose an empty or "
+                              "new folder (overwrite=True replaces only an update store)")
+    if there == "pyunlearn" and not overwrite:
+        raise FileExistsError(f"{where} already holds an update store; open it with UpdateStore.open, "
+                              "or pass overwrite=True to replace it")
+    if there == "pyunlearn":  # never wipe a store another writer is using
+        guard = WriterLock(zstore, where)
+        guard.acquire()
+        guard.release()
+    # The group first, marked unfinished, the arrays, then the real metadata: a crash midway
+    # leaves a folder that open() calls unfinished and create(overwrite=True) may replace.
+    group = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "creation_complete": False})
+    create_arrays(group, meta)
+    group.update_attributes(meta.to_checked_attrs())
+
+
+def create_arrays(group, meta: StoreMetadata) -> None:
+    """The empty arrays of a new store (see docs/format.md). Chunks equal to the fill value are
+    written too, so that a missing chunk always means damage."""
+    C, K, L = meta.steps_per_chunk, meta.row_length, len(meta.layers)
+    entries_per_chunk = max(1, min(K, CHUNK_BYTES // 4)) if C == 1 else K
+    value_np = VALUE_DTYPES[meta.value_dtype]
+    group.create_array("values", shape=(0, K), dtype=value_np, chunks=(C, entries_per_chunk),
+                       compressors=codecs(np.dtype(value_np).itemsize), fill_value=0)
+    group.create_array("index", shape=(0, K), dtype=np.uint32, chunks=(C, entries_per_chunk),
+                       compressors=codecs(4), fill_value=0)
+    group.create_array("scales", shape=(0, L), dtype=np.float32, chunks=(C, L), compressors=codecs(4), fill_value=0)
+    group.create_array("sample_ids", shape=(0,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
+                       compressors=codecs(8), fill_value=0)
+    offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
+                                 compressors=codecs(8), fill_value=0, config={"write_empty_chunks": True})
+    offsets[0] = 0
+    if meta.attribution == "gradient":  # per step: the optimizer family's hyper-parameters
+        group.create_array("step_hyper", shape=(0, HYPER_WIDTH), dtype=np.float64, chunks=(C, HYPER_WIDTH),
+                           compressors=codecs(8), fill_value=0)
+
+
+class StoreArrays:
+    """The arrays of an open store, read with checks."""
+
+    def __init__(self, zstore, group, meta: StoreMetadata, where: str):
+        self._where, self._check_presence = where, meta.chunks_always_written
+        try:
+            # Chunks equal to the fill value are written too: a missing chunk then always means
+            # damage (see _chunks.py), never "all zeros".
+            self.arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in meta.array_names}
+        except KeyError as exc:
+            raise CorruptStoreError(f"{where}: the store's array {exc} is missing") from None
+        self._chunks = ChunkPresence(zstore, where)
+
+    def read(self, name: str, selection=None, *, rows: np.ndarray | None = None) -> np.ndarray:
+        """arr[selection], or the given rows (orthogonal selection: only their chunks are read)."""
+        arr = self.arrays[name]
+        if self._check_presence:
+            self._chunks.require(arr, rows if rows is not None else np.arange(arr.shape[0])[selection])
+        try:
+            return arr.oindex[rows, :] if rows is not None else arr[selection]
+        except Exception as exc:  # zarr/numcodecs raise many types for a damaged chunk
+            what = f"rows of {name}" if rows is not None else f"{name}[{selection}]"
+            raise CorruptStoreError(f"{self._where}: reading {what} failed: {exc}. A chunk is damaged "
+                                    "or missing (its checksum does not match); restore the store from a copy") from exc
+
+    def rows(self, steps: np.ndarray) -> Row:
+        """The stored rows of `steps` (in the order given), reading only the chunks they lie in."""
+        unique, inverse = np.unique(steps, return_inverse=True)
+        fields = []
+        for name in ("index", "values", "scales"):
+            arr = self.arrays[name]
+            data = self.read(name, rows=unique)[inverse] if unique.size else np.empty((0, arr.shape[1]), dtype=arr.dtype)
+            fields.append(torch.from_numpy(np.ascontiguousarray(data)))
+        return Row(*fields)
+
+    def bytes_stored(self) -> dict[str, int]:
+        return {name: int(arr.nbytes_stored()) for name, arr in self.arrays.items()}
