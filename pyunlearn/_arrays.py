@@ -8,7 +8,8 @@ import torch
 import zarr
 
 from ._chunks import ChunkPresence
-from ._format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, VALUE_DTYPES, StoreMetadata, codecs
+from ._format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, VALUE_DTYPES, \
+    StoreMetadata, codecs
 from ._location import what_is_there
 from ._lock import WriterLock
 from .attribution import HYPER_WIDTH
@@ -39,24 +40,31 @@ def create_group(zstore, where: str, meta: StoreMetadata, *, overwrite: bool):
 
 
 def create_arrays(group, meta: StoreMetadata) -> None:
-    """The empty arrays of a new store (see docs/format.md). Chunks equal to the fill value are
-    written too, so that a missing chunk always means damage."""
-    C, K, L = meta.steps_per_chunk, meta.row_length, len(meta.layers)
-    entries_per_chunk = max(1, min(K, CHUNK_BYTES // 4)) if C == 1 else K
-    value_np = VALUE_DTYPES[meta.value_dtype]
-    group.create_array("values", shape=(0, K), dtype=value_np, chunks=(C, entries_per_chunk),
-                       compressors=codecs(np.dtype(value_np).itemsize), fill_value=0)
-    group.create_array("index", shape=(0, K), dtype=np.uint32, chunks=(C, entries_per_chunk),
-                       compressors=codecs(4), fill_value=0)
-    group.create_array("scales", shape=(0, L), dtype=np.float32, chunks=(C, L), compressors=codecs(4), fill_value=0)
-    group.create_array("sample_ids", shape=(0,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
-                       compressors=codecs(8), fill_value=0)
-    offsets = group.create_array("offsets", shape=(1,), dtype=np.int64, chunks=(IDS_PER_CHUNK,),
-                                 compressors=codecs(8), fill_value=0, config={"write_empty_chunks": True})
+    """The empty arrays of a new store (see docs/format.md). Rows are written a shard
+    (steps_per_chunk steps, ~4 MB) at a time and compressed in inner chunks of inner_steps
+    steps (~64 KB), so a read decodes only the inner chunks it needs. Chunks equal to the fill
+    value are written too, so that a missing chunk always means damage."""
+    C, I, K, L = meta.steps_per_chunk, meta.inner_steps, meta.row_length, len(meta.layers)
+
+    def add(name, shape, dtype, rows, inner_rows, dims):
+        """One array, sharded when its inner chunks are smaller than what is written at once."""
+        tail = shape[1:]
+        if rows == 1 and tail and tail[0] * np.dtype(dtype).itemsize > CHUNK_BYTES:  # huge rows: split them
+            tail = (max(1, CHUNK_BYTES // np.dtype(dtype).itemsize),)
+        layout = dict(chunks=(inner_rows, *tail), shards=(rows, *tail)) if inner_rows < rows else \
+            dict(chunks=(rows, *tail))
+        return group.create_array(name, shape=shape, dtype=dtype, fill_value=0, dimension_names=dims,
+                                  compressors=codecs(np.dtype(dtype).itemsize, meta.compression),
+                                  config={"write_empty_chunks": True}, **layout)
+
+    add("values", (0, K), VALUE_DTYPES[meta.value_dtype], C, I, ("step", "entry"))
+    add("index", (0, K), np.uint32, C, I, ("step", "entry"))
+    add("scales", (0, L), np.float32, C, I, ("step", "layer"))
+    add("sample_ids", (0,), np.int64, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, ("sample",))
+    offsets = add("offsets", (1,), np.int64, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, ("step_boundary",))
     offsets[0] = 0
     if meta.attribution == "gradient":  # per step: the optimizer family's hyper-parameters
-        group.create_array("step_hyper", shape=(0, HYPER_WIDTH), dtype=np.float64, chunks=(C, HYPER_WIDTH),
-                           compressors=codecs(8), fill_value=0)
+        add("step_hyper", (0, HYPER_WIDTH), np.float64, C, I, ("step", "hyper"))
 
 
 class StoreArrays:

@@ -63,8 +63,8 @@ class ChunkBuffer:
         first_sample, last_sample = self._committed_samples, self._committed_samples + len(ids)
         for name in self._names:
             arr = arrays[name]
-            if arr.shape[0] < start + self._capacity:
-                arr.resize((start + self._capacity, arr.shape[1]))
+            if arr.shape[0] < start + self._capacity:  # grown geometrically: a resize rewrites metadata
+                arr.resize((max(start + self._capacity, 2 * arr.shape[0]), arr.shape[1]))
             arr[start:end] = self._data[name][: self.rows]
         _grow(arrays["sample_ids"], last_sample)
         if len(ids):
@@ -77,6 +77,6 @@ class ChunkBuffer:
 
 
 def _grow(arr, length: int) -> None:
-    if arr.shape[0] < length:
-        chunk = arr.chunks[0]
-        arr.resize((-(-length // chunk) * chunk,))
+    if arr.shape[0] < length:  # geometrically, in whole written chunks
+        chunk = (arr.shards or arr.chunks)[0]
+        arr.resize((-(-max(length, 2 * arr.shape[0]) // chunk) * chunk,))

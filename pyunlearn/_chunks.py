@@ -24,8 +24,9 @@ class ChunkPresence:
         all its columns, exists; else CorruptStoreError naming the array and the chunk."""
         if rows.size == 0:
             return
-        first_axis = np.unique(rows // arr.chunks[0])
-        columns = range(-(-arr.shape[1] // arr.chunks[1])) if arr.ndim == 2 else (None,)
+        grid = arr.shards or arr.chunks  # the stored objects: shards where the array is sharded
+        first_axis = np.unique(rows // grid[0])
+        columns = range(-(-arr.shape[1] // grid[1])) if arr.ndim == 2 else (None,)
         keys = [f"{arr.path}/" + arr.metadata.encode_chunk_key((int(i),) if j is None else (int(i), j))
                 for i in first_axis for j in columns]
         unseen = [key for key in keys if key not in self._seen]

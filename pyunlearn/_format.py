@@ -23,9 +23,15 @@ from ._validate import positive_int
 FORMAT_NAME = "pyunlearn.update-store"
 FORMAT_VERSION = 3  # 3: checksummed attributes, resume point, creation marker
 READABLE_VERSIONS = (1, 2, 3)  # 2 (0.2.0): attribution, optimizer, step_hyper; 1 (0.1.0): update attribution only
-CHUNK_BYTES = 4 << 20  # ~4 MB per chunk: zarr's per-chunk cost (~0.3 ms) stays small beside the data
+CHUNK_BYTES = 4 << 20  # ~4 MB per written chunk (a shard): zarr's per-object cost stays small beside the data
 MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
 IDS_PER_CHUNK = CHUNK_BYTES // 8
+# Inside a shard, rows are compressed in inner chunks of ~64 KB: a forget decodes only the inner
+# chunks of the steps it touches, not the whole 4 MB.
+INNER_BYTES = 64 << 10
+IDS_PER_INNER_CHUNK = INNER_BYTES // 8
+COMPRESSORS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
+DEFAULT_COMPRESSION = "zstd:1"  # chosen by measurement: benchmarks/bench_store.py
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
 ATTRIBUTIONS = ("update", "gradient")
 ROW_ARRAYS = ("values", "index", "scales")  # one row per step; gradient stores add step_hyper
@@ -87,10 +93,18 @@ class StoreMetadata:
     # Stores created since format 3 write every chunk, even one of zeros, so a missing chunk is
     # damage. Older stores may lack chunks of zeros: there a missing chunk cannot be told apart.
     chunks_always_written: bool = False
+    # Version 3: steps per inner chunk of the row arrays (a divisor of steps_per_chunk; equal to it
+    # for unsharded arrays and older stores), and the blosc compressor and level of new arrays.
+    inner_steps: int = 0
+    compression: str = "zstd:5"
+
+    def __post_init__(self):
+        if self.inner_steps == 0:  # older stores: one chunk per write
+            object.__setattr__(self, "inner_steps", self.steps_per_chunk)
 
     @classmethod
     def new(cls, named_params, *, keep: float, value_dtype: str, attribution: str,
-            steps_per_chunk: int | None) -> "StoreMetadata":
+            steps_per_chunk: int | None, compression: str = DEFAULT_COMPRESSION) -> "StoreMetadata":
         """The metadata of a new, empty store of these (name, parameter) pairs: k_i =
         ceil(keep · numel_i), at least 1; errors name the argument that is wrong."""
         from . import __version__, ops
@@ -106,13 +120,19 @@ class StoreMetadata:
         for (name, p), k in zip(named_params, ops.k_for([p.numel() for _, p in named_params], keep)):
             layers.append(Layer(name, tuple(p.shape), p.numel(), k, offset))
             offset += k
+        try:
+            compression = _compression(compression)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"compression: {exc}") from None
+        chunk = default_steps_per_chunk(offset) if steps_per_chunk is None \
+            else positive_int("steps_per_chunk", steps_per_chunk)
         return cls(
             format_version=FORMAT_VERSION, written_by=f"pyunlearn {__version__}", layers=tuple(layers),
             keep=float(keep), value_dtype=value_dtype, attribution=attribution, optimizer=None, row_length=offset,
-            steps_per_chunk=default_steps_per_chunk(offset) if steps_per_chunk is None
-            else positive_int("steps_per_chunk", steps_per_chunk),
-            committed_steps=0, committed_samples=0, fingerprint_initial=fingerprint([p for _, p in named_params]),
-            fingerprint_final=None, final_steps=None, ledger=Ledger.empty(), chunks_always_written=True)
+            steps_per_chunk=chunk, committed_steps=0, committed_samples=0,
+            fingerprint_initial=fingerprint([p for _, p in named_params]), fingerprint_final=None,
+            final_steps=None, ledger=Ledger.empty(), chunks_always_written=True,
+            inner_steps=inner_steps_for(offset, chunk), compression=compression)
 
     @property
     def row_arrays(self) -> tuple[str, ...]:
@@ -145,6 +165,8 @@ class StoreMetadata:
             "ledger": self.ledger.to_attrs(),
             "resume_point": None if self.resume_point is None else self.resume_point.to_json(),
             "chunks_always_written": self.chunks_always_written,
+            "inner_steps": self.inner_steps,
+            "compression": self.compression,
             "creation_complete": True,
         }
 
@@ -196,7 +218,11 @@ class StoreMetadata:
                 ledger=Ledger.from_attrs(attrs["ledger"], where),
                 resume_point=ResumePoint.from_json(attrs.get("resume_point")),
                 chunks_always_written=attrs.get("chunks_always_written", False) is True,
+                inner_steps=_count(attrs.get("inner_steps", 0)),
+                compression=_compression(attrs.get("compression", "zstd:5")),
             )
+            if meta.inner_steps < 1 or meta.steps_per_chunk % meta.inner_steps:
+                raise ValueError(f"inner_steps {meta.inner_steps} does not divide steps_per_chunk {meta.steps_per_chunk}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CorruptStoreError(f"{where}: the store's group attributes are malformed ({what}); "
@@ -259,9 +285,25 @@ def check_row(meta: StoreMetadata, row, hyper) -> dict[str, np.ndarray]:
     return fields
 
 
-def codecs(typesize: int):
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
+def _compression(value) -> str:
+    """'<blosc compressor>:<level>', e.g. 'zstd:1', checked."""
+    name, _, level = str(value).partition(":") if isinstance(value, str) else ("", "", "")
+    if name not in COMPRESSORS or not level.isdigit() or not 0 <= int(level) <= 9:
+        raise ValueError(f"expected '<compressor>:<level>' with a compressor of {', '.join(COMPRESSORS)} and a "
+                         f"level 0-9 (e.g. {DEFAULT_COMPRESSION!r}), got {value!r}")
+    return value
+
+
+def codecs(typesize: int, compression: str = DEFAULT_COMPRESSION):
+    name, level = compression.split(":")
+    return [BloscCodec(cname=name, clevel=int(level), shuffle="shuffle", typesize=typesize), Crc32cCodec()]
 
 
 def default_steps_per_chunk(row_length: int) -> int:
     return max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_BYTES // max(1, row_length * 4)))
+
+
+def inner_steps_for(row_length: int, steps_per_chunk: int) -> int:
+    """The largest divisor of steps_per_chunk whose rows fit in ~INNER_BYTES (at least 1)."""
+    target = max(1, INNER_BYTES // max(1, row_length * 4))
+    return max(d for d in range(1, min(target, steps_per_chunk) + 1) if steps_per_chunk % d == 0)

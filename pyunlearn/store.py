@@ -14,7 +14,7 @@ import zarr
 
 from ._arrays import StoreArrays, create_group
 from ._buffer import ChunkBuffer
-from ._format import FORMAT_VERSION, Layer, ResumePoint, StoreMetadata, check_row
+from ._format import DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, ResumePoint, StoreMetadata, check_row
 from ._ids import as_ids
 from ._location import zarr_store
 from ._lock import WriterLock
@@ -45,13 +45,14 @@ class UpdateStore:
     @classmethod
     def create(cls, path, model, keep: float = 0.01, value_dtype: str = "float16", *,
                attribution: str = "update", steps_per_chunk: int | None = None, overwrite: bool = False,
-               storage_options=None) -> "UpdateStore":
+               compression: str = DEFAULT_COMPRESSION, storage_options=None) -> "UpdateStore":
         """A new, empty store for `model`'s trainable parameters (requires_grad), named as in
         model.named_parameters(); k_i = ceil(keep · numel_i), at least 1. Opened for writing.
         attribution: "update" stores each step's Δθ (the paper's method); "gradient" each step's
-        batch gradient and hyper-parameters (pyunlearn.attribution), momentum included."""
+        batch gradient and hyper-parameters (pyunlearn.attribution), momentum included.
+        compression: blosc '<compressor>:<level>' of the arrays (docs/format.md)."""
         meta = StoreMetadata.new(trainable_parameters(model), keep=keep, value_dtype=value_dtype,
-                                 attribution=attribution, steps_per_chunk=steps_per_chunk)
+                                 attribution=attribution, steps_per_chunk=steps_per_chunk, compression=compression)
         zstore, where = zarr_store(path, storage_options, read_only=False)
         create_group(zstore, where, meta, overwrite=overwrite)
         store = cls(zstore, where, read_only=False)

@@ -64,10 +64,16 @@ def test_create_describes_the_model(tmp_path):
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
     assert attrs["format"] == "pyunlearn.update-store" and attrs["format_version"] == 3
     assert attrs["value_dtype"] == "float16" and attrs["row_length"] == 21
-    # Every array uses spec codecs only: bytes, blosc, crc32c.
+    # Every array uses spec codecs only: bytes, blosc, crc32c — inside the spec's sharding codec
+    # where the array is sharded (its shard index: bytes, crc32c) — and names its dimensions.
     for name in ("values", "index", "scales", "sample_ids", "offsets"):
         meta = json.loads((tmp_path / "s.zarr" / name / "zarr.json").read_text())
-        assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc", "crc32c"], name
+        codecs = meta["codecs"]
+        if codecs[0]["name"] == "sharding_indexed":
+            assert [c["name"] for c in codecs[0]["configuration"]["index_codecs"]] == ["bytes", "crc32c"], name
+            codecs = codecs[0]["configuration"]["codecs"]
+        assert [c["name"] for c in codecs] == ["bytes", "blosc", "crc32c"], name
+        assert meta["dimension_names"][0] in ("step", "sample", "step_boundary"), name
 
 
 def test_chunks_follow_a_byte_target(tmp_path):
