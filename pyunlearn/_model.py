@@ -10,9 +10,13 @@ from .errors import ModelMismatchError
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter with requires_grad, in named_parameters() order.
+    Names leave out torch.compile's wrapper (`_orig_mod.`, also of a compiled submodule), so a
+    compiled module and the plain one name their parameters alike."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [(".".join(part for part in name.split(".") if part != "_orig_mod"), p)
+            for name, p in model.named_parameters() if p.requires_grad]
 
 
 def match_layers(model: torch.nn.Module, layers, where: str) -> list[torch.nn.Parameter]:

@@ -60,8 +60,12 @@ class _TrainingChanged(RecorderError):
 class UpdateRecorder:
     """Records every optimizer step of `model` into `store`.
 
-    optimizer: must update exactly the model's trainable parameters (those in the store's
-    layer table). allow_unlabeled_steps: record steps with no declared sample IDs instead of
+    model: the module the store was created from, or the same module wrapped by DDP or
+    torch.compile. optimizer: a torch optimizer, or one wrapped by Accelerate
+    (AcceleratedOptimizer) or Lightning (its step hooks go on the wrapped one); it must update
+    exactly the model's trainable parameters (those in the store's layer table), and may also
+    hold frozen ones (requires_grad=False: not recorded, and refused if they start to train).
+    allow_unlabeled_steps: record steps with no declared sample IDs instead of
     refusing them. rows_per_handoff: rows passed to the writer at once (default: ~1 MB of rows,
     at most 64; one thread wake-up per step would cost a small model more than the pruning).
     queue_size: hand-offs waiting for the writer before training blocks, so at most
@@ -77,6 +81,8 @@ class UpdateRecorder:
                  allow_unlabeled_steps: bool = False, rows_per_handoff: int | None = None, queue_size: int = 8,
                  writer_rank: int = 0, flush_every_s: float | None = 60.0, state: dict | None = None):
         flush_every_s = _seconds_or_none("flush_every_s", flush_every_s)
+        optimizer = unwrap_optimizer(optimizer)  # Accelerate's and Lightning's wrappers: hook the torch optimizer
+        model = unwrap_model(model)  # DDP, torch.compile: the store names the module's own parameters
         dist = _Distributed.current(writer_rank)
         if dist is not None and not dist.writes:
             self._role = _FollowerRole(model, dist)
@@ -219,8 +225,6 @@ class _FollowerRole:
     batch IDs, and raises with every other rank when the writer reports a failure."""
 
     def __init__(self, model, dist: "_Distributed"):
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._dist = dist
         self.steps = 0
@@ -260,8 +264,6 @@ class _WritingRole:
     cheaply before every step, prunes a row after it and hands it to the background writer."""
 
     def __init__(self, model, optimizer, store, dist, *, rows_per_handoff, queue_size, flush_every_s):
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module  # the store records the wrapped module's parameter names
         if not isinstance(store, UpdateStore):
             raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}"
                             + ("" if dist is None else " (on the writer rank; other ranks may pass None)"))
@@ -271,7 +273,7 @@ class _WritingRole:
         if rows_per_handoff is not None:
             rows_per_handoff = positive_int("rows_per_handoff", rows_per_handoff)
         params = store.check_model(model)
-        _check_optimizer(optimizer, store, params)
+        frozen = _check_optimizer(optimizer, store, model, params)
         family = attribution.family_for(optimizer) if store.attribution == "gradient" else None
         for layer, p in zip(store.layers, params):
             if p.device.type != "cpu":
@@ -293,6 +295,7 @@ class _WritingRole:
         # What the per-step checks compare against (_changed): cheap to read back every step.
         self._param_ids = _optimizer_param_ids(optimizer)
         self._layout = [(p.dtype, p.device, p.shape) for p in params]
+        self._frozen = frozen  # (name, parameter): in the optimizer, not recorded, must stay frozen
         self.steps = store.steps
         # A store that already has steps continues only from the model they end with; checked
         # at the first step (or settled by load_state), when the checkpoint's model is loaded.
@@ -346,6 +349,16 @@ class _WritingRole:
                     "not mark a final model. Convert the model before creating its store, or close the recorder "
                     "before converting and record the rest of training into a new store created from the converted "
                     "model")
+        for name, p in self._frozen:
+            if p.requires_grad or p.grad is not None:
+                return _TrainingChanged(
+                    f"parameter {name} was frozen (requires_grad=False) when recording started, so the store does "
+                    f"not record it, but it now {'requires grad' if p.requires_grad else 'has a gradient'}: this "
+                    "step would change it unrecorded. This step did not run; recording stopped and close() will "
+                    "not mark a final model (the model still holds the weights after the last recorded step: "
+                    "store.mark_final(model) if training ends here). To train it too, close the recorder before "
+                    "unfreezing and record the rest of training into a new store created from the model as it is "
+                    "then")
         if self._family is not None:
             try:
                 self._family.check(self._optimizer)
@@ -603,15 +616,58 @@ def _parse_state(state) -> tuple[int, str]:
     return steps, model_fingerprint
 
 
-def _check_optimizer(optimizer, store, params) -> None:
+def _check_optimizer(optimizer, store, model, params) -> list[tuple[str, torch.nn.Parameter]]:
     """The optimizer must update exactly the recorded parameters: a parameter it skips would be
-    recorded as unchanged, one it adds would change the model unrecorded."""
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    recorded as unchanged, one it adds would change the model unrecorded. It may also hold the
+    model's frozen parameters (requires_grad=False, so the optimizer leaves them alone): those
+    are returned as (name, parameter), for the per-step check that they stay frozen."""
+    in_optimizer = {id(p): p for group in optimizer.param_groups for p in group["params"]}
     missing = [layer.name for layer, p in zip(store.layers, params) if id(p) not in in_optimizer]
-    extra = len(in_optimizer - {id(p) for p in params})
+    recorded = {id(p) for p in params}
+    frozen_in_model = {id(p): name for name, p in _named_parameters(model) if not p.requires_grad}
+    frozen = [(frozen_in_model[i], p) for i, p in in_optimizer.items() if i not in recorded and i in frozen_in_model]
+    extra = len(in_optimizer) - len(recorded & in_optimizer.keys()) - len(frozen)
     if missing or extra:
         raise ValueError(f"the optimizer's parameters are not the model's trainable parameters: it lacks "
-                         f"{missing[:5]} and has {extra} others; give it model.parameters() (trainable only)")
+                         f"{missing[:5]} and has {extra} others (neither recorded parameters nor frozen ones of "
+                         "the model); give it model.parameters()")
+    return frozen
+
+
+def _named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """Names as the store writes them (_model.trainable_parameters): torch.compile's `_orig_mod`
+    left out, also where a submodule was compiled."""
+    return [(".".join(part for part in name.split(".") if part != "_orig_mod"), p)
+            for name, p in model.named_parameters()]
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's AcceleratedOptimizer or Lightning's
+    LightningOptimizer (wrappers that never ran torch.optim.Optimizer.__init__, so they have no
+    step hooks of their own: their step() calls the wrapped optimizer's, which is hooked).
+    Anything else is returned as it is."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if "_optimizer_step_pre_hooks" in getattr(optimizer, "__dict__", {}):
+            return optimizer  # a real torch optimizer (AcceleratedOptimizer subclasses one, uninitialised)
+        inner = next((getattr(optimizer, a) for a in ("optimizer", "_optimizer")
+                      if isinstance(getattr(optimizer, a, None), torch.optim.Optimizer)), None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def unwrap_model(model):
+    """The module inside DistributedDataParallel (and DataParallel) or torch.compile's
+    OptimizedModule: the one whose parameter names the store holds."""
+    for _ in range(8):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+    return model
 
 
 class _Distributed:

@@ -102,8 +102,9 @@ def test_optimizer_must_hold_the_trainable_parameters(tmp_path):
     store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
     with pytest.raises(ValueError, match=r"lacks \['fc2.weight', 'fc2.bias'\]"):
         pu.UpdateRecorder(model, torch.optim.SGD(model.fc1.parameters(), lr=0.1), store)
+    stranger = torch.nn.Parameter(torch.zeros(2))  # not the model's: it would change unrecorded
     with pytest.raises(ValueError, match="has 1 others"):
-        pu.UpdateRecorder(model, torch.optim.SGD(list(model.parameters()), lr=0.1), store)  # includes the frozen one
+        pu.UpdateRecorder(model, torch.optim.SGD([*model.parameters(), stranger], lr=0.1), store)
 
 
 def test_model_changed_since_create_is_refused(tmp_path):
@@ -356,3 +357,84 @@ def _timed(fn, n):
     for _ in range(n):
         fn()
     return (time.perf_counter() - start) / n
+
+
+# ----------------------------------------------------------------- issue 14: frozen parameters, wrapped optimizers
+def test_an_optimizer_may_hold_frozen_parameters(tmp_path):
+    """SGD(model.parameters()) with a frozen backbone: the frozen parameters are not recorded,
+    and the store equals the one recorded with the trainable parameters alone."""
+    stores = []
+    for name, everything in (("all.zarr", True), ("trainable.zarr", False)):
+        torch.manual_seed(0)
+        model = TinyNet()
+        model.fc1.requires_grad_(False)  # the "backbone"
+        params = list(model.parameters()) if everything else [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+        store = pu.UpdateStore.create(tmp_path / name, model, keep=1.0, value_dtype="float32")
+        frozen_before = model.fc1.weight.detach().clone()
+        with pu.UpdateRecorder(model, optimizer, store) as rec:
+            tiny_training(model, optimizer, tiny_data(48), epochs=1, recorder=rec)
+        assert torch.equal(model.fc1.weight, frozen_before)
+        assert [layer.name for layer in store.layers] == ["fc2.weight", "fc2.bias"]
+        stores.append(store)
+    assert stores[0].steps == stores[1].steps == 3
+    for a, b in zip(stores[0].read(range(3)), stores[1].read(range(3))):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["requires_grad_(True)", "a gradient set by hand"])
+def test_a_frozen_parameter_that_starts_to_train_is_refused(tmp_path, how):
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.fc1.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5)
+    rec = pu.UpdateRecorder(model, optimizer, store)
+    tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)  # 2 steps
+    rec.batch([1])
+    optimizer.zero_grad()
+    if how == "requires_grad_(True)":
+        model.fc1.requires_grad_(True)  # unfrozen mid-run: the optimizer already holds it
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.zeros(4, dtype=torch.long)).backward()
+    if how == "a gradient set by hand":
+        model.fc1.weight.grad = torch.ones_like(model.fc1.weight)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(pu.RecorderError, match=r"parameter fc1\.\w+ was frozen \(requires_grad=False\) when "
+                                               r"recording started.*This step did not run"):
+        optimizer.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), "a refused step changed the model"
+    rec.close()
+    assert store.steps == 2 and store.final_fingerprint is None
+
+
+def test_an_accelerate_style_wrapper_is_unwrapped(tmp_path):
+    """AcceleratedOptimizer subclasses torch.optim.Optimizer without running its __init__ (no
+    hooks of its own) and steps the wrapped optimizer; the recorder hooks the wrapped one. A
+    stand-in here: tests/test_transformers.py runs the real one."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, optimizer):  # noqa: super().__init__ deliberately not called
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none)
+
+    from pyunlearn.recorder import unwrap_optimizer
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    wrapped = Wrapper(inner)
+    assert unwrap_optimizer(wrapped) is inner and unwrap_optimizer(inner) is inner
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model)
+    with pu.UpdateRecorder(model, wrapped, store) as rec:
+        assert tiny_training(model, wrapped, tiny_data(32), epochs=1, recorder=rec) == 2
+    assert store.steps == 2
