@@ -1,0 +1,75 @@
+"""What the framework callbacks share: the store argument (an UpdateStore, or a path that the
+writer rank creates or opens, so every rank can be given the same arguments), and a check that
+every DDP rank got its recorder before any rank trains."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import RecorderError
+from ..store import UpdateStore
+
+
+class StoreSpec:
+    """RecordUpdates' `store`, `create` and `storage_options` arguments, checked."""
+
+    def __init__(self, store, create: dict[str, Any] | None, storage_options):
+        if not isinstance(store, (UpdateStore, str, os.PathLike)):
+            raise TypeError(f"store must be an UpdateStore or a path (str or os.PathLike) to create or open on the "
+                            f"writer rank, got {type(store).__name__}")
+        if create is not None and not isinstance(create, dict):
+            raise TypeError(f"create must be a dict of UpdateStore.create options (keep=..., value_dtype=...), "
+                            f"got {type(create).__name__}")
+        if isinstance(store, UpdateStore) and (create is not None or storage_options is not None):
+            raise TypeError("create= and storage_options= go with a store path, not an UpdateStore")
+        if create is not None and {"path", "model", "storage_options"} & create.keys():
+            raise TypeError("create= holds UpdateStore.create's options only (keep, value_dtype, attribution, "
+                            "overwrite, ...): the path is `store`, the model is the trained one, and "
+                            "storage_options is an argument of its own")
+        self.store, self.create, self.storage_options = store, create, storage_options
+
+    def resolve(self, model, *, writes: bool, resuming: bool) -> UpdateStore | None:
+        """The store the recorder writes: on the writer rank the given UpdateStore, or the path
+        created from `model` (with `create`) or opened (without it, or when resuming from a
+        checkpoint, whose store must go on); None on the other ranks of a DDP run."""
+        if isinstance(self.store, UpdateStore):
+            return self.store if writes else None
+        if not writes:
+            return None
+        if self.create is not None and not resuming:
+            return UpdateStore.create(self.store, model, storage_options=self.storage_options, **self.create)
+        return UpdateStore.open(self.store, storage_options=self.storage_options)
+
+    @property
+    def owned(self) -> bool:
+        """Whether the callback opened the store (and so closes it at the end of training)."""
+        return not isinstance(self.store, UpdateStore)
+
+
+def distributed_rank() -> tuple[int, int] | None:
+    """(rank, world size) when torch.distributed runs more than one process, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def all_ranks_ready(error: BaseException | None) -> None:
+    """Under DDP, one collective at the start: if any rank failed to set up recording (the
+    writer rank's store could not be created or opened, say), every rank raises, instead of the
+    others training into a collective the failed rank never reaches. The failing rank re-raises
+    its own error."""
+    if distributed_rank() is None:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else f"rank {dist.get_rank()}: {error!r}")
+    if error is not None:
+        raise error
+    failed = [f for f in failures if f is not None]
+    if failed:
+        raise RecorderError(f"recording could not start on every rank ({'; '.join(failed)}); every rank stops")
