@@ -1,5 +1,9 @@
-"""The Lightning callback records what the plain recorder records for the same run."""
+"""The Lightning callback records what the plain recorder records for the same run, also under
+DDP (two CPU processes, gloo) and across fit(ckpt_path=...)."""
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,8 +71,10 @@ def test_batches_without_ids_are_refused(tmp_path):
     with pytest.raises(TypeError, match="ids must hold integers"):
         trainer.fit(module, loader)
     assert store.steps == 0
-    with pytest.raises(TypeError, match="store must be an UpdateStore"):
-        RecordUpdates("updates.zarr")
+    with pytest.raises(TypeError, match="store must be an UpdateStore or a path"):
+        RecordUpdates(42)
+    with pytest.raises(TypeError, match="go with a store path"):
+        RecordUpdates(store, create=dict(keep=0.1))
 
 
 def _trainer(root, callbacks, **options):
@@ -122,3 +128,123 @@ def test_fit_from_a_checkpoint_without_the_callback_state_is_refused(tmp_path):
         _trainer(tmp_path, [RecordUpdates(store)], enable_checkpointing=False).fit(
             Module(), _loader(), ckpt_path=tmp_path / "stripped.ckpt")
     assert store.steps == 12 and store.final_steps == 12  # untouched
+
+
+def test_a_store_path_with_create_options_records_the_same(tmp_path):
+    """RecordUpdates(path, create=...) creates the store when training starts: the same store as
+    one created beforehand from the module."""
+    created = Module()
+    store = pu.UpdateStore.create(tmp_path / "given.zarr", created, keep=0.3)
+    _trainer(tmp_path, [RecordUpdates(store)], enable_checkpointing=False).fit(created, _loader())
+    callback = RecordUpdates(tmp_path / "path.zarr", create=dict(keep=0.3))
+    _trainer(tmp_path, [callback], enable_checkpointing=False).fit(Module(), _loader())
+    by_path = pu.UpdateStore.open(tmp_path / "path.zarr")
+    with by_path.writing():  # the callback closed the store it opened: its writer lock is free
+        pass
+    assert by_path.steps == store.steps == 12
+    for a, b in zip(by_path.read(range(12)), store.read(range(12))):
+        assert torch.equal(a, b)
+    assert by_path.final_fingerprint == store.final_fingerprint
+    with pytest.raises(FileExistsError):  # create= on a store that exists, outside a resume: refused
+        _trainer(tmp_path, [RecordUpdates(tmp_path / "path.zarr", create=dict(keep=0.3))],
+                 enable_checkpointing=False).fit(Module(), _loader())
+
+
+# ----------------------------------------------------------------- DDP: strategy="ddp", devices=2
+# Lightning's "ddp" strategy starts the second process by running the script again, so the run
+# is a script of its own. Each rank gets every other sample of a batch of 16 (DistributedSampler
+# with shuffle off), so a step's global batch is 16 consecutive samples, as in one process with
+# batch_size=16.
+_DDP_SCRIPT = r"""
+import os, sys, warnings
+import torch, torch.distributed as dist, lightning
+import pyunlearn as pu
+from lightning.pytorch.callbacks import ModelCheckpoint
+from pyunlearn.integrations.lightning import RecordUpdates
+from pyunlearn.testing import TinyNet, tiny_data
+
+class Module(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyNet()
+    def training_step(self, batch, batch_idx):
+        _, x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    def train_dataloader(self):  # after the process group exists; Lightning's own sampler would shuffle
+        data = list(zip(*tiny_data(64)))
+        sampler = torch.utils.data.DistributedSampler(data, shuffle=False)
+        return torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+
+path, root, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+saving = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), every_n_train_steps=4, save_top_k=-1, filename="{step}")
+# The same arguments on every rank: rank 0 creates (or, resuming, opens) the store, rank 1 only gathers.
+callback = RecordUpdates(path, create=dict(keep=1.0, value_dtype="float32"))
+trainer = lightning.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=3, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                            callbacks=[callback, saving], use_distributed_sampler=False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    trainer.fit(Module(), ckpt_path=os.path.join(root, "ckpt", "step=4.ckpt") if mode == "resume" else None)
+rank = trainer.global_rank
+for w in caught:
+    if "dropped the store" in str(w.message):
+        print(f"rank {rank} warned: {w.message}", flush=True)
+print(f"rank {rank} done, store {'none' if callback.store is None else 'written'}", flush=True)
+# Leave without C++ static destructors (tests/test_ddp.py: gloo sometimes aborts at exit).
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def _ddp_fit(tmp_path, mode):
+    script = tmp_path / "lit_ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp.zarr"), str(tmp_path), mode],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "rank 0 done, store written" in out.stdout and "rank 1 done, store none" in out.stdout, \
+        out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def _single_process_run(tmp_path):
+    module = Module()
+    store = pu.UpdateStore.create(tmp_path / "single.zarr", module, keep=1.0, value_dtype="float32")
+    ids, x, y = tiny_data(64)
+    loader = torch.utils.data.DataLoader(list(zip(ids, x, y)), batch_size=16, shuffle=False)
+    _trainer(tmp_path, [RecordUpdates(store)], enable_checkpointing=False).fit(module, loader)
+    return store
+
+
+def _dense(store, step):
+    out = [torch.zeros(layer.shape) for layer in store.layers]
+    pu.ops.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
+    return out
+
+
+def _assert_equals_single_process(ddp, single):
+    assert ddp.steps == single.steps == 12
+    for i in range(1000, 1064):  # each sample in the same steps: the global batches
+        assert ddp.steps_for([i]).steps.tolist() == single.steps_for([i]).steps.tolist(), i
+    for step in range(12):  # DDP averages two 8-sample gradients: equal to float rounding
+        for a, b in zip(_dense(ddp, step), _dense(single, step)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ddp_records_the_global_batches_on_the_writer_rank(tmp_path):
+    _ddp_fit(tmp_path, "fresh")
+    _assert_equals_single_process(pu.UpdateStore.open(tmp_path / "ddp.zarr", mode="r"), _single_process_run(tmp_path))
+
+
+def test_ddp_fit_from_a_checkpoint_continues_the_store(tmp_path):
+    _ddp_fit(tmp_path, "fresh")  # 12 steps, checkpoints after 4, 8 and 12
+    assert torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=True)[
+        "callbacks"]["RecordUpdates"]["recorder"]["steps"] == 4
+    out = _ddp_fit(tmp_path, "resume")  # from step 4: the writer drops the 8 later steps
+    assert "rank 0 warned: resuming from the checkpoint at step 4: dropped the store's 8 later steps" in out
+    _assert_equals_single_process(pu.UpdateStore.open(tmp_path / "ddp.zarr", mode="r"), _single_process_run(tmp_path))

@@ -1,13 +1,23 @@
 """A PyTorch Lightning callback that records a LightningModule's training into an UpdateStore.
 
-    store = pu.UpdateStore.create("updates.zarr", lit_module, keep=0.01)   # names as in lit_module
-    trainer = lightning.Trainer(callbacks=[RecordUpdates(store)], ...)
+    trainer = lightning.Trainer(callbacks=[RecordUpdates("updates.zarr", create=dict(keep=0.01))], ...)
     trainer.fit(lit_module, loader)                                         # batches: (ids, x, y)
+
+The store names the parameters as in the LightningModule (e.g. "net.fc1.weight", as in its
+Lightning checkpoints' state_dict). `store` may also be an UpdateStore created from the module
+(`UpdateStore.create("updates.zarr", lit_module, keep=0.01)`) in a single process.
 
 Batch convention: a tuple or list whose first element holds the batch's int64 sample IDs, or
 a dict with an "ids" entry; pass ids_of=callable(batch) -> IDs for anything else. Needs the
-`lightning` package (pip install 'pyunlearn[lightning]'); single optimizer, one process (for
-DDP use the plain recorder, which gathers IDs across ranks).
+`lightning` package (pip install 'pyunlearn[lightning]'); a single optimizer. With
+accumulate_grad_batches every micro-batch's IDs go into the optimizer step they feed.
+
+DDP (`strategy="ddp"`): give every rank the same arguments, with the store as a path. The
+writer rank (`writer_rank`, default 0) creates the store from the module (with `create=`, a
+dict of UpdateStore.create options) or opens it (without `create`, or when resuming from a
+checkpoint); the other ranks hold no store and only take part in gathering each step's IDs
+from every rank, so the stored step holds the global batch. If the writer rank cannot create
+or open the store, every rank raises at the start of training.
 
 Checkpoints: saving one flushes the recorder and stores its state (the committed step and the
 model's fingerprint) in the checkpoint's callback states; `trainer.fit(..., ckpt_path=...)`
@@ -27,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..recorder import UpdateRecorder
 from ..store import UpdateStore
+from ._common import StoreSpec, all_ranks_ready, distributed_rank
 
 
 def default_ids(batch: Any):
@@ -39,12 +50,19 @@ def default_ids(batch: Any):
 
 
 class RecordUpdates(Callback):
-    """Records every optimizer step of the LightningModule (see the module docstring)."""
+    """Records every optimizer step of the LightningModule (see the module docstring).
 
-    def __init__(self, store: UpdateStore, *, ids_of: Callable[[Any], Any] | None = None, **recorder_options):
-        if not isinstance(store, UpdateStore):
-            raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
-        self.store = store
+    store: an UpdateStore created from the LightningModule, or a path (str or os.PathLike, or an
+    fsspec URL with storage_options) that the writer rank creates with `create` (a dict of
+    UpdateStore.create options) or, without `create` or when resuming, opens. Other keyword
+    arguments go to UpdateRecorder (writer_rank, flush_every_s, allow_unlabeled_steps, ...).
+    After training `callback.store` is the store written (None on the ranks that do not write);
+    a store the callback opened from a path is closed when training ends."""
+
+    def __init__(self, store: UpdateStore | str | Any, *, ids_of: Callable[[Any], Any] | None = None,
+                 create: dict | None = None, storage_options=None, **recorder_options):
+        self._spec = StoreSpec(store, create, storage_options)
+        self.store: UpdateStore | None = store if isinstance(store, UpdateStore) else None
         self.ids_of = ids_of or default_ids
         self.recorder_options = recorder_options
         self.recorder: UpdateRecorder | None = None
@@ -54,10 +72,20 @@ class RecordUpdates(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"RecordUpdates supports one optimizer, the module configures {len(trainer.optimizers)}")
         state, self._pending_state = self._pending_state, None
-        # Lightning restored the checkpoint's model and optimizer before this hook, so the
-        # state can be checked against them here.
-        self.recorder = UpdateRecorder(pl_module, trainer.optimizers[0], self.store, state=state,
-                                       **self.recorder_options)
+        error = None
+        try:
+            rank = distributed_rank()
+            writes = rank is None or rank[0] == self.recorder_options.get("writer_rank", 0)
+            if self._spec.owned:
+                resuming = state is not None or getattr(trainer, "ckpt_path", None) is not None
+                self.store = self._spec.resolve(pl_module, writes=writes, resuming=resuming)
+            # Lightning restored the checkpoint's model and optimizer before this hook, so the
+            # state can be checked against them here.
+            self.recorder = UpdateRecorder(pl_module, trainer.optimizers[0], self.store if writes else None,
+                                           state=state, **self.recorder_options)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on this rank, reported to the others
+            error = exc
+        all_ranks_ready(error)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.recorder.batch(self.ids_of(batch))
@@ -76,12 +104,20 @@ class RecordUpdates(Callback):
         self._pending_state = state_dict.get("recorder")  # applied when on_train_start builds the recorder
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
+        self.close()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self.recorder is not None:  # flush what was recorded; the original error propagates
-            try:
+        try:  # flush what was recorded; the original error propagates
+            self.close()
+        except Exception:  # noqa: BLE001 - never mask the training error
+            pass
+
+    def close(self) -> None:
+        """Closes the recorder (flushing the store and marking the final model) and a store the
+        callback opened from a path."""
+        try:
+            if self.recorder is not None:
                 self.recorder.close()
-            except Exception:  # noqa: BLE001 - never mask the training error
-                pass
+        finally:
+            if self._spec.owned and self.store is not None:
+                self.store.close()
