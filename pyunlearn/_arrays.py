@@ -82,7 +82,11 @@ class StoreArrays:
 
     def read(self, name: str, selection=None, *, rows: np.ndarray | None = None) -> np.ndarray:
         """arr[selection], or the given rows (orthogonal selection: only their chunks are read)."""
-        arr = self.arrays[name]
+        return self.read_array(self.arrays[name], selection, rows=rows)
+
+    def read_array(self, arr, selection=None, *, rows: np.ndarray | None = None) -> np.ndarray:
+        """The same for any array of the store (e.g. the ID index's runs)."""
+        name = arr.path
         if self._check_presence:
             self._chunks.require(arr, rows if rows is not None else np.arange(arr.shape[0])[selection])
         try:

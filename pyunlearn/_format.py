@@ -69,6 +69,26 @@ class ResumePoint:
 
 
 @dataclass(frozen=True)
+class Run:
+    """One run of the persistent ID index (pyunlearn/_lookup.py)."""
+
+    name: str
+    step_from: int  # the run holds the pairs of steps [step_from, step_to)
+    step_to: int
+    pairs: int
+
+    def to_json(self) -> list:
+        return [self.name, self.step_from, self.step_to, self.pairs]
+
+    @classmethod
+    def from_json(cls, d) -> "Run":
+        name, step_from, step_to, pairs = d
+        if not isinstance(name, str) or not all(isinstance(v, int) and v >= 0 for v in (step_from, step_to, pairs)):
+            raise ValueError(f"malformed lookup run {d!r}")
+        return cls(name, step_from, step_to, pairs)
+
+
+@dataclass(frozen=True)
 class StoreMetadata:
     """The group attributes of an update store (see docs/format.md)."""
 
@@ -97,6 +117,10 @@ class StoreMetadata:
     # for unsharded arrays and older stores), and the blosc compressor and level of new arrays.
     inner_steps: int = 0
     compression: str = "zstd:5"
+    # Version 3: the persistent ID index (pyunlearn/_lookup.py): its runs cover steps
+    # [lookup_from, committed_steps); earlier steps are found by scanning the CSR arrays.
+    lookup_from: int = 0
+    lookup_runs: tuple = ()
 
     def __post_init__(self):
         if self.inner_steps == 0:  # older stores: one chunk per write
@@ -167,6 +191,7 @@ class StoreMetadata:
             "chunks_always_written": self.chunks_always_written,
             "inner_steps": self.inner_steps,
             "compression": self.compression,
+            "lookup": {"from": self.lookup_from, "runs": [run.to_json() for run in self.lookup_runs]},
             "creation_complete": True,
         }
 
@@ -220,7 +245,13 @@ class StoreMetadata:
                 chunks_always_written=attrs.get("chunks_always_written", False) is True,
                 inner_steps=_count(attrs.get("inner_steps", 0)),
                 compression=_compression(attrs.get("compression", "zstd:5")),
+                # A store without the index (before format 3) scans its CSR arrays up to here.
+                lookup_from=_count(attrs["lookup"]["from"]) if "lookup" in attrs else _count(attrs["committed_steps"]),
+                lookup_runs=tuple(Run.from_json(r) for r in attrs["lookup"]["runs"]) if "lookup" in attrs else (),
             )
+            covered = [meta.lookup_from] + [b for run in meta.lookup_runs for b in (run.step_from, run.step_to)]
+            if covered[-1] != meta.committed_steps or any(a != b for a, b in zip(covered[::2], covered[1::2])):
+                raise ValueError("the ID index's runs do not cover the committed steps in order")
             if meta.inner_steps < 1 or meta.steps_per_chunk % meta.inner_steps:
                 raise ValueError(f"inner_steps {meta.inner_steps} does not divide steps_per_chunk {meta.steps_per_chunk}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

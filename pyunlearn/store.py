@@ -1,6 +1,6 @@
 """UpdateStore: the pruned update of every optimizer step of one model, by sample ID, in a Zarr
 v3 group (docs/format.md). The facade users see; the format is in _format.py, the arrays in
-_arrays.py, the chunk being filled in _buffer.py, the ID lookup in _sample_index.py, the ledger
+_arrays.py, the chunk being filled in _buffer.py, the ID index in _lookup.py, the ledger
 in ledger.py, the writer lock in _lock.py. Committed counts are written after the data, so
 readers (and a store reopened after a crash) see a consistent prefix."""
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ._ids import as_ids
 from ._location import zarr_store
 from ._lock import WriterLock
 from ._model import fingerprint, match_layers, trainable_parameters
-from ._sample_index import SampleIndex, StepLookup
+from ._lookup import IdLookup, delete_runs, runs_after_commit, runs_after_truncate
+from ._sample_index import StepLookup
 from ._stats import StoreStats
 from ._validate import int_in_range
 from .errors import StoreError, StoreNotFoundError
@@ -86,7 +87,7 @@ class UpdateStore:
         self._group = group
         self._meta = StoreMetadata.from_attrs(dict(group.attrs), self._where)
         self._data = StoreArrays(self._zstore, group, self._meta, self._where)
-        self._sample_index: SampleIndex | None = None
+        self._ids = IdLookup(group, self._meta, self._data)
 
     # ----------------------------------------------------------------- facts
     path = property(lambda self: self._where)
@@ -163,8 +164,11 @@ class UpdateStore:
                 self._buffer = None
 
     def _write_buffer(self) -> None:
-        steps, samples = self._buffer.write(self._data.arrays)
-        self._commit(committed_steps=steps, committed_samples=samples)
+        new = self._buffer.write(self._data.arrays)  # data, then its ID index run, then the counts
+        runs, obsolete = runs_after_commit(self._group, self._meta.lookup_runs, new.ids, new.steps, new.first_step,
+                                           new.committed_steps, self._meta.compression, self._ids.runs)
+        self._commit(committed_steps=new.committed_steps, committed_samples=new.committed_samples, lookup_runs=runs)
+        delete_runs(self._group, obsolete)
 
     def _commit(self, **changes) -> None:
         # The whole metadata in one write (zarr's attrs.update() writes once per key: a crash
@@ -172,7 +176,7 @@ class UpdateStore:
         meta = self._meta.replace(format_version=FORMAT_VERSION, **changes)
         self._group = self._group.update_attributes(meta.to_checked_attrs())
         self._meta = meta
-        self._sample_index = None
+        self._ids = IdLookup(self._group, meta, self._data)
 
     def flush(self) -> None:
         """Makes every appended step durable and visible to readers. Safe to call from another
@@ -198,8 +202,10 @@ class UpdateStore:
             point = self._meta.resume_point
             if point is None or point.steps != step:
                 point = ResumePoint(step, "")  # "" : chosen by hand, model unknown
+            start, runs, obsolete = runs_after_truncate(self._group, self._meta, step, self._ids.runs)
             self._commit(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
-                         resume_point=point)
+                         resume_point=point, lookup_from=start, lookup_runs=runs)
+            delete_runs(self._group, obsolete)
             self._buffer = None
 
     def mark_final(self, model) -> None:
@@ -270,13 +276,7 @@ class UpdateStore:
     # ----------------------------------------------------------------- reading
     def steps_for(self, ids) -> StepLookup:
         """The committed steps whose batches held any of `ids`, and the IDs never seen."""
-        ids = as_ids(ids)
-        if self._sample_index is None:
-            n, m = self.steps, self.samples
-            self._sample_index = SampleIndex(
-                self._data.read("sample_ids", slice(0, m)) if m else np.empty(0, np.int64),
-                self._data.read("offsets", slice(0, n + 1)))
-        return self._sample_index.lookup(ids)
+        return self._ids.steps_for(as_ids(ids))
 
     def read(self, steps) -> Row:
         """The stored rows of `steps` (in the order given), reading only the chunks they lie in."""

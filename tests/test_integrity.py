@@ -39,11 +39,22 @@ def test_a_missing_values_chunk_is_corruption_not_zeros(tmp_path):
     assert _same(_params(model), before) and not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
 
 
-def test_a_missing_sample_ids_chunk_does_not_make_ids_look_unseen(tmp_path):
+def test_a_missing_chunk_of_the_id_index_does_not_make_ids_look_unseen(tmp_path):
     _, path = _recorded(tmp_path)
-    (path / "sample_ids" / "c" / "0").unlink()
-    with pytest.raises(pu.CorruptStoreError, match="sample_ids"):
+    store = pu.UpdateStore.open(path, mode="r")
+    assert store.steps_for([1000]).missing.size == 0
+    run = store.metadata.lookup_runs[0].name
+    (path / "lookup" / f"{run}.ids" / "c" / "0").unlink()
+    with pytest.raises(pu.CorruptStoreError, match=rf"lookup/{run}\.ids"):
         pu.UpdateStore.open(path, mode="r").steps_for([1000])
+
+
+def test_a_missing_offsets_chunk_is_corruption(tmp_path):
+    _, path = _recorded(tmp_path)
+    (path / "offsets" / "c" / "0").unlink()
+    with pytest.raises(pu.CorruptStoreError, match="offsets"):
+        pu.UpdateStore.open(path).truncate(1)  # reads where step 1's IDs end
+    assert pu.UpdateStore.open(path, mode="r").steps == 16  # nothing changed
 
 
 def test_stored_rows_with_nan_are_refused_before_the_model_changes(tmp_path):
