@@ -230,3 +230,41 @@ def test_cli_bad_input_is_one_line(tmp_path, case):
     out = _forget(tmp_path, tmp_path / "o.pt", **kwargs)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("pyunlearn forget: error: ")
+
+
+@pytest.mark.parametrize("whole_copy", [False, True])
+def test_a_failure_after_some_batches_puts_every_entry_back(tmp_path, monkeypatch, whole_copy):
+    """Rows are subtracted a batch at a time; a failure in a later batch restores the entries
+    the earlier ones changed (saved per batch, or a whole copy when the rows touch more entries
+    than the model holds)."""
+    import zarr
+
+    import pyunlearn.unlearn.amnesiac as amnesiac
+
+    model, path = _recorded(tmp_path, value_dtype="float32")
+    store = pu.UpdateStore.open(path)
+    steps = store.steps_for([1000, 1001, 1002, 1003]).steps
+    assert steps.size >= 3
+    zarr.open_array(path / "values", mode="r+")[int(steps[-1]), 0] = np.nan
+    monkeypatch.setattr(amnesiac, "READ_BATCH_BYTES", 1)  # one row per batch
+    if whole_copy:
+        monkeypatch.setattr(amnesiac._Rollback, "__init__", _always_copy(amnesiac._Rollback.__init__))
+    before = _params(model)
+    with pytest.raises(pu.CorruptStoreError, match="NaN"):
+        pu.amnesiac_forget(model, store, [1000, 1001, 1002, 1003])
+    assert _same(_params(model), before)
+
+
+def _always_copy(init):
+    def patched(self, work, store, rows):
+        init(self, work, store, rows)
+        self._copy = [w.clone() for w in work]
+    return patched
+
+
+def test_change_norm_counts_each_entry_once(tmp_path):
+    model, path = _recorded(tmp_path, value_dtype="float32")
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
+    report = pu.amnesiac_forget(model, pu.UpdateStore.open(path), [1000, 1001, 1002, 1003])
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    assert report.change_norm == pytest.approx(float(torch.linalg.vector_norm(after - before)), rel=1e-6)

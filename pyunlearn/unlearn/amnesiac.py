@@ -69,12 +69,12 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
         plan = ledger.plan(lookup.steps, model_fingerprint=fingerprint(params),
                            final_fingerprint=store.final_fingerprint, where=store.path)
         work = [as_float32_work(p) for p in params]
-        backup = [w.clone() for w in work]
+        rollback = _Rollback(work, store, plan.subtract.size)
         with torch.no_grad():
             try:
-                _subtract(work, store, plan.subtract)
+                _subtract(work, store, plan.subtract, rollback)
             except BaseException:
-                _restore(work, backup)
+                rollback.restore()
                 raise
             for p, w in zip(params, work):
                 if w is not p and w.data_ptr() != p.data_ptr():
@@ -85,9 +85,12 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
             try:
                 store.record_deletion(written, replacing=ledger)
             except BaseException:
-                _restore(params, backup)
+                rollback.restore()
+                for p, w in zip(params, work):
+                    if w is not p and w.data_ptr() != p.data_ptr():
+                        p.copy_(w.view_as(p))
                 raise
-    change = math.sqrt(sum(float(torch.linalg.vector_norm(w - b)) ** 2 for w, b in zip(work, backup)))
+    change = rollback.change_norm()
     return ForgetReport(
         steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
@@ -96,7 +99,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
     )
 
 
-def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray) -> None:
+def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray, rollback: "_Rollback") -> None:
     """work −= the stored rows of `steps` (times their coefficients on a gradient store), read
     in batches of ~256 MB so that a long run's matched steps need not fit in memory."""
     row_bytes = store.row_length * (4 + np.dtype(store.value_dtype).itemsize) + 4 * len(store.layers)
@@ -110,6 +113,7 @@ def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray) -
         if factors is not None:
             rows = rows._replace(scales=rows.scales * torch.from_numpy(factors[first : first + per_batch])[:, None])
         _refuse_non_finite(rows, batch, store)
+        rollback.save(rows)
         ops.subtract_sparse(work, rows, store.k, names=names, steps=batch)
 
 
@@ -123,6 +127,47 @@ def _refuse_non_finite(rows, steps: np.ndarray, store: UpdateStore) -> None:
                                 "subtracted. The store is damaged: restore it from a copy")
 
 
-def _restore(tensors: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
-    for t, b in zip(tensors, backup):
-        t.copy_(b.view_as(t))
+class _Rollback:
+    """What a failed forget needs to put the parameters back: the values of the entries each
+    batch of rows is about to change (a forget of a few steps touches a small share of a large
+    model), or a whole copy when the rows would touch more entries than the model holds."""
+
+    def __init__(self, work: list[torch.Tensor], store: UpdateStore, rows: int):
+        self._work, self._k = work, store.k
+        self._copy = [w.clone() for w in work] if rows * store.row_length >= sum(w.numel() for w in work) else None
+        self._saved: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch, per layer: (positions, values)
+
+    def save(self, rows) -> None:
+        """Before a batch of rows is subtracted: the values at every position they change."""
+        if self._copy is not None:
+            return
+        saved, start = [], 0
+        for w, k in zip(self._work, self._k):
+            positions = (rows.index[:, start : start + k].to(torch.int64).cumsum(1) - 1).reshape(-1)
+            saved.append((positions, w.view(-1)[positions]))
+            start += k
+        self._saved.append(saved)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            if self._copy is not None:
+                for w, c in zip(self._work, self._copy):
+                    w.copy_(c)
+                return
+            for saved in reversed(self._saved):  # latest batch first: the earliest values win
+                for w, (positions, values) in zip(self._work, saved):
+                    w.view(-1)[positions] = values
+
+    def change_norm(self) -> float:
+        """L2 norm of the change, from the saved values (one layer's dense difference at a time)."""
+        total = 0.0
+        for i, w in enumerate(self._work):
+            if self._copy is not None:
+                total += float(torch.linalg.vector_norm(w - self._copy[i])) ** 2
+                continue
+            diff = torch.zeros(w.numel())
+            for saved in reversed(self._saved):
+                positions, values = saved[i]
+                diff[positions] = w.view(-1)[positions] - values
+            total += float(torch.linalg.vector_norm(diff)) ** 2
+        return math.sqrt(total)
