@@ -159,4 +159,30 @@ PYBIND11_MODULE(_native, m) {
     m.def("_set_prune_tuning", [](int64_t small_layer_limit, int64_t serial_below) {
         set_prune_tuning({small_layer_limit, serial_below});
     }, py::arg("small_layer_limit"), py::arg("serial_below"));
+    m.def("_stream_floor", [](const std::vector<py::object>& read_objs, const std::vector<py::object>& touch_objs,
+                              int threads) {
+        std::vector<ByteRange> read;
+        std::vector<TouchSpan> touch;
+        for (size_t i = 0; i < read_objs.size(); ++i) {
+            const py::array a = as_array(read_objs[i], "read", i);
+            if (!(a.flags() & py::array::c_style)) throw py::value_error(where("read", i) + " must be C-contiguous");
+            read.push_back({a.data(), static_cast<int64_t>(a.nbytes())});
+        }
+        for (size_t i = 0; i < touch_objs.size(); ++i) {
+            const py::array a = as_array(touch_objs[i], "touch", i);
+            touch.push_back({buffer<float>(a, py::dtype::of<float>(), "touch", i, true), static_cast<int64_t>(a.size())});
+        }
+        py::gil_scoped_release release;
+        return stream_floor_cpu(read, touch, threads);
+    }, py::arg("read"), py::arg("touch"), py::arg("threads") = 0,
+       "Benchmark floor: reads every byte of `read` once, reads and rewrites every float32 of `touch` once "
+       "(unchanged); returns an OR of the bytes read.");
+    m.def("_subtract_tuning", [] {
+        const SubtractTuning t = subtract_tuning();
+        return py::make_tuple(t.serial_below, t.tile_positions, t.simd);
+    }, "(serial_below, tile_positions, simd)");
+    m.def("_set_subtract_tuning", [](int64_t serial_below, int64_t tile_positions, bool simd) {
+        if (tile_positions < 1) throw py::value_error("tile_positions must be at least 1");
+        set_subtract_tuning({serial_below, tile_positions, simd});
+    }, py::arg("serial_below"), py::arg("tile_positions"), py::arg("simd"));
 }

@@ -11,6 +11,12 @@ namespace pyunlearn {
 
 enum class ValueEncoding : int { Float32 = 0, Float16 = 1 };
 
+// A read-only run of bytes (a buffer handed in from Python).
+struct ByteRange {
+    const void* data;
+    int64_t bytes;
+};
+
 // |x| as unsigned bits. Non-negative floats order like their bit patterns, so selection and
 // radix histograms run on integers; -0.0 and 0.0 get the same key.
 inline uint32_t abs_key(float x) {

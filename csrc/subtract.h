@@ -38,4 +38,26 @@ struct BadRow {
 BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredRows& rows,
                            float alpha, int threads);
 
+// Settings of the CPU kernel, exposed so tests can push small inputs through every path:
+// calls with fewer than serial_below stored entries (rows × Σk) run on the calling thread
+// alone (waking a second thread costs more than they do, and far more under load); layers
+// are cut into tiles of tile_positions parameters (each tile is one thread's task); with simd
+// off, the portable loops run even where AVX-512 is present.
+struct SubtractTuning {
+    int64_t serial_below;
+    int64_t tile_positions;
+    bool simd;
+};
+SubtractTuning subtract_tuning();
+void set_subtract_tuning(const SubtractTuning& tuning);
+
+// The floor the benchmark holds subtract_sparse to: every byte of `read` (the stored rows)
+// read once and every float of `touch` (the parameters) read and written back once, unchanged,
+// streaming on `threads` threads. Returns an OR of what it read, so nothing is optimised away.
+struct TouchSpan {
+    float* data;
+    int64_t numel;
+};
+uint64_t stream_floor_cpu(const std::vector<ByteRange>& read, const std::vector<TouchSpan>& touch, int threads);
+
 }  // namespace pyunlearn

@@ -1,6 +1,7 @@
 """subtract_sparse: native against the torch reference, determinism, exactness, errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,35 @@ from .conftest import assert_same_bits, stack_rows
 from .strategies import step
 
 
+@contextlib.contextmanager
+def subtract_tuning(native, serial_below=None, tile_positions=None, simd=None):
+    """Sets the native subtract's thresholds (None: keep) for the duration of a block."""
+    saved = native._subtract_tuning()
+    native._set_subtract_tuning(*(s if v is None else v for s, v in zip(saved, (serial_below, tile_positions, simd))))
+    try:
+        yield
+    finally:
+        native._set_subtract_tuning(*saved)
+
+
+# The kernel's paths: the built-in settings; every call on one thread; every call on all
+# threads with tiles of 64 positions (so small layers span many tiles and tasks); the same
+# with the portable loops instead of AVX-512; tiles of one position.
+SUBTRACT_PATHS = {
+    "default": {},
+    "serial": {"serial_below": 2**62},
+    "parallel-small-tiles": {"serial_below": 0, "tile_positions": 64},
+    "portable": {"serial_below": 0, "tile_positions": 64, "simd": False},
+    "tile-1": {"serial_below": 0, "tile_positions": 1},
+}
+
+
+@pytest.fixture(params=list(SUBTRACT_PATHS))
+def subtract_path(request, native):
+    with subtract_tuning(native, **SUBTRACT_PATHS[request.param]):
+        yield request.param
+
+
 def _rows_for(before, after, k, value_dtype, count, seed):
     """`count` rows pruned from updates that overlap (so the order rows are applied in
     changes float rounding and is really tested)."""
@@ -33,7 +63,7 @@ def _rows_for(before, after, k, value_dtype, count, seed):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=step(max_layers=4, max_numel=2000), value_dtype=st.sampled_from(["float16", "float32"]),
        count=st.integers(1, 6), alpha=st.sampled_from([1.0, -1.0, 0.5, 0.1]), seed=st.integers(0, 1000))
-def test_native_matches_reference(small_layer_limit, data, value_dtype, count, alpha, seed):
+def test_native_matches_reference(subtract_path, data, value_dtype, count, alpha, seed):
     before, after, k = data
     rows = _rows_for(before, after, k, value_dtype, count, seed)
     native_params = [a.clone() for a in after]
@@ -41,6 +71,44 @@ def test_native_matches_reference(small_layer_limit, data, value_dtype, count, a
     ops.subtract_sparse(native_params, rows, k, alpha)
     ops.subtract_sparse_reference(reference_params, rows, k, alpha)
     assert_same_bits(native_params, reference_params, "params")
+
+
+@pytest.mark.parametrize("value_dtype", ["float16", "float32"])
+def test_every_path_gives_the_same_bits(native, value_dtype):
+    """Serial and parallel, AVX-512 and portable loops, large and tiny tiles: one result, the
+    reference's, on layers of many tiles at keep 0.1 with overlapping rows."""
+    gen = torch.Generator().manual_seed(8)
+    before = [torch.randn(s, generator=gen) for s in (3, 200_000, 4096, 70_001, 1)]
+    after = [b + torch.randn(b.shape, generator=gen) * 1e-2 for b in before]
+    k = ops.k_for([b.numel() for b in before], 0.1)
+    rows = _rows_for(before, after, k, value_dtype, 5, seed=9)
+    reference = [a.clone() for a in after]
+    ops.subtract_sparse_reference(reference, rows, k, 0.5)
+    for path, tuning in SUBTRACT_PATHS.items():
+        if path == "tile-1":
+            tuning = dict(tuning, tile_positions=7)  # one position per tile is slow on 270k positions
+        params = [a.clone() for a in after]
+        with subtract_tuning(native, **tuning):
+            ops.subtract_sparse(params, rows, k, 0.5)
+        assert_same_bits(params, reference, f"params ({path})")
+
+
+def test_serial_cutoff_is_in_stored_entries(native):
+    """The cutoff counts rows × sum(k): a call just below it and one at it both give the
+    reference's bits (the two sides of the threshold run on one and on all threads)."""
+    gen = torch.Generator().manual_seed(10)
+    before = [torch.randn(5000, generator=gen), torch.randn(300, generator=gen)]
+    after = [b + torch.randn(b.shape, generator=gen) for b in before]
+    k = [500, 30]
+    rows = _rows_for(before, after, k, "float16", 4, seed=11)
+    reference = [a.clone() for a in after]
+    ops.subtract_sparse_reference(reference, rows, k)
+    entries = 4 * sum(k)
+    for serial_below in (entries, entries + 1):
+        params = [a.clone() for a in after]
+        with subtract_tuning(native, serial_below=serial_below, tile_positions=256):
+            ops.subtract_sparse(params, rows, k)
+        assert_same_bits(params, reference, f"params (serial_below={serial_below})")
 
 
 def test_row_order_does_not_matter():
@@ -158,6 +226,23 @@ def test_bad_rows_are_refused_and_params_untouched(case, kernel):
     with pytest.raises(error, match=message):
         kernel(params, rows, k)
     assert_same_bits(params, saved, "params")
+
+
+@pytest.mark.parametrize("path", ["default", "portable"])
+@pytest.mark.parametrize("kernel", [ops.subtract_sparse, ops.subtract_sparse_reference], ids=["native", "reference"])
+def test_gaps_whose_sum_wraps_32_bits_are_refused(native, kernel, path):
+    """Gaps that add up past 2^32 must not wrap around to a valid-looking index: the vector
+    check sums 32-bit lanes only while every gap is below 2^30."""
+    k = [64, 2]
+    index = torch.ones(66, dtype=torch.int64)
+    index[[15, 31]] = 2**31  # one 32-bit lane of the block would sum to 2^32 + 2 and wrap to 2
+    index[64:] = torch.tensor([1, 1])
+    rows = Row(index.to(torch.uint32), torch.ones(66, dtype=torch.float16), torch.ones(2))
+    params = [torch.zeros(100), torch.zeros(2)]
+    with subtract_tuning(native, **SUBTRACT_PATHS[path]):
+        with pytest.raises(ValueError, match=r"rows\[0\], layer\[0\]: decodes to an index past"):
+            kernel(params, rows, k)
+    assert_same_bits(params, [torch.zeros(100), torch.zeros(2)], "params")
 
 
 @pytest.mark.parametrize("kernel", [ops.subtract_sparse, ops.subtract_sparse_reference], ids=["native", "reference"])

@@ -2,13 +2,19 @@
 //
 // Each layer is cut into tiles of consecutive positions. A first pass checks every row's gaps
 // (vectorised block sums and minima, so it costs one read of the index) and notes where each
-// tile starts in each row. The second pass gives
-// each tile to one thread, which applies all rows to it in a canonical order while the tile
-// sits in cache. A parameter is thus touched by one thread, in one order, whatever the thread
+// tile starts in each row. The second pass gives each tile to one thread, which applies all
+// rows to it in a canonical order while the tile sits in cache (with AVX-512: 16 entries at a
+// time, gaps decoded by a vector prefix sum, float16 converted in one instruction, a gather and
+// a scatter). A parameter is thus touched by one thread, in one order, whatever the thread
 // count or the order the rows came in: the result is bit-identical.
+//
+// Both passes stream the rows from memory; software prefetches run ahead of the hardware
+// prefetcher, which stops at every 4 KB page.
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "../subtract.h"
@@ -16,8 +22,17 @@
 namespace pyunlearn {
 namespace {
 
-constexpr int64_t kTilePositions = int64_t{1} << 16;  // 256 KB of float32 parameters: stays in L2
-constexpr int64_t kMaxCursors = int64_t{1} << 22;     // bounds the cursor table at 64 MB
+// Calls with fewer stored entries (rows × Σk) than this run on the calling thread. Measured on
+// the 2-core development machine under load: at 8k–32k entries two threads saved 3–8 µs of
+// 35–55 µs in the median, but one call in ten took ~20 ms instead of ~0.2 ms (waiting for a
+// busy core); see docs/kernels.md.
+std::atomic<int64_t> g_serial_below{int64_t{1} << 15};
+std::atomic<int64_t> g_tile_positions{int64_t{1} << 16};  // 256 KB of float32 parameters: stays in L2
+std::atomic<bool> g_simd{true};
+constexpr int64_t kMaxCursors = int64_t{1} << 22;          // bounds the cursor table at 64 MB
+constexpr int64_t kCheckBlock = 64;                        // gaps summed and checked at once
+constexpr int64_t kCheckPrefetch = 512;                    // gaps ahead (2 KB) in the first pass
+constexpr int64_t kApplyPrefetch = 256;                    // entries ahead in the second pass
 
 // Where a tile begins within one row's segment of a layer: the first entry at or past the
 // tile, and the index decoded just before it (−1 at the segment start).
@@ -45,25 +60,75 @@ std::vector<int64_t> canonical_order(const StoredRows& rows, int64_t layers) {
     return order;
 }
 
-// Sum and minimum of a block of gaps, vectorised: the first pass checks every gap and skips
-// whole blocks that end before the next tile boundary, so it costs one read of the index.
-PU_HOT void gap_block_stats(const uint32_t* gaps, int64_t len, uint64_t* sum, uint32_t* min) {
-    uint64_t s = 0;
-    uint32_t m = UINT32_MAX;
-    for (int64_t j = 0; j < len; ++j) {
-        s += gaps[j];
-        m = gaps[j] < m ? gaps[j] : m;
+// ---- First pass: check the gaps, find the tiles ----------------------------------------------
+
+// Sum and minimum of kCheckBlock gaps (a fixed length: the loop vectorises without a prologue).
+// Returns false only where a vector version declines the block; this one never does.
+struct BlockStats {
+    static bool of(const uint32_t* gaps, uint64_t* sum, uint32_t* min) {
+        uint64_t s = 0;
+        uint32_t m = UINT32_MAX;
+        for (int64_t j = 0; j < kCheckBlock; ++j) {
+            s += gaps[j];
+            m = gaps[j] < m ? gaps[j] : m;
+        }
+        *sum = s;
+        *min = m;
+        return true;
     }
-    *sum = s;
-    *min = m;
+};
+
+// Checks one row's segment of a layer (k gaps decoding into a layer of n positions) and notes
+// where each of its `tiles` tiles begins (c[0 .. tiles]). Whole blocks are skipped on their sum
+// unless a tile boundary falls inside. Returns the fault, or nullptr: per block, a zero gap is
+// reported before an overrun (the reference kernel replicates this order).
+template <class Stats>
+inline __attribute__((always_inline)) const char* scan_segment(const uint32_t* gaps, int64_t k, int64_t n,
+                                                                int64_t tile, int64_t tiles, Cursor* c) {
+    int64_t pos = -1, next_tile = 1;
+    c[0] = {0, -1};
+    for (int64_t e = 0; e < k;) {
+        const int64_t len = std::min<int64_t>(kCheckBlock, k - e);
+        uint64_t sum = 0;
+        uint32_t min = UINT32_MAX;
+        if (len == kCheckBlock) {
+            for (int64_t q = 0; q < kCheckBlock; q += 16) __builtin_prefetch(gaps + e + kCheckPrefetch + q);
+            if (!Stats::of(gaps + e, &sum, &min)) BlockStats::of(gaps + e, &sum, &min);
+        } else {
+            for (int64_t j = e; j < k; ++j) {
+                sum += gaps[j];
+                min = std::min(min, gaps[j]);
+            }
+        }
+        if (min == 0) return "repeats an index (a zero gap)";
+        if (next_tile >= tiles || pos + static_cast<int64_t>(sum) < next_tile * tile) {
+            pos += static_cast<int64_t>(sum);  // no tile boundary inside: skip the block
+            e += len;
+        } else {
+            for (const int64_t block_end = e + len; e < block_end; ++e) {
+                const int64_t at = pos + gaps[e];
+                while (next_tile < tiles && at >= next_tile * tile) c[next_tile++] = {e, pos};
+                pos = at;
+            }
+        }
+        if (pos >= n) return "decodes to an index past the layer's end";  // indices only grow
+    }
+    for (; next_tile <= tiles; ++next_tile) c[next_tile] = {k, pos};
+    return nullptr;
 }
 
+PU_HOT const char* scan_segment_generic(const uint32_t* gaps, int64_t k, int64_t n, int64_t tile,
+                                        int64_t tiles, Cursor* c) {
+    return scan_segment<BlockStats>(gaps, k, n, tile, tiles, c);
+}
+
+// ---- Second pass: apply the rows, tile by tile ------------------------------------------------
+
 // param[idx] −= alpha · Δ for entries [begin, end) of one row's layer segment; `prev` is the
-// index decoded just before `begin`. (Staging decoded positions and scaled values in buffers
-// for vector loops measured slower than this fused loop: the scatter dominates either way.)
-PU_HOT void apply_entries(float* param, const uint32_t* gaps, const void* values,
-                          ValueEncoding enc, int64_t begin, int64_t end, int64_t prev,
-                          float scale, float alpha) {
+// index decoded just before `begin`.
+PU_HOT void apply_entries_generic(float* param, const uint32_t* gaps, const void* values,
+                                  ValueEncoding enc, int64_t begin, int64_t end, int64_t prev,
+                                  float scale, float alpha) {
     int64_t pos = prev;
     if (enc == ValueEncoding::Float32) {
         const float* v = static_cast<const float*>(values);
@@ -80,16 +145,184 @@ PU_HOT void apply_entries(float* param, const uint32_t* gaps, const void* values
     }
 }
 
+#if defined(__x86_64__)
+// GCC 12 warns that intrinsics' internal _mm512_undefined_* values are uninitialised (a false
+// positive, GCC bug 105593): silence that here only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define PU_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// Block sums in 32-bit lanes, exact while every gap is below 2^30 (four gaps per lane); a
+// block with a larger gap is declined and summed in 64 bits instead.
+struct BlockStatsAvx512 {
+    PU_AVX512 static bool of(const uint32_t* gaps, uint64_t* sum, uint32_t* min) {
+        const __m512i a0 = _mm512_loadu_si512(gaps), a1 = _mm512_loadu_si512(gaps + 16),
+                      a2 = _mm512_loadu_si512(gaps + 32), a3 = _mm512_loadu_si512(gaps + 48);
+        const __m512i mx = _mm512_max_epu32(_mm512_max_epu32(a0, a1), _mm512_max_epu32(a2, a3));
+        if (_mm512_cmpge_epu32_mask(mx, _mm512_set1_epi32(1 << 30))) return false;
+        const __m512i mn = _mm512_min_epu32(_mm512_min_epu32(a0, a1), _mm512_min_epu32(a2, a3));
+        const __m512i s = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+        *sum = static_cast<uint64_t>(_mm512_reduce_add_epi64(
+            _mm512_add_epi64(_mm512_and_si512(s, _mm512_set1_epi64(0xffffffff)), _mm512_srli_epi64(s, 32))));
+        *min = _mm512_cmpeq_epi32_mask(mn, _mm512_setzero_si512()) ? 0 : 1;
+        return true;
+    }
+};
+
+PU_AVX512 const char* scan_segment_avx512(const uint32_t* gaps, int64_t k, int64_t n, int64_t tile,
+                                          int64_t tiles, Cursor* c) {
+    return scan_segment<BlockStatsAvx512>(gaps, k, n, tile, tiles, c);
+}
+
+// Inclusive prefix sum of 16 uint32 lanes (mod 2^32): four shifted adds.
+PU_AVX512 inline __m512i prefix_sum16(__m512i x) {
+    const __m512i z = _mm512_setzero_si512();
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, z, 15));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, z, 14));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, z, 12));
+    return _mm512_add_epi32(x, _mm512_alignr_epi32(x, z, 8));
+}
+
+template <ValueEncoding Enc>
+PU_AVX512 inline __m512 load_values(const void* values, int64_t e, __mmask16 m) {
+    if constexpr (Enc == ValueEncoding::Float32) {
+        return _mm512_maskz_loadu_ps(m, static_cast<const float*>(values) + e);
+    } else {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(values) + e));
+    }
+}
+
+// apply_entries_generic, 16 entries at a time. Positions are int32 relative to the tile's
+// first parameter `tile_param` (the tile holds at most 2^30): entries [begin, end) all lie in
+// the tile, so sums taken mod 2^32 give the exact positions even when the first gap jumps in
+// from far below. Within a row positions strictly increase, so a scatter never holds an
+// address twice. The arithmetic is the scalar loop's (alpha · (v · scale), then the
+// subtraction, no fused multiply-add), so the bits are the same.
+template <ValueEncoding Enc>
+PU_AVX512 void apply_entries_avx512(float* tile_param, int64_t prev, const uint32_t* gaps,
+                                    const void* values, int64_t begin, int64_t end, float scale,
+                                    float alpha) {
+    __m512i base = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(prev)));
+    const __m512 sv = _mm512_set1_ps(scale), av = _mm512_set1_ps(alpha);
+    const __m512i last = _mm512_set1_epi32(15);
+    const size_t width = Enc == ValueEncoding::Float32 ? 4 : 2;
+    int64_t e = begin;
+    for (; e + 16 <= end; e += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(gaps + e + kApplyPrefetch), _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(values) + (e + kApplyPrefetch) * width, _MM_HINT_T0);
+        const __m512i pos = _mm512_add_epi32(prefix_sum16(_mm512_loadu_si512(gaps + e)), base);
+        base = _mm512_permutexvar_epi32(last, pos);
+        const __m512 u = _mm512_mul_ps(av, _mm512_mul_ps(load_values<Enc>(values, e, 0xFFFF), sv));
+        const __m512 p = _mm512_i32gather_ps(pos, tile_param, 4);
+        _mm512_i32scatter_ps(tile_param, pos, _mm512_sub_ps(p, u), 4);
+    }
+    if (e < end) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (end - e)) - 1);
+        const __m512i pos = _mm512_add_epi32(prefix_sum16(_mm512_maskz_loadu_epi32(m, gaps + e)), base);
+        const __m512 u = _mm512_mul_ps(av, _mm512_mul_ps(load_values<Enc>(values, e, m), sv));
+        const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, pos, tile_param, 4);
+        _mm512_mask_i32scatter_ps(tile_param, m, pos, _mm512_sub_ps(p, u), 4);
+    }
+}
+
+bool have_avx512() {
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return yes;
+}
+#pragma GCC diagnostic pop
+#else
+bool have_avx512() { return false; }
+#endif
+
+const char* scan(bool avx512, const uint32_t* gaps, int64_t k, int64_t n, int64_t tile, int64_t tiles, Cursor* c) {
+#if defined(__x86_64__)
+    if (avx512) return scan_segment_avx512(gaps, k, n, tile, tiles, c);
+#endif
+    return scan_segment_generic(gaps, k, n, tile, tiles, c);
+}
+
+// Entries [begin, end) of one row's segment of a layer, all inside the tile starting at `lo`.
+void apply(bool avx512, float* param, int64_t lo, const uint32_t* gaps, const void* values,
+           ValueEncoding enc, int64_t begin, int64_t end, int64_t prev, float scale, float alpha) {
+#if defined(__x86_64__)
+    if (avx512) {
+        if (enc == ValueEncoding::Float32)
+            apply_entries_avx512<ValueEncoding::Float32>(param + lo, prev - lo, gaps, values, begin, end, scale, alpha);
+        else
+            apply_entries_avx512<ValueEncoding::Float16>(param + lo, prev - lo, gaps, values, begin, end, scale, alpha);
+        return;
+    }
+#endif
+    apply_entries_generic(param, gaps, values, enc, begin, end, prev, scale, alpha);
+}
+
+// ---- The benchmark's floor --------------------------------------------------------------------
+
+PU_HOT uint64_t or_reduce(const unsigned char* p, int64_t bytes) {
+    uint64_t acc = 0;
+    const int64_t words = bytes / 8;
+    for (int64_t i = 0; i < words; ++i) {
+        uint64_t w;
+        std::memcpy(&w, p + 8 * i, 8);
+        acc |= w;
+    }
+    for (int64_t i = 8 * words; i < bytes; ++i) acc |= p[i];
+    return acc;
+}
+
+PU_HOT void rewrite(float* data, int64_t n) {
+    uint32_t zero = 0;
+    asm volatile("" : "+r"(zero));  // opaque: the compiler must load, combine and store
+    uint32_t* u = reinterpret_cast<uint32_t*>(data);
+    for (int64_t i = 0; i < n; ++i) u[i] ^= zero;
+}
+
 }  // namespace
+
+SubtractTuning subtract_tuning() { return {g_serial_below.load(), g_tile_positions.load(), g_simd.load()}; }
+void set_subtract_tuning(const SubtractTuning& tuning) {
+    g_serial_below.store(tuning.serial_below);
+    g_tile_positions.store(std::max<int64_t>(1, tuning.tile_positions));
+    g_simd.store(tuning.simd);
+}
+
+uint64_t stream_floor_cpu(const std::vector<ByteRange>& read, const std::vector<TouchSpan>& touch, int threads) {
+    struct Task {
+        const void* read;
+        float* touch;
+        int64_t size;
+    };
+    constexpr int64_t kPiece = int64_t{1} << 20;  // bytes
+    std::vector<Task> tasks;
+    for (const auto& r : read)
+        for (int64_t o = 0; o < r.bytes; o += kPiece)
+            tasks.push_back({static_cast<const char*>(r.data) + o, nullptr, std::min(kPiece, r.bytes - o)});
+    for (const auto& t : touch)
+        for (int64_t o = 0; o < t.numel; o += kPiece / 4)
+            tasks.push_back({nullptr, t.data + o, std::min(kPiece / 4, t.numel - o)});
+    uint64_t acc = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(resolve_threads(threads)) reduction(| : acc)
+    for (int64_t j = 0; j < static_cast<int64_t>(tasks.size()); ++j) {
+        if (tasks[j].read)
+            acc |= or_reduce(static_cast<const unsigned char*>(tasks[j].read), tasks[j].size);
+        else
+            rewrite(tasks[j].touch, tasks[j].size);
+    }
+    return acc;
+}
 
 BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const StoredRows& rows,
                            float alpha, int threads) {
-    const int T = resolve_threads(threads);
     const int64_t L = static_cast<int64_t>(layers.size());
     const int64_t S = rows.rows;
     if (S == 0 || L == 0) return {};
+    // A small call is done before a second thread would even wake up: run it here alone.
+    const int T = threads <= 0 && S * rows.row_len < g_serial_below.load() ? 1 : resolve_threads(threads);
+    const bool avx512 = g_simd.load() && have_avx512();
 
-    int64_t tile = kTilePositions, total_tiles = 0;
+    int64_t tile = g_tile_positions.load(), total_tiles = 0;
     auto count_tiles = [&] {
         total_tiles = 0;
         for (const auto& layer : layers) total_tiles += std::max<int64_t>(1, (layer.numel + tile - 1) / tile);
@@ -99,6 +332,7 @@ BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const Store
         tile *= 2;
         count_tiles();
     }
+    const bool vector_apply = avx512 && tile <= (int64_t{1} << 30);  // tile-relative int32 positions
 
     // Per layer: its offset in a row, its first tile, and its first cursor slot (a layer of
     // t tiles owns t + 1 cursors per row: the last marks the segment's end).
@@ -114,44 +348,19 @@ BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const Store
 
     int64_t bad_segment = -1;  // lowest failing s·L + i, so the report does not depend on timing
     const char* bad_reason = nullptr;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(T)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(T) if (T > 1)
     for (int64_t seg = 0; seg < S * L; ++seg) {
         const int64_t s = seg / L, i = seg % L;
-        const int64_t n = layers[i].numel, k = layers[i].k;
-        const int64_t tiles = tile_begin[i + 1] - tile_begin[i];
-        const uint32_t* gaps = rows.index + s * rows.row_len + offset[i];
-        Cursor* c = cursors.data() + s * cursors_per_row + cursor_begin[i];
-        int64_t pos = -1, next_tile = 1;
-        c[0] = {0, -1};
-        const char* bad = nullptr;
-        for (int64_t e = 0; e < k && !bad;) {
-            const int64_t len = std::min<int64_t>(64, k - e);
-            uint64_t sum;
-            uint32_t min;
-            gap_block_stats(gaps + e, len, &sum, &min);
-            if (min == 0) {
-                bad = "repeats an index (a zero gap)";
-            } else if (next_tile >= tiles || pos + static_cast<int64_t>(sum) < next_tile * tile) {
-                pos += static_cast<int64_t>(sum);  // no tile boundary inside: skip the block
-                e += len;
-            } else {
-                for (const int64_t block_end = e + len; e < block_end; ++e) {
-                    const int64_t at = pos + gaps[e];
-                    while (next_tile < tiles && at >= next_tile * tile) c[next_tile++] = {e, pos};
-                    pos = at;
-                }
-            }
-            if (!bad && pos >= n) bad = "decodes to an index past the layer's end";  // indices only grow
-        }
+        const char* bad = scan(avx512, rows.index + s * rows.row_len + offset[i], layers[i].k, layers[i].numel,
+                               tile, tile_begin[i + 1] - tile_begin[i],
+                               cursors.data() + s * cursors_per_row + cursor_begin[i]);
         if (bad) {
 #pragma omp critical(pyunlearn_subtract_error)
             if (bad_segment < 0 || seg < bad_segment) {
                 bad_segment = seg;
                 bad_reason = bad;
             }
-            continue;
         }
-        for (; next_tile <= tiles; ++next_tile) c[next_tile] = {k, pos};
     }
     if (bad_segment >= 0) return {bad_segment / L, bad_segment % L, bad_reason};
 
@@ -161,16 +370,16 @@ BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const Store
     for (int64_t i = 0; i < L; ++i)
         for (int64_t j = tile_begin[i]; j < tile_begin[i + 1]; ++j) layer_of_tile[j] = i;
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T) if (T > 1)
     for (int64_t t = 0; t < tile_begin[L]; ++t) {
         const int64_t i = layer_of_tile[t], j = t - tile_begin[i];
         for (int64_t s : order) {
             const Cursor* c = cursors.data() + s * cursors_per_row + cursor_begin[i] + j;
             if (c[0].entry == c[1].entry) continue;
             const int64_t base = s * rows.row_len + offset[i];
-            apply_entries(layers[i].param, rows.index + base,
-                          static_cast<const char*>(rows.values) + base * width, rows.encoding,
-                          c[0].entry, c[1].entry, c[0].prev, rows.scales[s * L + i], alpha);
+            apply(vector_apply, layers[i].param, j * tile, rows.index + base,
+                  static_cast<const char*>(rows.values) + base * width, rows.encoding, c[0].entry, c[1].entry,
+                  c[0].prev, rows.scales[s * L + i], alpha);
         }
     }
     return {};
