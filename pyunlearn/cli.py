@@ -40,14 +40,45 @@ def _selfcheck(args) -> int:
 def _demo(args) -> int:
     from .demo import DemoConfig, run
 
-    run(DemoConfig(epochs=args.epochs, keep=args.keep, forget=args.forget, seed=args.seed, store=args.store))
+    run(DemoConfig(epochs=args.epochs, keep=args.keep, forget=args.forget, seed=args.seed, store=args.store,
+                   progress=args.progress))
     return 0
 
 
+def _find_stores(path: str) -> list[str]:
+    """`path` itself if it is a store (or not a local folder: a URL or a missing path, whose
+    open says what is wrong), else the Zarr stores in the folders under it, up to 3 levels
+    down (e.g. the demo's --store folder, which holds partial.zarr and dense.zarr)."""
+    import os
+
+    root = Path(path)
+    if not root.is_dir() or (root / "zarr.json").exists():
+        return [path]
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        if "zarr.json" in files:
+            found.append(folder)
+            subfolders.clear()  # a store's own arrays hold zarr.json files too
+        elif depth >= 3:
+            subfolders.clear()
+        subfolders.sort()
+    return sorted(found) or [path]
+
+
 def _inspect(args) -> int:
+    paths = _find_stores(args.store)
+    for i, path in enumerate(paths):
+        if len(paths) > 1:
+            print(("\n" if i else "") + f"== {path} ==")
+        _inspect_one(path)
+    return 0
+
+
+def _inspect_one(path: str) -> None:
     from .store import UpdateStore
 
-    store = UpdateStore.open(args.store, mode="r")
+    store = UpdateStore.open(path, mode="r")
     print(repr(store))
     print(store.stats().table())
     print(f"fingerprints: initial {store.initial_fingerprint}, final {store.final_fingerprint}")
@@ -57,7 +88,6 @@ def _inspect(args) -> int:
     print(f"\n{'layer':<40} {'shape':<20} {'numel':>10} {'k':>8}")
     for layer in store.layers:
         print(f"{layer.name:<40} {str(layer.shape):<20} {layer.numel:>10} {layer.k:>8}")
-    return 0
 
 
 def _read_ids(path: Path):
@@ -87,17 +117,14 @@ def _forget(args) -> int:
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
-    state = _load_checkpoint(args.checkpoint)
-    if not isinstance(state, dict):
-        raise ValueError(f"--checkpoint {args.checkpoint}: expected a state_dict (a dict of tensors)")
+    checkpoint = _load_checkpoint(args.checkpoint)
     store = UpdateStore.open(args.store)
     try:
+        weights = _Weights(checkpoint, args.key, args.checkpoint, [layer.name for layer in store.layers])
         with store.writing():  # one writer from reading the ledger to writing it
-            module = module_for_store(state, store)
+            module = module_for_store(weights.state, store)
             report = amnesiac_forget(module, store, ids, commit=False)
-            out = dict(state)
-            for name, p in module.named_parameters():
-                out[name] = p.detach().clone()
+            out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
             try:
                 _save_atomically(out, out_path)
             except BaseException:  # the new model does not exist: neither does its deletion
@@ -109,6 +136,76 @@ def _forget(args) -> int:
     print(f"forgot {len(ids)} IDs ({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
           f"{report.steps_applied} subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}")
     return 0
+
+
+class _Weights:
+    """The state_dict inside a checkpoint: the checkpoint itself (a dict of tensors), its entry
+    `key`, or the entry of a known wrapper: "state_dict" (Lightning checkpoints, and others),
+    "model", "model_state_dict", "module". Its keys may carry a prefix before the store's layer
+    names (a store created from `net` and a checkpoint of a module holding it as `self.net`:
+    "net."); `state` has the store's names, and replaced() puts new values back in place,
+    keeping everything else of the checkpoint (a Lightning checkpoint stays one)."""
+
+    WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
+
+    def __init__(self, checkpoint, key: str | None, path: str, names: list[str]):
+        self.checkpoint, self.key = checkpoint, key
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"--checkpoint {path}: expected a state_dict (a dict of tensors) or a dict holding one, "
+                             f"got {type(checkpoint).__name__}")
+        if key is not None:
+            if key not in checkpoint:
+                raise ValueError(f"--key {key}: {path} has no entry {key!r}; it has {_some(checkpoint)}")
+            entry = checkpoint[key]
+        elif _is_state_dict(checkpoint):
+            entry = checkpoint
+        else:
+            self.key = next((k for k in self.WRAPPERS if _is_state_dict(checkpoint.get(k))), None)
+            if self.key is None:
+                raise ValueError(f"--checkpoint {path}: neither a state_dict (a dict of tensors) nor a checkpoint "
+                                 f"with one under {', '.join(repr(k) for k in self.WRAPPERS)}; it has "
+                                 f"{_some(checkpoint)}: name the entry with --key")
+            entry = checkpoint[self.key]
+        if not isinstance(entry, dict):
+            raise ValueError(f"--key {key}: the entry is a {type(entry).__name__}, not a state_dict")
+        self.entry = entry
+        self.prefix = _prefix(entry, names)
+        self.state = {name: entry[self.prefix + name] for name in names if self.prefix + name in entry} \
+            if self.prefix else entry
+
+    def replaced(self, values: dict) -> dict:
+        entry = dict(self.entry)
+        for name, value in values.items():
+            entry[self.prefix + name] = value
+        if self.key is None:
+            return entry
+        out = dict(self.checkpoint)
+        out[self.key] = entry
+        return out
+
+
+def _is_state_dict(value) -> bool:
+    import torch
+
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _some(mapping: dict) -> str:
+    keys = [repr(k) for k in list(mapping)[:8]]
+    return ", ".join(keys) + (", ..." if len(mapping) > 8 else "") if keys else "no entries"
+
+
+def _prefix(entry: dict, names: list[str]) -> str:
+    """"" if the store's names are keys of `entry`, else the one prefix in front of all of them
+    ("net.", "model.", "module.", ...), else "" (module_for_store then names what is missing)."""
+    if not names or names[0] in entry:
+        return ""
+    for key in entry:
+        if isinstance(key, str) and key.endswith("." + names[0]):
+            prefix = key[: -len(names[0])]
+            if all(prefix + name in entry for name in names):
+                return prefix
+    return ""
 
 
 def _load_checkpoint(path: str):
@@ -163,27 +260,58 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 _USER_ERRORS = _user_errors()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def main(argv=None) -> int:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="pyunlearn", description="Make trained PyTorch models forget training samples.")
+    parser.add_argument("--version", action="version", version=f"pyunlearn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # Arguments are checked as they are parsed, before any work (the demo trains for a while).
     demo = commands.add_parser("demo", help="train on the bundled digits with recording, forget samples, show the effect")
-    demo.add_argument("--epochs", type=int, default=10)
-    demo.add_argument("--keep", type=float, default=0.01, help="share of each layer's update entries kept (default 0.01)")
-    demo.add_argument("--forget", type=int, default=10, help="how many training samples to forget (default 10)")
+    demo.add_argument("--epochs", type=_positive_int, default=10)
+    demo.add_argument("--keep", type=_ratio, default=0.01, help="share of each layer's update entries kept, in (0, 1] "
+                                                                 "(default 0.01)")
+    demo.add_argument("--forget", type=_positive_int, default=10, help="how many training samples to forget (default 10)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--store", help="where to keep the update store (default: a temporary folder)")
+    demo.add_argument("--store", help="where to keep the update stores (default: a temporary folder)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bars (default: when standard error is a terminal)")
     demo.set_defaults(run=_demo)
 
-    inspect = commands.add_parser("inspect", help="a store's size, layer table and ledger")
-    inspect.add_argument("store")
+    inspect = commands.add_parser("inspect", help="a store's size, layer table and ledger (every store under a folder)")
+    inspect.add_argument("store", help="a store, or a folder holding stores (such as the demo's --store folder)")
     inspect.set_defaults(run=_inspect)
 
-    forget = commands.add_parser("forget", help="forget sample IDs from a saved state_dict")
+    forget = commands.add_parser("forget", help="forget sample IDs from a saved checkpoint")
     forget.add_argument("--store", required=True)
-    forget.add_argument("--checkpoint", required=True, help="state_dict saved with torch.save (loaded weights_only)")
+    forget.add_argument("--checkpoint", required=True,
+                        help="a state_dict saved with torch.save, a dict holding one ('state_dict', 'model', ...), or "
+                             "a Lightning .ckpt (loaded weights_only)")
+    forget.add_argument("--key", help="the checkpoint's entry holding the state_dict (default: the checkpoint itself "
+                                      "if it is one, else 'state_dict', 'model', 'model_state_dict' or 'module')")
     forget.add_argument("--ids", required=True, help="file of sample IDs: whitespace/comma separated, or .npy")
-    forget.add_argument("--out", required=True, help="where to write the new state_dict")
+    forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's structure)")
     forget.set_defaults(run=_forget)
 
     selfcheck = commands.add_parser("selfcheck", help="say which kernels are native and check them on a tiny model")

@@ -2,6 +2,8 @@
 training samples by partial amnesiac unlearning, and show what changed."""
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,14 +38,47 @@ class DemoConfig:
     forget: int = 10
     seed: int = 0
     store: str | None = None  # default: a temporary folder
+    progress: bool | None = None  # progress bars; None: when standard error is a terminal
+
+
+def _check(config: DemoConfig, train_size: int) -> None:
+    """Refuses a configuration before any work (training takes a while)."""
+    from ._validate import positive_int, ratio
+
+    positive_int("epochs", config.epochs)
+    positive_int("batch_size", config.batch_size)
+    ratio("keep", config.keep)
+    positive_int("forget", config.forget)
+    if config.forget > train_size:
+        raise ValueError(f"forget must be at most the {train_size} training samples, got {config.forget}")
+
+
+@contextlib.contextmanager
+def _steps_bar(enabled: bool, total: int, desc: str):
+    """A progress bar over every optimizer step taken inside the block (a global step hook:
+    pyunlearn.models.train makes its own optimizer)."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step")
+    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: bar.update())
+    try:
+        yield
+    finally:
+        hook.remove()
+        bar.close()
 
 
 def run(config: DemoConfig, out=print) -> dict:
     """Records one training run twice, pruned (keep) and dense (keep=1, float32, what Graves et
     al.'s amnesiac unlearning stores), then forgets the same samples from a copy of the model
     with each store."""
+    progress = sys.stderr.isatty() if config.progress is None else bool(config.progress)
     torch.manual_seed(config.seed)
     train_set, test_set = split(digits(), 0.2, seed=config.seed)
+    _check(config, len(train_set))
     rng = np.random.default_rng(config.seed)
     forget_ids = np.sort(rng.choice(train_set.ids.numpy(), size=config.forget, replace=False))
     parts = {"forgotten": train_set.with_ids(forget_ids), "retained": train_set.without(forget_ids), "test": test_set}
@@ -55,10 +90,15 @@ def run(config: DemoConfig, out=print) -> dict:
         dense = UpdateStore.create(root / "dense.zarr", model, keep=1.0, value_dtype="float32", overwrite=True)
         started = time.perf_counter()
         train(model, train_set, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-              seed=config.seed, stores=(partial, dense), progress=True)
+              seed=config.seed, stores=(partial, dense), progress=progress)
         train_seconds = time.perf_counter() - started
         results = {"trained": ([accuracy(model, s) for s in parts.values()], None, None)}
-        for name, store in ((f"partial amnesiac (keep={config.keep})", partial), ("dense amnesiac (keep=1)", dense)):
+        methods = ((f"partial amnesiac (keep={config.keep})", partial), ("dense amnesiac (keep=1)", dense))
+        if progress:
+            from tqdm import tqdm
+
+            methods = tqdm(methods, desc="forgetting (each store)", unit="store")
+        for name, store in methods:
             copy = DigitsCNN()
             copy.load_state_dict(model.state_dict())
             report = amnesiac_forget(copy, store, forget_ids)
@@ -66,19 +106,24 @@ def run(config: DemoConfig, out=print) -> dict:
             store.close()
     # The goal: what a model trained without the forgotten samples would do (same seed, epochs).
     torch.manual_seed(config.seed)
-    retrained = train(DigitsCNN(), parts["retained"], epochs=config.epochs, batch_size=config.batch_size,
-                      lr=config.lr, seed=config.seed)
+    retained_steps = config.epochs * -(-len(parts["retained"]) // config.batch_size)
+    with _steps_bar(progress, retained_steps, "retraining without them"):
+        retrained = train(DigitsCNN(), parts["retained"], epochs=config.epochs, batch_size=config.batch_size,
+                          lr=config.lr, seed=config.seed)
     results["retrained without them"] = ([accuracy(retrained, s) for s in parts.values()], None, None)
 
     steps = results[f"partial amnesiac (keep={config.keep})"][2].steps
     out(f"\nDigits (sklearn, {len(train_set)} train / {len(test_set)} test), DigitsCNN, {config.epochs} epochs "
         f"= {steps} steps, trained in {train_seconds:.1f} s while recording two stores")
     out(f"Forgetting {config.forget} random training samples (IDs {forget_ids[:5].tolist()}...):\n")
-    out(f"{'':<30} {'forgotten %':>11} {'retained %':>11} {'test %':>8} {'steps':>6} {'ms':>7} {'store bytes':>12}")
+    out(f"{'':<30} {'acc. forgotten %':>16} {'retained %':>11} {'test %':>8} {'steps':>6} {'ms':>7} "
+        f"{'store bytes':>12}")
     for name, (acc, report, stats) in results.items():
         extra = (f"{report.steps_removed:>6} {report.seconds * 1e3:>7.1f} {stats.total_bytes:>12,}"
                  if report else f"{'':>6} {'':>7} {'':>12}")
-        out(f"{name:<30} {acc[0]:>11.1f} {acc[1]:>11.1f} {acc[2]:>8.1f} {extra}")
+        out(f"{name:<30} {acc[0]:>16.1f} {acc[1]:>11.1f} {acc[2]:>8.1f} {extra}")
+    out("acc. forgotten %: accuracy on the forgotten samples, to compare with the retrained model's (it is not a "
+        "share forgotten); steps: subtracted; ms: to forget")
     stats = results[f"partial amnesiac (keep={config.keep})"][2]
     out(f"\nThe pruned store is {stats.ratio:.0f}x smaller than dense float32 updates ({stats.dense_bytes:,} bytes).")
     return results

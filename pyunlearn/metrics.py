@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -71,13 +72,31 @@ def mia_efficacy(model, *, forget: SampleSet, retain: SampleSet, test: SampleSet
 
 
 def evaluate(model: torch.nn.Module, *, forget: SampleSet, retain: SampleSet, test: SampleSet, seed: int = 0,
-             mia_samples: int = 5000) -> Evaluation:
+             mia_samples: int = 5000, progress: bool | None = None) -> Evaluation:
+    """UA, RA, TA and MIA-efficacy of `model`. progress: a progress bar over the four (the MIA's
+    attack model takes longest); None (default): when standard error is a terminal."""
     for name, data in (("forget", forget), ("retain", retain), ("test", test)):
         if not isinstance(data, SampleSet):
             raise TypeError(f"{name} must be a pyunlearn.data.SampleSet, got {type(data).__name__}")
         if len(data) == 0:
             raise ValueError(f"{name} is empty")
-    return Evaluation(
-        UA=100.0 - accuracy(model, forget), RA=accuracy(model, retain), TA=accuracy(model, test),
-        MIA=mia_efficacy(model, forget=forget, retain=retain, test=test, seed=seed, max_samples=mia_samples),
-    )
+    phases = {
+        "UA": lambda: 100.0 - accuracy(model, forget),
+        "RA": lambda: accuracy(model, retain),
+        "TA": lambda: accuracy(model, test),
+        "MIA": lambda: mia_efficacy(model, forget=forget, retain=retain, test=test, seed=seed,
+                                    max_samples=mia_samples),
+    }
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return Evaluation(**{name: measure() for name, measure in phases.items()})
+    from tqdm import tqdm
+
+    values = {}
+    with tqdm(total=len(phases), desc="evaluating", unit="metric") as bar:
+        for name, measure in phases.items():
+            bar.set_postfix_str(name)
+            values[name] = measure()
+            bar.update()
+    return Evaluation(**values)

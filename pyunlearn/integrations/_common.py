@@ -3,11 +3,14 @@ writer rank creates or opens, so every rank can be given the same arguments), an
 every DDP rank got its recorder before any rank trains."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from ..errors import RecorderError
 from ..store import UpdateStore
+
+logger = logging.getLogger("pyunlearn.integrations")
 
 
 class StoreSpec:
@@ -37,8 +40,13 @@ class StoreSpec:
         if not writes:
             return None
         if self.create is not None and not resuming:
-            return UpdateStore.create(self.store, model, storage_options=self.storage_options, **self.create)
-        return UpdateStore.open(self.store, storage_options=self.storage_options)
+            store = UpdateStore.create(self.store, model, storage_options=self.storage_options, **self.create)
+            logger.info("recording into a new store %s (%d layers, keep %s)", store.path, len(store.layers), store.keep)
+            return store
+        store = UpdateStore.open(self.store, storage_options=self.storage_options)
+        logger.info("recording into %s, which holds %d steps%s", store.path, store.steps,
+                    " (resuming from a checkpoint)" if resuming else "")
+        return store
 
     @property
     def owned(self) -> bool:
