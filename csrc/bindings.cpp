@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "fingerprint.h"
 #include "prune.h"
 #include "subtract.h"
 
@@ -138,6 +139,52 @@ py::object subtract(const std::vector<py::object>& param_objs, const std::vector
     return py::make_tuple(bad.row, bad.layer, std::string(bad.reason));
 }
 
+// The bytes of C-contiguous buffers (numpy arrays, bytes, memoryviews), held until hashed.
+class HeldBuffers {
+public:
+    explicit HeldBuffers(const std::vector<py::object>& objs) {
+        views_.reserve(objs.size());
+        for (size_t i = 0; i < objs.size(); ++i) {
+            Py_buffer view;
+            if (PyObject_GetBuffer(objs[i].ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+                PyErr_Clear();
+                throw py::type_error(where("buffers", i) + " must be a C-contiguous buffer (e.g. tensor.numpy()), got " +
+                                     std::string(py::str(py::type::of(objs[i]))));
+            }
+            views_.push_back(view);
+        }
+    }
+    ~HeldBuffers() {
+        for (auto& view : views_) PyBuffer_Release(&view);
+    }
+    HeldBuffers(const HeldBuffers&) = delete;
+    HeldBuffers& operator=(const HeldBuffers&) = delete;
+    std::vector<ByteRange> ranges() const {
+        std::vector<ByteRange> out;
+        for (const auto& view : views_) out.push_back({view.buf, static_cast<int64_t>(view.len)});
+        return out;
+    }
+
+private:
+    std::vector<Py_buffer> views_;
+};
+
+py::bytes fingerprint(const std::vector<py::object>& objs, int threads) {
+    HeldBuffers held(objs);
+    const std::vector<ByteRange> parts = held.ranges();
+    Digest128 d;
+    {
+        py::gil_scoped_release release;
+        d = fingerprint_cpu(parts, threads);
+    }
+    unsigned char out[16];
+    for (int i = 0; i < 8; ++i) {
+        out[i] = static_cast<unsigned char>(d.a >> (56 - 8 * i));
+        out[8 + i] = static_cast<unsigned char>(d.b >> (56 - 8 * i));
+    }
+    return py::bytes(reinterpret_cast<const char*>(out), 16);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -150,6 +197,9 @@ PYBIND11_MODULE(_native, m) {
           py::arg("values"), py::arg("scales"), py::arg("alpha"), py::arg("threads") = 0,
           "Applies every row and returns None; or, if a row's indices repeat or run past its layer, "
           "returns (row, layer, reason) of the first such and changes nothing.");
+    m.def("fingerprint", &fingerprint, py::arg("buffers"), py::arg("threads") = 0,
+          "xh128 of the concatenated bytes of `buffers` (C-contiguous: numpy arrays, bytes), as 16 bytes. "
+          "Model identity, not security (see csrc/fingerprint.h); the same whatever the thread count.");
     m.def("simd_level", [] { return std::string(simd_level()); });
     m.def("max_threads", [] { return omp_get_max_threads(); });
     m.def("_prune_tuning", [] {
@@ -177,6 +227,13 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("read"), py::arg("touch"), py::arg("threads") = 0,
        "Benchmark floor: reads every byte of `read` once, reads and rewrites every float32 of `touch` once "
        "(unchanged); returns an OR of the bytes read.");
+    m.def("_fingerprint_tuning", [] {
+        const FingerprintTuning t = fingerprint_tuning();
+        return py::make_tuple(t.serial_below_blocks, t.simd);
+    }, "(serial_below_blocks, simd)");
+    m.def("_set_fingerprint_tuning", [](int64_t serial_below_blocks, bool simd) {
+        set_fingerprint_tuning({serial_below_blocks, simd});
+    }, py::arg("serial_below_blocks"), py::arg("simd"));
     m.def("_subtract_tuning", [] {
         const SubtractTuning t = subtract_tuning();
         return py::make_tuple(t.serial_below, t.tile_positions, t.simd);
