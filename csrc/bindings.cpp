@@ -61,44 +61,94 @@ void check_size(const py::array& a, int64_t expect, const char* arg) {
                               " elements, expected " + std::to_string(expect));
 }
 
-int64_t prune(const std::vector<py::object>& before_objs, const std::vector<py::object>& after_objs,
-              const std::vector<int64_t>& k, const py::object& index_obj, const py::object& values_obj,
-              const py::object& scales_obj, bool refresh, int threads) {
-    const size_t L = after_objs.size();
+// The layers of a prune call, checked: `before`/`after` as arrays (kept so their buffers stay
+// alive), the kernel's view of them, and Σk.
+struct CheckedLayers {
     std::vector<py::array> before, after;
-    for (size_t i = 0; i < before_objs.size(); ++i) before.push_back(as_array(before_objs[i], "before", i));
-    for (size_t i = 0; i < L; ++i) after.push_back(as_array(after_objs[i], "after", i));
-    const py::array index = as_array(index_obj, "index", -1), values = as_array(values_obj, "values", -1),
-                    scales = as_array(scales_obj, "scales", -1);
-    if (before.size() != L || k.size() != L)
+    std::vector<PruneLayer> layers;
+    int64_t total_k = 0;
+};
+
+CheckedLayers check_prune_layers(const std::vector<py::object>& before_objs, const std::vector<py::object>& after_objs,
+                                 const std::vector<int64_t>& k, bool writable) {
+    const size_t L = after_objs.size();
+    CheckedLayers c;
+    for (size_t i = 0; i < before_objs.size(); ++i) c.before.push_back(as_array(before_objs[i], "before", i));
+    for (size_t i = 0; i < L; ++i) c.after.push_back(as_array(after_objs[i], "after", i));
+    if (c.before.size() != L || k.size() != L)
         throw py::value_error("before, after and k must have one entry per layer (got " +
-                              std::to_string(before.size()) + ", " + std::to_string(L) + ", " +
+                              std::to_string(c.before.size()) + ", " + std::to_string(L) + ", " +
                               std::to_string(k.size()) + ")");
     const auto f32 = py::dtype::of<float>();
-    std::vector<PruneLayer> layers(L);
-    int64_t total_k = 0;
+    c.layers.resize(L);
     for (size_t i = 0; i < L; ++i) {
-        const int64_t n = after[i].size();
-        if (before[i].size() != n)
-            throw py::value_error("before[" + std::to_string(i) + "] has " + std::to_string(before[i].size()) +
+        const int64_t n = c.after[i].size();
+        if (c.before[i].size() != n)
+            throw py::value_error("before[" + std::to_string(i) + "] has " + std::to_string(c.before[i].size()) +
                                   " elements, after[" + std::to_string(i) + "] has " + std::to_string(n));
         if (n > (int64_t{1} << 32) - 1)
             throw py::value_error(where("after", i) + " has more than 2^32 - 1 elements; uint32 indices cannot address it");
         check_k(k[i], n, i);
-        layers[i] = {buffer<const float>(after[i], f32, "after", i, false),
-                     buffer<float>(before[i], f32, "before", i, refresh), n, k[i]};
-        total_k += k[i];
+        c.layers[i] = {buffer<const float>(c.after[i], f32, "after", i, false),
+                       buffer<float>(c.before[i], f32, "before", i, writable), n, k[i]};
+        c.total_k += k[i];
     }
+    return c;
+}
+
+int64_t prune(const std::vector<py::object>& before_objs, const std::vector<py::object>& after_objs,
+              const std::vector<int64_t>& k, const py::object& index_obj, const py::object& values_obj,
+              const py::object& scales_obj, bool refresh, int threads) {
+    const CheckedLayers c = check_prune_layers(before_objs, after_objs, k, refresh);
+    const py::array index = as_array(index_obj, "index", -1), values = as_array(values_obj, "values", -1),
+                    scales = as_array(scales_obj, "scales", -1);
     const ValueEncoding enc = encoding_of(values);
-    check_size(index, total_k, "index");
-    check_size(values, total_k, "values");
-    check_size(scales, static_cast<int64_t>(L), "scales");
+    check_size(index, c.total_k, "index");
+    check_size(values, c.total_k, "values");
+    check_size(scales, static_cast<int64_t>(c.layers.size()), "scales");
+    const auto f32 = py::dtype::of<float>();
     PruneOutput out{buffer<uint32_t>(index, py::dtype::of<uint32_t>(), "index", -1, true),
                     buffer<void>(values, values.dtype(), "values", -1, true),
                     buffer<float>(scales, f32, "scales", -1, true), enc};
     py::gil_scoped_release release;
-    return prune_topk_cpu(layers, out, refresh, threads);
+    return prune_topk_cpu(c.layers, out, refresh, threads);
 }
+
+// prune_topk over a fixed set of arrays, checked once (ops.Pruner, once per optimizer step):
+// each run only allocates the row's arrays and calls the kernel.
+class PrunePlan {
+public:
+    PrunePlan(const std::vector<py::object>& before, const std::vector<py::object>& after,
+              const std::vector<int64_t>& k, const std::string& value_dtype)
+        : checked_(check_prune_layers(before, after, k, true)),
+          values_dtype_(value_dtype == "float32" ? py::dtype::of<float>() : py::dtype("float16")),
+          encoding_(value_dtype == "float32" ? ValueEncoding::Float32 : ValueEncoding::Float16) {
+        if (value_dtype != "float32" && value_dtype != "float16")
+            throw py::value_error("value_dtype must be 'float16' or 'float32', got '" + value_dtype + "'");
+    }
+
+    // (index, values, scales) as new arrays; or the first layer whose update is not finite
+    // (then no `before` changed).
+    py::object run(bool refresh) const {
+        const int64_t total_k = checked_.total_k, L = static_cast<int64_t>(checked_.layers.size());
+        py::array_t<uint32_t> index(total_k);
+        py::array values(values_dtype_, std::vector<py::ssize_t>{total_k});
+        py::array_t<float> scales(L);
+        const PruneOutput out{index.mutable_data(), values.mutable_data(), scales.mutable_data(), encoding_};
+        int64_t bad;
+        {
+            py::gil_scoped_release release;
+            bad = prune_topk_cpu(checked_.layers, out, refresh, 0);
+        }
+        if (bad >= 0) return py::int_(bad);
+        return py::make_tuple(std::move(index), std::move(values), std::move(scales));
+    }
+
+private:
+    CheckedLayers checked_;
+    py::dtype values_dtype_;
+    ValueEncoding encoding_;
+};
 
 py::object subtract(const std::vector<py::object>& param_objs, const std::vector<int64_t>& k,
               const py::object& index_obj, const py::object& values_obj, const py::object& scales_obj,
@@ -193,6 +243,13 @@ PYBIND11_MODULE(_native, m) {
           py::arg("values"), py::arg("scales"), py::arg("refresh"), py::arg("threads") = 0,
           "Fills index/values/scales; returns -1, or the first layer whose delta is not finite "
           "(then no `before` was changed).");
+    py::class_<PrunePlan>(m, "PrunePlan",
+                          "prune_topk over fixed before/after arrays, checked once; run(refresh) returns "
+                          "(index, values, scales) as new arrays, or the first non-finite layer.")
+        .def(py::init<const std::vector<py::object>&, const std::vector<py::object>&, const std::vector<int64_t>&,
+                      const std::string&>(),
+             py::arg("before"), py::arg("after"), py::arg("k"), py::arg("value_dtype"))
+        .def("run", &PrunePlan::run, py::arg("refresh"));
     m.def("subtract_sparse", &subtract, py::arg("params"), py::arg("k"), py::arg("index"),
           py::arg("values"), py::arg("scales"), py::arg("alpha"), py::arg("threads") = 0,
           "Applies every row and returns None; or, if a row's indices repeat or run past its layer, "

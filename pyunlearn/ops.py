@@ -84,7 +84,7 @@ def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=N
 
 
 def _prune_native(native, before, before_views, after_views, k, value_dtype, refresh, names) -> Row:
-    """The native call behind prune_topk and Pruner, on checked arguments and numpy views."""
+    """The native call behind prune_topk, on checked arguments and numpy views."""
     row = Row(torch.empty(sum(k), dtype=torch.uint32), torch.empty(sum(k), dtype=value_dtype),
               torch.empty(len(k), dtype=torch.float32))
     bad = native.prune_topk(before_views, after_views, k, row.index.numpy(), row.values.numpy(),
@@ -96,33 +96,41 @@ def _prune_native(native, before, before_views, after_views, k, value_dtype, ref
     return row
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 class Pruner:
     """prune_topk over a fixed set of tensors, checked once: for a caller that prunes the same
-    parameters every optimizer step (the recorder), where re-checking every argument would cost
-    as much as the kernel on a small model. Each call verifies only that the tensors still sit
-    where they did (same storage) and rebuilds itself if not."""
+    parameters every optimizer step (the recorder). The arguments are checked and handed to a
+    native plan at construction, so a call costs the kernel plus a few microseconds: it only
+    verifies that the tensors still sit where they did (same storage; it rebuilds itself if
+    not), runs the plan and wraps the new row's arrays as tensors."""
 
     def __init__(self, before, after, k, value_dtype="float16", *, names=None):
         self._args = (before, after, k, value_dtype, names)
         self._before, self._after, self._k, self._dtype, self._names = _checks.check_prune_args(
             before, after, k, value_dtype, True, names)
-        self._layout = self._layout_of(self._before, self._after)
-        native = _native()
-        self._views = None if native is None else (
-            [b.detach().numpy() for b in self._before], [a.detach().numpy() for a in self._after])
-
-    @staticmethod
-    def _layout_of(before, after):
         # Storage addresses only: replacing a tensor's data (param.data = ...) moves them; an
         # in-place optimizer update does not.
-        return [t.data_ptr() for t in after] + [t.data_ptr() for t in before]
+        self._tensors = self._after + self._before
+        self._layout = list(map(_data_ptr, self._tensors))
+        native = _native()
+        self._plan = None if native is None else native.PrunePlan(
+            [b.detach().numpy() for b in self._before], [a.detach().numpy() for a in self._after], self._k,
+            "float16" if self._dtype == torch.float16 else "float32")
 
     def __call__(self, refresh: bool = True) -> Row:
-        if self._views is None:
+        if self._plan is None:
             return _reference.prune_topk(self._before, self._after, self._k, self._dtype, refresh, names=self._names)
-        if self._layout_of(self._before, self._after) != self._layout:
+        if list(map(_data_ptr, self._tensors)) != self._layout:
             self.__init__(*self._args[:4], names=self._args[4])
-        return _prune_native(_native(), self._before, *self._views, self._k, self._dtype, refresh, self._names)
+        out = self._plan.run(bool(refresh))
+        if type(out) is int:
+            raise _checks.non_finite_update(out, self._names)
+        if refresh:
+            increment_version(self._before)
+        index, values, scales = out
+        return Row(torch.from_numpy(index), torch.from_numpy(values), torch.from_numpy(scales))
 
 
 def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> None:

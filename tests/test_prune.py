@@ -222,3 +222,52 @@ def test_pruner_matches_prune_topk_and_follows_moved_tensors():
         expected = ops.prune_topk_reference(reference_snapshot, [p.detach() for p in params], [30, 2], "float16")
         assert_same_bits(row, expected, "row")
         assert_same_bits(snapshot, reference_snapshot, "snapshot")
+
+
+def test_pruner_rows_are_new_tensors_and_errors_name_the_layer():
+    """Each call returns a row of its own (the recorder queues them); float32 values and
+    refresh=False work as in prune_topk; a NaN update names the layer and leaves the snapshot."""
+    gen = torch.Generator().manual_seed(10)
+    params = [torch.randn(500, generator=gen), torch.randn(3, 4, generator=gen)]
+    snapshot = [torch.zeros_like(p) for p in params]
+    pruner = ops.Pruner(snapshot, params, [50, 5], "float32", names=["w", "b"])
+    first = pruner(refresh=False)
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in snapshot)
+    second = pruner(refresh=True)
+    assert_same_bits(first, second, "row")
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, second))
+    assert first.values.dtype == torch.float32 and first.index.dtype == torch.uint32
+    assert_same_bits(snapshot, params, "snapshot")
+    params[1][2, 3] = float("nan")
+    saved = [s.clone() for s in snapshot]
+    with pytest.raises(NonFiniteUpdateError, match=r"after\[1\] \(b\)"):
+        pruner()
+    assert_same_bits(snapshot, saved, "snapshot")
+
+
+def test_prune_plan_checks_its_arguments_once(native):
+    z = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match=r"before\[0\] must be a numpy array"):
+        native.PrunePlan([torch.zeros(4)], [z], [1], "float16")
+    with pytest.raises(ValueError, match=r"k\[0\] = 5 must lie in \[0, 4\]"):
+        native.PrunePlan([z.copy()], [z], [5], "float16")
+    with pytest.raises(ValueError, match="value_dtype must be"):
+        native.PrunePlan([z.copy()], [z], [1], "int8")
+    index, values, scales = native.PrunePlan([z.copy()], [np.arange(4, dtype=np.float32)], [2], "float16").run(False)
+    assert index.tolist() == [3, 1] and values.dtype == np.float16 and scales.shape == (1,)
+
+
+def test_serial_and_parallel_prune_give_the_same_bits(native):
+    """The serial cutoff (models below serial_below elements run on one thread) changes where
+    the work runs, never the row."""
+    gen = torch.Generator().manual_seed(12)
+    before = [torch.randn(s, generator=gen) for s in (40_000, 9, 3000, 20_000)]
+    after = [b + torch.randn(b.shape, generator=gen) * 1e-3 for b in before]
+    k = ops.k_for([b.numel() for b in before], 0.05)
+    rows = []
+    for small_layer_limit, serial_below in ((1 << 15, 2**62), (16, 0), (1 << 15, 0)):
+        with prune_tuning(native, small_layer_limit, serial_below):
+            rows.append(prune_both(before, after, k, "float16"))
+    for native_row, reference_row, native_before, reference_before in rows:
+        assert_same_bits(native_row, rows[0][1], "row")
+        assert_same_bits(native_before, reference_before, "before")
