@@ -58,7 +58,7 @@ class ChunkBuffer:
 
     def write(self, arrays: dict) -> "Written":
         """Writes the chunk's rows and the new steps' sample IDs; returns the counts for the
-        store to commit once this returned, and the new (ID, step) pairs for its ID index."""
+        store to commit once this returned."""
         start, end = self.start, self.start + self.rows
         ids = np.concatenate(self._pending_ids) if self._pending_ids else np.empty(0, np.int64)
         counts = np.array([len(x) for x in self._pending_ids], dtype=np.int64)
@@ -73,8 +73,7 @@ class ChunkBuffer:
             arrays["sample_ids"][first_sample:last_sample] = ids
         _grow(arrays["offsets"], end + 1)
         arrays["offsets"][self._committed_steps + 1 : end + 1] = first_sample + np.cumsum(counts)
-        written = Written(end, last_sample, ids, np.repeat(np.arange(self._committed_steps, end), counts),
-                          self._committed_steps)
+        written = Written(end, last_sample)
         self._committed_steps, self._committed_samples = end, last_sample
         self._pending_ids = []
         return written
@@ -83,9 +82,6 @@ class ChunkBuffer:
 class Written(NamedTuple):
     committed_steps: int
     committed_samples: int
-    ids: np.ndarray  # the new steps' sample IDs
-    steps: np.ndarray  # the step of each
-    first_step: int  # the first new step
 
 
 def _grow(arr, length: int) -> None:

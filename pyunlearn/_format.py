@@ -117,8 +117,8 @@ class StoreMetadata:
     # for unsharded arrays and older stores), and the blosc compressor and level of new arrays.
     inner_steps: int = 0
     compression: str = "zstd:5"
-    # Version 3: the persistent ID index (pyunlearn/_lookup.py): its runs cover steps
-    # [lookup_from, committed_steps); earlier steps are found by scanning the CSR arrays.
+    # Version 3: the persistent ID index (pyunlearn/_lookup.py): its runs cover steps from
+    # lookup_from on, contiguously; steps before them and after them are found by scanning.
     lookup_from: int = 0
     lookup_runs: tuple = ()
 
@@ -250,7 +250,7 @@ class StoreMetadata:
                 lookup_runs=tuple(Run.from_json(r) for r in attrs["lookup"]["runs"]) if "lookup" in attrs else (),
             )
             covered = [meta.lookup_from] + [b for run in meta.lookup_runs for b in (run.step_from, run.step_to)]
-            if covered[-1] != meta.committed_steps or any(a != b for a, b in zip(covered[::2], covered[1::2])):
+            if covered[-1] > meta.committed_steps or any(a != b for a, b in zip(covered[::2], covered[1::2])):
                 raise ValueError("the ID index's runs do not cover the committed steps in order")
             if meta.inner_steps < 1 or meta.steps_per_chunk % meta.inner_steps:
                 raise ValueError(f"inner_steps {meta.inner_steps} does not divide steps_per_chunk {meta.steps_per_chunk}")

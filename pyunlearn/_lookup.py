@@ -1,16 +1,20 @@
-"""A persistent index from sample IDs to the steps that used them, appended per commit.
+"""A persistent index from sample IDs to the steps that used them.
 
-Each commit writes a *run*: the (ID, step) pairs of its new steps, sorted by ID (then step), as
-two arrays `lookup/<name>.ids` and `lookup/<name>.steps`, compressed in inner chunks of 8192
-pairs; the ids array's attribute `fences` holds the first ID of every inner chunk. Runs are
-merged when the newest is at least half the size of the one before it (as a binary counter),
-so a store of n pairs holds O(log n) runs and each pair is rewritten O(log n) times.
+The committed steps fall in three ranges, each searched its own way:
 
-A lookup binary-searches the fences of every run and decodes only the inner chunks that can
-hold the IDs: opening a store and finding a few IDs costs O(runs · log n), never a rebuild of
-everything. Steps recorded before the store had runs (stores written before format 3) are found
-by scanning the CSR arrays (sample_ids, offsets) of steps [0, lookup_from), as before.
-The run table is part of the store's checksummed metadata and committed with the counts.
+    [0, lookup_from)        stores written before format 3: a scan of the CSR arrays
+                            (sample_ids, offsets), as those stores were always searched
+    [lookup_from, indexed)  runs: (ID, step) pairs sorted by ID, one array `lookup/<name>` of
+                            shape (pairs, 2) compressed in inner chunks of 8192 pairs, whose
+                            attribute `fences` holds the first ID of every inner chunk
+    [indexed, committed)    the tail, at most TAIL_IDS sample IDs: a scan of the CSR arrays
+
+A commit that grows the tail past TAIL_IDS turns it into a run; runs merge while the newest is
+at least half the size of the one before it (a binary counter), so a store of n pairs holds
+O(log n) runs and each pair is rewritten O(log n) times. A lookup binary-searches each run's
+fences and decodes only the inner chunks that can hold the IDs, plus the tail: opening a store
+and finding a few IDs costs O(runs · log n), never a rebuild of everything. The run table is part
+of the store's checksummed metadata and is committed with the counts.
 """
 from __future__ import annotations
 
@@ -20,121 +24,148 @@ from ._format import IDS_PER_INNER_CHUNK, Run, StoreMetadata, codecs
 from ._sample_index import SampleIndex, StepLookup
 
 GROUP = "lookup"
+TAIL_IDS = 1 << 16  # ~512 KB of IDs: scanning the tail costs a few ms; a run per commit would cost more
 
 
-def sorted_pairs(ids: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs sorted by ID, then step (the input lists steps in increasing order)."""
+def _pairs(ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """(pairs, 2) int64 sorted by ID, then step (the input lists steps in increasing order)."""
     order = np.argsort(ids, kind="stable")
-    return ids[order], steps[order]
+    return np.stack([ids[order], steps[order]], axis=1)
 
 
-def write_run(group, ids: np.ndarray, steps: np.ndarray, step_from: int, step_to: int, compression: str) -> Run:
-    """Writes a run of already sorted pairs (data only: the caller commits the run table)."""
+def write_run(group, pairs: np.ndarray, step_from: int, step_to: int, compression: str) -> Run:
+    """Writes a run of sorted pairs (data only: the caller commits the run table)."""
     name = f"r{step_from}-{step_to}"
-    runs = group.require_group(GROUP)
-    fences = ids[::IDS_PER_INNER_CHUNK].tolist()
-    for suffix, data, attrs in ((".ids", ids, {"fences": fences}), (".steps", steps, {})):
-        arr = runs.create_array(name + suffix, shape=data.shape, dtype=np.int64, chunks=(IDS_PER_INNER_CHUNK,),
-                                shards=(max(IDS_PER_INNER_CHUNK, -(-len(data) // IDS_PER_INNER_CHUNK) * IDS_PER_INNER_CHUNK),),
-                                compressors=codecs(8, compression), fill_value=0, dimension_names=("pair",),
-                                attributes=attrs, overwrite=True, config={"write_empty_chunks": True})
-        if len(data):
-            arr[:] = data
-    return Run(name, step_from, step_to, len(ids))
+    shard = max(IDS_PER_INNER_CHUNK, -(-len(pairs) // IDS_PER_INNER_CHUNK) * IDS_PER_INNER_CHUNK)
+    layout = dict(chunks=(IDS_PER_INNER_CHUNK, 2), shards=(shard, 2)) if shard > IDS_PER_INNER_CHUNK else \
+        dict(chunks=(IDS_PER_INNER_CHUNK, 2))
+    arr = group.require_group(GROUP).create_array(
+        name, shape=pairs.shape, dtype=np.int64, compressors=codecs(8, compression), fill_value=0,
+        dimension_names=("pair", "id_step"), attributes={"fences": pairs[::IDS_PER_INNER_CHUNK, 0].tolist()},
+        overwrite=True, config={"write_empty_chunks": True}, **layout)
+    if len(pairs):
+        arr[:] = pairs
+    return Run(name, step_from, step_to, len(pairs))
 
 
 def delete_runs(group, runs: list[Run]) -> None:
     """Removes runs' arrays (after the run table that drops them was committed; a crash before
-    leaves unreferenced arrays, which are overwritten when a run of that name is written)."""
-    if not runs:
-        return
-    table = group.require_group(GROUP)
-    for run in runs:
-        for suffix in (".ids", ".steps"):
+    leaves unreferenced arrays, overwritten when a run of that name is written again)."""
+    if runs:
+        table = group.require_group(GROUP)
+        for run in runs:
             try:
-                del table[run.name + suffix]
+                del table[run.name]
             except KeyError:
                 pass
 
 
-class LookupRuns:
-    """Reads the runs of one committed state (a new one after every commit)."""
+def indexed_until(meta: StoreMetadata) -> int:
+    return meta.lookup_runs[-1].step_to if meta.lookup_runs else meta.lookup_from
 
-    def __init__(self, group, runs: tuple[Run, ...], read):
-        """`read(arr, selection)` reads an array with the store's checks (missing chunks)."""
-        self._group, self._runs, self._read = group, runs, read
-        self._open: dict[str, tuple] = {}
 
-    def _arrays(self, run: Run):
-        if run.name not in self._open:
-            runs = self._group[GROUP]
-            ids = runs[run.name + ".ids"]
-            self._open[run.name] = (ids, runs[run.name + ".steps"], np.asarray(ids.attrs["fences"], dtype=np.int64))
-        return self._open[run.name]
+class IdLookup:
+    """Reads the ID index of one committed state (a new one after every commit)."""
 
-    def read_run(self, run: Run) -> tuple[np.ndarray, np.ndarray]:
-        ids, steps, _ = self._arrays(run)
-        return self._read(ids, slice(0, run.pairs)), self._read(steps, slice(0, run.pairs))
+    def __init__(self, group, meta: StoreMetadata, data):
+        """`data`: the store's StoreArrays (reads with the store's checks)."""
+        self._group, self._meta, self._data = group, meta, data
+        self._fences: dict[str, tuple] = {}
+        self._scans: dict[tuple[int, int], SampleIndex] = {}
 
-    def steps_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(steps that used any of `ids` (sorted unique), a mask of the IDs found), for sorted
-        unique `ids`."""
+    def _run(self, run: Run):
+        if run.name not in self._fences:
+            arr = self._group[GROUP][run.name]
+            self._fences[run.name] = (arr, np.asarray(arr.attrs["fences"], dtype=np.int64))
+        return self._fences[run.name]
+
+    def read_run(self, run: Run) -> np.ndarray:
+        return self._data.read_array(self._run(run)[0], slice(0, run.pairs))
+
+    def samples_before(self, step: int) -> int:
+        """How many sample IDs steps [0, step) hold."""
+        return int(self._data.read("offsets", slice(step, step + 1))[0])
+
+    def csr_pairs(self, first: int, last: int) -> np.ndarray:
+        """The sorted pairs of steps [first, last), from the CSR arrays."""
+        offsets = self._data.read("offsets", slice(first, last + 1))
+        ids = self._data.read("sample_ids", slice(int(offsets[0]), int(offsets[-1]))) if last > first else \
+            np.empty(0, np.int64)
+        return _pairs(ids, np.repeat(np.arange(first, last, dtype=np.int64), np.diff(offsets)))
+
+    def _scan(self, first: int, last: int, ids: np.ndarray) -> StepLookup:
+        if (first, last) not in self._scans:
+            offsets = self._data.read("offsets", slice(first, last + 1))
+            sample_ids = self._data.read("sample_ids", slice(int(offsets[0]), int(offsets[-1])))
+            self._scans[(first, last)] = SampleIndex(sample_ids, offsets - offsets[0], first_step=first)
+        return self._scans[(first, last)].lookup(ids)
+
+    def steps_for(self, ids: np.ndarray) -> StepLookup:
+        ids = np.unique(ids)
         found = np.zeros(len(ids), dtype=bool)
-        steps: list[np.ndarray] = []
-        for run in self._runs:
-            if run.pairs == 0:
-                continue
-            id_arr, step_arr, fences = self._arrays(run)
-            # Inner chunks that can hold an ID: from the one before its first fence match (an
-            # ID's pairs may start in the chunk before) to the last chunk whose fence is <= it.
-            first = np.maximum(np.searchsorted(fences, ids, side="left") - 1, 0)
-            last = np.searchsorted(fences, ids, side="right") - 1
-            keep = last >= first
-            marks = np.zeros(len(fences) + 1, dtype=np.int64)
-            np.add.at(marks, first[keep], 1)
-            np.add.at(marks, last[keep] + 1, -1)
-            wanted = np.flatnonzero(np.cumsum(marks)[:-1] > 0)
-            if wanted.size == 0:
-                continue
-            if wanted.size * 2 > len(fences):  # most of the run: one read
-                spans = [(0, run.pairs)]
-            else:  # consecutive chunks in one read each
-                groups = np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1)
-                spans = [(int(g[0]) * IDS_PER_INNER_CHUNK, min(run.pairs, (int(g[-1]) + 1) * IDS_PER_INNER_CHUNK))
-                         for g in groups]
-            for start, stop in spans:
-                run_ids = self._read(id_arr, slice(start, stop))
-                left = np.searchsorted(run_ids, ids, side="left")
-                right = np.searchsorted(run_ids, ids, side="right")
-                hit = right > left
-                if hit.any():
-                    found |= hit
-                    run_steps = self._read(step_arr, slice(start, stop))
-                    counts = (right - left)[hit]
-                    positions = np.repeat(left[hit] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-                    steps.append(run_steps[positions])
-        return (np.unique(np.concatenate(steps)) if steps else np.empty(0, np.int64)), found
+        steps = [self._in_run(run, ids, found) for run in self._meta.lookup_runs if run.pairs]
+        for first, last in ((0, self._meta.lookup_from), (indexed_until(self._meta), self._meta.committed_steps)):
+            if last > first:
+                scan = self._scan(first, last, ids)
+                steps.append(scan.steps)
+                found |= ~np.isin(ids, scan.missing)
+        steps = np.unique(np.concatenate(steps)) if steps else np.empty(0, np.int64)
+        return StepLookup(steps.astype(np.int64), ids[~found])
+
+    def _in_run(self, run: Run, ids: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """Steps of `run` that used any of the sorted `ids`; marks the IDs found."""
+        arr, fences = self._run(run)
+        # Inner chunks that can hold an ID: from the one before its first fence match (an ID's
+        # pairs may start in the chunk before) to the last chunk whose fence is <= it.
+        first = np.maximum(np.searchsorted(fences, ids, side="left") - 1, 0)
+        last = np.searchsorted(fences, ids, side="right") - 1
+        keep = last >= first
+        marks = np.zeros(len(fences) + 1, dtype=np.int64)
+        np.add.at(marks, first[keep], 1)
+        np.add.at(marks, last[keep] + 1, -1)
+        wanted = np.flatnonzero(np.cumsum(marks)[:-1] > 0)
+        if wanted.size * 2 > len(fences):  # most of the run: one read
+            spans = [(0, run.pairs)]
+        else:  # consecutive chunks in one read each
+            spans = [(int(g[0]) * IDS_PER_INNER_CHUNK, min(run.pairs, (int(g[-1]) + 1) * IDS_PER_INNER_CHUNK))
+                     for g in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if g.size]
+        steps = []
+        for start, stop in spans:
+            pairs = self._data.read_array(arr, slice(start, stop))
+            left = np.searchsorted(pairs[:, 0], ids, side="left")
+            right = np.searchsorted(pairs[:, 0], ids, side="right")
+            hit = right > left
+            if hit.any():
+                found |= hit
+                counts = (right - left)[hit]
+                positions = np.repeat(left[hit] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+                steps.append(pairs[positions, 1])
+        return np.concatenate(steps) if steps else np.empty(0, np.int64)
 
 
-def runs_after_commit(group, runs: tuple[Run, ...], ids: np.ndarray, steps: np.ndarray, step_from: int,
-                      step_to: int, compression: str, reader: LookupRuns) -> tuple[tuple[Run, ...], list[Run]]:
-    """The run table once the pairs of steps [step_from, step_to) are added, and the runs it no
-    longer holds (delete them after the table is committed). Merges while the newest run is at
-    least half the size of the one before it."""
-    new = write_run(group, *sorted_pairs(ids, steps), step_from, step_to, compression)
-    runs, obsolete = list(runs) + [new], []
+def runs_after_commit(group, meta: StoreMetadata, committed_steps: int, committed_samples: int,
+                      lookup: IdLookup) -> tuple[tuple[Run, ...], list[Run]]:
+    """The run table once the data of a commit is written (the new steps are still the tail
+    until it holds TAIL_IDS IDs), and the runs it no longer holds (delete them after the table
+    is committed). `lookup` reads the store as of the commit's data."""
+    start = indexed_until(meta)
+    runs = list(meta.lookup_runs)
+    tail_ids = committed_samples - lookup.samples_before(start)
+    if tail_ids < TAIL_IDS:
+        return tuple(runs), []
+    runs.append(write_run(group, lookup.csr_pairs(start, committed_steps), start, committed_steps, meta.compression))
+    obsolete = []
     while len(runs) >= 2 and runs[-2].pairs <= 2 * runs[-1].pairs:
         older, newer = runs[-2], runs[-1]
-        (a_ids, a_steps), (b_ids, b_steps) = reader.read_run(older), reader.read_run(newer)
-        merged = write_run(group, *sorted_pairs(np.concatenate([a_ids, b_ids]), np.concatenate([a_steps, b_steps])),
-                           older.step_from, newer.step_to, compression)
+        both = np.concatenate([lookup.read_run(older), lookup.read_run(newer)])
+        merged = write_run(group, _pairs(both[:, 0], both[:, 1]), older.step_from, newer.step_to, meta.compression)
         runs[-2:] = [merged]
         obsolete += [r for r in (older, newer) if r.name != merged.name]
     return tuple(runs), obsolete
 
 
 def runs_after_truncate(group, meta: StoreMetadata, step: int,
-                        reader: LookupRuns) -> tuple[int, tuple[Run, ...], list[Run]]:
+                        lookup: IdLookup) -> tuple[int, tuple[Run, ...], list[Run]]:
     """(lookup_from, the run table, the runs it no longer holds) once steps >= `step` are
     dropped: runs past it go, a run across it is rewritten with only its pairs before it."""
     if step <= meta.lookup_from:
@@ -146,31 +177,6 @@ def runs_after_truncate(group, meta: StoreMetadata, step: int,
             continue
         obsolete.append(run)
         if run.step_from < step:
-            ids, steps = reader.read_run(run)
-            before = steps < step
-            kept.append(write_run(group, ids[before], steps[before], run.step_from, step, meta.compression))
+            pairs = lookup.read_run(run)
+            kept.append(write_run(group, pairs[pairs[:, 1] < step], run.step_from, step, meta.compression))
     return meta.lookup_from, tuple(kept), [r for r in obsolete if r.name not in {k.name for k in kept}]
-
-
-class IdLookup:
-    """steps_for() of one committed state: the runs, plus a CSR scan of the steps before them
-    (only in stores written before format 3), built on first use."""
-
-    def __init__(self, group, meta: StoreMetadata, data):
-        """`data`: the store's StoreArrays (checked reads)."""
-        self._group, self._meta, self._data = group, meta, data
-        self.runs = LookupRuns(group, meta.lookup_runs, lambda arr, sel: data.read_array(arr, sel))
-        self._prefix: SampleIndex | None = None
-
-    def steps_for(self, ids: np.ndarray) -> StepLookup:
-        ids = np.unique(ids)
-        steps, found = self.runs.steps_of(ids)
-        if self._meta.lookup_from:
-            if self._prefix is None:
-                n = self._meta.lookup_from
-                offsets = self._data.read("offsets", slice(0, n + 1))
-                self._prefix = SampleIndex(self._data.read("sample_ids", slice(0, int(offsets[-1]))), offsets)
-            prefix = self._prefix.lookup(ids)
-            steps = np.union1d(steps, prefix.steps)
-            found |= ~np.isin(ids, prefix.missing)
-        return StepLookup(steps.astype(np.int64), ids[~found])

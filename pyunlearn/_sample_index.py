@@ -12,11 +12,12 @@ class StepLookup(NamedTuple):
 
 
 class SampleIndex:
-    """Every stored (ID, step) pair sorted by ID, built from the store's CSR arrays
-    (sample_ids, offsets) of the committed steps."""
+    """Every (ID, step) pair of a range of steps sorted by ID, built from the store's CSR arrays
+    (sample_ids, offsets): how steps outside the persistent index's runs are searched."""
 
-    def __init__(self, sample_ids: np.ndarray, offsets: np.ndarray):
-        step_of = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    def __init__(self, sample_ids: np.ndarray, offsets: np.ndarray, *, first_step: int = 0):
+        """offsets[s] − offsets[0] .. is where step first_step + s starts in sample_ids."""
+        step_of = np.repeat(np.arange(first_step, first_step + len(offsets) - 1, dtype=np.int64), np.diff(offsets))
         order = np.argsort(sample_ids, kind="stable")
         self._ids, self._step_of = sample_ids[order], step_of[order]
 

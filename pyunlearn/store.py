@@ -165,8 +165,8 @@ class UpdateStore:
 
     def _write_buffer(self) -> None:
         new = self._buffer.write(self._data.arrays)  # data, then its ID index run, then the counts
-        runs, obsolete = runs_after_commit(self._group, self._meta.lookup_runs, new.ids, new.steps, new.first_step,
-                                           new.committed_steps, self._meta.compression, self._ids.runs)
+        runs, obsolete = runs_after_commit(self._group, self._meta, new.committed_steps, new.committed_samples,
+                                           self._ids)
         self._commit(committed_steps=new.committed_steps, committed_samples=new.committed_samples, lookup_runs=runs)
         delete_runs(self._group, obsolete)
 
@@ -202,7 +202,7 @@ class UpdateStore:
             point = self._meta.resume_point
             if point is None or point.steps != step:
                 point = ResumePoint(step, "")  # "" : chosen by hand, model unknown
-            start, runs, obsolete = runs_after_truncate(self._group, self._meta, step, self._ids.runs)
+            start, runs, obsolete = runs_after_truncate(self._group, self._meta, step, self._ids)
             self._commit(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
                          resume_point=point, lookup_from=start, lookup_runs=runs)
             delete_runs(self._group, obsolete)

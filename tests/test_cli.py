@@ -104,7 +104,7 @@ def test_a_locked_store_is_one_line(tmp_path):
 def test_a_corrupt_store_is_one_line(tmp_path):
     _recorded_checkpoint(tmp_path)
     (tmp_path / "ids.txt").write_text("1000")
-    for chunk in (tmp_path / "s.zarr" / "lookup").glob("*.ids/c/*"):  # the sample-ID index
+    for chunk in (tmp_path / "s.zarr" / "sample_ids" / "c").iterdir():
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF  # one flipped byte: the chunk's crc32c no longer matches
         chunk.write_bytes(bytes(data))
@@ -116,7 +116,7 @@ def test_a_corrupt_store_is_one_line(tmp_path):
             assert out.returncode == 0, out.stderr
             continue
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-        assert "lookup/" in out.stderr and "damaged" in out.stderr
+        assert "sample_ids" in out.stderr and "damaged" in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
 
 

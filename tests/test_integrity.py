@@ -39,13 +39,23 @@ def test_a_missing_values_chunk_is_corruption_not_zeros(tmp_path):
     assert _same(_params(model), before) and not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
 
 
-def test_a_missing_chunk_of_the_id_index_does_not_make_ids_look_unseen(tmp_path):
+def test_a_missing_sample_ids_chunk_does_not_make_ids_look_unseen(tmp_path):
+    _, path = _recorded(tmp_path)
+    (path / "sample_ids" / "c" / "0").unlink()
+    with pytest.raises(pu.CorruptStoreError, match="sample_ids"):
+        pu.UpdateStore.open(path, mode="r").steps_for([1000])
+
+
+def test_a_missing_chunk_of_the_id_index_does_not_make_ids_look_unseen(tmp_path, monkeypatch):
+    monkeypatch.setattr("pyunlearn._lookup.TAIL_IDS", 16)  # every commit writes a run
     _, path = _recorded(tmp_path)
     store = pu.UpdateStore.open(path, mode="r")
-    assert store.steps_for([1000]).missing.size == 0
-    run = store.metadata.lookup_runs[0].name
-    (path / "lookup" / f"{run}.ids" / "c" / "0").unlink()
-    with pytest.raises(pu.CorruptStoreError, match=rf"lookup/{run}\.ids"):
+    assert store.steps_for([1000]).missing.size == 0 and store.metadata.lookup_runs
+    for run in store.metadata.lookup_runs:
+        for chunk in (path / "lookup" / run.name / "c").rglob("*"):
+            if chunk.is_file():
+                chunk.unlink()
+    with pytest.raises(pu.CorruptStoreError, match="lookup/r"):
         pu.UpdateStore.open(path, mode="r").steps_for([1000])
 
 

@@ -159,15 +159,19 @@ class _Rollback:
                     w.view(-1)[positions] = values
 
     def change_norm(self) -> float:
-        """L2 norm of the change, from the saved values (one layer's dense difference at a time)."""
+        """L2 norm of the change, from the saved values: each layer's differences are scattered
+        into one zeroed buffer (so an entry changed by several rows counts once), summed, and
+        the buffer zeroed again at those positions."""
+        if self._copy is not None:
+            return math.sqrt(sum(float(torch.linalg.vector_norm(w - c)) ** 2 for w, c in zip(self._work, self._copy)))
+        buffer = torch.zeros(max((w.numel() for w in self._work), default=0))
         total = 0.0
         for i, w in enumerate(self._work):
-            if self._copy is not None:
-                total += float(torch.linalg.vector_norm(w - self._copy[i])) ** 2
-                continue
-            diff = torch.zeros(w.numel())
-            for saved in reversed(self._saved):
+            diff = buffer[: w.numel()]
+            for saved in reversed(self._saved):  # the earliest saved value of an entry wins
                 positions, values = saved[i]
                 diff[positions] = w.view(-1)[positions] - values
             total += float(torch.linalg.vector_norm(diff)) ** 2
+            for positions, _ in (saved[i] for saved in self._saved):
+                diff[positions] = 0.0
         return math.sqrt(total)
