@@ -197,8 +197,10 @@ PU_AVX512 inline __m512 load_values(const void* values, int64_t e, __mmask16 m) 
 // first parameter `tile_param` (the tile holds at most 2^30): entries [begin, end) all lie in
 // the tile, so sums taken mod 2^32 give the exact positions even when the first gap jumps in
 // from far below. Within a row positions strictly increase, so a scatter never holds an
-// address twice. The arithmetic is the scalar loop's (alpha · (v · scale), then the
-// subtraction, no fused multiply-add), so the bits are the same.
+// address twice, and two blocks of a row never share one: the loop is software-pipelined,
+// gathering block i + 1 before scattering block i (~6% faster than in turn). The arithmetic is
+// the scalar loop's (alpha · (v · scale), then the subtraction, no fused multiply-add), so the
+// bits are the same.
 template <ValueEncoding Enc>
 PU_AVX512 void apply_entries_avx512(float* tile_param, int64_t prev, const uint32_t* gaps,
                                     const void* values, int64_t begin, int64_t end, float scale,
@@ -207,20 +209,37 @@ PU_AVX512 void apply_entries_avx512(float* tile_param, int64_t prev, const uint3
     const __m512 sv = _mm512_set1_ps(scale), av = _mm512_set1_ps(alpha);
     const __m512i last = _mm512_set1_epi32(15);
     const size_t width = Enc == ValueEncoding::Float32 ? 4 : 2;
+    // Positions and alpha · Δ of the 16 entries from e (those in mask m).
+    auto decode = [&](int64_t e, __mmask16 m, __m512i* pos, __m512* u) PU_AVX512 {
+        *pos = _mm512_add_epi32(prefix_sum16(_mm512_maskz_loadu_epi32(m, gaps + e)), base);
+        base = _mm512_permutexvar_epi32(last, *pos);
+        *u = _mm512_mul_ps(av, _mm512_mul_ps(load_values<Enc>(values, e, m), sv));
+    };
     int64_t e = begin;
-    for (; e + 16 <= end; e += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(gaps + e + kApplyPrefetch), _MM_HINT_T0);
-        _mm_prefetch(static_cast<const char*>(values) + (e + kApplyPrefetch) * width, _MM_HINT_T0);
-        const __m512i pos = _mm512_add_epi32(prefix_sum16(_mm512_loadu_si512(gaps + e)), base);
-        base = _mm512_permutexvar_epi32(last, pos);
-        const __m512 u = _mm512_mul_ps(av, _mm512_mul_ps(load_values<Enc>(values, e, 0xFFFF), sv));
-        const __m512 p = _mm512_i32gather_ps(pos, tile_param, 4);
+    if (end - e >= 32) {
+        __m512i pos;
+        __m512 u;
+        decode(e, 0xFFFF, &pos, &u);
+        __m512 p = _mm512_i32gather_ps(pos, tile_param, 4);
+        for (e += 16; e + 16 <= end; e += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(gaps + e + kApplyPrefetch), _MM_HINT_T0);
+            _mm_prefetch(static_cast<const char*>(values) + (e + kApplyPrefetch) * width, _MM_HINT_T0);
+            __m512i next_pos;
+            __m512 next_u;
+            decode(e, 0xFFFF, &next_pos, &next_u);
+            const __m512 next_p = _mm512_i32gather_ps(next_pos, tile_param, 4);
+            _mm512_i32scatter_ps(tile_param, pos, _mm512_sub_ps(p, u), 4);
+            pos = next_pos;
+            u = next_u;
+            p = next_p;
+        }
         _mm512_i32scatter_ps(tile_param, pos, _mm512_sub_ps(p, u), 4);
     }
-    if (e < end) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (end - e)) - 1);
-        const __m512i pos = _mm512_add_epi32(prefix_sum16(_mm512_maskz_loadu_epi32(m, gaps + e)), base);
-        const __m512 u = _mm512_mul_ps(av, _mm512_mul_ps(load_values<Enc>(values, e, m), sv));
+    for (; e < end; e += 16) {
+        const __mmask16 m = end - e >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (end - e)) - 1);
+        __m512i pos;
+        __m512 u;
+        decode(e, m, &pos, &u);
         const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, pos, tile_param, 4);
         _mm512_mask_i32scatter_ps(tile_param, m, pos, _mm512_sub_ps(p, u), 4);
     }
@@ -231,9 +250,20 @@ bool have_avx512() {
                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     return yes;
 }
+
+// Gather and scatter are fast on Intel's AVX-512 cores: on the development machine's Xeon,
+// 64 ResNet-18-shaped rows at keep 0.1 take ~80 ms of CPU time on one thread with them against
+// ~101 ms with the portable loops. On AMD's they are microcoded, and an earlier gather/scatter
+// version measured slower than the scalar loop on an EPYC: the apply pass keeps the scalar loop
+// there (the check pass has no gather and vectorises anywhere).
+bool have_fast_scatter() {
+    static const bool yes = have_avx512() && __builtin_cpu_is("intel");
+    return yes;
+}
 #pragma GCC diagnostic pop
 #else
 bool have_avx512() { return false; }
+bool have_fast_scatter() { return false; }
 #endif
 
 const char* scan(bool avx512, const uint32_t* gaps, int64_t k, int64_t n, int64_t tile, int64_t tiles, Cursor* c) {
@@ -332,7 +362,7 @@ BadRow subtract_sparse_cpu(const std::vector<SubtractLayer>& layers, const Store
         tile *= 2;
         count_tiles();
     }
-    const bool vector_apply = avx512 && tile <= (int64_t{1} << 30);  // tile-relative int32 positions
+    const bool vector_apply = avx512 && have_fast_scatter() && tile <= (int64_t{1} << 30);  // int32 positions in a tile
 
     // Per layer: its offset in a row, its first tile, and its first cursor slot (a layer of
     // t tiles owns t + 1 cursors per row: the last marks the segment's end).
