@@ -211,3 +211,51 @@ def test_a_plain_accelerate_loop_with_gradient_accumulation(tmp_path):
     _assert_same_store(accelerated, plain, STEPS)
     assert _ids_per_step(accelerated)[0] == IDS[: BATCH * ACCUMULATE]
     assert np.isfinite(accelerated.stats().ratio)
+
+
+_TORCHRUN_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist, transformers
+from pyunlearn.integrations.transformers import RecordUpdates
+sys.path.insert(0, sys.argv[2])
+from test_transformers import _args, _dataset, _model
+
+root = sys.argv[1]
+callback = RecordUpdates(os.path.join(root, "ddp.zarr"), create=dict(keep=1.0, value_dtype="float32"))
+transformers.Trainer(model=_model(), args=_args(os.path.join(root, "out"), num_train_epochs=1),
+                     train_dataset=_dataset(), callbacks=[callback]).train()
+print(f"rank {dist.get_rank()} of {dist.get_world_size()}: store {'written' if callback.store else 'none'}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)  # as tests/test_ddp.py: gloo may abort at interpreter exit
+"""
+
+
+def test_trainer_under_torchrun_with_two_processes(tmp_path):
+    """The same arguments on both ranks (the store as a path): rank 0 creates and writes the
+    store, rank 1 only gathers; each step holds the IDs of both ranks' micro-batches."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "hf_ddp.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    for attempt in range(2):  # a second try only if the processes never got to train (a port taken meanwhile)
+        root = tmp_path / f"try{attempt}"
+        root.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(root),
+                              str(Path(__file__).parent)], capture_output=True, text=True, timeout=300, cwd=root)
+        if out.returncode == 0 or (root / "ddp.zarr").exists():
+            break
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "rank 0 of 2: store written" in out.stdout and "rank 1 of 2: store none" in out.stdout
+    store = pu.UpdateStore.open(root / "ddp.zarr", mode="r")
+    per_step = _ids_per_step(store)
+    # Each rank has 12 samples, 3 micro-batches of 4: a step of 2, then the epoch's last one alone.
+    assert store.steps == 2 and [len(ids) for ids in per_step] == [2 * BATCH * ACCUMULATE, 2 * BATCH]
+    assert sorted(i for ids in per_step for i in ids) == IDS
+    assert store.final_fingerprint is not None
