@@ -65,32 +65,36 @@ class Ledger(NamedTuple):
         """The models this ledger accepts besides the store's final model."""
         return [f for f in (self.fingerprint, self.pending and self.pending.fingerprint) if f]
 
-    def settled_for(self, model_fingerprint: str) -> "Ledger":
-        """This ledger without its pending entry: applied if the model is the one the pending
-        deletion produced, dropped otherwise."""
+    def settled_for(self, model) -> "Ledger":
+        """This ledger without its pending entry: applied if the model (a fingerprint, or
+        pyunlearn._model.Fingerprints) is the one the pending deletion produced, dropped otherwise."""
         if self.pending is None:
             return self
-        if model_fingerprint == self.pending.fingerprint:
+        if _matches(model, self.pending.fingerprint):
             return Ledger(np.union1d(self.removed_steps, self.pending.steps).astype(np.int64), self.pending.fingerprint)
         return Ledger(self.removed_steps, self.fingerprint)
 
-    def plan(self, requested_steps: np.ndarray, *, model_fingerprint: str, final_fingerprint: str | None,
+    def plan(self, requested_steps: np.ndarray, *, model_fingerprint, final_fingerprint: str | None,
              where: str) -> DeletionPlan:
-        """What forgetting `requested_steps` from the model with `model_fingerprint` subtracts,
-        by the rule in the module docstring; ModelMismatchError or StoreError if it may not."""
-        base = self.settled_for(model_fingerprint)
+        """What forgetting `requested_steps` from the model subtracts, by the rule in the module
+        docstring; ModelMismatchError or StoreError if it may not. `model_fingerprint`: the
+        model's fingerprint, or pyunlearn._model.Fingerprints (which compares with stored values
+        of any fingerprint algorithm)."""
+        model = model_fingerprint
+        base = self.settled_for(model)
         new_steps = np.setdiff1d(requested_steps, base.removed_steps)
-        if base.fingerprint is not None and model_fingerprint == base.fingerprint:
+        if base.fingerprint is not None and _matches(model, base.fingerprint):
             subtract = new_steps
         elif final_fingerprint is None:
             raise StoreError(f"{where} has no final model fingerprint: recording did not close cleanly. "
                              "Load the trained model and call store.mark_final(model) first")
-        elif model_fingerprint == final_fingerprint:
+        elif _matches(model, final_fingerprint):
             subtract = np.union1d(base.removed_steps, requested_steps)
         else:
             known = ", ".join([final_fingerprint] + self.fingerprints_on_chain())
+            shown = model.get() if hasattr(model, "get") else model
             raise ModelMismatchError(
-                f"this model ({model_fingerprint}) is neither the one recording ended with nor one a deletion "
+                f"this model ({shown}) is neither the one recording ended with nor one a deletion "
                 f"produced (the store knows {known}). Forget from one of those")
         return DeletionPlan(subtract.astype(np.int64), new_steps.astype(np.int64), base)
 
@@ -132,6 +136,12 @@ class Ledger(NamedTuple):
             raise CorruptStoreError(f"{where}: the deletion ledger in the group attributes is malformed ({exc}); "
                                     "restore the store's zarr.json from a copy") from None
         return cls(removed, fingerprint, pending)
+
+
+def _matches(model, stored: str | None) -> bool:
+    if stored is None:
+        return False
+    return model.matches(stored) if hasattr(model, "matches") else model == stored
 
 
 def _steps(value) -> np.ndarray:

@@ -37,7 +37,7 @@ import torch
 
 from . import attribution, ops
 from ._ids import as_ids
-from ._model import as_float32_work, fingerprint, kernel_ready
+from ._model import Fingerprints, as_float32_work, fingerprint, kernel_ready, same_model
 from ._validate import int_in_range, positive_int
 from .errors import ModelMismatchError, NonFiniteUpdateError, RecorderError
 from .store import UpdateStore
@@ -245,7 +245,7 @@ class _FollowerRole:
         return fingerprint(self._params)
 
     def load_state(self, steps: int, model_fingerprint: str) -> int:
-        if fingerprint(self._params) != model_fingerprint:
+        if not same_model(self._params, model_fingerprint):
             raise ModelMismatchError(_STATE_MISMATCH)
         self.steps = steps
         return 0  # the writer rank truncates the store
@@ -283,7 +283,7 @@ class _WritingRole:
         with self._session:
             self._session.enter_context(store.writing())  # fail now, not after training steps went unrecorded
             store.ledger.refuse_more_training(store.path, "record more steps into")
-            if store.steps == 0 and fingerprint(params) != store.initial_fingerprint:
+            if store.steps == 0 and not same_model(params, store.initial_fingerprint):
                 raise ModelMismatchError("the model differs from the one the store was created for: create the "
                                          "store from the model as training starts")
             if family is not None:
@@ -372,13 +372,14 @@ class _WritingRole:
         """For a store that had steps when recording started: accepts the model if it is the
         one they end with (then the recorder starts from it), or says what to do."""
         store = self._store
-        n, model_fingerprint = store.steps, fingerprint(self._params)
+        n, model = store.steps, Fingerprints(self._params)  # stored values may use an older algorithm
         point = store.metadata.resume_point
         if n == 0:
-            accepted = model_fingerprint == store.initial_fingerprint
+            accepted = model.matches(store.initial_fingerprint)
         else:
-            accepted = (point is not None and point.steps == n and point.fingerprint in ("", model_fingerprint)) or \
-                (store.final_steps == n and store.final_fingerprint == model_fingerprint)
+            accepted = (point is not None and point.steps == n and (point.fingerprint == "" or
+                                                                   model.matches(point.fingerprint))) or \
+                (store.final_steps == n and model.matches(store.final_fingerprint))
         if accepted:
             self._resumed(n)
             return None
@@ -449,7 +450,7 @@ class _WritingRole:
         self._writer.drain()
         self._writer.raise_error()
         store.flush()
-        if fingerprint(self._params) != model_fingerprint:
+        if not same_model(self._params, model_fingerprint):
             raise ModelMismatchError(_STATE_MISMATCH)
         n = store.steps
         if n < steps:

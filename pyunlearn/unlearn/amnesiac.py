@@ -14,7 +14,7 @@ import torch
 
 from .. import ops
 from .._ids import as_ids
-from .._model import as_float32_work, fingerprint
+from .._model import Fingerprints, as_float32_work, fingerprint
 from ..attribution import coefficients
 from ..errors import CorruptStoreError
 from ..ledger import Ledger
@@ -66,7 +66,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
         params = store.check_model(model)
         lookup = store.steps_for(as_ids(ids))
         ledger = store.ledger
-        plan = ledger.plan(lookup.steps, model_fingerprint=fingerprint(params),
+        plan = ledger.plan(lookup.steps, model_fingerprint=Fingerprints(params),
                            final_fingerprint=store.final_fingerprint, where=store.path)
         work = [as_float32_work(p) for p in params]
         rollback = _Rollback(work, store, plan.subtract.size)
