@@ -10,6 +10,9 @@ import torch
 from .recorder import UpdateRecorder
 from .store import UpdateStore
 
+DEVICES: list[str] = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""The devices device-parametrised tests run on: the CPU, plus CUDA where torch sees a GPU."""
+
 
 def resnet18_cifar_shapes(num_classes: int = 10) -> list[tuple[str, tuple[int, ...]]]:
     """The 62 trainable tensors of a CIFAR ResNet-18 (3×3 stem, no max-pool), 11.17M values.
