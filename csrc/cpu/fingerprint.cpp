@@ -1,7 +1,9 @@
 // xh128 (see fingerprint.h for the definition): 1 MiB blocks hashed in parallel, each by eight
 // 64-bit lanes that take one multiply and two adds per 8 bytes, so a core hashes at about the
 // speed it reads memory.
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>

@@ -3,14 +3,16 @@
 // Each layer is cut into tiles of consecutive positions. A first pass checks every row's gaps
 // (vectorised block sums and minima, so it costs one read of the index) and notes where each
 // tile starts in each row. The second pass gives each tile to one thread, which applies all
-// rows to it in a canonical order while the tile sits in cache (with AVX-512: 16 entries at a
-// time, gaps decoded by a vector prefix sum, float16 converted in one instruction, a gather and
-// a scatter). A parameter is thus touched by one thread, in one order, whatever the thread
-// count or the order the rows came in: the result is bit-identical.
+// rows to it in a canonical order while the tile sits in cache (on Intel's AVX-512 cores: 16
+// entries at a time, gaps decoded by a vector prefix sum, float16 converted in one instruction,
+// a gather and a scatter). A parameter is thus touched by one thread, in one order, whatever
+// the thread count or the order the rows came in: the result is bit-identical.
 //
 // Both passes stream the rows from memory; software prefetches run ahead of the hardware
 // prefetcher, which stops at every 4 KB page.
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -23,9 +25,9 @@ namespace pyunlearn {
 namespace {
 
 // Calls with fewer stored entries (rows × Σk) than this run on the calling thread. Measured on
-// the 2-core development machine under load: at 8k–32k entries two threads saved 3–8 µs of
-// 35–55 µs in the median, but one call in ten took ~20 ms instead of ~0.2 ms (waiting for a
-// busy core); see docs/kernels.md.
+// the 2-core development machine under load: below this, two threads saved at most ~10 µs of
+// 40–60 µs in the median, but their slowest tenth took ~20 ms (waiting for a busy core)
+// against at most 0.4 ms on one thread; see docs/kernels.md.
 std::atomic<int64_t> g_serial_below{int64_t{1} << 15};
 std::atomic<int64_t> g_tile_positions{int64_t{1} << 16};  // 256 KB of float32 parameters: stays in L2
 std::atomic<bool> g_simd{true};
