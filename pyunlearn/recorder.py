@@ -465,7 +465,8 @@ class _WritingRole:
             known = {point.fingerprint} if point is not None and point.steps == n and point.fingerprint else set()
             if store.final_steps == n and store.final_fingerprint:
                 known.add(store.final_fingerprint)
-            if known and model_fingerprint not in known:
+            model = Fingerprints(self._params)  # the stored values may use different algorithms
+            if known and not any(model.matches(f) for f in known):
                 raise RecorderError(
                     f"{store.path} holds {n} steps, as the checkpoint does, but they end with another model: another "
                     "run went on from an earlier checkpoint and replaced the steps this one saw. Resume from a "
