@@ -286,8 +286,7 @@ class UpdateStore:
         return self._data.rows(steps)
 
     def read_step_hyper(self, steps: int) -> np.ndarray:
-        """Gradient stores: the per-step hyper-parameters of steps [0, steps), float64, one
-        column per value the optimizer family records (zero-padded)."""
+        """Gradient stores: steps [0, steps)' hyper-parameters (float64, the family's columns, zero-padded)."""
         if self.attribution != "gradient":
             raise StoreError(f"{self._where} stores updates (attribution='update'): it has no step hyper-parameters")
         return self._data.read("step_hyper", slice(0, steps))
