@@ -14,6 +14,7 @@ from ._location import what_is_there
 from ._lock import WriterLock
 from .attribution import HYPER_WIDTH
 from .errors import CorruptStoreError
+from ._shards import read_rows
 from .row import Row
 
 
@@ -79,6 +80,7 @@ class StoreArrays:
         except KeyError as exc:
             raise CorruptStoreError(f"{where}: the store's array {exc} is missing") from None
         self._chunks = ChunkPresence(zstore, where)
+        self._zstore = zstore
 
     def read(self, name: str, selection=None, *, rows: np.ndarray | None = None) -> np.ndarray:
         """arr[selection], or the given rows (orthogonal selection: only their chunks are read)."""
@@ -102,7 +104,11 @@ class StoreArrays:
         fields = []
         for name in ("index", "values", "scales"):
             arr = self.arrays[name]
-            data = self.read(name, rows=unique)[inverse] if unique.size else np.empty((0, arr.shape[1]), dtype=arr.dtype)
+            if not unique.size:
+                data = np.empty((0, arr.shape[1]), dtype=arr.dtype)
+            else:  # straight from the shards where the layout allows, else through zarr
+                data = read_rows(self._zstore, arr, unique, self._where)
+                data = (self.read(name, rows=unique) if data is None else data)[inverse]
             fields.append(torch.from_numpy(np.ascontiguousarray(data)))
         return Row(*fields)
 

@@ -278,3 +278,37 @@ def test_change_norm_counts_each_entry_once(tmp_path):
     report = pu.amnesiac_forget(model, pu.UpdateStore.open(path), [1000, 1001, 1002, 1003])
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
     assert report.change_norm == pytest.approx(float(torch.linalg.vector_norm(after - before)), rel=1e-6)
+
+
+def _sharded(tmp_path):
+    run = recorded_store(tmp_path / "s.zarr", keep=0.3, momentum=0.0, close=True)
+    store = pu.UpdateStore.open(tmp_path / "s.zarr")
+    assert store._data.arrays["values"].shards is not None  # the default layout is sharded
+    return run.model, store
+
+
+def test_rows_read_from_shards_equal_zarrs(tmp_path):
+    import zarr
+
+    _, store = _sharded(tmp_path)
+    steps = np.array([11, 0, 5, 5, 15])
+    rows = store.read(steps)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    for name, got in zip(("index", "values", "scales"), rows):
+        assert np.array_equal(got.numpy(), group[name].oindex[steps, :]), name
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_a_damaged_or_missing_shard_is_corruption(tmp_path, damage):
+    model, store = _sharded(tmp_path)
+    shard = tmp_path / "s.zarr" / "values" / "c" / "0" / "0"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0x01  # one bit inside an inner chunk
+        shard.write_bytes(bytes(data))
+    before = _params(model)
+    with pytest.raises(pu.CorruptStoreError, match="values"):
+        pu.amnesiac_forget(model, store, [1000, 1001, 1002])
+    assert _same(_params(model), before) and not store.ledger.has_deletions
