@@ -312,3 +312,23 @@ def test_a_damaged_or_missing_shard_is_corruption(tmp_path, damage):
     with pytest.raises(pu.CorruptStoreError, match="values"):
         pu.amnesiac_forget(model, store, [1000, 1001, 1002])
     assert _same(_params(model), before) and not store.ledger.has_deletions
+
+
+@pytest.mark.parametrize("numel", [40, 100_000])  # dense buffer path, unique path
+def test_rollback_change_norm_counts_an_entry_once_with_its_earliest_value(numel):
+    from pyunlearn.unlearn.amnesiac import _Rollback
+
+    class Store:  # what _Rollback reads of a store
+        k, row_length = [3], 3
+
+    work = [torch.zeros(numel)]
+    rollback = _Rollback(work, Store(), rows=1)
+    gaps = torch.tensor([[1, 2, 3]], dtype=torch.uint32)  # positions 0, 2, 5
+    rollback.save(pu.Row(gaps, torch.ones(1, 3), torch.ones(1, 1)))
+    work[0][[0, 2, 5]] -= 1.0
+    rollback.save(pu.Row(torch.tensor([[3, 1, 2]], dtype=torch.uint32), torch.ones(1, 3), torch.ones(1, 1)))  # 2, 3, 5
+    work[0][[2, 3, 5]] -= 2.0
+    original = torch.zeros(numel)
+    assert rollback.change_norm() == pytest.approx(float(torch.linalg.vector_norm(work[0] - original)))
+    rollback.restore()
+    assert torch.equal(work[0], original)

@@ -159,19 +159,30 @@ class _Rollback:
                     w.view(-1)[positions] = values
 
     def change_norm(self) -> float:
-        """L2 norm of the change, from the saved values: each layer's differences are scattered
-        into one zeroed buffer (so an entry changed by several rows counts once), summed, and
-        the buffer zeroed again at those positions."""
+        """L2 norm of the change, each entry counted once with its earliest saved value: by
+        np.unique over a layer's few saved positions, or, where they are many, by scattering
+        the differences into one reused zeroed buffer."""
         if self._copy is not None:
             return math.sqrt(sum(float(torch.linalg.vector_norm(w - c)) ** 2 for w, c in zip(self._work, self._copy)))
-        buffer = torch.zeros(max((w.numel() for w in self._work), default=0))
-        total = 0.0
+        total, buffer = 0.0, None
         for i, w in enumerate(self._work):
+            positions = [saved[i][0] for saved in self._saved]
+            values = [saved[i][1] for saved in self._saved]
+            count = sum(len(p) for p in positions)
+            if count == 0:
+                continue
+            if count * 8 < w.numel():
+                flat = torch.cat(positions).numpy()
+                unique, first = np.unique(flat, return_index=True)  # first: the earliest batch's value
+                original = torch.cat(values)[torch.from_numpy(first)]
+                total += float(torch.linalg.vector_norm(w.view(-1)[torch.from_numpy(unique)] - original)) ** 2
+                continue
+            if buffer is None:
+                buffer = torch.zeros(max(t.numel() for t in self._work))
             diff = buffer[: w.numel()]
-            for saved in reversed(self._saved):  # the earliest saved value of an entry wins
-                positions, values = saved[i]
-                diff[positions] = w.view(-1)[positions] - values
+            for pos, val in zip(reversed(positions), reversed(values)):  # the earliest saved value wins
+                diff[pos] = w.view(-1)[pos] - val
             total += float(torch.linalg.vector_norm(diff)) ** 2
-            for positions, _ in (saved[i] for saved in self._saved):
-                diff[positions] = 0.0
+            for pos in positions:
+                diff[pos] = 0.0
         return math.sqrt(total)
