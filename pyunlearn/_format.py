@@ -217,6 +217,9 @@ class StoreMetadata:
         if attrs.get("creation_complete") is False:
             raise CorruptStoreError(f"{where}: creating this store did not finish (the process stopped midway); "
                                     "create it again with UpdateStore.create(..., overwrite=True)")
+        if version < 3 and any(key in attrs for key in _SINCE_3):
+            raise CorruptStoreError(f"{where}: the group attributes claim format version {version} but hold fields "
+                                    "of version 3: zarr.json was edited. Restore it from a copy")
         if "checksum" in attrs or version >= 3:  # a flipped bit must not pass for another valid value
             expected = attrs_checksum({k: v for k, v in attrs.items() if k != "checksum"})
             if attrs.get("checksum") != expected:
@@ -262,6 +265,12 @@ class StoreMetadata:
             raise CorruptStoreError(f"{where}: the layer table's k add up to {sum(layer.k for layer in meta.layers)}, "
                                     f"not the row length {meta.row_length}")
         return meta
+
+
+# Written only since version 3: a document holding any of them and claiming an older version has
+# been edited to skip the checksum.
+_SINCE_3 = ("checksum", "resume_point", "chunks_always_written", "creation_complete", "inner_steps", "compression",
+            "lookup")
 
 
 def attrs_checksum(attrs: dict) -> str:

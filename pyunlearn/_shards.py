@@ -35,9 +35,10 @@ def _plain_rows_layout(arr) -> bool:
     sharding = codecs[0]
     inner = [type(c) for c in sharding.codecs]
     index = [type(c) for c in sharding.index_codecs]
-    return (inner == [BytesCodec, BloscCodec, Crc32cCodec] and index == [BytesCodec, Crc32cCodec]
-            and str(sharding.index_location.value) == "end" and arr.chunks[1:] == arr.shape[1:] == arr.shards[1:]
-            and np.dtype(arr.dtype).byteorder in ("<", "=", "|"))
+    little = all(getattr(c, "endian", None) in (None, "little") or getattr(getattr(c, "endian", None), "value", None)
+                 == "little" for c in (sharding.codecs[0], sharding.index_codecs[0]))  # the bytes on disk
+    return (inner == [BytesCodec, BloscCodec, Crc32cCodec] and index == [BytesCodec, Crc32cCodec] and little
+            and str(sharding.index_location.value) == "end" and arr.chunks[1:] == arr.shape[1:] == arr.shards[1:])
 
 
 def _checked(payload: bytes, what: str, where: str) -> bytes:

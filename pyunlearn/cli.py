@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -126,10 +127,18 @@ def _forget(args) -> int:
             report = amnesiac_forget(module, store, ids, commit=False)
             out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
             try:
-                _save_atomically(out, out_path)
-            except BaseException:  # the new model does not exist: neither does its deletion
+                temporary = _write_temporary(out, out_path)
+                try:
+                    os.replace(temporary, out_path)
+                except BaseException:
+                    os.unlink(temporary)
+                    raise
+            except BaseException:  # not renamed: the new model does not exist, neither does its deletion
                 store.record_deletion(report.ledger_before, replacing=report.ledger_pending)
                 raise
+            # Renamed: the new model is in place. If making the rename durable fails, the entry stays
+            # pending (both models accepted) and the error is raised; else the deletion is committed.
+            _sync_folder(out_path.parent)
             store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
     finally:
         store.close()
@@ -223,30 +232,38 @@ def _load_checkpoint(path: str):
                          f"(weights_only); save model.state_dict() instead ({first})") from None
 
 
-def _save_atomically(state: dict, path: Path) -> None:
-    """torch.save into a temporary file beside `path`, fsync, rename over `path`: readers see
-    the old file or the new one, never a partial one (also when `path` is the input)."""
-    import os
+def _write_temporary(state: dict, path: Path) -> str:
+    """torch.save into a temporary file beside `path`, fsynced: renamed over `path` next, readers
+    see the old file or the new one, never a partial one (also when `path` is the input)."""
     import tempfile
 
     import torch
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(temporary)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself made durable
+    return temporary
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """Temporary file, fsync, rename over `path`, fsync of the folder."""
+    os.replace(_write_temporary(state, path), path)
+    _sync_folder(path.parent)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -167,7 +167,11 @@ class UpdateStore:
         new = self._buffer.write(self._data.arrays)  # data, then its ID index run, then the counts
         runs, obsolete = runs_after_commit(self._group, self._meta, new.committed_steps, new.committed_samples,
                                            self._ids)
-        self._commit(committed_steps=new.committed_steps, committed_samples=new.committed_samples, lookup_runs=runs)
+        # Steps past the final model's make it stale: it did not take them, so forgetting them from it is refused.
+        stale = self._meta.final_steps is not None and new.committed_steps > self._meta.final_steps
+        final = dict(fingerprint_final=None, final_steps=None) if stale else {}
+        self._commit(committed_steps=new.committed_steps, committed_samples=new.committed_samples, lookup_runs=runs,
+                     **final)
         delete_runs(self._group, obsolete)
 
     def _commit(self, **changes) -> None:
@@ -195,7 +199,7 @@ class UpdateStore:
             self._take_lock()
             self.flush()
             step = int_in_range("step", step, 0, self.steps)
-            if self.ledger.has_deletions:
+            if self.ledger.has_deletions or self.ledger.pending is not None:
                 raise StoreError(f"{self._where} has a deletion ledger ({len(self.ledger.removed_steps)} steps "
                                  "removed); truncating would detach it from the model it describes")
             samples = int(self._data.read("offsets", slice(step, step + 1))[0])

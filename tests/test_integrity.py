@@ -332,3 +332,66 @@ def test_rollback_change_norm_counts_an_entry_once_with_its_earliest_value(numel
     assert rollback.change_norm() == pytest.approx(float(torch.linalg.vector_norm(work[0] - original)))
     rollback.restore()
     assert torch.equal(work[0], original)
+
+
+def test_cli_a_failed_folder_sync_after_the_rename_leaves_the_deletion_pending(tmp_path, monkeypatch, capsys):
+    """Once the new checkpoint is renamed into place the deletion must not be rolled back: if
+    making the rename durable fails, the entry stays pending, so the model on disk is accepted."""
+    import os
+
+    import pyunlearn.cli as cli
+
+    path = _cli_setup(tmp_path)
+
+    def failing_sync(folder):
+        raise OSError(5, "EIO on directory fsync")
+
+    monkeypatch.setattr(cli, "_sync_folder", failing_sync)
+    args = ["forget", "--store", str(path), "--checkpoint", str(tmp_path / "final.pt"),
+            "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "final.pt")]
+    assert main(args) == 1 and "EIO" in capsys.readouterr().err
+    store = pu.UpdateStore.open(path)
+    assert store.ledger.pending is not None
+    model = TinyNet()
+    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))  # the new model, on disk
+    pu.amnesiac_forget(model, store, [1001])  # accepted: settles the pending entry
+    assert os.path.exists(tmp_path / "final.pt")
+
+
+def test_recording_past_the_final_model_makes_it_stale(tmp_path):
+    """A model marked final at step N, then more steps recorded and flushed without a new final
+    (a crash before close): forgetting from the step-N model must not subtract steps it never
+    took."""
+    model, path = _recorded(tmp_path)
+    store = pu.UpdateStore.open(path)
+    final_n = TinyNet()
+    final_n.load_state_dict(model.state_dict())
+    params = [p.detach() for p in store.check_model(model)]
+    row = pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
+    store.append(row, [99999])
+    store.flush()
+    assert store.final_fingerprint is None and store.final_steps is None
+    with pytest.raises(pu.StoreError, match="no final model"):
+        pu.amnesiac_forget(final_n, store, [99999])
+
+
+def test_truncate_refuses_a_store_with_a_pending_deletion(tmp_path):
+    model, path = _recorded(tmp_path)
+    pu.amnesiac_forget(model, pu.UpdateStore.open(path), [1000], commit=False)
+    with pytest.raises(pu.StoreError, match="deletion ledger"):
+        pu.UpdateStore.open(path).truncate(3)
+
+
+def test_the_shard_reader_leaves_big_endian_arrays_to_zarr(tmp_path):
+    import zarr
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+    from pyunlearn._location import zarr_store
+    from pyunlearn._shards import read_rows
+
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    arr = group.create_array("a", shape=(8, 3), dtype="float32", chunks=(2, 3), shards=(4, 3),
+                             serializer=BytesCodec(endian="big"), compressors=[BloscCodec(), Crc32cCodec()])
+    arr[:] = np.arange(24, dtype="float32").reshape(8, 3)
+    zstore, _ = zarr_store(str(tmp_path / "g.zarr"), None, read_only=True)
+    assert read_rows(zstore, arr, np.array([1, 5]), "g") is None  # not the store's layout: zarr reads it

@@ -10,7 +10,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn import attribution, errors
-from pyunlearn._format import StoreMetadata
+from pyunlearn._format import StoreMetadata, attrs_checksum
 from pyunlearn.ledger import Ledger
 from pyunlearn.testing import TinyNet, recorded_store
 
@@ -76,18 +76,23 @@ def test_metadata_round_trips_and_damaged_fields_are_corruption(tmp_path):
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
     meta = StoreMetadata.from_attrs(attrs, "s.zarr")
     assert meta == store.metadata and StoreMetadata.from_attrs(meta.to_checked_attrs(), "s.zarr") == meta
-    # Field checks, on a version-2 document (no checksum) so that each field's own check runs.
-    unchecked = {k: v for k, v in attrs.items() if k != "checksum"} | {"format_version": 2}
-    assert StoreMetadata.from_attrs(unchecked, "s.zarr").ledger == meta.ledger
+    # Field checks: each edit re-sealed with a valid checksum, so that the field's own check runs.
+    def sealed(document):
+        document = {k: v for k, v in document.items() if k != "checksum"}
+        return document | {"checksum": attrs_checksum(document)}
+
+    assert StoreMetadata.from_attrs(sealed(attrs), "s.zarr") == meta
     for field, bad in (("committed_steps", -1), ("committed_steps", "24"), ("layers", [{"name": "x"}]),
                        ("value_dtype", "int8"), ("row_length", meta.row_length + 1), ("fingerprint_final", 3),
-                       ("resume_point", {"steps": "x", "fingerprint": "f"})):
+                       ("resume_point", {"steps": "x", "fingerprint": "f"}), ("compression", "brotli:3"),
+                       ("inner_steps", 7), ("lookup", {"from": 0, "runs": [["r2-5", 2, 5, 9]]}),
+                       ("lookup", {"from": 0, "runs": [["r0-99", 0, 99, 9]]})):
         with pytest.raises(pu.CorruptStoreError, match="s.zarr"):
-            StoreMetadata.from_attrs(dict(unchecked, **{field: bad}), "s.zarr")
-    damaged = dict(unchecked)
+            StoreMetadata.from_attrs(sealed(dict(attrs, **{field: bad})), "s.zarr")
+    damaged = dict(attrs)
     del damaged["ledger"]
     with pytest.raises(pu.CorruptStoreError, match="ledger"):
-        StoreMetadata.from_attrs(damaged, "s.zarr")
+        StoreMetadata.from_attrs(sealed(damaged), "s.zarr")
     with pytest.raises(pu.StoreFormatError, match="format version 99"):
         StoreMetadata.from_attrs(dict(attrs, format_version=99), "s.zarr")
 
@@ -112,15 +117,33 @@ def test_edited_metadata_on_disk_fails_its_checksum_before_anything_changes(tmp_
     before = path.read_bytes()
     for attempt in (lambda: pu.UpdateStore.open(tmp_path / "s.zarr"),
                     lambda: pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")):
-        with pytest.raises(pu.CorruptStoreError, match="checksum"):
+        with pytest.raises(pu.CorruptStoreError, match="checksum|claim format version"):
             attempt()
     assert path.read_bytes() == before
+
+
+def _as_format_2(attrs):
+    """The attributes a format-2 store has: no field of version 3."""
+    from pyunlearn._format import _SINCE_3
+
+    for key in _SINCE_3:
+        attrs.pop(key, None)
+    attrs["format_version"] = 2
+
+
+def test_an_edit_that_claims_format_2_to_skip_the_checksum_is_refused(tmp_path):
+    recorded_store(tmp_path / "s.zarr", close=True)
+    path = tmp_path / "s.zarr" / "zarr.json"
+    _edit_attributes(path, lambda a: (a.pop("checksum"), a.update(format_version=2),
+                                      a["ledger"]["removed_steps"].append(3)))
+    with pytest.raises(pu.CorruptStoreError, match="claim format version 2"):
+        pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
 
 
 def test_a_store_of_format_2_reads_and_is_checksummed_at_its_first_write(tmp_path):
     recorded_store(tmp_path / "s.zarr", close=True)
     path = tmp_path / "s.zarr" / "zarr.json"
-    _edit_attributes(path, lambda a: (a.pop("checksum"), a.update(format_version=2)))
+    _edit_attributes(path, _as_format_2)
     store = pu.UpdateStore.open(tmp_path / "s.zarr")
     assert store.metadata.format_version == 2
     store.truncate(10)
