@@ -166,6 +166,15 @@ class StoreMetadata:
     def array_names(self) -> tuple[str, ...]:
         return self.row_arrays + ("sample_ids", "offsets")
 
+    def new_steps(self, steps: int, samples: int, runs: tuple) -> dict:
+        """The changes a commit of new steps makes: the counts, the ID index's runs, and the final
+        model dropped once steps go past it (it did not take them: forgetting them from it would
+        subtract updates it never had)."""
+        changes = dict(committed_steps=steps, committed_samples=samples, lookup_runs=runs)
+        if self.final_steps is not None and steps > self.final_steps:
+            changes.update(fingerprint_final=None, final_steps=None)
+        return changes
+
     def replace(self, **changes) -> "StoreMetadata":
         return dataclasses.replace(self, **changes)
 

@@ -167,11 +167,7 @@ class UpdateStore:
         new = self._buffer.write(self._data.arrays)  # data, then its ID index run, then the counts
         runs, obsolete = runs_after_commit(self._group, self._meta, new.committed_steps, new.committed_samples,
                                            self._ids)
-        # Steps past the final model's make it stale: it did not take them, so forgetting them from it is refused.
-        stale = self._meta.final_steps is not None and new.committed_steps > self._meta.final_steps
-        final = dict(fingerprint_final=None, final_steps=None) if stale else {}
-        self._commit(committed_steps=new.committed_steps, committed_samples=new.committed_samples, lookup_runs=runs,
-                     **final)
+        self._commit(**self._meta.new_steps(new.committed_steps, new.committed_samples, runs))
         delete_runs(self._group, obsolete)
 
     def _commit(self, **changes) -> None:
