@@ -87,7 +87,15 @@ class StoreArrays:
         return self.read_array(self.arrays[name], selection, rows=rows)
 
     def read_array(self, arr, selection=None, *, rows: np.ndarray | None = None) -> np.ndarray:
-        """The same for any array of the store (e.g. the ID index's runs)."""
+        """The same for any array of the store (e.g. the ID index's runs). A slice of a sharded
+        array is read straight from its shards (see _shards.py)."""
+        if rows is None and isinstance(selection, slice) and selection.step in (None, 1):
+            start, stop, _ = selection.indices(arr.shape[0])
+            if stop <= start:
+                return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+            direct = read_rows(self._zstore, arr, np.arange(start, stop), self._where)
+            if direct is not None:
+                return direct
         name = arr.path
         if self._check_presence:
             self._chunks.require(arr, rows if rows is not None else np.arange(arr.shape[0])[selection])

@@ -49,7 +49,8 @@ def _checked(payload: bytes, what: str, where: str) -> bytes:
 
 
 def read_rows(zstore, arr, rows: np.ndarray, where: str) -> np.ndarray | None:
-    """arr[rows] for sorted unique `rows`, or None where the layout is not the store's own."""
+    """arr[rows] for sorted `rows` (within the array), or None where the layout is not the
+    store's own."""
     if not _plain_rows_layout(arr):
         return None
     shard_rows, inner_rows = arr.shards[0], arr.chunks[0]
@@ -91,13 +92,10 @@ def read_rows(zstore, arr, rows: np.ndarray, where: str) -> np.ndarray | None:
         return await asyncio.gather(*(zstore.get(key(c // per_shard), prototype, RangeByteRequest(o, o + n))
                                       for c, o, n in spans))
 
-    decoded = {}
-    for (c, _, _), buf in zip(spans, sync(fetch_chunks())):
+    decoded = np.empty((len(spans), *inner_shape), dtype=dtype)
+    for i, ((c, _, _), buf) in enumerate(zip(spans, sync(fetch_chunks()))):
         if buf is None:
             raise CorruptStoreError(f"{where}: shard {key(c // per_shard)} of array {arr.path!r} vanished while read")
         raw = blosc.decompress(_checked(buf.to_bytes(), f"inner chunk {c} of array {arr.path!r}", where))
-        decoded[c] = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(inner_shape)
-    out = np.empty((len(rows), *row_shape), dtype=dtype)
-    for i, (row, c) in enumerate(zip(rows, chunk)):
-        out[i] = decoded[int(c)][int(row) - int(c) * inner_rows]
-    return out
+        decoded[i] = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(inner_shape)
+    return decoded[np.searchsorted(wanted, chunk), rows - chunk * inner_rows]
