@@ -132,6 +132,27 @@ def recorded_store(path, *, keep: float = 0.25, value_dtype: str = "float16", at
     return Recorded(model, store, opt, data, steps, initial)
 
 
+def tiny_lightning_module():
+    """A LightningModule class that trains TinyNet with SGD and momentum, for the Lightning
+    tests (needs the lightning package; defined on call so that this module does not import it)."""
+    import lightning
+
+    class TinyLightningModule(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = TinyNet()
+
+        def training_step(self, batch, batch_idx):
+            _, x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+    return TinyLightningModule
+
+
 class LoopbackS3:
     """A real S3 API on 127.0.0.1 (moto's server, a free port) with one bucket, for tests and
     benchmarks. `options` are the storage_options a store needs. Needs moto[server] and boto3."""

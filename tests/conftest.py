@@ -95,3 +95,41 @@ def s3_server():
 
 
 S3_SECRET = "never-print-this-secret"
+
+
+def mix64(x: int) -> int:
+    """csrc/cpu/prune.cpp's scramble of sample positions (the CUDA twin uses the same),
+    replicated to build a layer the sampler is wrong about."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def cuda_build_helpers():
+    """csrc/cuda/build.py (the nvcc flags setup.py uses), loaded by path."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "pyunlearn_cuda_build", Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def misleading_layer(n: int, groups: int):
+    """A layer whose update is 1 exactly where the kernels' position sampler looks (16 entries
+    in each of `groups` groups, placed by mix64) and 0 elsewhere: the sampled floor then admits
+    fewer entries than k, so the kernel must fall back to an exact pass."""
+    import torch
+
+    delta = torch.zeros(n)
+    for g in range(groups):
+        start = g * n // groups
+        room = (g + 1) * n // groups - start - 16
+        if room > 0:
+            start += mix64(g) % room
+        delta[start : min(n, start + 16)] = 1.0
+    return delta

@@ -4,31 +4,25 @@ uses (csrc/cuda/build.py), for sm_80 and sm_90, all at once. Skipped only where 
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from .conftest import cuda_build_helpers
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _build_helpers():
-    spec = importlib.util.spec_from_file_location("pyunlearn_cuda_build", ROOT / "csrc" / "cuda" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_cuda_source_is_built():
     """A new .cu or .cpp in csrc/cuda/ must be listed in build.py's SOURCES (setup.py's list)."""
     found = {p.name for p in (ROOT / "csrc" / "cuda").iterdir() if p.suffix in {".cu", ".cpp"}}
-    assert found == set(_build_helpers().SOURCES)
+    assert found == set(cuda_build_helpers().SOURCES)
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
-    helpers = _build_helpers()
+    helpers = cuda_build_helpers()
     nvcc = helpers.find_nvcc()
     if nvcc is None or shutil.which(nvcc) is None:
         pytest.skip("nvcc is not installed here (the CUDA sources are compiled where it is)")

@@ -27,17 +27,10 @@ from pyunlearn import ops
 from pyunlearn.row import Row
 from pyunlearn.testing import resnet18_cifar_shapes
 
-from .conftest import assert_same_bits
+from .conftest import assert_same_bits, cuda_build_helpers, misleading_layer
 from .strategies import step
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_build_helpers():
-    spec = importlib.util.spec_from_file_location("pyunlearn_cuda_build", ROOT / "csrc" / "cuda" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -72,7 +65,7 @@ def backend(request, tmp_path_factory):
         return Backend("cuda", _native_cuda, torch.device("cuda"), large=True)
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler to build the emulated CUDA kernels")
-    path = _load_build_helpers().build_emulated(tmp_path_factory.mktemp("cuda-emulated"))
+    path = cuda_build_helpers().build_emulated(tmp_path_factory.mktemp("cuda-emulated"))
     spec = importlib.util.spec_from_file_location("_native_cuda_emu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -201,26 +194,12 @@ def test_prune_k_extremes_and_odd_layers(backend, value_dtype):
     assert_prune_matches_cpu(backend, before, after, [k for _, k in layers], value_dtype)
 
 
-def _mix64(x: int) -> int:
-    mask = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return x ^ (x >> 31)
-
-
 def test_prune_misleading_sample_falls_back_to_exact(backend):
     """Every entry the CUDA sampler reads is 1, all others 0, and k exceeds them: fewer than k
     entries reach the sampled floor, so the layer must be selected from whole."""
     n, k = 80_000, 15_000
     groups = min(n // 8, 8192) // 16
-    delta = torch.zeros(n)
-    for g in range(groups):
-        start = g * n // groups
-        room = (g + 1) * n // groups - start - 16
-        if room > 0:
-            start += _mix64(g) % room
-        delta[start : min(n, start + 16)] = 1.0
+    delta = misleading_layer(n, groups)
     assert int((delta > 0).sum()) < k
     assert_prune_matches_cpu(backend, [torch.zeros(n)], [delta], [k], "float32")
 

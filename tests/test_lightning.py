@@ -10,24 +10,13 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data
+from pyunlearn.testing import tiny_data, tiny_lightning_module
 
 lightning = pytest.importorskip("lightning", reason="the Lightning integration is an optional extra")
 from pyunlearn.integrations.lightning import RecordUpdates  # noqa: E402
 
 
-class Module(lightning.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = TinyNet()
-
-    def training_step(self, batch, batch_idx):
-        _, x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+Module = tiny_lightning_module()
 
 
 def _loader():
@@ -161,18 +150,9 @@ import torch, torch.distributed as dist, lightning
 import pyunlearn as pu
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pyunlearn.integrations.lightning import RecordUpdates
-from pyunlearn.testing import TinyNet, tiny_data
+from pyunlearn.testing import tiny_data, tiny_lightning_module
 
-class Module(lightning.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = TinyNet()
-    def training_step(self, batch, batch_idx):
-        _, x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+class Module(tiny_lightning_module()):
     def train_dataloader(self):  # after the process group exists; Lightning's own sampler would shuffle
         data = list(zip(*tiny_data(64)))
         sampler = torch.utils.data.DistributedSampler(data, shuffle=False)

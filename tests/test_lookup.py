@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import pyunlearn as pu
 from pyunlearn._sample_index import SampleIndex

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pyunlearn import NonFiniteUpdateError, ops
 from pyunlearn._reference import fp16_scale
 
-from .conftest import assert_same_bits, prune_both, prune_tuning
+from .conftest import assert_same_bits, misleading_layer, prune_both, prune_tuning
 from .strategies import step
 
 
@@ -66,29 +66,13 @@ def test_layers_of_very_different_sizes(small_layer_limit):
         assert_same_bits(nb, rb, "before")
 
 
-def _mix64(x: int) -> int:
-    """csrc/cpu/prune.cpp's scramble of sample positions, replicated to build a layer the
-    sampler is wrong about."""
-    mask = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return x ^ (x >> 31)
-
-
 def test_misleading_sample_falls_back_to_exact(native):
     """Every sampled entry is 1 and all others 0, and k exceeds the sample: the sampled floor
     (1) is reached by fewer than k entries, so the kernel must redo the pass with floor 0."""
     n, k = 40_000, 5_000
     wanted = min(n // 8, max(1024, min(4096, 64 * n // k)))
     groups = max(1, wanted // 16)
-    delta = torch.zeros(n)
-    for g in range(groups):
-        start = g * n // groups
-        room = (g + 1) * n // groups - start - 16
-        if room > 0:
-            start += _mix64(g) % room
-        delta[start : min(n, start + 16)] = 1.0
+    delta = misleading_layer(n, groups)
     assert int((delta > 0).sum()) < k
     with prune_tuning(native, 1024):
         native_row, reference_row, _, _ = prune_both([torch.zeros(n)], [delta], [k], "float32")

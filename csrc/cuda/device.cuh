@@ -129,6 +129,25 @@ __device__ __forceinline__ T warp_inclusive_sum(T x) {
     return x;
 }
 
+// One warp turns 128 counts (4 per lane, in index order) into their exclusive prefix sums, in
+// place; returns this lane's inclusive sum of its 4 (lane 31's is the total).
+__device__ __forceinline__ unsigned warp_exclusive_scan4(unsigned* counts) {
+    unsigned v[4], sum = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        v[q] = counts[lane_id() * 4 + q];
+        sum += v[q];
+    }
+    const unsigned inclusive = warp_inclusive_sum(sum);
+    unsigned run = inclusive - sum;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        counts[lane_id() * 4 + q] = run;
+        run += v[q];
+    }
+    return inclusive;
+}
+
 // Block-wide exclusive sum of one value per thread (every thread of the block must call it).
 // scratch: __shared__ T[32]. *total gets the block's sum (in every thread).
 template <int kThreads, class T>

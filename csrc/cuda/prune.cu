@@ -284,19 +284,7 @@ collect_kernel(const Seg* segs, const unsigned* main_begin, int L, State* state,
     mx = block_reduce<kThreads>(mx, s_warp_max, Max());  // (its barriers also publish s_offset)
     if (warp_id() == 0) {
         // Exclusive offsets of the (item, warp) groups, in index order: 4 per lane.
-        unsigned v[4], sum = 0;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            v[q] = s_offset[lane_id() * 4 + q];
-            sum += v[q];
-        }
-        const unsigned inclusive = warp_inclusive_sum(sum);
-        unsigned run = inclusive - sum;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            s_offset[lane_id() * 4 + q] = run;
-            run += v[q];
-        }
+        const unsigned inclusive = warp_exclusive_scan4(s_offset);
         const unsigned total = __shfl_sync(kFullMask, inclusive, 31);
         if (lane_id() == 0) {
             if (mx > 0) atomicMax(&state[i].max_key, mx);
@@ -511,20 +499,7 @@ emit_kernel(const Seg* segs, const State* state, const unsigned* work_begin, int
         }
         __syncthreads();
         if (warp_id() < 2) {  // warp 0 scans the counts above t, warp 1 those equal to t
-            unsigned* off = s_offset[warp_id()];
-            unsigned v[4], sum = 0;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                v[q] = off[lane_id() * 4 + q];
-                sum += v[q];
-            }
-            const unsigned inclusive = warp_inclusive_sum(sum);
-            unsigned run = inclusive - sum;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                off[lane_id() * 4 + q] = run;
-                run += v[q];
-            }
+            const unsigned inclusive = warp_exclusive_scan4(s_offset[warp_id()]);
             if (lane_id() == 31) s_total[warp_id()] = inclusive;
         }
         __syncthreads();

@@ -53,6 +53,16 @@ class StoreSpec:
         """Whether the callback opened the store (and so closes it at the end of training)."""
         return not isinstance(self.store, UpdateStore)
 
+    def close(self, recorder, store) -> None:
+        """Closes the recorder (flushing the store and marking the final model) and the store if
+        the callback opened it from a path."""
+        try:
+            if recorder is not None:
+                recorder.close()
+        finally:
+            if self.owned and store is not None:
+                store.close()
+
 
 def distributed_rank() -> tuple[int, int] | None:
     """(rank, world size) when torch.distributed runs more than one process, else None."""

@@ -143,12 +143,7 @@ class RecordUpdates(TrainerCallback, ExportableState):
     def close(self) -> None:
         """Closes the recorder (flushing the store and marking the final model) and a store the
         callback opened from a path. Called when training ends; call it yourself if training raised."""
-        try:
-            if self.recorder is not None:
-                self.recorder.close()
-        finally:
-            if self._spec.owned and self.store is not None:
-                self.store.close()
+        self._spec.close(self.recorder, self.store)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict:
