@@ -9,7 +9,8 @@ fixed set of 32,000 samples, so 1k steps are one epoch and an ID is in one step 
 1k steps of ResNet-18 shapes. Rows are synthetic (a pool of pruned random steps, cycled): their
 content does not change what is read. Each forget runs in a fresh process (open, lookup, read,
 subtract, ledger write) so its peak-memory growth is its own; bytes read are counted by
-wrapping the zarr store. --quick skips the 100k-step store (for a smoke run)."""
+wrapping the zarr store. Open + first lookup is timed twice: as the process's first zarr use
+(cold) and with a second handle (warm, what a running service pays). --quick skips the 100k-step store (for a smoke run)."""
 from __future__ import annotations
 
 import argparse
@@ -117,13 +118,18 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 store = pu.UpdateStore.open(Counting(str(path)))
 found = store.steps_for(ids[:1])
-t_lookup = time.perf_counter() - t0
+t_lookup = time.perf_counter() - t0  # cold: includes zarr's one-time start in this process
+t0 = time.perf_counter()
+store = pu.UpdateStore.open(Counting(str(path)))  # a second handle: what a running service pays
+found = store.steps_for(ids[:1])
+t_warm = time.perf_counter() - t0
 Counting.read = 0
 t1 = time.perf_counter()
 report = pu.amnesiac_forget(model, store, ids)
 t_forget = time.perf_counter() - t1
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"open_first_lookup_ms": t_lookup * 1e3, "forget_ms": t_forget * 1e3,
+print(json.dumps({"open_first_lookup_ms": t_lookup * 1e3, "open_first_lookup_warm_ms": t_warm * 1e3,
+                  "forget_ms": t_forget * 1e3,
                   "steps_touched": report.steps_applied, "bytes_read": Counting.read,
                   "peak_growth_mb": (peak - base) / 1024}))
 """
@@ -251,6 +257,7 @@ def main(argv=None) -> int:
                        "forget_ms_best": round(best["forget_ms"], 1),
                        "forget_ms_median": round(statistics.median(t["forget_ms"] for t in trials), 1),
                        "open_first_lookup_ms_best": round(min(t["open_first_lookup_ms"] for t in trials), 1),
+                       "open_first_lookup_warm_ms_best": round(min(t["open_first_lookup_warm_ms"] for t in trials), 1),
                        "peak_growth_mb_max": round(max(t["peak_growth_mb"] for t in trials), 1),
                        "bytes_read": best["bytes_read"], "steps_touched": best["steps_touched"]}
                 results["forget"].append(row)
