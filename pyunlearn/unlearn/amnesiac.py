@@ -80,6 +80,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
                 if w is not p and w.data_ptr() != p.data_ptr():
                     p.copy_(w.view_as(p))
             result = fingerprint(params)
+            change = rollback.change_norm()  # before the ledger write: once it is written, nothing may fail
             ledger_after = plan.base.after(plan.new_steps, result)
             written = ledger_after if commit else plan.base.with_pending(plan.new_steps, result)
             try:
@@ -90,7 +91,6 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
                     if w is not p and w.data_ptr() != p.data_ptr():
                         p.copy_(w.view_as(p))
                 raise
-    change = rollback.change_norm()
     return ForgetReport(
         steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
