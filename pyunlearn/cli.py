@@ -260,12 +260,6 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _save_atomically(state: dict, path: Path) -> None:
-    """Temporary file, fsync, rename over `path`, fsync of the folder."""
-    os.replace(_write_temporary(state, path), path)
-    _sync_folder(path.parent)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pickle import UnpicklingError  # torch.load(weights_only=True) refusing a pickled object
 

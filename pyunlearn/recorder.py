@@ -450,7 +450,8 @@ class _WritingRole:
         self._writer.drain()
         self._writer.raise_error()
         store.flush()
-        if not same_model(self._params, model_fingerprint):
+        model = Fingerprints(self._params)  # one hash per algorithm for every comparison below
+        if not model.matches(model_fingerprint):
             raise ModelMismatchError(_STATE_MISMATCH)
         n = store.steps
         if n < steps:
@@ -465,7 +466,6 @@ class _WritingRole:
             known = {point.fingerprint} if point is not None and point.steps == n and point.fingerprint else set()
             if store.final_steps == n and store.final_fingerprint:
                 known.add(store.final_fingerprint)
-            model = Fingerprints(self._params)  # the stored values may use different algorithms
             if known and not any(model.matches(f) for f in known):
                 raise RecorderError(
                     f"{store.path} holds {n} steps, as the checkpoint does, but they end with another model: another "

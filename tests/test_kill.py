@@ -33,7 +33,7 @@ import sys, time, os
 from pathlib import Path
 import numpy as np, torch
 import pyunlearn as pu
-from pyunlearn.cli import main, _save_atomically
+from pyunlearn.cli import main, _sync_folder, _write_temporary
 from pyunlearn.testing import TinyNet, tiny_data, tiny_training
 
 folder = Path(sys.argv[1]); start = time.monotonic()
@@ -60,7 +60,9 @@ phase("forget")
 store = pu.UpdateStore.open(folder / "s.zarr")
 for i in range(6):
     report = pu.amnesiac_forget(model, store, [1000 + 3 * i], commit=False)
-    _save_atomically(model.state_dict(), folder / f"model-api-{i}.pt")
+    target = folder / f"model-api-{i}.pt"  # saved atomically: temporary file, rename, folder sync
+    os.replace(_write_temporary(model.state_dict(), target), target)
+    _sync_folder(folder)
     store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
 store.close()
 phase("cli-forget")
