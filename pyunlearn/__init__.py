@@ -4,8 +4,8 @@ Importing this package does no work beyond importing torch and zarr: the native 
 loads on the first kernel call.
 """
 from ._version import __version__  # noqa: I001 (first: store.py reads it)
-from . import data, metrics, ops, unlearn
-from .errors import (CorruptStoreError, ModelMismatchError, NonFiniteUpdateError, PyunlearnError, StoreError,
+from . import data, keys, metrics, ops, unlearn
+from .errors import (CorruptStoreError, KeyMappingError, ModelMismatchError, NonFiniteUpdateError, PyunlearnError, StoreError,
                      StoreFormatError, StoreLockedError)
 from .recorder import RecorderError, UpdateRecorder
 from .row import Row
@@ -13,7 +13,7 @@ from .store import UpdateStore
 from .unlearn import ForgetReport, amnesiac_forget
 
 __all__ = [
-    "__version__", "ops", "data", "metrics", "unlearn", "Row", "UpdateStore", "UpdateRecorder", "amnesiac_forget", "ForgetReport",
+    "__version__", "ops", "data", "keys", "metrics", "unlearn", "Row", "UpdateStore", "UpdateRecorder", "amnesiac_forget", "ForgetReport",
     "PyunlearnError", "NonFiniteUpdateError", "StoreError", "StoreFormatError", "StoreLockedError",
-    "CorruptStoreError", "ModelMismatchError", "RecorderError",
+    "CorruptStoreError", "ModelMismatchError", "RecorderError", "KeyMappingError",
 ]

@@ -21,8 +21,8 @@ from .ledger import Ledger
 from ._validate import positive_int
 
 FORMAT_NAME = "pyunlearn.update-store"
-FORMAT_VERSION = 3  # 3: checksummed attributes, resume point, creation marker
-READABLE_VERSIONS = (1, 2, 3)  # 2 (0.2.0): attribution, optimizer, step_hyper; 1 (0.1.0): update attribution only
+FORMAT_VERSION = 4  # 4: the ledger's timeline and audit records, keyed sample IDs; 3: checksummed attributes
+READABLE_VERSIONS = (1, 2, 3, 4)  # 2 (0.2.0): attribution, optimizer, step_hyper; 1 (0.1.0): update attribution only
 CHUNK_BYTES = 4 << 20  # ~4 MB per written chunk (a shard): zarr's per-object cost stays small beside the data
 MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
 IDS_PER_CHUNK = CHUNK_BYTES // 8
@@ -57,15 +57,18 @@ class Layer:
 class ResumePoint:
     steps: int
     fingerprint: str
+    # The ledger records the model training continues from had seen (pyunlearn/ledger.py): the
+    # model a training segment ends with has those deletions applied, and no later ones.
+    requests: int = 0
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "fingerprint": self.fingerprint}
+        return {"steps": self.steps, "fingerprint": self.fingerprint, "requests": self.requests}
 
     @classmethod
     def from_json(cls, d) -> "ResumePoint | None":
         if d is None:
             return None
-        return cls(_count(d["steps"]), _optional(d["fingerprint"], str) or "")
+        return cls(_count(d["steps"]), _optional(d["fingerprint"], str) or "", _count(d.get("requests", 0)))
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class StoreMetadata:
     # lookup_from on, contiguously; steps before them and after them are found by scanning.
     lookup_from: int = 0
     lookup_runs: tuple = ()
+    # Version 4: a check value of the secret that maps this store's keys to sample IDs
+    # (pyunlearn/keys.py), None while its samples are integer IDs. Never the secret itself.
+    key_check: str | None = None
 
     def __post_init__(self):
         if self.inner_steps == 0:  # older stores: one chunk per write
@@ -201,6 +207,7 @@ class StoreMetadata:
             "inner_steps": self.inner_steps,
             "compression": self.compression,
             "lookup": {"from": self.lookup_from, "runs": [run.to_json() for run in self.lookup_runs]},
+            "key_check": self.key_check,
             "creation_complete": True,
         }
 
@@ -235,6 +242,9 @@ class StoreMetadata:
                 raise CorruptStoreError(f"{where}: the store's group attributes (ledger, committed counts, "
                                         "fingerprints) fail their checksum: zarr.json was damaged or edited. "
                                         "Restore it from a copy")
+        if version < 4 and any(key in attrs for key in _SINCE_4):
+            raise CorruptStoreError(f"{where}: the group attributes claim format version {version} but hold fields "
+                                    "of version 4: zarr.json was edited. Restore it from a copy")
         attrs = _upgrade(dict(attrs), version)
         try:
             meta = cls(
@@ -252,7 +262,7 @@ class StoreMetadata:
                 fingerprint_initial=_optional(attrs["fingerprint_initial"], str),
                 fingerprint_final=_optional(attrs["fingerprint_final"], str),
                 final_steps=_optional(attrs["final_steps"], int),
-                ledger=Ledger.from_attrs(attrs["ledger"], where),
+                ledger=_ledger(attrs, version, where),
                 resume_point=ResumePoint.from_json(attrs.get("resume_point")),
                 chunks_always_written=attrs.get("chunks_always_written", False) is True,
                 inner_steps=_count(attrs.get("inner_steps", 0)),
@@ -260,6 +270,7 @@ class StoreMetadata:
                 # A store without the index (before format 3) scans its CSR arrays up to here.
                 lookup_from=_count(attrs["lookup"]["from"]) if "lookup" in attrs else _count(attrs["committed_steps"]),
                 lookup_runs=tuple(Run.from_json(r) for r in attrs["lookup"]["runs"]) if "lookup" in attrs else (),
+                key_check=_optional(attrs.get("key_check"), str),
             )
             covered = [meta.lookup_from] + [b for run in meta.lookup_runs for b in (run.step_from, run.step_to)]
             if covered[-1] > meta.committed_steps or any(a != b for a, b in zip(covered[::2], covered[1::2])):
@@ -280,6 +291,38 @@ class StoreMetadata:
 # been edited to skip the checksum.
 _SINCE_3 = ("checksum", "resume_point", "chunks_always_written", "creation_complete", "inner_steps", "compression",
             "lookup")
+
+
+# Written only since version 4 (the ledger's form changed too: pyunlearn/ledger.py reads both).
+_SINCE_4 = ("key_check",)
+
+
+def resume_point_after(point: "ResumePoint | None", old: Ledger, new: Ledger) -> "ResumePoint | None":
+    """Where training may continue once the ledger goes from `old` to `new`: a deletion applied to
+    the model training would continue from moves the resume point to the model it produced (the
+    old one holds the deleted samples' updates); undoing it moves the point back."""
+    for record in new.records[len(old.records):]:
+        if point is None:
+            return None
+        fields = record.fields
+        if record.kind == "undo":
+            undone = new.records[fields["of"]].fields
+            if point.fingerprint == undone["fingerprint_after"]:
+                start = new.models[undone["from_model"]]
+                point = ResumePoint(point.steps, start.fingerprint, start.requests)
+        elif record.kind == "deletion":
+            start = new.models[fields["from_model"]]
+            if point.fingerprint == start.fingerprint and point.steps == start.steps:
+                point = ResumePoint(point.steps, fields["fingerprint_after"], new.models[fields["model"]].requests)
+    return point
+
+
+def _ledger(attrs: dict, version: int, where: str) -> Ledger:
+    if version >= 4:
+        return Ledger.from_attrs(attrs["ledger"], where)
+    return Ledger.from_format_3(attrs["ledger"], final_fingerprint=_optional(attrs["fingerprint_final"], str),
+                                final_steps=_optional(attrs["final_steps"], int),
+                                steps=_count(attrs["committed_steps"]), where=where)
 
 
 def attrs_checksum(attrs: dict) -> str:

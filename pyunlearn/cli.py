@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,14 +70,23 @@ def _find_stores(path: str) -> list[str]:
 
 def _inspect(args) -> int:
     paths = _find_stores(args.store)
+    if args.json:
+        from .store import UpdateStore
+
+        exported = {}
+        for path in paths:
+            ledger = UpdateStore.open(path, mode="r").ledger
+            exported[path] = {"requests": ledger.audit(), "models": [m.to_json() for m in ledger.models]}
+        print(json.dumps(exported if len(paths) > 1 else exported[paths[0]], indent=2))
+        return 0
     for i, path in enumerate(paths):
         if len(paths) > 1:
             print(("\n" if i else "") + f"== {path} ==")
-        _inspect_one(path)
+        _inspect_one(path, ledger_table=args.ledger)
     return 0
 
 
-def _inspect_one(path: str) -> None:
+def _inspect_one(path: str, *, ledger_table: bool) -> None:
     from .store import UpdateStore
 
     store = UpdateStore.open(path, mode="r")
@@ -84,11 +94,34 @@ def _inspect_one(path: str) -> None:
     print(store.stats().table())
     print(f"fingerprints: initial {store.initial_fingerprint}, final {store.final_fingerprint}")
     ledger = store.ledger
-    print(f"ledger: {len(ledger.removed_steps)} steps removed" +
-          (f", model after deletion {ledger.fingerprint}" if ledger.fingerprint else ""))
+    print(f"ledger: {len(ledger.deletions)} deletion requests, {len(ledger.removed_steps)} steps removed, "
+          f"{len(ledger.models)} models on the timeline" +
+          (f", latest deletion's model {ledger.fingerprint}" if ledger.fingerprint else ""))
+    if ledger_table:
+        _print_audit(ledger)
+        return
     print(f"\n{'layer':<40} {'shape':<20} {'numel':>10} {'k':>8}")
     for layer in store.layers:
         print(f"{layer.name:<40} {str(layer.shape):<20} {layer.numel:>10} {layer.k:>8}")
+
+
+def _print_audit(ledger) -> None:
+    print(f"\n{'#':>3} {'time (UTC)':<24} {'request':<24} {'status':<8} {'keys':>6} {'unseen':>6} {'steps':>6} "
+          f"{'applied':>7} {'from model':<40} {'to model':<40} method")
+    for row in ledger.audit():
+        print(f"{row['record']:>3} {row['time'] or '(before format 4)':<24} {row['request']:<24} {row['status']:<8} "
+              f"{row['keys']:>6} {row['missing_keys']:>6} {row['steps_removed']:>6} {row['subtracted']:>7} "
+              f"{row['fingerprint_before']:<40} {row['fingerprint_after']:<40} {row['method']} {row['params']}"
+              + (f"  undone: {row['undo_reason']}" if row["undo_reason"] else ""))
+
+
+def _read_keys(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"--keys {path}: no such file")
+    keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not keys:
+        raise ValueError(f"--keys {path}: the file holds no keys (one per line)")
+    return keys
 
 
 def _read_ids(path: Path):
@@ -114,7 +147,7 @@ def _forget(args) -> int:
     from .store import UpdateStore
     from .unlearn import amnesiac_forget
 
-    ids = _read_ids(Path(args.ids))
+    ids = _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
@@ -124,7 +157,7 @@ def _forget(args) -> int:
         weights = _Weights(checkpoint, args.key, args.checkpoint, [layer.name for layer in store.layers])
         with store.writing():  # one writer from reading the ledger to writing it
             module = module_for_store(weights.state, store)
-            report = amnesiac_forget(module, store, ids, commit=False)
+            report = amnesiac_forget(module, store, ids, request_id=args.request_id, commit=False)
             out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
             try:
                 temporary = _write_temporary(out, out_path)
@@ -142,7 +175,8 @@ def _forget(args) -> int:
             store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
     finally:
         store.close()
-    print(f"forgot {len(ids)} IDs ({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
+    print(f"request {report.request_id}: forgot {len(ids)} {'IDs' if args.ids else 'keys'} "
+          f"({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
           f"{report.steps_applied} subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}")
     return 0
 
@@ -312,6 +346,8 @@ def main(argv=None) -> int:
 
     inspect = commands.add_parser("inspect", help="a store's size, layer table and ledger (every store under a folder)")
     inspect.add_argument("store", help="a store, or a folder holding stores (such as the demo's --store folder)")
+    inspect.add_argument("--ledger", action="store_true", help="the audit trail: every deletion request as a table")
+    inspect.add_argument("--json", action="store_true", help="the audit trail and the models on the timeline as JSON")
     inspect.set_defaults(run=_inspect)
 
     forget = commands.add_parser("forget", help="forget sample IDs from a saved checkpoint")
@@ -321,7 +357,11 @@ def main(argv=None) -> int:
                              "a Lightning .ckpt (loaded weights_only)")
     forget.add_argument("--key", help="the checkpoint's entry holding the state_dict (default: the checkpoint itself "
                                       "if it is one, else 'state_dict', 'model', 'model_state_dict' or 'module')")
-    forget.add_argument("--ids", required=True, help="file of sample IDs: whitespace/comma separated, or .npy")
+    which = forget.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", help="file of sample IDs: whitespace/comma separated, or .npy")
+    which.add_argument("--keys", help="file of sample keys, one per line (UTF-8); the store's secret comes from "
+                                      "PYUNLEARN_SECRET or PYUNLEARN_SECRET_FILE")
+    forget.add_argument("--request-id", help="the request's id in the audit trail (default: one is generated)")
     forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's structure)")
     forget.set_defaults(run=_forget)
 

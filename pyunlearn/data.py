@@ -1,5 +1,10 @@
 """Data sets with stable int64 sample IDs, as the recorder needs them.
 
+What the IDs are: `digits()` and `idx()` number the samples by their position in the source
+files (fixed, so a run tomorrow gets the same IDs), and selecting from a SampleSet keeps its
+IDs. `IdDataset` wraps other datasets, with IDs from a key function you give (stable keys,
+e.g. user IDs or strings) or, without one, positions (renumbered by a Subset).
+
 `digits()` is scikit-learn's bundled 8×8 digits set (1797 images, no download): the embedded
 default for the demo and tests.
 """
@@ -179,19 +184,41 @@ def parse_forget(spec: str, train: SampleSet, *, seed: int = 0) -> tuple[SampleS
 
 
 class IdDataset(torch.utils.data.Dataset):
-    """Wraps any map-style dataset of (x, y) so items come as (id, x, y), the ID being the
-    index plus `first_id`: the recorder's loader convention for datasets without IDs."""
+    """Wraps any map-style dataset of (x, y) so items come as (id, x, y): the recorder's loader
+    convention for datasets without IDs.
 
-    def __init__(self, dataset, first_id: int = 0):
+    With `key` (a function of the sample's index in the underlying dataset, found through any
+    torch.utils.data.Subset wrappers, returning an int ID or a str/bytes/UUID key), the ID is
+    `key(index)`: stable under Subset, shuffling and re-splitting, e.g.
+    `key=lambda i: f"fashion-train-{i}"` or a lookup of the record's user ID. Without it the
+    ID is the position in `dataset` plus `first_id`, which a Subset renumbers: fine for one
+    fixed data set, not a key to delete by later. The default collate gives a batch of keys as
+    a list, which rec.batch() and amnesiac_forget() take as they are."""
+
+    def __init__(self, dataset, first_id: int = 0, *, key=None):
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the sample's index, got {type(key).__name__}")
         self.dataset = dataset
         self.first_id = int(first_id)
+        self.key = key
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
         x, y = self.dataset[index]
-        return torch.tensor(self.first_id + index, dtype=torch.int64), x, y
+        if self.key is None:
+            return torch.tensor(self.first_id + index, dtype=torch.int64), x, y
+        key = self.key(root_index(self.dataset, index))
+        return (torch.tensor(key, dtype=torch.int64) if isinstance(key, (int, np.integer)) else key), x, y
+
+
+def root_index(dataset, index: int) -> int:
+    """The index in the underlying dataset of item `index` of `dataset`, through Subset wrappers."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        index = int(dataset.indices[index])
+        dataset = dataset.dataset
+    return int(index)
 
 
 # ---------------------------------------------------------------------------- cohort batching

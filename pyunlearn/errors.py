@@ -6,6 +6,7 @@ keeps working:
     ├── NonFiniteUpdateError   ValueError   a step's update holds NaN or Inf
     ├── ModelMismatchError     ValueError   the model is not the one the store or ledger describes
     ├── RecorderError          RuntimeError recording cannot go on
+    ├── KeyMappingError        LookupError  keys cannot be mapped to IDs: no secret, the wrong one, a collision
     └── StoreError             RuntimeError a store cannot be used as asked
         ├── StoreNotFoundError FileNotFoundError   no store at the path
         ├── StoreFormatError   ValueError          not a pyunlearn store, or an unknown format version
@@ -28,6 +29,11 @@ class ModelMismatchError(PyunlearnError, ValueError):
 
 class RecorderError(PyunlearnError, RuntimeError):
     """Recording cannot go on (the writer failed, or a step had no sample IDs)."""
+
+
+class KeyMappingError(PyunlearnError, LookupError):
+    """Keys cannot be mapped to sample IDs: the store's secret is missing or wrong, or two keys
+    collide (pyunlearn.keys)."""
 
 
 class StoreError(PyunlearnError, RuntimeError):

@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import attribution, ops
+from . import attribution, keys, ops
 from ._ids import as_ids
 from ._model import Fingerprints, as_float32_work, fingerprint, kernel_ready, same_model
 from ._validate import int_in_range, positive_int
@@ -109,7 +109,7 @@ class UpdateRecorder:
         """Declares the sample IDs used since the last step (several calls add up, as with
         gradient accumulation)."""
         self._check_open()
-        self._pending.append(as_ids(ids))
+        self._pending.append(self._role.ids_for(ids))
 
     @property
     def steps(self) -> int:
@@ -229,6 +229,10 @@ class _FollowerRole:
         self._dist = dist
         self.steps = 0
 
+    def ids_for(self, values) -> np.ndarray:
+        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the same)."""
+        return keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
+
     def before_step(self) -> None:
         pass  # the writer's error reaches this rank through the gather
 
@@ -282,7 +286,6 @@ class _WritingRole:
         self._session = contextlib.ExitStack()
         with self._session:
             self._session.enter_context(store.writing())  # fail now, not after training steps went unrecorded
-            store.ledger.refuse_more_training(store.path, "record more steps into")
             if store.steps == 0 and not same_model(params, store.initial_fingerprint):
                 raise ModelMismatchError("the model differs from the one the store was created for: create the "
                                          "store from the model as training starts")
@@ -306,12 +309,20 @@ class _WritingRole:
             store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size,
             flush_every_s)
 
+    def ids_for(self, values) -> np.ndarray:
+        """A batch's IDs; keys mapped with the store's secret."""
+        return self._store.ids_for(values, recording=True)
+
     def _make_rows(self):
         if self._family is not None:
             return _GradientRows(self._family(self._optimizer, self._params), self._store, self._names)
         return _UpdateRows(self._params, self._store, self._names)
 
     # ----------------------------------------------------------------- per step
+    def ids_for(self, values) -> np.ndarray:
+        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the same)."""
+        return keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
+
     def before_step(self) -> None:
         if self._dist is None:  # under DDP the writer's error reaches every rank through the gather
             self._writer.raise_error()
@@ -377,9 +388,11 @@ class _WritingRole:
         if n == 0:
             accepted = model.matches(store.initial_fingerprint)
         else:
+            # The final model only where no resume point was recorded (older stores): after a deletion
+            # the resume point is the model it produced, and the final one holds the deleted updates.
             accepted = (point is not None and point.steps == n and (point.fingerprint == "" or
                                                                    model.matches(point.fingerprint))) or \
-                (store.final_steps == n and model.matches(store.final_fingerprint))
+                (point is None and store.final_steps == n and model.matches(store.final_fingerprint))
         if accepted:
             self._resumed(n)
             return None
@@ -464,7 +477,7 @@ class _WritingRole:
         if n == steps:
             point = store.metadata.resume_point
             known = {point.fingerprint} if point is not None and point.steps == n and point.fingerprint else set()
-            if store.final_steps == n and store.final_fingerprint:
+            if point is None and store.final_steps == n and store.final_fingerprint:
                 known.add(store.final_fingerprint)
             if known and not any(model.matches(f) for f in known):
                 raise RecorderError(

@@ -14,7 +14,8 @@ import zarr
 
 from ._arrays import StoreArrays, create_group
 from ._buffer import ChunkBuffer
-from ._format import DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, ResumePoint, StoreMetadata, check_row
+from ._format import (DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, ResumePoint, StoreMetadata, check_row,
+                      resume_point_after)
 from ._ids import as_ids
 from ._location import zarr_store
 from ._lock import WriterLock
@@ -24,6 +25,7 @@ from ._sample_index import StepLookup
 from ._stats import StoreStats
 from ._validate import int_in_range
 from .errors import StoreError, StoreNotFoundError
+from .keys import KeyHasher, ids_digest, is_keys, to_ids
 from .ledger import Ledger
 from .row import Row
 
@@ -34,8 +36,8 @@ class UpdateStore:
     """Pruned per-step updates of one model, indexed by sample ID. Make one with
     `UpdateStore.create(path, model, keep=0.01)`; reopen it with `UpdateStore.open(path)`."""
 
-    def __init__(self, zstore, where: str, *, read_only: bool):
-        self._zstore, self._where, self._read_only = zstore, where, read_only
+    def __init__(self, zstore, where: str, *, read_only: bool, secret=None):
+        self._zstore, self._where, self._read_only, self._secret = zstore, where, read_only, secret
         self._lock = WriterLock(zstore, where)
         self._buffer: ChunkBuffer | None = None  # the chunk being filled, from the first append on
         # The recorder's writer thread appends while the training thread may flush or mark a model.
@@ -46,29 +48,30 @@ class UpdateStore:
     @classmethod
     def create(cls, path, model, keep: float = 0.01, value_dtype: str = "float16", *,
                attribution: str = "update", steps_per_chunk: int | None = None, overwrite: bool = False,
-               compression: str = DEFAULT_COMPRESSION, storage_options=None) -> "UpdateStore":
+               compression: str = DEFAULT_COMPRESSION, storage_options=None, secret=None) -> "UpdateStore":
         """A new, empty store for `model`'s trainable parameters (requires_grad), named as in
         model.named_parameters(); k_i = ceil(keep · numel_i), at least 1. Opened for writing.
         attribution: "update" stores each step's Δθ (the paper's method); "gradient" each step's
         batch gradient and hyper-parameters (pyunlearn.attribution), momentum included.
-        compression: blosc '<compressor>:<level>' of the arrays (docs/format.md)."""
+        compression: blosc '<compressor>:<level>' of the arrays (docs/format.md). secret: maps
+        string/bytes/UUID keys to sample IDs (pyunlearn.keys; default: PYUNLEARN_SECRET[_FILE])."""
         meta = StoreMetadata.new(trainable_parameters(model), keep=keep, value_dtype=value_dtype,
                                  attribution=attribution, steps_per_chunk=steps_per_chunk, compression=compression)
         zstore, where = zarr_store(path, storage_options, read_only=False)
         create_group(zstore, where, meta, overwrite=overwrite)
-        store = cls(zstore, where, read_only=False)
+        store = cls(zstore, where, read_only=False, secret=secret)
         store._lock.acquire()
         return store
 
     @classmethod
-    def open(cls, path, *, mode: str = "a", storage_options=None) -> "UpdateStore":
+    def open(cls, path, *, mode: str = "a", storage_options=None, secret=None) -> "UpdateStore":
         """Opens an existing store. mode 'a' (default) may write; the writer lock is taken at the
         first change (append, truncate, a deletion), so readers never block the recorder.
-        mode 'r' only reads."""
+        mode 'r' only reads. secret: as in create, for stores whose samples are keys."""
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' (read) or 'a' (read and write), got {mode!r}")
         zstore, where = zarr_store(path, storage_options, read_only=mode == "r")
-        return cls(zstore, where, read_only=mode == "r")
+        return cls(zstore, where, read_only=mode == "r", secret=secret)
 
     @staticmethod
     def break_lock(path, *, storage_options=None, force: bool = False) -> bool:
@@ -149,7 +152,6 @@ class UpdateStore:
         optimizer family's columns. Durable after flush() or once its chunk fills."""
         with self._mutex:
             self._take_lock()
-            self.ledger.refuse_more_training(self._where, "record more steps into")
             fields = check_row(self._meta, row, hyper)
             if self._buffer is None:
                 self._buffer = ChunkBuffer(self._meta, self._data.read)
@@ -195,30 +197,30 @@ class UpdateStore:
             self._take_lock()
             self.flush()
             step = int_in_range("step", step, 0, self.steps)
-            if self.ledger.has_deletions or self.ledger.pending is not None:
-                raise StoreError(f"{self._where} has a deletion ledger ({len(self.ledger.removed_steps)} steps "
-                                 "removed); truncating would detach it from the model it describes")
+            ledger = self.ledger.truncated(step, self._where)
             samples = int(self._data.read("offsets", slice(step, step + 1))[0])
             point = self._meta.resume_point
-            if point is None or point.steps != step:
-                point = ResumePoint(step, "")  # "" : chosen by hand, model unknown
+            if point is None or point.steps != step:  # "" : chosen by hand, model unknown
+                point = ResumePoint(step, "", 0 if point is None else point.requests)
             start, runs, obsolete = runs_after_truncate(self._group, self._meta, step, self._ids)
             self._commit(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
-                         resume_point=point, lookup_from=start, lookup_runs=runs)
+                         resume_point=point, lookup_from=start, lookup_runs=runs, ledger=ledger)
             delete_runs(self._group, obsolete)
             self._buffer = None
 
     def mark_final(self, model) -> None:
         """Records `model` as the trained model these steps produced (the recorder does this on
         close; call it yourself after recovering an interrupted run). It is also the store's
-        resume point: a recorder may continue from it."""
+        resume point: a recorder may continue from it, and a model deletions may start from."""
         with self._mutex:
             self._take_lock()
-            self.ledger.refuse_more_training(self._where, "mark a new final model of")
             self.flush()
             model_fingerprint = fingerprint(self.check_model(model))
+            point = self._meta.resume_point  # the deletions seen by the model this segment started from
+            requests = 0 if point is None else point.requests
             self._commit(fingerprint_final=model_fingerprint, final_steps=self.steps,
-                         resume_point=ResumePoint(self.steps, model_fingerprint))
+                         resume_point=ResumePoint(self.steps, model_fingerprint, requests),
+                         ledger=self.ledger.with_training_end(model_fingerprint, self.steps, requests))
 
     def mark_resume_point(self, model, *, steps: int | None = None) -> None:
         """Flushes and records `model` as the model after the committed steps, the only one a
@@ -230,7 +232,9 @@ class UpdateStore:
             if steps is not None and steps != self.steps:
                 raise StoreError(f"{self._where} holds {self.steps} committed steps, not {steps}: the model "
                                  "cannot be marked as the one after them")
-            self._commit(resume_point=ResumePoint(self.steps, fingerprint(self.check_model(model))))
+            point = self._meta.resume_point
+            self._commit(resume_point=ResumePoint(self.steps, fingerprint(self.check_model(model)),
+                                                  0 if point is None else point.requests))
 
     def set_optimizer_family(self, name: str) -> None:
         """Gradient stores: the optimizer family (pyunlearn.attribution) of the vectors; set once."""
@@ -243,13 +247,35 @@ class UpdateStore:
 
     def record_deletion(self, ledger: Ledger, *, replacing: Ledger) -> None:
         """Replaces the ledger `replacing` by `ledger` (compare-and-swap: StoreError if another
-        deletion came in between). amnesiac_forget writes its entries so; to undo one whose model
-        could not be saved: record_deletion(report.ledger_before, replacing=report.ledger_after)."""
+        deletion came in between). The ledger is append-only: `ledger` extends `replacing`, or
+        is an earlier state of it, which undoes the deletions since (they stay listed, marked
+        undone): record_deletion(report.ledger_before, replacing=report.ledger_after) undoes a
+        deletion whose model could not be saved."""
         with self.writing():
             if self.ledger != replacing:
                 raise StoreError(f"{self._where}: the deletion ledger changed since this deletion read it "
                                  "(another deletion was recorded meanwhile); nothing was written")
-            self._commit(ledger=ledger)
+            if not ledger.extends(replacing):
+                ledger = replacing.undone_back_to(ledger, self._where)
+            self._commit(ledger=ledger, resume_point=resume_point_after(self._meta.resume_point, replacing, ledger))
+
+    # ----------------------------------------------------------------- keys
+    def ids_for(self, values, arg: str = "ids", *, allow_empty: bool = False, recording: bool = False) -> np.ndarray:
+        """`values` (int64 IDs, or str/bytes/UUID keys mapped with the store's secret) as sample IDs."""
+        hasher = None if not is_keys(values) else KeyHasher.resolve(self._secret)
+        check = self._meta.key_check
+        if hasher is not None and check is None and self.steps:
+            raise TypeError(f"{arg}: {self._where} recorded its samples by integer ID; keys cannot be matched to them")
+        ids = to_ids(values, hasher, check, self._where, arg, allow_empty=allow_empty)
+        if hasher is not None and check is None and recording:  # the first keys recorded: keep the secret's check
+            with self._mutex:
+                self._take_lock()
+                self._commit(key_check=hasher.check)
+        return ids
+
+    def request_digest(self, ids) -> str:
+        """The audit trail's digest of a request's IDs: keyed with the secret on a store of keys."""
+        return ids_digest(ids) if self._meta.key_check is None else KeyHasher.resolve(self._secret).digest(ids)
 
     def release(self) -> None:
         """Flushes and gives up the writer lock but keeps the store open (the next change takes
@@ -276,7 +302,7 @@ class UpdateStore:
     # ----------------------------------------------------------------- reading
     def steps_for(self, ids) -> StepLookup:
         """The committed steps whose batches held any of `ids`, and the IDs never seen."""
-        return self._ids.steps_for(as_ids(ids))
+        return self._ids.steps_for(self.ids_for(ids))
 
     def read(self, steps) -> Row:
         """The stored rows of `steps` (in the order given), reading only the chunks they lie in."""

@@ -67,7 +67,7 @@ def test_inspect(tmp_path):
     _recorded_checkpoint(tmp_path)
     out = _run("inspect", str(tmp_path / "s.zarr"))
     assert out.returncode == 0, out.stderr
-    assert "fc1.weight" in out.stdout and "dense float32 equivalent" in out.stdout and "ledger: 0 steps" in out.stdout
+    assert "fc1.weight" in out.stdout and "dense float32 equivalent" in out.stdout and "ledger: 0 deletion requests, 0 steps removed" in out.stdout
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):

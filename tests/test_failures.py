@@ -39,14 +39,26 @@ def test_a_handle_opened_earlier_does_not_overwrite_newer_commits(tmp_path):
     assert fresh.steps_for([5000, 9999]).missing.size == 0
 
 
-def test_recording_into_a_store_with_a_ledger_is_refused(tmp_path):
+def test_training_continues_only_from_the_model_a_deletion_produced(tmp_path):
     model, optimizer = _recorded(tmp_path / "s.zarr")
+    final = {k: v.clone() for k, v in model.state_dict().items()}
     store = pu.UpdateStore.open(tmp_path / "s.zarr")
     pu.amnesiac_forget(model, store, [1000])
-    with pytest.raises(pu.StoreError, match="deletion ledger"):
-        pu.UpdateRecorder(model, optimizer, store)
-    with pytest.raises(pu.StoreError, match="deletion ledger"):
-        store.append(_row(store, model), [1])
+    stale = TinyNet()
+    stale.load_state_dict(final)  # still holds the deleted sample's updates
+    stale_optimizer = torch.optim.SGD(stale.parameters(), lr=0.1)
+    rec = pu.UpdateRecorder(stale, stale_optimizer, store)
+    rec.batch([1])
+    stale(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(pu.RecorderError, match="not the one they end with"):
+        stale_optimizer.step()
+    rec.remove()
+    rec = pu.UpdateRecorder(model, optimizer, store)  # the model after the deletion: recording goes on
+    rec.batch([1])
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    rec.close()
+    assert store.steps == store.ledger.models[-1].steps and store.ledger.models[-1].made_by == "training"
 
 
 def test_forgetting_twice_with_fresh_handles(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pyunlearn as pu
+from tests._old_formats import as_format_2
 from pyunlearn._sample_index import SampleIndex
 from pyunlearn.testing import TinyNet
 
@@ -74,11 +75,7 @@ def test_a_store_without_the_index_is_scanned_then_indexed(tmp_path, monkeypatch
     path = tmp_path / "s.zarr" / "zarr.json"
     doc = json.loads(path.read_text())
     attrs = doc["attributes"]
-    from pyunlearn._format import _SINCE_3
-
-    for key in _SINCE_3:  # what a format-2 store has
-        attrs.pop(key, None)
-    attrs["format_version"] = 2
+    as_format_2(attrs)
     path.write_text(json.dumps(doc))
     old = pu.UpdateStore.open(tmp_path / "s.zarr")
     assert old.metadata.lookup_from == 10 and old.steps_for([3]).steps.tolist() == [3]

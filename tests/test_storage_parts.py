@@ -13,6 +13,7 @@ from pyunlearn import attribution, errors
 from pyunlearn._format import StoreMetadata, attrs_checksum
 from pyunlearn.ledger import Ledger
 from pyunlearn.testing import TinyNet, recorded_store
+from tests._old_formats import as_format_2
 
 
 @pytest.mark.parametrize("error, builtin", [
@@ -33,29 +34,81 @@ def test_a_missing_store_is_a_file_not_found_error(tmp_path):
 
 
 # ------------------------------------------------------------------ the ledger's rule
-def _plan(ledger, requested, model_fp, final_fp="final"):
-    return ledger.plan(np.asarray(requested, dtype=np.int64), model_fingerprint=model_fp,
-                       final_fingerprint=final_fp, where="s.zarr")
+NOW = "2026-01-01T00:00:00.000+00:00"
 
 
-def test_ledger_rule_from_the_final_model_subtracts_old_and_new_steps():
-    ledger = Ledger(np.array([2, 5]), "after")
-    plan = _plan(ledger, [5, 7], "final")
-    assert plan.subtract.tolist() == [2, 5, 7] and plan.new_steps.tolist() == [7]
-    assert ledger.after(plan.new_steps, "next") == Ledger(np.array([2, 5, 7]), "next")
-    assert ledger.after(plan.new_steps, "next") != Ledger(np.array([2, 5, 7]), "other")
+def _delete(ledger, requested, model_fp, after_fp, *, pending=False):
+    plan = ledger.plan(np.asarray(requested, dtype=np.int64), model_fingerprint=model_fp, where="s.zarr", now=NOW)
+    after = plan.base.with_deletion(plan, fingerprint_after=after_fp, request_id="r", keys=1, keys_digest=None,
+                                    missing_keys=0, method="amnesiac", params={}, version="test", pending=pending,
+                                    now=NOW)
+    return plan, after
 
 
-def test_ledger_rule_from_the_last_deletion_subtracts_only_new_steps():
-    plan = _plan(Ledger(np.array([2, 5]), "after"), [5, 7], "after")
-    assert plan.subtract.tolist() == [7] and plan.new_steps.tolist() == [7]
+def _timeline():
+    """Segment 1 (steps 0-9) ends with model A; a deletion of steps 2 and 5 gives B; segment 2
+    (steps 10-19) trains B into C."""
+    ledger = Ledger.empty().with_training_end("A", 10, 0)
+    _, ledger = _delete(ledger, [2, 5], "A", "B")
+    return ledger.with_training_end("C", 20, 1)
 
 
-def test_ledger_rule_refuses_any_other_model_and_a_store_without_final():
-    with pytest.raises(pu.ModelMismatchError, match="neither the one recording ended with"):
-        _plan(Ledger(np.array([2]), "after"), [3], "other")
+def test_ledger_rule_from_a_segment_end_subtracts_the_requests_it_has_not_seen():
+    ledger = _timeline()
+    plan, after = _delete(ledger, [5, 7, 14], "A", "A2")  # segment 1's end has seen no request
+    assert plan.subtract.tolist() == [2, 5, 7] and plan.new_steps.tolist() == [7, 14]
+    assert after.removed_steps.tolist() == [2, 5, 7, 14] and after.models[-1].steps == 10
+    plan, _ = _delete(ledger, [5, 7, 14], "C", "C2")  # segment 2's end has seen the first request
+    assert plan.subtract.tolist() == [7, 14] and plan.new_steps.tolist() == [7, 14]
+
+
+def test_ledger_rule_from_a_deletion_result_subtracts_only_new_steps_below_its_own():
+    plan, after = _delete(_timeline(), [5, 7, 14], "B", "B2")
+    assert plan.subtract.tolist() == [7] and plan.new_steps.tolist() == [7, 14]
+    # B2 has seen both requests: a later deletion from it subtracts nothing of theirs.
+    plan, _ = _delete(after, [], "B2", "B3")
+    assert plan.subtract.tolist() == [] and after.models[-1].requests == 2
+
+
+def test_ledger_rule_refuses_any_other_model_and_a_store_without_any():
+    with pytest.raises(pu.ModelMismatchError, match="not on the store.s timeline"):
+        _delete(_timeline(), [3], "other", "x")
     with pytest.raises(pu.StoreError, match="mark_final"):
-        _plan(Ledger.empty(), [3], "other", final_fp=None)
+        _delete(Ledger.empty(), [3], "other", "x")
+
+
+def test_an_undone_deletion_stays_listed_and_its_model_is_refused():
+    ledger = _timeline()
+    _, after = _delete(ledger, [7], "C", "D")
+    undone = after.undone_back_to(ledger, "s.zarr", now=NOW)
+    assert undone.extends(after) and undone.status(len(ledger.records)) == "undone"
+    assert undone.removed_steps.tolist() == [2, 5]
+    with pytest.raises(pu.ModelMismatchError):
+        _delete(undone, [7], "D", "x")
+    plan, _ = _delete(undone, [7], "C", "D")
+    assert plan.subtract.tolist() == [7]
+
+
+def test_a_pending_deletion_is_confirmed_by_its_model_and_undone_by_another():
+    _, pending = _delete(_timeline(), [7], "C", "D", pending=True)
+    assert pending.pending is not None and pending.removed_steps.tolist() == [2, 5]
+    plan, _ = _delete(pending, [8], "D", "E")
+    assert plan.subtract.tolist() == [8] and plan.base.removed_steps.tolist() == [2, 5, 7]
+    plan, _ = _delete(pending, [8], "C", "E")  # the save did not happen: C still holds step 7
+    assert plan.subtract.tolist() == [8] and plan.base.removed_steps.tolist() == [2, 5]
+
+
+def test_the_ledger_round_trips_and_an_edited_record_fails_its_checksum():
+    ledger = _timeline()
+    assert Ledger.from_attrs(ledger.to_attrs(), "s.zarr") == ledger
+    attrs = ledger.to_attrs()
+    attrs["records"][0]["steps"] = [2]
+    with pytest.raises(pu.CorruptStoreError, match="record 0 fails its checksum"):
+        Ledger.from_attrs(attrs, "s.zarr")
+    attrs = ledger.to_attrs()
+    attrs["records"].append(dict(attrs["records"][0]))  # a copied record: the chain breaks
+    with pytest.raises(pu.CorruptStoreError, match="record 1"):
+        Ledger.from_attrs(attrs, "s.zarr")
 
 
 @pytest.mark.parametrize("attrs", [
@@ -65,9 +118,9 @@ def test_ledger_rule_refuses_any_other_model_and_a_store_without_final():
     {"removed_steps": [1]},
     {"removed_steps": [1], "fingerprint": 7},
 ])
-def test_a_malformed_ledger_is_corruption(attrs):
+def test_a_malformed_format_3_ledger_is_corruption(attrs):
     with pytest.raises(pu.CorruptStoreError, match="ledger"):
-        Ledger.from_attrs(attrs, "s.zarr")
+        Ledger.from_format_3(attrs, final_fingerprint="A", final_steps=4, steps=4, where="s.zarr")
 
 
 # ------------------------------------------------------------------ the metadata value
@@ -104,10 +157,10 @@ def _edit_attributes(path, edit):
 
 
 @pytest.mark.parametrize("edit", [
-    lambda a: a["ledger"]["removed_steps"].append(3),  # a step marked removed that was not
+    lambda a: a["ledger"]["models"][0].update(steps=3),  # a model said to hold other steps
     lambda a: a.update(committed_steps=a["committed_steps"] - 1),
     lambda a: a.update(fingerprint_final=a["fingerprint_final"][:-1] + "0"),
-    lambda a: a.update(format_version=2),  # one bit: '3' -> '2' must not switch the checksum off
+    lambda a: a.update(format_version=2),  # '4' -> '2' must not switch the checksum off
     lambda a: a.update(committed_samples=None),
 ], ids=["ledger", "count", "fingerprint", "version", "malformed"])
 def test_edited_metadata_on_disk_fails_its_checksum_before_anything_changes(tmp_path, edit):
@@ -122,20 +175,11 @@ def test_edited_metadata_on_disk_fails_its_checksum_before_anything_changes(tmp_
     assert path.read_bytes() == before
 
 
-def _as_format_2(attrs):
-    """The attributes a format-2 store has: no field of version 3."""
-    from pyunlearn._format import _SINCE_3
-
-    for key in _SINCE_3:
-        attrs.pop(key, None)
-    attrs["format_version"] = 2
-
-
 def test_an_edit_that_claims_format_2_to_skip_the_checksum_is_refused(tmp_path):
     recorded_store(tmp_path / "s.zarr", close=True)
     path = tmp_path / "s.zarr" / "zarr.json"
-    _edit_attributes(path, lambda a: (a.pop("checksum"), a.update(format_version=2),
-                                      a["ledger"]["removed_steps"].append(3)))
+    _edit_attributes(path, lambda a: (as_format_2(a), a["ledger"]["removed_steps"].append(3),
+                                      a.update(checksum="sha256:0")))
     with pytest.raises(pu.CorruptStoreError, match="claim format version 2"):
         pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
 
@@ -143,13 +187,13 @@ def test_an_edit_that_claims_format_2_to_skip_the_checksum_is_refused(tmp_path):
 def test_a_store_of_format_2_reads_and_is_checksummed_at_its_first_write(tmp_path):
     recorded_store(tmp_path / "s.zarr", close=True)
     path = tmp_path / "s.zarr" / "zarr.json"
-    _edit_attributes(path, _as_format_2)
+    _edit_attributes(path, as_format_2)
     store = pu.UpdateStore.open(tmp_path / "s.zarr")
     assert store.metadata.format_version == 2
     store.truncate(10)
     store.close()
     attrs = json.loads(path.read_text())["attributes"]
-    assert attrs["format_version"] == 3 and attrs["checksum"].startswith("sha256:")
+    assert attrs["format_version"] == 4 and attrs["checksum"].startswith("sha256:")
 
 
 # ------------------------------------------------------------------ the write session

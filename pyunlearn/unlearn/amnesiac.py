@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import ops
-from .._ids import as_ids
+from .. import __version__, ops
 from .._model import Fingerprints, as_float32_work, fingerprint
 from ..attribution import coefficients
 from ..errors import CorruptStoreError
-from ..ledger import Ledger
-from ..store import UpdateStore
+from ..ledger import Ledger, new_request_id, utc_now
+from ..store import StepLookup, UpdateStore
 
 
 READ_BATCH_BYTES = 256 << 20
@@ -26,6 +25,7 @@ READ_BATCH_BYTES = 256 << 20
 
 @dataclass
 class ForgetReport:
+    request_id: str  # the request's id in the store's audit trail (caller-given or generated)
     steps_removed: int  # steps newly subtracted for this request
     steps_applied: int  # steps subtracted from the model passed in (more when it was the original)
     missing_ids: np.ndarray  # requested IDs no recorded step used
@@ -38,14 +38,18 @@ class ForgetReport:
     committed: bool  # whether ledger_after was written (commit=True)
 
 
-def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: bool = True) -> ForgetReport:
-    """Forgets `ids` from `model` in place and records it in the store's ledger.
+def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_id: str | None = None,
+                    commit: bool = True) -> ForgetReport:
+    """Forgets `ids` (int64 sample IDs, or str/bytes/UUID keys on a store of keys) from `model`
+    in place and records the request in the store's ledger (its audit trail; `request_id`:
+    yours, e.g. the ticket number, or one generated).
 
-    `model` must be either the model the recording ended with (e.g. reloaded from its
-    checkpoint: every step in the ledger is subtracted too) or the model the last deletion
-    produced (only the new steps are subtracted); any other model is refused (the rule lives in
-    pyunlearn.ledger). A step is never subtracted twice. Stored rows holding NaN or Inf, or
-    damaged or missing chunks, are refused and the model is left as it was.
+    `model` must be on the store's timeline (pyunlearn.ledger): the end of a training segment
+    or a deletion's result, e.g. last week's deployed checkpoint. It is brought to the current
+    deletion state: the steps below its own that earlier requests removed and it has not seen
+    are subtracted too, then those of this request; a step is never subtracted twice, and a
+    model not on the timeline is refused. Pass no ids (`[]`) to only catch up. Stored rows
+    holding NaN or Inf, or damaged or missing chunks, are refused and the model is left as it was.
 
     The ledger must describe a model that exists, whenever the process stops. With commit=True
     (default) the ledger is written once the model changed (if that write fails, the model is
@@ -62,12 +66,14 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
         raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
+    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
+        raise ValueError(f"request_id must be a non-empty string of at most 200 characters, got {request_id!r}")
     with store.writing():  # the lock first: the ledger read below must be current
         params = store.check_model(model)
-        lookup = store.steps_for(as_ids(ids))
-        ledger = store.ledger
-        plan = ledger.plan(lookup.steps, model_fingerprint=Fingerprints(params),
-                           final_fingerprint=store.final_fingerprint, where=store.path)
+        wanted = np.unique(store.ids_for(ids, allow_empty=True))
+        lookup = store.steps_for(wanted) if wanted.size else StepLookup(np.empty(0, np.int64), wanted)
+        ledger, now = store.ledger, utc_now()
+        plan = ledger.plan(lookup.steps, model_fingerprint=Fingerprints(params), where=store.path, now=now)
         work = [as_float32_work(p) for p in params]
         rollback = _Rollback(work, store, plan.subtract.size)
         with torch.no_grad():
@@ -81,8 +87,13 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
                     p.copy_(w.view_as(p))
             result = fingerprint(params)
             change = rollback.change_norm()  # before the ledger write: once it is written, nothing may fail
-            ledger_after = plan.base.after(plan.new_steps, result)
-            written = ledger_after if commit else plan.base.with_pending(plan.new_steps, result)
+            request_id = request_id or new_request_id()
+            written = plan.base.with_deletion(
+                plan, fingerprint_after=result, request_id=request_id, keys=wanted.size,
+                keys_digest=store.request_digest(wanted), missing_keys=lookup.missing.size, method="amnesiac",
+                params={"keep": store.keep, "value_dtype": store.value_dtype, "attribution": store.attribution},
+                version=__version__, pending=not commit, now=now)
+            ledger_after = written if commit else written.confirmed(now=now)
             try:
                 store.record_deletion(written, replacing=ledger)
             except BaseException:
@@ -92,7 +103,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
                         p.copy_(w.view_as(p))
                 raise
     return ForgetReport(
-        steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
+        request_id=request_id, steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
         ledger_before=ledger, ledger_after=ledger_after, ledger_pending=None if commit else written,
         committed=bool(commit),
