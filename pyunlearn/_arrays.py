@@ -68,11 +68,15 @@ def create_arrays(group, meta: StoreMetadata) -> None:
         add("step_hyper", (0, HYPER_WIDTH), np.float64, C, I, ("step", "hyper"))
 
 
+FORGOTTEN = "forgotten_ids"  # the IDs every deletion request asked for, appended request by request
+
+
 class StoreArrays:
     """The arrays of an open store, read with checks."""
 
     def __init__(self, zstore, group, meta: StoreMetadata, where: str):
         self._where, self._check_presence = where, meta.chunks_always_written
+        self._group, self._compression = group, meta.compression
         try:
             # Chunks equal to the fill value are written too: a missing chunk then always means
             # damage (see _chunks.py), never "all zeros".
@@ -119,6 +123,30 @@ class StoreArrays:
                 data = (self.read(name, rows=unique) if data is None else data)[inverse]
             fields.append(torch.from_numpy(np.ascontiguousarray(data)))
         return Row(*fields)
+
+    def write_forgotten(self, start: int, ids: np.ndarray) -> None:
+        """Writes a request's IDs at [start, start + len(ids)) of forgotten_ids (made at the first
+        request), before the ledger record that points there is committed."""
+        if FORGOTTEN not in self._group:
+            self._group.create_array(FORGOTTEN, shape=(0,), dtype=np.int64, chunks=(IDS_PER_INNER_CHUNK,),
+                                     fill_value=0, dimension_names=("id",), config={"write_empty_chunks": True},
+                                     compressors=codecs(8, self._compression))
+        arr = self._group[FORGOTTEN].with_config({"write_empty_chunks": True})
+        if ids.size:
+            arr.resize((start + ids.size,))
+            arr[start:] = ids
+
+    def forgotten(self, ranges: list[tuple[int, int]]) -> np.ndarray:
+        """The sorted unique IDs in `ranges` of forgotten_ids."""
+        ranges = [(a, b) for a, b in ranges if b > a]
+        if not ranges:
+            return np.empty(0, np.int64)
+        try:
+            arr = self._group[FORGOTTEN]
+        except KeyError:
+            raise CorruptStoreError(f"{self._where}: the ledger lists deletion requests but the array "
+                                    f"{FORGOTTEN} is missing; restore the store from a copy") from None
+        return np.unique(np.concatenate([self.read_array(arr, slice(a, b)) for a, b in ranges]))
 
     def bytes_stored(self) -> dict[str, int]:
         return {name: int(arr.nbytes_stored()) for name, arr in self.arrays.items()}

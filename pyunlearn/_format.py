@@ -16,7 +16,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .attribution import HYPER_WIDTH
-from .errors import CorruptStoreError, StoreFormatError
+from .errors import CorruptStoreError, StoreError, StoreFormatError
 from .ledger import Ledger
 from ._validate import positive_int
 
@@ -180,6 +180,39 @@ class StoreMetadata:
         if self.final_steps is not None and steps > self.final_steps:
             changes.update(fingerprint_final=None, final_steps=None)
         return changes
+
+    def resume_at(self, steps: int, fingerprint: str) -> "ResumePoint":
+        """The resume point of the model after `steps` steps of the current training segment
+        ("" : chosen by hand, model unknown): it has seen what the segment's start had seen."""
+        return ResumePoint(steps, fingerprint, 0 if self.resume_point is None else self.resume_point.requests)
+
+    def truncated(self, step: int, samples: int, where: str) -> dict:
+        """The changes dropping steps >= step: the counts, no final model, the resume point kept if
+        it was at `step` (else "chosen by hand"), the ledger without models past it (StoreError
+        if a deletion reaches past it)."""
+        point = self.resume_point
+        if point is None or point.steps != step:
+            point = self.resume_at(step, "")
+        return dict(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
+                    resume_point=point, ledger=self.ledger.truncated(step, where))
+
+    def final_model(self, fingerprint: str) -> dict:
+        """The changes marking the model after the committed steps as a training segment's end:
+        the final model, the resume point, and a model on the ledger's timeline that has seen
+        the deletions the model this segment started from had seen."""
+        point = self.resume_at(self.committed_steps, fingerprint)
+        return dict(fingerprint_final=fingerprint, final_steps=point.steps, resume_point=point,
+                    ledger=self.ledger.with_training_end(fingerprint, point.steps, point.requests))
+
+    def deletion_changes(self, ledger: Ledger, replacing: Ledger, where: str) -> dict:
+        """The changes replacing the ledger `replacing` (which must be the stored one) by
+        `ledger`, or by the undo events that go back to it; the resume point follows."""
+        if self.ledger != replacing:
+            raise StoreError(f"{where}: the deletion ledger changed since this deletion read it "
+                             "(another deletion was recorded meanwhile); nothing was written")
+        if not ledger.extends(replacing):
+            ledger = replacing.undone_back_to(ledger, where)
+        return dict(ledger=ledger, resume_point=resume_point_after(self.resume_point, replacing, ledger))
 
     def replace(self, **changes) -> "StoreMetadata":
         return dataclasses.replace(self, **changes)

@@ -106,6 +106,27 @@ def ids_digest(ids: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+class StoreKeys:
+    """A store's way from keys to IDs: its secret (given, or from the environment when first
+    needed) checked against the check value in its metadata."""
+
+    def __init__(self, secret=None):
+        self._secret = secret
+
+    def ids(self, values, key_check: str | None, steps: int, where: str, arg: str = "ids", *,
+            allow_empty: bool = False) -> tuple[np.ndarray, str | None]:
+        """(the IDs, the check value to record if these are the store's first keys, else None)."""
+        hasher = KeyHasher.resolve(self._secret) if is_keys(values) else None
+        if hasher is not None and key_check is None and steps:
+            raise TypeError(f"{arg}: {where} recorded its samples by integer ID; keys cannot be matched to them")
+        ids = to_ids(values, hasher, key_check, where, arg, allow_empty=allow_empty)
+        return ids, (hasher.check if hasher is not None and key_check is None else None)
+
+    def digest(self, ids: np.ndarray, key_check: str | None) -> str:
+        """The audit trail's digest of a request's IDs: keyed with the secret on a store of keys."""
+        return ids_digest(ids) if key_check is None else KeyHasher.resolve(self._secret).digest(ids)
+
+
 def to_ids(values, hasher: KeyHasher | None, key_check: str | None, where: str, arg: str = "ids",
            *, allow_empty: bool = False) -> np.ndarray:
     """`values` (integer IDs — on a store of keys, the IDs the keys map to — or keys) as the

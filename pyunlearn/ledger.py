@@ -157,6 +157,16 @@ class Ledger:
                 return self.records[i].fields["fingerprint_after"]
         return None
 
+    @property
+    def forgotten_end(self) -> int:
+        """Where the next request's IDs go in the store's forgotten_ids array."""
+        return max((r.fields["ids_from"] + r.fields["keys"] for r in self.records if r.kind == "deletion"), default=0)
+
+    def forgotten_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) in forgotten_ids of the IDs of every deletion in effect (pending included)."""
+        return [(self.records[i].fields["ids_from"], self.records[i].fields["ids_from"] + self.records[i].fields["keys"])
+                for i in self._deletions]
+
     def valid_models(self) -> list[int]:
         """Indices of the models a deletion may start from (those of undone deletions excluded)."""
         return [i for i, m in enumerate(self.models) if m.record is None or m.record not in self.undone]
@@ -236,13 +246,16 @@ class Ledger:
     # ----------------------------------------------------------------- new entries
     def with_deletion(self, plan: DeletionPlan, *, fingerprint_after: str, request_id: str, keys: int,
                       keys_digest: str | None, missing_keys: int, method: str, params: dict, version: str,
-                      pending: bool, now: str | None = None) -> "Ledger":
-        """plan.base with this deletion appended: its record and the model it produced."""
+                      pending: bool, now: str | None = None, ids_from: int | None = None) -> "Ledger":
+        """plan.base with this deletion appended: its record and the model it produced. Its
+        `keys` IDs are (to be) written at [ids_from, ids_from + keys) of the store's
+        forgotten_ids array (default: after every earlier request's)."""
         base = plan.base
         start = base.models[plan.start]
         index = len(base.records)
         fields = {"request": request_id, "keys": int(keys), "keys_digest": keys_digest,
-                  "missing_keys": int(missing_keys), "steps": [int(s) for s in plan.new_steps],
+                  "missing_keys": int(missing_keys), "ids_from": self.forgotten_end if ids_from is None else ids_from,
+                  "steps": [int(s) for s in plan.new_steps],
                   "subtracted": int(plan.subtract.size), "from_model": plan.start,
                   "fingerprint_before": start.fingerprint, "model": len(base.models),
                   "fingerprint_after": fingerprint_after, "method": method, "params": dict(params),
@@ -370,7 +383,8 @@ def _checksum(kind: str, time, fields: dict, previous: str) -> str:
 
 
 _FIELDS = {
-    "deletion": {"request": str, "keys": int, "keys_digest": (str, type(None)), "missing_keys": int, "steps": list,
+    "deletion": {"request": str, "keys": int, "keys_digest": (str, type(None)), "missing_keys": int,
+                 "ids_from": int, "steps": list,
                  "subtracted": int, "from_model": int, "fingerprint_before": str, "model": int,
                  "fingerprint_after": str, "method": str, "params": dict, "version": str, "pending": bool},
     "undo": {"of": int, "reason": str},

@@ -300,6 +300,7 @@ class _WritingRole:
         self._layout = [(p.dtype, p.device, p.shape) for p in params]
         self._frozen = frozen  # (name, parameter): in the optimizer, not recorded, must stay frozen
         self.steps = store.steps
+        self._forgotten = store.forgotten_ids()  # no deletion can come while the recorder holds the lock
         # A store that already has steps continues only from the model they end with; checked
         # at the first step (or settled by load_state), when the checkpoint's model is loaded.
         self._resume_pending = store.steps > 0
@@ -310,8 +311,17 @@ class _WritingRole:
             flush_every_s)
 
     def ids_for(self, values) -> np.ndarray:
-        """A batch's IDs; keys mapped with the store's secret."""
-        return self._store.ids_for(values, recording=True)
+        """A batch's IDs, keys mapped with the store's secret; refused if a deletion request asked
+        for any of them (training on them again would undo the deletion)."""
+        ids = self._store.ids_for(values, recording=True)
+        if self._forgotten.size:
+            again = ids[np.isin(ids, self._forgotten)]
+            if again.size:
+                raise RecorderError(
+                    f"this batch holds {again.size} sample(s) whose deletion was requested (IDs {again[:5].tolist()}"
+                    f"{' ...' if again.size > 5 else ''}): training on them again would undo the deletion. Remove "
+                    "them from the training data; this batch was not declared")
+        return ids
 
     def _make_rows(self):
         if self._family is not None:
@@ -319,10 +329,6 @@ class _WritingRole:
         return _UpdateRows(self._params, self._store, self._names)
 
     # ----------------------------------------------------------------- per step
-    def ids_for(self, values) -> np.ndarray:
-        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the same)."""
-        return keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
-
     def before_step(self) -> None:
         if self._dist is None:  # under DDP the writer's error reaches every rank through the gather
             self._writer.raise_error()

@@ -14,8 +14,7 @@ import zarr
 
 from ._arrays import StoreArrays, create_group
 from ._buffer import ChunkBuffer
-from ._format import (DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, ResumePoint, StoreMetadata, check_row,
-                      resume_point_after)
+from ._format import DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, StoreMetadata, check_row
 from ._ids import as_ids
 from ._location import zarr_store
 from ._lock import WriterLock
@@ -25,7 +24,7 @@ from ._sample_index import StepLookup
 from ._stats import StoreStats
 from ._validate import int_in_range
 from .errors import StoreError, StoreNotFoundError
-from .keys import KeyHasher, ids_digest, is_keys, to_ids
+from .keys import StoreKeys
 from .ledger import Ledger
 from .row import Row
 
@@ -37,7 +36,7 @@ class UpdateStore:
     `UpdateStore.create(path, model, keep=0.01)`; reopen it with `UpdateStore.open(path)`."""
 
     def __init__(self, zstore, where: str, *, read_only: bool, secret=None):
-        self._zstore, self._where, self._read_only, self._secret = zstore, where, read_only, secret
+        self._zstore, self._where, self._read_only, self._keys = zstore, where, read_only, StoreKeys(secret)
         self._lock = WriterLock(zstore, where)
         self._buffer: ChunkBuffer | None = None  # the chunk being filled, from the first append on
         # The recorder's writer thread appends while the training thread may flush or mark a model.
@@ -49,12 +48,11 @@ class UpdateStore:
     def create(cls, path, model, keep: float = 0.01, value_dtype: str = "float16", *,
                attribution: str = "update", steps_per_chunk: int | None = None, overwrite: bool = False,
                compression: str = DEFAULT_COMPRESSION, storage_options=None, secret=None) -> "UpdateStore":
-        """A new, empty store for `model`'s trainable parameters (requires_grad), named as in
-        model.named_parameters(); k_i = ceil(keep · numel_i), at least 1. Opened for writing.
-        attribution: "update" stores each step's Δθ (the paper's method); "gradient" each step's
-        batch gradient and hyper-parameters (pyunlearn.attribution), momentum included.
-        compression: blosc '<compressor>:<level>' of the arrays (docs/format.md). secret: maps
-        string/bytes/UUID keys to sample IDs (pyunlearn.keys; default: PYUNLEARN_SECRET[_FILE])."""
+        """A new, empty store for `model`'s trainable parameters (requires_grad), opened for
+        writing; k_i = ceil(keep · numel_i), at least 1. attribution: "update" stores each step's
+        Δθ (the paper's method), "gradient" its batch gradient and hyper-parameters
+        (pyunlearn.attribution). compression: blosc '<compressor>:<level>' (docs/format.md).
+        secret: maps str/bytes/UUID keys to IDs (pyunlearn.keys; default PYUNLEARN_SECRET[_FILE])."""
         meta = StoreMetadata.new(trainable_parameters(model), keep=keep, value_dtype=value_dtype,
                                  attribution=attribution, steps_per_chunk=steps_per_chunk, compression=compression)
         zstore, where = zarr_store(path, storage_options, read_only=False)
@@ -65,9 +63,8 @@ class UpdateStore:
 
     @classmethod
     def open(cls, path, *, mode: str = "a", storage_options=None, secret=None) -> "UpdateStore":
-        """Opens an existing store. mode 'a' (default) may write; the writer lock is taken at the
-        first change (append, truncate, a deletion), so readers never block the recorder.
-        mode 'r' only reads. secret: as in create, for stores whose samples are keys."""
+        """Opens an existing store. mode 'a' (default) may write (the writer lock is taken at the
+        first change, so readers never block the recorder); 'r' only reads. secret: as in create."""
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' (read) or 'a' (read and write), got {mode!r}")
         zstore, where = zarr_store(path, storage_options, read_only=mode == "r")
@@ -110,6 +107,7 @@ class UpdateStore:
                                  doc="Of the model when recording last closed (None while recording or after truncate).")
     final_steps = property(lambda self: self._meta.final_steps, doc="How many steps the final model took.")
     ledger = property(lambda self: self._meta.ledger, doc="The deletion ledger (pyunlearn.ledger.Ledger).")
+    keys = property(lambda self: self._keys, doc="How keys map to IDs here (pyunlearn.keys.StoreKeys).")
 
     def check_model(self, model) -> list[torch.nn.Parameter]:
         """The model's trainable parameters in the store's layer order, or ModelMismatchError."""
@@ -181,9 +179,8 @@ class UpdateStore:
         self._ids = IdLookup(self._group, meta, self._data)
 
     def flush(self) -> None:
-        """Makes every appended step durable and visible to readers. Safe to call from another
-        thread while a recorder writes (e.g. at a checkpoint), but it reaches only the rows the
-        recorder already appended: `recorder.flush()` also writes the rows the recorder holds."""
+        """Makes every appended step durable and visible to readers. Safe from another thread while
+        a recorder writes, but only for rows it appended (`recorder.flush()` writes the rest)."""
         with self._mutex:
             if self._buffer is not None and self._buffer.has_new_rows:
                 self._take_lock()
@@ -197,14 +194,9 @@ class UpdateStore:
             self._take_lock()
             self.flush()
             step = int_in_range("step", step, 0, self.steps)
-            ledger = self.ledger.truncated(step, self._where)
-            samples = int(self._data.read("offsets", slice(step, step + 1))[0])
-            point = self._meta.resume_point
-            if point is None or point.steps != step:  # "" : chosen by hand, model unknown
-                point = ResumePoint(step, "", 0 if point is None else point.requests)
+            changes = self._meta.truncated(step, int(self._data.read("offsets", slice(step, step + 1))[0]), self._where)
             start, runs, obsolete = runs_after_truncate(self._group, self._meta, step, self._ids)
-            self._commit(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
-                         resume_point=point, lookup_from=start, lookup_runs=runs, ledger=ledger)
+            self._commit(**changes, lookup_from=start, lookup_runs=runs)
             delete_runs(self._group, obsolete)
             self._buffer = None
 
@@ -215,12 +207,7 @@ class UpdateStore:
         with self._mutex:
             self._take_lock()
             self.flush()
-            model_fingerprint = fingerprint(self.check_model(model))
-            point = self._meta.resume_point  # the deletions seen by the model this segment started from
-            requests = 0 if point is None else point.requests
-            self._commit(fingerprint_final=model_fingerprint, final_steps=self.steps,
-                         resume_point=ResumePoint(self.steps, model_fingerprint, requests),
-                         ledger=self.ledger.with_training_end(model_fingerprint, self.steps, requests))
+            self._commit(**self._meta.final_model(fingerprint(self.check_model(model))))
 
     def mark_resume_point(self, model, *, steps: int | None = None) -> None:
         """Flushes and records `model` as the model after the committed steps, the only one a
@@ -232,50 +219,39 @@ class UpdateStore:
             if steps is not None and steps != self.steps:
                 raise StoreError(f"{self._where} holds {self.steps} committed steps, not {steps}: the model "
                                  "cannot be marked as the one after them")
-            point = self._meta.resume_point
-            self._commit(resume_point=ResumePoint(self.steps, fingerprint(self.check_model(model)),
-                                                  0 if point is None else point.requests))
+            self._commit(resume_point=self._meta.resume_at(self.steps, fingerprint(self.check_model(model))))
 
     def set_optimizer_family(self, name: str) -> None:
         """Gradient stores: the optimizer family (pyunlearn.attribution) of the vectors; set once."""
-        if self._meta.optimizer is not None and self._meta.optimizer != name:
-            raise StoreError(f"{self._where} was recorded with a {self._meta.optimizer} optimizer; "
-                             f"cannot continue with {name}")
+        if self._meta.optimizer not in (None, name):
+            raise StoreError(f"{self._where} was recorded with a {self._meta.optimizer} optimizer; cannot continue with {name}")
         if self._meta.optimizer is None:
             self._take_lock()
             self._commit(optimizer=name)
 
-    def record_deletion(self, ledger: Ledger, *, replacing: Ledger) -> None:
-        """Replaces the ledger `replacing` by `ledger` (compare-and-swap: StoreError if another
-        deletion came in between). The ledger is append-only: `ledger` extends `replacing`, or
-        is an earlier state of it, which undoes the deletions since (they stay listed, marked
-        undone): record_deletion(report.ledger_before, replacing=report.ledger_after) undoes a
-        deletion whose model could not be saved."""
+    def record_deletion(self, ledger: Ledger, *, replacing: Ledger, forgotten_ids=None) -> None:
+        """Replaces the stored ledger `replacing` by `ledger` (compare-and-swap), first writing
+        `forgotten_ids` where its new record points. Append-only: `ledger` extends `replacing`, or
+        is an earlier state of it, whose later deletions are then marked undone (they stay listed):
+        record_deletion(report.ledger_before, replacing=report.ledger_after) undoes a forget."""
         with self.writing():
-            if self.ledger != replacing:
-                raise StoreError(f"{self._where}: the deletion ledger changed since this deletion read it "
-                                 "(another deletion was recorded meanwhile); nothing was written")
-            if not ledger.extends(replacing):
-                ledger = replacing.undone_back_to(ledger, self._where)
-            self._commit(ledger=ledger, resume_point=resume_point_after(self._meta.resume_point, replacing, ledger))
+            changes = self._meta.deletion_changes(ledger, replacing, self._where)
+            if forgotten_ids is not None:
+                self._data.write_forgotten(ledger.records[-1].fields["ids_from"], np.asarray(forgotten_ids, np.int64))
+            self._commit(**changes)
 
-    # ----------------------------------------------------------------- keys
     def ids_for(self, values, arg: str = "ids", *, allow_empty: bool = False, recording: bool = False) -> np.ndarray:
         """`values` (int64 IDs, or str/bytes/UUID keys mapped with the store's secret) as sample IDs."""
-        hasher = None if not is_keys(values) else KeyHasher.resolve(self._secret)
-        check = self._meta.key_check
-        if hasher is not None and check is None and self.steps:
-            raise TypeError(f"{arg}: {self._where} recorded its samples by integer ID; keys cannot be matched to them")
-        ids = to_ids(values, hasher, check, self._where, arg, allow_empty=allow_empty)
-        if hasher is not None and check is None and recording:  # the first keys recorded: keep the secret's check
+        ids, check = self._keys.ids(values, self._meta.key_check, self.steps, self._where, arg, allow_empty=allow_empty)
+        if check is not None and recording:  # the first keys recorded: keep the secret's check value
             with self._mutex:
                 self._take_lock()
-                self._commit(key_check=hasher.check)
+                self._commit(key_check=check)
         return ids
 
-    def request_digest(self, ids) -> str:
-        """The audit trail's digest of a request's IDs: keyed with the secret on a store of keys."""
-        return ids_digest(ids) if self._meta.key_check is None else KeyHasher.resolve(self._secret).digest(ids)
+    def forgotten_ids(self) -> np.ndarray:
+        """The IDs of every deletion request in effect (sorted): training must not use them again."""
+        return self._data.forgotten(self.ledger.forgotten_ranges())
 
     def release(self) -> None:
         """Flushes and gives up the writer lock but keeps the store open (the next change takes
@@ -287,11 +263,9 @@ class UpdateStore:
 
     def close(self) -> None:
         """Flushes (if written) and releases the writer lock."""
-        try:
-            if not self._read_only:
-                self.flush()
-        finally:
-            self._lock.release()
+        if self._read_only:
+            return self._lock.release()
+        self.release()
 
     def __enter__(self):
         return self

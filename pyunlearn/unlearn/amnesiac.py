@@ -90,12 +90,12 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
             request_id = request_id or new_request_id()
             written = plan.base.with_deletion(
                 plan, fingerprint_after=result, request_id=request_id, keys=wanted.size,
-                keys_digest=store.request_digest(wanted), missing_keys=lookup.missing.size, method="amnesiac",
+                keys_digest=store.keys.digest(wanted, store.metadata.key_check), missing_keys=lookup.missing.size, method="amnesiac",
                 params={"keep": store.keep, "value_dtype": store.value_dtype, "attribution": store.attribution},
                 version=__version__, pending=not commit, now=now)
             ledger_after = written if commit else written.confirmed(now=now)
             try:
-                store.record_deletion(written, replacing=ledger)
+                store.record_deletion(written, replacing=ledger, forgotten_ids=wanted)
             except BaseException:
                 rollback.restore()
                 for p, w in zip(params, work):
