@@ -182,19 +182,32 @@ class StoreMetadata:
         return changes
 
     def resume_at(self, steps: int, fingerprint: str) -> "ResumePoint":
-        """The resume point of the model after `steps` steps of the current training segment
-        ("" : chosen by hand, model unknown): it has seen what the segment's start had seen."""
+        """The resume point of the model after `steps` steps ("" : chosen by hand, model unknown):
+        a model on the ledger's timeline at that step has seen what it says; any other model, a
+        step of the current training segment, what the segment's start had seen."""
+        on_timeline = [m.requests for m in self.ledger.models if m.steps == steps and m.fingerprint == fingerprint]
+        if fingerprint and on_timeline:
+            return ResumePoint(steps, fingerprint, max(on_timeline))
         return ResumePoint(steps, fingerprint, 0 if self.resume_point is None else self.resume_point.requests)
 
     def truncated(self, step: int, samples: int, where: str) -> dict:
         """The changes dropping steps >= step: the counts, no final model, the resume point kept if
         it was at `step` (else "chosen by hand"), the ledger without models past it (StoreError
         if a deletion reaches past it)."""
-        point = self.resume_point
-        if point is None or point.steps != step:
-            point = self.resume_at(step, "")
+        ledger = self.ledger.truncated(step, where)
         return dict(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
-                    resume_point=point, ledger=self.ledger.truncated(step, where))
+                    resume_point=self.resume_after_truncate(step), ledger=ledger)
+
+    def resume_after_truncate(self, step: int) -> "ResumePoint":
+        """Where training may continue once steps >= step are dropped: the model the timeline
+        holds at `step` with the most deletions applied, else the resume point if it is at
+        `step`, else "chosen by hand" (the recorder accepts the model it is given)."""
+        model = self.ledger.model_at(step)
+        if model is not None:
+            return ResumePoint(step, model.fingerprint, model.requests)
+        if self.resume_point is not None and self.resume_point.steps == step:
+            return self.resume_point
+        return self.resume_at(step, "")
 
     def final_model(self, fingerprint: str) -> dict:
         """The changes marking the model after the committed steps as a training segment's end:
@@ -212,6 +225,13 @@ class StoreMetadata:
                              "(another deletion was recorded meanwhile); nothing was written")
         if not ledger.extends(replacing):
             ledger = replacing.undone_back_to(ledger, where)
+            point = self.resume_point
+            for record in ledger.records[len(replacing.records):]:  # training must not have gone on from it
+                undone = ledger.records[record.fields["of"]].fields
+                if point is not None and point.requests > record.fields["of"] and (
+                        point.fingerprint, point.steps) != (undone["fingerprint_after"], ledger.models[undone["model"]].steps):
+                    raise StoreError(f"{where}: deletion request {undone['request']!r} can no longer be undone: "
+                                     "training went on from its model since; nothing was written")
         return dict(ledger=ledger, resume_point=resume_point_after(self.resume_point, replacing, ledger))
 
     def replace(self, **changes) -> "StoreMetadata":
@@ -296,7 +316,7 @@ class StoreMetadata:
                 fingerprint_final=_optional(attrs["fingerprint_final"], str),
                 final_steps=_optional(attrs["final_steps"], int),
                 ledger=_ledger(attrs, version, where),
-                resume_point=ResumePoint.from_json(attrs.get("resume_point")),
+                resume_point=_resume_point(attrs, version, where),
                 chunks_always_written=attrs.get("chunks_always_written", False) is True,
                 inner_steps=_count(attrs.get("inner_steps", 0)),
                 compression=_compression(attrs.get("compression", "zstd:5")),
@@ -348,6 +368,13 @@ def resume_point_after(point: "ResumePoint | None", old: Ledger, new: Ledger) ->
             if point.fingerprint == start.fingerprint and point.steps == start.steps:
                 point = ResumePoint(point.steps, fields["fingerprint_after"], new.models[fields["model"]].requests)
     return point
+
+
+def _resume_point(attrs: dict, version: int, where: str) -> "ResumePoint | None":
+    """The resume point; before format 4 a deletion did not move it off the final model, so it
+    is moved here as format 4 would have (training continues from the deletion's result)."""
+    point = ResumePoint.from_json(attrs.get("resume_point"))
+    return point if version >= 4 else resume_point_after(point, Ledger.empty(), _ledger(attrs, version, where))
 
 
 def _ledger(attrs: dict, version: int, where: str) -> Ledger:

@@ -148,6 +148,13 @@ def _forget(args) -> int:
     from .unlearn import amnesiac_forget
 
     ids = _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
+    if args.keys:
+        from .errors import KeyMappingError
+        from .keys import SECRET_ENV, SECRET_FILE_ENV, KeyHasher
+
+        if KeyHasher.resolve() is None:
+            raise KeyMappingError(f"--keys needs the store's secret: set {SECRET_ENV} (the secret) or "
+                                  f"{SECRET_FILE_ENV} (a file holding it)")
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
@@ -315,6 +322,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _request_id(text: str) -> str:
+    if not 0 < len(text) <= 200:
+        raise argparse.ArgumentTypeError("must be 1 to 200 characters")
+    return text
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -361,7 +374,8 @@ def main(argv=None) -> int:
     which.add_argument("--ids", help="file of sample IDs: whitespace/comma separated, or .npy")
     which.add_argument("--keys", help="file of sample keys, one per line (UTF-8); the store's secret comes from "
                                       "PYUNLEARN_SECRET or PYUNLEARN_SECRET_FILE")
-    forget.add_argument("--request-id", help="the request's id in the audit trail (default: one is generated)")
+    forget.add_argument("--request-id", type=_request_id,
+                        help="the request's id in the audit trail (default: one is generated)")
     forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's structure)")
     forget.set_defaults(run=_forget)
 

@@ -41,6 +41,8 @@ def is_keys(values) -> bool:
     """Whether `values` are keys (str, bytes or UUID, or a sequence of them) rather than integer IDs."""
     if isinstance(values, (str, bytes, uuid.UUID)):
         return True
+    if isinstance(values, np.ndarray) and values.dtype.kind in "US":  # numpy strings
+        return True
     if isinstance(values, (torch.Tensor, np.ndarray)) and values.dtype != object:
         return False
     try:
@@ -111,7 +113,12 @@ class StoreKeys:
     needed) checked against the check value in its metadata."""
 
     def __init__(self, secret=None):
-        self._secret = secret
+        self._secret = secret if secret is None or isinstance(secret, KeyHasher) else KeyHasher(secret)
+
+    def check(self) -> str | None:
+        """The check value of the secret in use (given or from the environment), None if none is set."""
+        hasher = KeyHasher.resolve(self._secret)
+        return None if hasher is None else hasher.check
 
     def ids(self, values, key_check: str | None, steps: int, where: str, arg: str = "ids", *,
             allow_empty: bool = False) -> tuple[np.ndarray, str | None]:
@@ -132,7 +139,13 @@ def to_ids(values, hasher: KeyHasher | None, key_check: str | None, where: str, 
     """`values` (integer IDs — on a store of keys, the IDs the keys map to — or keys) as the
     store's int64 IDs; clear errors for keys without the secret or with the wrong one."""
     if not is_keys(values):
-        return as_ids(values, arg, allow_empty=allow_empty)
+        try:
+            return as_ids(values, arg, allow_empty=allow_empty)
+        except TypeError:
+            if isinstance(values, (list, tuple)) and any(isinstance(v, (str, bytes, uuid.UUID)) for v in values):
+                raise TypeError(f"{arg} mixes integer IDs with keys: give all as keys (str, bytes or UUID) or all "
+                                "as integer IDs") from None
+            raise
     if hasher is None:
         raise KeyMappingError(f"{arg} are keys, which need the store's secret to be mapped to sample IDs: pass secret= to "
                         f"UpdateStore.create/open, or set {SECRET_ENV} or {SECRET_FILE_ENV}. If the secret is lost, "

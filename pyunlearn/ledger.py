@@ -204,14 +204,50 @@ class Ledger:
     # ----------------------------------------------------------------- the rule
     def settled_for(self, model, *, now: str | None = None) -> "Ledger":
         """This ledger with its pending deletion settled: confirmed if the model (a fingerprint,
-        or pyunlearn._model.Fingerprints) is the one it produced, undone otherwise."""
+        or pyunlearn._model.Fingerprints) is the one it produced or one built on it (training
+        went on from it), undone otherwise."""
         if self._pending is None:
             return self
-        record = self.records[self._pending]
-        if _matches(model, record.fields["fingerprint_after"]):
-            return self._append(_record("confirm", now, {"of": self._pending}, self._last_checksum))
+        if self._descends_from_pending(model):
+            return self.confirmed(now=now)
         return self.undo(self._pending, "its model was not saved: the next deletion started from another model",
                          now=now)
+
+    def settled_for_training(self, model, *, now: str | None = None) -> "Ledger":
+        """The same for a recorder about to continue from `model`: settled only if the model is
+        the pending deletion's result (or built on it) or the model it started from."""
+        if self._pending is None:
+            return self
+        if self._descends_from_pending(model):
+            return self.confirmed(now=now)
+        if _matches(model, self.records[self._pending].fields["fingerprint_before"]):
+            return self.undo(self._pending, "its model was not saved: training continued from the model before it",
+                             now=now)
+        return self
+
+    def _descends_from_pending(self, model) -> bool:
+        record = self.records[self._pending]
+        if _matches(model, record.fields["fingerprint_after"]):
+            return True
+        return any(m.requests > self._pending and _matches(model, m.fingerprint)
+                   for i, m in enumerate(self.models) if i > record.fields["model"])
+
+    def unseen_steps(self, requests: int, steps: int) -> np.ndarray:
+        """Steps below `steps` that deletions at record index >= `requests` (not undone) removed:
+        what a model that has seen `requests` records and took `steps` steps still holds."""
+        unseen = _union(self.records[i].removed for i in self._deletions if i >= requests)
+        return unseen[unseen < steps]
+
+    def built_on(self, index: int) -> bool:
+        """Whether a model after deletion `index`'s own was made from its result (or a later one)."""
+        own = self.records[index].fields["model"]
+        return any(m.requests > index for m in self.models[own + 1:])
+
+    def model_at(self, steps: int) -> Model | None:
+        """The model on the timeline after `steps` steps that has seen the most records (where
+        training may continue at that step), or None."""
+        here = [i for i in self.valid_models() if self.models[i].steps == steps]
+        return self.models[max(here, key=lambda i: (self.models[i].requests, i))] if here else None
 
     def plan(self, requested_steps: np.ndarray, *, model_fingerprint, where: str, now: str | None = None,
              **_ignored) -> DeletionPlan:
@@ -221,10 +257,9 @@ class Ledger:
         base = self.settled_for(model, now=now)
         start = base.model_for(model, where)
         reach = base.models[start]
-        unseen = _union(base.records[i].removed for i in base._deletions if i >= reach.requests)
         new_steps = np.setdiff1d(requested_steps, base._removed_all).astype(np.int64)
-        subtract = np.union1d(unseen, new_steps)
-        return DeletionPlan(subtract[subtract < reach.steps].astype(np.int64), new_steps, base, start)
+        subtract = np.union1d(base.unseen_steps(reach.requests, reach.steps), new_steps[new_steps < reach.steps])
+        return DeletionPlan(subtract.astype(np.int64), new_steps, base, start)
 
     def model_for(self, model, where: str) -> int:
         """The index of the model on the list with this fingerprint (the one that has seen the
@@ -292,19 +327,23 @@ class Ledger:
         ledger = self
         for index in range(len(earlier.records), len(self.records)):
             if index in ledger._deletions:
+                if self.built_on(index):
+                    raise StoreError(f"{where}: deletion request {self.records[index].fields['request']!r} can no "
+                                     "longer be undone: a model was made from its result since; nothing was written")
                 ledger = ledger.undo(index, "its model could not be saved", now=now)
         return ledger
 
     def truncated(self, step: int, where: str) -> "Ledger":
         """The ledger once steps >= `step` are dropped (training resumes from an earlier
-        checkpoint): models past it go if no deletion was recorded; otherwise StoreError if a
-        model or a deletion reaches past it (the ledger would no longer describe them)."""
-        if not self.records:
-            return Ledger((), [m for m in self.models if m.steps <= step])
-        if any(m.steps > step for m in self.models) or (self._removed_all.size and self._removed_all[-1] >= step):
+        checkpoint): the models past it go, unless a deletion record names one or removed a step
+        past it (StoreError: the ledger would no longer describe them)."""
+        named = max((max(r.fields["from_model"], r.fields["model"]) for r in self.records if r.kind == "deletion"),
+                    default=-1)
+        if any(m.steps > step for m in self.models[: named + 1]) or (self._removed_all.size
+                                                                      and self._removed_all[-1] >= step):
             raise StoreError(f"{where} has deletions recorded for models or steps past step {step}; truncating "
                              "would detach them from the models they describe")
-        return self
+        return Ledger(self.records, [m for i, m in enumerate(self.models) if i <= named or m.steps <= step])
 
     def _append(self, record: Record) -> "Ledger":
         return Ledger(self.records + (record,), self.models)

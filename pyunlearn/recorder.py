@@ -37,6 +37,7 @@ import torch
 
 from . import attribution, keys, ops
 from ._ids import as_ids
+from ._format import ResumePoint
 from ._model import Fingerprints, as_float32_work, fingerprint, kernel_ready, same_model
 from ._validate import int_in_range, positive_int
 from .errors import ModelMismatchError, NonFiniteUpdateError, RecorderError
@@ -93,6 +94,8 @@ class UpdateRecorder:
         self._pending: list[np.ndarray] = []
         self._failed: BaseException | None = None
         self._closed = False
+        if dist is not None:
+            self._role.share_keys(dist)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
         if state is not None:
@@ -228,10 +231,17 @@ class _FollowerRole:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._dist = dist
         self.steps = 0
+        self._forgotten = np.empty(0, np.int64)
+
+    def share_keys(self, dist: "_Distributed") -> None:
+        hasher = keys.KeyHasher.resolve()
+        self._forgotten = dist.agree_on_keys(None if hasher is None else hasher.check, None)
 
     def ids_for(self, values) -> np.ndarray:
-        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the same)."""
-        return keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
+        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the
+        same; share_keys checked that as recording started)."""
+        ids = keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
+        return _refuse_forgotten(ids, self._forgotten)
 
     def before_step(self) -> None:
         pass  # the writer's error reaches this rank through the gather
@@ -291,6 +301,8 @@ class _WritingRole:
                                          "store from the model as training starts")
             if family is not None:
                 store.set_optimizer_family(family.name)
+            if store.recorder is not None:
+                raise RecorderError(f"another recorder is recording into this handle of {store.path}: close it first")
             self._session = self._session.pop_all()  # the session stays open until close()
         self._model, self._optimizer, self._store, self._dist = model, optimizer, store, dist
         self._params, self._family = params, family
@@ -309,19 +321,16 @@ class _WritingRole:
         self._writer = _BackgroundWriter(
             store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size,
             flush_every_s)
+        store.recorder = self  # forgetting and mark_final through this handle wait for close()
 
     def ids_for(self, values) -> np.ndarray:
         """A batch's IDs, keys mapped with the store's secret; refused if a deletion request asked
         for any of them (training on them again would undo the deletion)."""
-        ids = self._store.ids_for(values, recording=True)
-        if self._forgotten.size:
-            again = ids[np.isin(ids, self._forgotten)]
-            if again.size:
-                raise RecorderError(
-                    f"this batch holds {again.size} sample(s) whose deletion was requested (IDs {again[:5].tolist()}"
-                    f"{' ...' if again.size > 5 else ''}): training on them again would undo the deletion. Remove "
-                    "them from the training data; this batch was not declared")
-        return ids
+        return _refuse_forgotten(self._store.ids_for(values, recording=True), self._forgotten)
+
+    def share_keys(self, dist: "_Distributed") -> None:
+        check = self._store.metadata.key_check or self._store.keys.check()
+        dist.agree_on_keys(check, self._forgotten)
 
     def _make_rows(self):
         if self._family is not None:
@@ -390,6 +399,8 @@ class _WritingRole:
         one they end with (then the recorder starts from it), or says what to do."""
         store = self._store
         n, model = store.steps, Fingerprints(self._params)  # stored values may use an older algorithm
+        if _settle_pending(store, model):
+            self._forgotten = store.forgotten_ids()  # an undone deletion's samples are not forgotten
         point = store.metadata.resume_point
         if n == 0:
             accepted = model.matches(store.initial_fingerprint)
@@ -399,7 +410,17 @@ class _WritingRole:
             accepted = (point is not None and point.steps == n and (point.fingerprint == "" or
                                                                    model.matches(point.fingerprint))) or \
                 (point is None and store.final_steps == n and model.matches(store.final_fingerprint))
+            seen = None if accepted else _seen_on_timeline(store, model, n)
+            if seen is not None:  # a model of the timeline at this step, e.g. an older checkpoint caught up
+                behind = _deletions_not_applied(store, ResumePoint(n, "", seen))
+                if behind is not None:
+                    return behind
+                store.mark_resume_point(self._model, steps=n)
+                point, accepted = store.metadata.resume_point, True
         if accepted:
+            behind = _deletions_not_applied(store, point)
+            if behind is not None:
+                return behind
             self._resumed(n)
             return None
         if n == 0:
@@ -472,6 +493,8 @@ class _WritingRole:
         model = Fingerprints(self._params)  # one hash per algorithm for every comparison below
         if not model.matches(model_fingerprint):
             raise ModelMismatchError(_STATE_MISMATCH)
+        if _settle_pending(store, model):
+            self._forgotten = store.forgotten_ids()
         n = store.steps
         if n < steps:
             raise RecorderError(
@@ -491,13 +514,24 @@ class _WritingRole:
                     "run went on from an earlier checkpoint and replaced the steps this one saw. Resume from a "
                     "checkpoint older than that branch point (with its recorder state), or record into a new store")
         else:
+            point = store.metadata.resume_after_truncate(steps) if steps <= n else None
+            if point is not None and point.fingerprint and not model.matches(point.fingerprint):
+                raise RecorderError(
+                    f"after step {steps} {store.path}'s timeline holds another model ({point.fingerprint}): a deletion "
+                    "was applied to this checkpoint's model since it was saved, and training must go on from the "
+                    "model it produced. Resume from that model's checkpoint, or bring this one up to date first: "
+                    "pyunlearn.amnesiac_forget(model, store, [])")
             store.truncate(steps)
+        behind = _deletions_not_applied(store, store.metadata.resume_point)
+        if behind is not None:
+            raise behind
         store.mark_resume_point(self._model, steps=steps)
         self._resumed(steps)
         return n - steps
 
     def close(self, mark_final: bool) -> None:
         with self._session:  # releases the writer lock at the end if the recorder took it
+            self._store.recorder = None
             self._writer.stop()
             self._writer.raise_error()
             self._store.flush()
@@ -612,6 +646,54 @@ class _BackgroundWriter:
                                 "steps since the last flush are lost") from self.error
 
 
+def _refuse_forgotten(ids: np.ndarray, forgotten: np.ndarray) -> np.ndarray:
+    """`ids`, or RecorderError if a deletion request asked for any of them (training on them
+    again would undo the deletion)."""
+    if forgotten.size:
+        again = ids[np.isin(ids, forgotten)]
+        if again.size:
+            raise RecorderError(
+                f"this batch holds {again.size} sample(s) whose deletion was requested (IDs {again[:5].tolist()}"
+                f"{' ...' if again.size > 5 else ''}): training on them again would undo the deletion. Remove them "
+                "from the training data; this batch was not declared")
+    return ids
+
+
+def _settle_pending(store: UpdateStore, model: Fingerprints) -> bool:
+    """A deletion still pending (its model being saved when the process stopped) is settled by
+    the model training continues from: confirmed if it is the deletion's result, undone if it
+    is the model before it, so that the ledger and the resume point name the model on disk.
+    Until then its samples count as forgotten. Returns whether it settled one."""
+    ledger = store.ledger
+    settled = ledger.settled_for_training(model)
+    if settled is not ledger:
+        store.record_deletion(settled, replacing=ledger)
+    return settled is not ledger
+
+
+def _seen_on_timeline(store: UpdateStore, model: Fingerprints, steps: int) -> int | None:
+    """How many ledger records the model has seen, if it is on the store's timeline after
+    `steps` steps; None if it is not."""
+    ledger = store.ledger
+    seen = [ledger.models[i].requests for i in ledger.valid_models()
+            if ledger.models[i].steps == steps and model.matches(ledger.models[i].fingerprint)]
+    return max(seen) if seen else None
+
+
+def _deletions_not_applied(store: UpdateStore, point) -> "_ResumeRefused | None":
+    """Training must not go on from a model that still holds steps a deletion removed (one made
+    from an older model on the timeline, after this one): it would keep the deleted samples."""
+    if point is None:
+        return None
+    behind = store.ledger.unseen_steps(point.requests, point.steps)
+    if not behind.size:
+        return None
+    return _ResumeRefused(
+        f"{store.path}: deletion requests came in after this model was made, and it still holds {behind.size} of the "
+        "steps they removed; training must not go on from it. Bring it up to date first: "
+        "pyunlearn.amnesiac_forget(model, store, []) (then resume from the model it returns)")
+
+
 def _optimizer_param_ids(optimizer) -> list[int]:
     return [id(p) for group in optimizer.param_groups for p in group["params"]]
 
@@ -718,3 +800,18 @@ class _Distributed:
         if failures:
             raise RecorderError(f"recording stopped on the writer rank ({failures[0]}); every rank stops with it")
         return np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered])
+
+    def agree_on_keys(self, key_check: str | None, forgotten: np.ndarray | None) -> np.ndarray:
+        """Once, as recording starts: every rank's secret (its check value) must be the same, or
+        every rank raises together; returns the writer's forgotten IDs, which each rank checks
+        its own batches against."""
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (key_check, forgotten))
+        checks = {check for check, _ in gathered if check is not None}
+        if len(checks) > 1:
+            raise RecorderError("the DDP ranks map keys with different secrets: their samples would be recorded under "
+                                "IDs no lookup finds. Give every rank the store's secret (PYUNLEARN_SECRET or "
+                                "PYUNLEARN_SECRET_FILE)")
+        return gathered[self.writer_rank][1]

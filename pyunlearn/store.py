@@ -1,8 +1,7 @@
-"""UpdateStore: the pruned update of every optimizer step of one model, by sample ID, in a Zarr
-v3 group (docs/format.md). The facade users see; the format is in _format.py, the arrays in
-_arrays.py, the chunk being filled in _buffer.py, the ID index in _lookup.py, the ledger
-in ledger.py, the writer lock in _lock.py. Committed counts are written after the data, so
-readers (and a store reopened after a crash) see a consistent prefix."""
+"""UpdateStore: the pruned update of every optimizer step of one model, by sample ID, in a Zarr v3
+group (docs/format.md). The facade users see; the format is in _format.py, the arrays in _arrays.py,
+the chunk being filled in _buffer.py, the ID index in _lookup.py, the ledger in ledger.py, keys in
+keys.py, the writer lock in _lock.py. Data is written before the counts that make it visible."""
 from __future__ import annotations
 
 import threading
@@ -41,6 +40,7 @@ class UpdateStore:
         self._buffer: ChunkBuffer | None = None  # the chunk being filled, from the first append on
         # The recorder's writer thread appends while the training thread may flush or mark a model.
         self._mutex = threading.RLock()
+        self.recorder = None  # the UpdateRecorder recording through this handle, if one is
         self.refresh()
 
     # ----------------------------------------------------------------- making and opening
@@ -109,8 +109,7 @@ class UpdateStore:
     ledger = property(lambda self: self._meta.ledger, doc="The deletion ledger (pyunlearn.ledger.Ledger).")
     keys = property(lambda self: self._keys, doc="How keys map to IDs here (pyunlearn.keys.StoreKeys).")
 
-    def check_model(self, model) -> list[torch.nn.Parameter]:
-        """The model's trainable parameters in the store's layer order, or ModelMismatchError."""
+    def check_model(self, model) -> list[torch.nn.Parameter]:  # in the store's layer order, or ModelMismatchError
         return match_layers(model, self.layers, self._where)
 
     # ----------------------------------------------------------------- writing
@@ -204,6 +203,8 @@ class UpdateStore:
         """Records `model` as the trained model these steps produced (the recorder does this on
         close; call it yourself after recovering an interrupted run). It is also the store's
         resume point: a recorder may continue from it, and a model deletions may start from."""
+        if self.recorder is not None:
+            raise StoreError(f"a recorder is recording into {self._where}: rec.close() marks the final model")
         with self._mutex:
             self._take_lock()
             self.flush()
@@ -254,8 +255,7 @@ class UpdateStore:
         return self._data.forgotten(self.ledger.forgotten_ranges())
 
     def release(self) -> None:
-        """Flushes and gives up the writer lock but keeps the store open (the next change takes
-        the lock again, re-reading what other writers committed meanwhile)."""
+        """Flushes and gives up the writer lock; the next change takes it again (and re-reads)."""
         try:
             self.flush()
         finally:

@@ -107,10 +107,18 @@ def test_store_without_a_final_model_is_refused(tmp_path):
     store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.2)
     rec = pu.UpdateRecorder(model, optimizer, store)
     tiny_training(model, optimizer, tiny_data(), epochs=1, recorder=rec)
-    with pytest.raises(pu.StoreError, match="no model to forget from.*mark_final"):
+    with pytest.raises(pu.StoreError, match="close it"):  # not while it records through this handle
         pu.amnesiac_forget(model, store, [1000])
     rec.close()
-    pu.amnesiac_forget(model, store, [1000])
+    # Steps written without a recorder that closes (as a crashed run leaves them): no final model.
+    bare = pu.UpdateStore.create(tmp_path / "bare.zarr", model, keep=0.2)
+    params = [p.detach() for p in bare.check_model(model)]
+    bare.append(pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], bare.k, refresh=False), [7])
+    bare.flush()
+    with pytest.raises(pu.StoreError, match="no model to forget from.*mark_final"):
+        pu.amnesiac_forget(model, bare, [7])
+    bare.mark_final(model)
+    assert pu.amnesiac_forget(model, bare, [7]).steps_removed == 1
 
 
 def test_non_contiguous_and_half_parameters(tmp_path):

@@ -123,3 +123,60 @@ def test_a_failing_writer_stops_every_rank(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 stopped" in result.stdout and "rank 1 stopped" in result.stdout
     assert "disk full" in result.stdout
+
+
+_SECRETS_WORKER = r"""
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import pyunlearn as pu
+from pyunlearn.testing import TinyNet
+
+def worker(rank, path, port, same):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["PYUNLEARN_SECRET"] = "the store's secret, 16+ bytes" if same or rank == 0 else "another secret, 16+ bytes"
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = TinyNet()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+    store = pu.UpdateStore.create(path, model, keep=1.0, value_dtype="float32") if rank == 0 else None
+    try:
+        with pu.UpdateRecorder(ddp, optimizer, store) as rec:
+            for step in range(2):
+                rec.batch([f"rank{rank}-user{step}"])
+                optimizer.zero_grad()
+                ddp(torch.randn(1, 8)).sum().backward()
+                optimizer.step()
+        print(f"rank {rank} recorded", flush=True)
+    except pu.RecorderError as exc:
+        print(f"rank {rank} refused: {exc}", flush=True)
+    finally:
+        if rank == 0:
+            store.close()
+        del ddp
+        import gc
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "same"), nprocs=2)
+"""
+
+
+def test_ranks_with_different_secrets_are_refused_before_any_step(tmp_path):
+    script = tmp_path / "secrets_worker.py"
+    script.write_text(_SECRETS_WORKER)
+    for mode in ("different", "same"):
+        path = tmp_path / f"{mode}.zarr"
+        result = subprocess.run([sys.executable, str(script), str(path), str(_free_port()), mode],
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        store = pu.UpdateStore.open(path, mode="r", secret="the store's secret, 16+ bytes")
+        if mode == "different":
+            assert "rank 0 refused" in result.stdout and "rank 1 refused" in result.stdout
+            assert "different secrets" in result.stdout and store.steps == 0
+        else:
+            assert "rank 0 recorded" in result.stdout and "rank 1 recorded" in result.stdout
+            assert store.steps_for(["rank1-user1"]).steps.tolist() == [1]  # the follower's keys are found

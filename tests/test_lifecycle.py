@@ -16,9 +16,9 @@ from pyunlearn.testing import TinyNet
 SECRET = "a test secret of more than sixteen bytes"
 
 
-def _sample(key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed (x, y) per key, whatever the order keys come in."""
-    g = torch.Generator().manual_seed(int.from_bytes(key.encode()[-6:], "little"))
+def _sample(key) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed (x, y) per key (or int ID), whatever the order keys come in."""
+    g = torch.Generator().manual_seed(int.from_bytes(str(key).encode()[-6:], "little"))
     return torch.randn(8, generator=g), torch.randint(0, 3, (), generator=g)
 
 
@@ -163,7 +163,7 @@ def test_a_model_off_the_timeline_and_a_replaced_checkpoint_are_refused(tmp_path
     rec = pu.UpdateRecorder(stale, optimizer, year.store)
     rec.batch(["u9"])
     torch.nn.functional.cross_entropy(stale(torch.randn(1, 8)), torch.tensor([0])).backward()
-    with pytest.raises(pu.RecorderError, match="not the one they end with"):
+    with pytest.raises(pu.RecorderError, match="deletion requests came in after this model was made"):
         optimizer.step()
     rec.remove()
 
@@ -279,3 +279,161 @@ def test_training_on_a_forgotten_sample_again_is_refused(tmp_path):
         optimizer.step()
     assert year.store.steps == len(year.batches) + 1
     assert year.store.forgotten_ids().tolist() == sorted(year.store.ids_for(["u2", "u5"]).tolist())
+
+
+# ---------------------------------------------------------------------- the red team's cases
+def _step(year, keys, optimizer, rec):
+    x = torch.stack([_sample(k)[0] for k in keys])
+    y = torch.stack([_sample(k)[1] for k in keys])
+    before = [p.detach().clone() for p in year.model.parameters()]
+    rec.batch(keys)
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(year.model(x), y).backward()
+    optimizer.step()
+    year.updates.append([p.detach() - b for p, b in zip(year.model.parameters(), before)])
+    year.batches.append(set(keys))
+
+
+def test_training_on_from_a_pending_deletion_confirms_it(tmp_path):
+    year = Year(tmp_path / "s.zarr")
+    year.train([f"u{i}" for i in range(8)], seed=0)
+    pu.amnesiac_forget(year.model, year.store, ["u3"], commit=False)  # saved, never confirmed
+    year.request(["u3"])
+    year.train([f"v{i}" for i in range(4)], seed=1)  # goes on from the pending deletion's model
+    assert year.store.ledger.status(0) == "applied" and year.store.ledger.pending is None
+    pu.amnesiac_forget(year.model, year.store, ["v1"])
+    year.request(["v1"])
+    assert _close(year.model, year.expected(year.store.steps))
+    assert year.store.ledger.status(0) == "applied" and year.store.ledger.audit()[-1]["steps"] == sorted(
+        {s for s, b in enumerate(year.batches) if "v1" in b})
+
+
+def test_a_deletion_trained_on_cannot_be_undone(tmp_path):
+    year = Year(tmp_path / "s.zarr")
+    year.train([f"u{i}" for i in range(8)], seed=0)
+    report = pu.amnesiac_forget(year.model, year.store, ["u3"])
+    optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
+    rec = pu.UpdateRecorder(year.model, optimizer, year.store)
+    _step(year, ["w1"], optimizer, rec)
+    rec.flush()
+    with pytest.raises(pu.StoreError, match="can no longer be undone"):
+        year.store.record_deletion(report.ledger_before, replacing=report.ledger_after)
+    rec.close()
+    assert year.store.ledger.status(0) == "applied"
+
+
+def test_a_checkpoint_from_before_a_deletion_cannot_resume_training(tmp_path):
+    year = Year(tmp_path / "s.zarr")
+    optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
+    rec = pu.UpdateRecorder(year.model, optimizer, year.store)
+    for i in range(4):
+        _step(year, [f"u{i}"], optimizer, rec)
+    state, before = rec.state_dict(), {k: v.clone() for k, v in year.model.state_dict().items()}
+    rec.close()
+    pu.amnesiac_forget(year.model, year.store, ["u1"])
+    after = {k: v.clone() for k, v in year.model.state_dict().items()}
+    optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
+    rec = pu.UpdateRecorder(year.model, optimizer, year.store)
+    _step(year, ["u7"], optimizer, rec)
+    rec.flush()
+    rec.remove()  # the run stops (a crash after the flush)
+    old = _model(before)
+    with pytest.raises(pu.RecorderError, match="a deletion was applied to this checkpoint's model"):
+        pu.UpdateRecorder(old, torch.optim.SGD(old.parameters(), lr=0.05), year.store, state=state)
+    assert year.store.steps == 5  # nothing was dropped
+    year.store.truncate(4)  # by hand: the resume point is the deletion's model, not the checkpoint's
+    assert year.store.metadata.resume_point.fingerprint == year.store.ledger.models[1].fingerprint
+    for model, refused in ((_model(before), True), (_model(after), False)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        rec = pu.UpdateRecorder(model, optimizer, year.store)
+        rec.batch(["u8"])
+        torch.nn.functional.cross_entropy(model(torch.randn(1, 8)), torch.tensor([0])).backward()
+        if refused:
+            with pytest.raises(pu.RecorderError, match="deletion requests came in after this model"):
+                optimizer.step()
+        else:
+            optimizer.step()
+        rec.remove()
+
+
+def test_a_caught_up_checkpoint_may_resume_training_and_says_what_it_has_seen(tmp_path):
+    year = Year(tmp_path / "s.zarr")
+    first = year.train([f"u{i}" for i in range(8)], seed=0)
+    pu.amnesiac_forget(year.model, year.store, ["u2"])  # the latest model, D
+    head = year.model
+    old = _model(first)
+    pu.amnesiac_forget(old, year.store, ["u5"])  # the checkpoint: both requests; D lacks the second
+    year.request(["u2", "u5"])
+    year.model = head
+    with pytest.raises(pu.RecorderError, match="deletion requests came in after this model"):
+        year.train([f"v{i}" for i in range(4)], seed=1)
+    year.model = old
+    year.train([f"v{i}" for i in range(4)], seed=1)
+    last = year.store.ledger.models[-1]
+    assert last.made_by == "training" and last.requests == len(year.store.ledger.records) == 2
+    again = pu.amnesiac_forget(year.model, year.store, [])
+    assert again.steps_applied == 0 and _close(year.model, year.expected(year.store.steps))
+
+
+def test_a_pending_deletion_whose_model_was_lost_lets_the_model_before_it_train(tmp_path):
+    year = Year(tmp_path / "s.zarr")
+    before = year.train([f"u{i}" for i in range(8)], seed=0)
+    pu.amnesiac_forget(year.model, year.store, ["u3"], commit=False)  # killed before the model was saved
+    year.store.close()
+    store = pu.UpdateStore.open(tmp_path / "s.zarr", secret=SECRET)
+    model = _model(before)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        with pytest.raises(pu.RecorderError, match="deletion was requested"):
+            rec.batch(["u3"])  # until the first step says which model trains, the deletion may hold
+        for keys in (["u1"], ["u3"]):  # then it is undone: u3 is not forgotten after all
+            rec.batch(keys)
+            torch.nn.functional.cross_entropy(model(torch.randn(1, 8)), torch.tensor([0])).backward()
+            optimizer.step()
+    assert [r["status"] for r in store.ledger.audit()] == ["undone"]
+
+
+def test_forgetting_through_a_handle_a_recorder_writes_is_refused(tmp_path):
+    year = Year(tmp_path / "s.zarr")
+    year.train([f"u{i}" for i in range(8)], seed=0)
+    optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
+    with pu.UpdateRecorder(year.model, optimizer, year.store) as rec:
+        _step(year, ["w1"], optimizer, rec)
+        with pytest.raises(pu.StoreError, match="close it"):
+            pu.amnesiac_forget(year.model, year.store, ["u1"])
+        with pytest.raises(pu.StoreError, match="rec.close"):
+            year.store.mark_final(year.model)
+    pu.amnesiac_forget(year.model, year.store, ["u1"])
+
+
+def test_a_format_3_store_with_a_deletion_continues_from_the_deletions_model(tmp_path):
+    from pyunlearn._model import fingerprint
+    from tests._old_formats import as_format_3
+
+    year = Year(tmp_path / "s.zarr")
+    trained = year.train(list(range(8)), seed=0)
+    year.request([3])
+    deleted = _model(trained)
+    with torch.no_grad():  # what format 3's deletion of u3 produced
+        for p, e in zip(deleted.parameters(), year.expected(year.store.steps)):
+            p.copy_(e)
+    year.store.close()
+    path = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(path.read_text())
+    as_format_3(doc["attributes"], sorted(year.removed), fingerprint([p for p in deleted.parameters() if p.requires_grad]))
+    path.write_text(json.dumps(doc))
+    store = pu.UpdateStore.open(tmp_path / "s.zarr", secret=SECRET)
+    assert store.metadata.format_version == 3 and [m.made_by for m in store.ledger.models] == ["training", "deletion"]
+    assert store.metadata.resume_point.fingerprint == store.ledger.models[1].fingerprint
+    year.store, year.model = store, _model(trained)
+    with pytest.raises(pu.RecorderError, match="deletion requests came in after this model"):
+        year.train([21, 22], seed=1)
+    year.model = deleted
+    year.train([21, 22], seed=1)
+    pu.amnesiac_forget(year.model, store, [5])
+    year.request([5])
+    assert store.steps == len(year.updates), (store.steps, len(year.updates))
+    assert _close(year.model, year.expected(store.steps)) and store.metadata.format_version == 4
+    old = _model(trained)  # format 3's final model: both deletions are subtracted
+    pu.amnesiac_forget(old, store, [])
+    assert _close(old, year.expected(4))

@@ -15,7 +15,7 @@ import torch
 from .. import __version__, ops
 from .._model import Fingerprints, as_float32_work, fingerprint
 from ..attribution import coefficients
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, StoreError
 from ..ledger import Ledger, new_request_id, utc_now
 from ..store import StepLookup, UpdateStore
 
@@ -68,6 +68,9 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
         raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
     if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
         raise ValueError(f"request_id must be a non-empty string of at most 200 characters, got {request_id!r}")
+    if store.recorder is not None:
+        raise StoreError(f"a recorder is recording into {store.path} through this handle: close it (rec.close()) "
+                         "before forgetting, and continue training with a new recorder from the model forgetting returns")
     with store.writing():  # the lock first: the ledger read below must be current
         params = store.check_model(model)
         wanted = np.unique(store.ids_for(ids, allow_empty=True))
