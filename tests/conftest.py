@@ -48,6 +48,35 @@ def small_layer_limit(request, native):
             yield request.param
 
 
+def _on_device(param, monkeypatch):
+    from pyunlearn.testing import DEVICES
+
+    if param == "cuda":
+        if "cuda" not in DEVICES:
+            pytest.skip("no CUDA device visible to torch")
+        return torch.device("cuda")
+    if param == "cpu-device-path":
+        monkeypatch.setattr(ops, "_DEVICE_PATH_ON_CPU", True)
+    return torch.device("cpu")
+
+
+@pytest.fixture(params=["cpu", "cpu-device-path", "cuda"])
+def device(request, monkeypatch):
+    """The device axis of the recorder and forgetting tests (pyunlearn.testing.DEVICES): "cpu"
+    (the native CPU kernels), "cuda" (skipped where torch sees no GPU), and "cpu-device-path":
+    CPU tensors forced through the device path (the torch kernels, reused buffers, the
+    recorder's asynchronous hand-off with a no-op event), so that everything around the
+    CUDA-only calls runs here too. Returns the torch.device the tensors go to."""
+    return _on_device(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["cpu-device-path", "cuda"])
+def device_path(request, monkeypatch):
+    """The device path alone (see `device`): for tests that compare it with the native CPU
+    kernels, which on "cpu" would be compared with themselves."""
+    return _on_device(request.param, monkeypatch)
+
+
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Equal dtype, shape and bytes (so -0.0 != 0.0 and NaN payloads count)."""
     if x.dtype != y.dtype or x.shape != y.shape:
