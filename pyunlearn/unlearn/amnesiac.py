@@ -14,7 +14,7 @@ import torch
 
 from .. import ops
 from .._ids import as_ids
-from .._model import Fingerprints, as_float32_work, fingerprint
+from .._model import Fingerprints, as_float32_work, fingerprint, one_device
 from ..attribution import coefficients
 from ..errors import CorruptStoreError
 from ..ledger import Ledger
@@ -45,7 +45,9 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
     checkpoint: every step in the ledger is subtracted too) or the model the last deletion
     produced (only the new steps are subtracted); any other model is refused (the rule lives in
     pyunlearn.ledger). A step is never subtracted twice. Stored rows holding NaN or Inf, or
-    damaged or missing chunks, are refused and the model is left as it was.
+    damaged or missing chunks, are refused and the model is left as it was. The model may live on
+    a GPU (all of it on one device): the rows are read on the host and subtracted there, with the
+    same bits as on the CPU; half-precision parameters are worked on in float32 and rounded back.
 
     The ledger must describe a model that exists, whenever the process stops. With commit=True
     (default) the ledger is written once the model changed (if that write fails, the model is
@@ -62,6 +64,8 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
         raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
+    if isinstance(model, torch.nn.Module):  # (check_model says what is wrong with anything else)
+        ops.supports(one_device(model.named_parameters(), "model", "forgetting"))
     with store.writing():  # the lock first: the ledger read below must be current
         params = store.check_model(model)
         lookup = store.steps_for(as_ids(ids))
@@ -143,8 +147,8 @@ class _Rollback:
             return
         saved, start = [], 0
         for w, k in zip(self._work, self._k):
-            positions = (rows.index[:, start : start + k].to(torch.int64).cumsum(1) - 1).reshape(-1)
-            saved.append((positions, w.view(-1)[positions]))
+            positions = (rows.index[:, start : start + k].to(torch.int64).cumsum(1) - 1).reshape(-1)  # on the host
+            saved.append((positions, w.view(-1)[positions.to(w.device)]))
             start += k
         self._saved.append(saved)
 
@@ -156,7 +160,7 @@ class _Rollback:
                 return
             for saved in reversed(self._saved):  # latest batch first: the earliest values win
                 for w, (positions, values) in zip(self._work, saved):
-                    w.view(-1)[positions] = values
+                    w.view(-1)[positions.to(w.device)] = values
 
     def change_norm(self) -> float:
         """L2 norm of the change, each entry counted once with its earliest saved value: by
@@ -174,12 +178,13 @@ class _Rollback:
             if count * 8 < w.numel():
                 flat = torch.cat(positions).numpy()
                 unique, first = np.unique(flat, return_index=True)  # first: the earliest batch's value
-                original = torch.cat(values)[torch.from_numpy(first)]
-                total += float(torch.linalg.vector_norm(w.view(-1)[torch.from_numpy(unique)] - original)) ** 2
+                original = torch.cat(values)[torch.from_numpy(first).to(w.device)]
+                total += float(torch.linalg.vector_norm(w.view(-1)[torch.from_numpy(unique).to(w.device)] - original)) ** 2
                 continue
             if buffer is None:
-                buffer = torch.zeros(max(t.numel() for t in self._work))
+                buffer = torch.zeros(max(t.numel() for t in self._work), device=w.device)
             diff = buffer[: w.numel()]
+            positions = [pos.to(w.device) for pos in positions]
             for pos, val in zip(reversed(positions), reversed(values)):  # the earliest saved value wins
                 diff[pos] = w.view(-1)[pos] - val
             total += float(torch.linalg.vector_norm(diff)) ** 2
