@@ -62,6 +62,9 @@ _native_cuda_checked = False
 #: the recorder's asynchronous hand-off with a no-op event), so that everything around the
 #: CUDA-only calls runs here too.
 _DEVICE_PATH_ON_CPU = False
+#: ...and this, to run it through the native CUDA module's calls: the CUDA sources compiled for
+#: the CPU (csrc/cuda/emulate.h), which take CPU pointers. Tests only.
+_EMULATED_CUDA = None
 
 
 def _native_cuda():
@@ -118,6 +121,14 @@ def _device_path(device: torch.device) -> bool:
     """Whether tensors on `device` take the device path (anything but the CPU, or the CPU when
     tests force it)."""
     return device.type != "cpu" or _DEVICE_PATH_ON_CPU
+
+
+def _device_kernels(device: torch.device):
+    """('native', the CUDA module) or ('torch', None) for the device path on `device`."""
+    if device.type == "cpu":  # the device path forced on CPU tensors (tests)
+        return ("torch", None) if _EMULATED_CUDA is None else ("native", _EMULATED_CUDA)
+    kernels = supports(device).kernels
+    return kernels, _native_cuda() if kernels == "native" else None
 
 
 def backend() -> str:
@@ -219,14 +230,15 @@ class DevicePruner:
     The row is overwritten by the next call, in stream order: copy it out before that.
 
     kernels: 'native' (pyunlearn._native_cuda) or 'torch' (pyunlearn._torch_kernels); None picks
-    what supports(device) says (always 'torch' for CPU tensors, which tests use)."""
+    what supports(device) says (for CPU tensors, which only tests give it: 'torch', or the
+    emulated CUDA module where they set one)."""
 
     def __init__(self, before, after, k, value_dtype="float16", *, names=None, kernels=None, module=None):
         self._before, after, self._k, self._dtype, self._names = _checks.check_prune_args(
             before, after, k, value_dtype, True, names)
         self.device = after[0].device if after else torch.device("cpu")
         if kernels is None:
-            kernels = "torch" if self.device.type == "cpu" else supports(self.device).kernels
+            kernels, module = _device_kernels(self.device)
         if kernels not in ("native", "torch"):
             raise ValueError(f"kernels must be 'native', 'torch' or None, got {kernels!r}")
         total, layers = sum(self._k), len(self._k)
@@ -309,13 +321,14 @@ def _subtract_on_device(params, rows, k, alpha, names, steps) -> None:
     once (the verdict on the rows must reach the host before anything is written)."""
     index, values, scales = rows
     device = params[0].device if params else torch.device("cpu")
-    kernels = "torch" if device.type == "cpu" else supports(device).kernels
+    kernels, module = _device_kernels(device)
     if kernels == "native":
         index, values, scales = (t.to(device) for t in (index.view(torch.int32), values, scales))
-        bad = _native_cuda().subtract_sparse(
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        bad = module.subtract_sparse(
             [p.data_ptr() for p in params], [p.numel() for p in params], k, index.data_ptr(), values.data_ptr(),
             scales.data_ptr(), index.shape[0], "float16" if values.dtype == torch.float16 else "float32", alpha,
-            torch.cuda.current_stream(device).cuda_stream)
+            stream)
         if bad is not None:
             raise _checks.bad_stored_row(*bad, names, steps)
     else:
