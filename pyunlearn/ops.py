@@ -261,6 +261,7 @@ class DevicePruner:
             self._dtype_name = "float16" if self._dtype == torch.float16 else "float32"
         else:
             self._workspace = _torch_kernels.Workspace(self.device)
+        self._last_stream = None
 
     @property
     def kernels(self) -> str:
@@ -269,6 +270,13 @@ class DevicePruner:
     def __call__(self, after, refresh: bool = True) -> tuple[Row, torch.Tensor]:
         """Prunes `after` (float32 tensors of the sizes and device given at construction) against
         the snapshot; returns (row, status) on the device, without waiting for it."""
+        if self.device.type == "cuda":
+            # The buffers are reused in stream order: a call on another stream than the last one
+            # first waits (on the device) for the work queued there, e.g. the copy of the last row.
+            stream = torch.cuda.current_stream(self.device)
+            if self._last_stream is not None and stream.cuda_stream != self._last_stream.cuda_stream:
+                stream.wait_stream(self._last_stream)
+            self._last_stream = stream
         if self._native is None:
             status = _torch_kernels.prune(self._before, after, self._k, self._dtype, refresh, self.row, self._workspace)
         else:
