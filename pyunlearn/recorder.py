@@ -10,6 +10,9 @@
 The pruning runs in the training thread right after each step (it is fast, and it must see
 the parameters before the next step changes them); compression and I/O run in a background
 writer fed through a bounded queue, so a slow disk slows training rather than filling memory.
+For a model on a GPU the pruning is queued on the device and only the pruned row is copied to
+the host, asynchronously: the writer thread waits for it, never the training thread
+(_DeviceUpdateRows, pyunlearn._transfer).
 The writer flushes the store every `flush_every_s` seconds; `rec.flush()` (and
 `rec.state_dict()`, which flushes) makes every recorded step durable at once.
 
@@ -21,7 +24,8 @@ steps end with (resume rules: `load_state_dict`). A refused step has not run.
 Parts: UpdateRecorder (the hooks and the IDs declared per step) delegates each step to a role:
 _WritingRole (prunes a row, hands it to a _BackgroundWriter) or, on a DDP rank that does not
 write, _FollowerRole (only takes part in gathering the IDs). A row comes from _UpdateRows (Δθ
-against a snapshot) or _GradientRows (the optimizer family's vectors, pyunlearn.attribution).
+against a snapshot, on the CPU), _DeviceUpdateRows (the same on a device) or _GradientRows (the
+optimizer family's vectors, pyunlearn.attribution).
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ class UpdateRecorder:
     """Records every optimizer step of `model` into `store`.
 
     model: the module the store was created from, or the same module wrapped by DDP or
-    torch.compile. optimizer: a torch optimizer, or one wrapped by Accelerate
+    torch.compile; on the CPU or on one CUDA device (a model spread over devices is refused). optimizer: a torch optimizer, or one wrapped by Accelerate
     (AcceleratedOptimizer) or Lightning (its step hooks go on the wrapped one); it must update
     exactly the model's trainable parameters (those in the store's layer table), and may also
     hold frozen ones (requires_grad=False: not recorded, and refused if they start to train).
