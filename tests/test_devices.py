@@ -212,6 +212,21 @@ def test_recording_on_a_gpu_across_streams(native, tmp_path):
         assert_same_bits([rows.index[t], rows.values[t], rows.scales[t]], expected, f"step {t}")
 
 
+def test_gradient_attribution_records_and_forgets_a_model_on_the_device(device, tmp_path):
+    """The optimizer family's vectors go to the host and are pruned there (a synchronization per
+    step on a GPU); the result is the CPU's: forgetting every ID on a dense store gives the
+    initial model back to float rounding."""
+    from pyunlearn.testing import recorded_store
+
+    run = recorded_store(tmp_path / "s.zarr", keep=1.0, value_dtype="float32", attribution="gradient",
+                         device=device)
+    assert run.store.steps == run.steps
+    pu.amnesiac_forget(run.model, run.store, run.data[0])
+    for name, p in run.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach().cpu(), run.initial[name].cpu(), rtol=0, atol=1e-5)
+
+
 # ---- refusals ------------------------------------------------------------------------------------
 
 def test_a_model_on_two_devices_is_refused_naming_them(tmp_path):
