@@ -10,6 +10,8 @@ recorder's training-step overhead, side by side in one run on one GPU.
   Δ, torch.topk of |Δ|, gather, before.copy_(after)) and against the floor: one device-to-
   device copy of the model's float32 parameters (the refresh alone; the prune must also read
   `before`, so 1.5× the copy is its bound). Targets: ≥ 5× the torch loop, ≤ 3× the copy.
+  Also pyunlearn's own torch fallback (ops.DevicePruner with kernels="torch": what runs where
+  the CUDA module is not built; exact top-k with the CPU's tie rule, the same encoding).
 - subtract_sparse of S stored rows (64) against index_add_ per layer and row (indices and Δ
   decoded beforehand, in the baseline's favour). Target: ≥ 5×.
 - The recorder's training-step overhead: a CIFAR ResNet-18 (batch 256, bf16 autocast, SGD)
@@ -214,6 +216,19 @@ class PruneWork:
         if status != -1:
             raise RuntimeError(f"prune_topk reported layer {status} as not finite")
 
+    def torch_fallback(self):
+        # Its own snapshot and its own turn (it refreshes the snapshot; the shared turn must
+        # keep flipping an odd number of times per round for the other contenders).
+        if getattr(self, "fallback", None) is None:
+            from pyunlearn import ops
+
+            self.fallback = ops.DevicePruner([b.clone() for b in self.snapshot], self.after[0], self.k, "float16",
+                                             kernels="torch")
+            self.fallback_turn = 0
+        self.fallback_turn ^= 1
+        _, status = self.fallback(self.after[self.fallback_turn])
+        return status
+
     def torch_loop(self):
         after = self.after[self.next()]
         out = []
@@ -240,16 +255,17 @@ class PruneResult:
     speedup_vs_torch: float | None = None  # torch / native (best)
     vs_copy_floor: float | None = None  # native / copy (best)
     targets_met: bool | None = None  # >= 5x torch and <= 3x copy
+    torch_fallback: Timing | None = None  # pyunlearn's exact torch fallback (ops.DevicePruner, kernels="torch")
 
 
 def bench_prune(dev, model, numels, keep, repeats) -> PruneResult:
     work = PruneWork(dev, numels, keep)
-    contenders = {"torch_loop": work.torch_loop, "copy_floor": work.floor}
+    contenders = {"torch_loop": work.torch_loop, "torch_fallback": work.torch_fallback, "copy_floor": work.floor}
     if dev.module is not None:
         contenders = {"native": work.native, "native_own_workspace": lambda: work.native(False), **contenders}
     t = race(dev, contenders, repeats)
     r = PruneResult(model, sum(numels), keep, t.get("native"), t.get("native_own_workspace"), t["torch_loop"],
-                    t["copy_floor"])
+                    t["copy_floor"], torch_fallback=t["torch_fallback"])
     if r.native is not None:
         r.speedup_vs_torch = round(r.torch_loop.best_ms / r.native.best_ms, 2)
         r.vs_copy_floor = round(r.native.best_ms / r.copy_floor.best_ms, 2)
@@ -495,12 +511,12 @@ def _x(value):
 
 
 def table(results: dict) -> str:
-    lines = [f"{'prune_topk':<10} {'model':<9} {'keep':>5} {'native ms':>10} {'torch ms':>10} {'copy ms':>9} "
-             f"{'speedup':>8} {'/copy':>6} {'targets':>8}"]
+    lines = [f"{'prune_topk':<10} {'model':<9} {'keep':>5} {'native ms':>10} {'torch ms':>10} {'fallback':>9} "
+             f"{'copy ms':>9} {'speedup':>8} {'/copy':>6} {'targets':>8}"]
     for r in results["prune"]:
         lines.append(f"{'':<10} {r['model']:<9} {r['keep']:>5} {_ms(r['native']):>10} {_ms(r['torch_loop']):>10} "
-                     f"{_ms(r['copy_floor']):>9} {_x(r['speedup_vs_torch']):>8} {_x(r['vs_copy_floor']):>6} "
-                     f"{str(r['targets_met']):>8}")
+                     f"{_ms(r['torch_fallback']):>9} {_ms(r['copy_floor']):>9} {_x(r['speedup_vs_torch']):>8} "
+                     f"{_x(r['vs_copy_floor']):>6} {str(r['targets_met']):>8}")
     lines.append(f"{'subtract':<10} {'model':<9} {'keep':>5} {'native ms':>10} {'index_add':>10} {'rows':>9} "
                  f"{'speedup':>8} {'target':>8}")
     for r in results["subtract"]:

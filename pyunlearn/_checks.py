@@ -65,20 +65,34 @@ def check_list(arg: str, tensors) -> list:
     return list(tensors)
 
 
-def check_tensor_list(arg: str, tensors, names, *, writable: bool = False) -> list[torch.Tensor]:
-    """A list of contiguous float32 CPU tensors, each addressable with uint32 indices."""
+class OneDevice:
+    """The device every tensor of a call must share: the first one checked sets it, and a tensor
+    elsewhere is refused naming both (kernels never move data between devices behind the caller's
+    back)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device, self._first = device, None if device is None else "the other arguments"
+
+    def check(self, label: str, t: torch.Tensor) -> None:
+        if self.device is None:
+            self.device, self._first = t.device, label
+        elif t.device != self.device:
+            raise ValueError(f"{label} is on {t.device}, {self._first} on {self.device}: every tensor of the call must be "
+                             f"on one device; move them there with .to({str(self.device)!r})")
+
+
+def check_tensor_list(arg: str, tensors, names, *, writable: bool = False,
+                      device: OneDevice | None = None) -> list[torch.Tensor]:
+    """A list of contiguous float32 tensors on one device, each addressable with uint32 indices."""
     tensors = check_list(arg, tensors)
+    device = device if device is not None else OneDevice()
     for i, t in enumerate(tensors):
         label = layer_label(arg, i, names)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.float32:
             raise TypeError(f"{label} must be float32, got {t.dtype}; keep a float32 copy of the parameters")
-        if t.device.type != "cpu":
-            raise ValueError(
-                f"{label} is on {t.device}, but pyunlearn's kernels here run on the CPU only "
-                "(this build has no CUDA kernels): pass CPU tensors"
-            )
+        device.check(label, t)
         if not t.is_contiguous():
             raise ValueError(f"{label} must be contiguous; call .contiguous() on it (the kernels do not copy)")
         if t.numel() > MAX_LAYER_NUMEL:
@@ -138,8 +152,9 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
-def check_rows(rows, k: list[int]):
-    """Stored rows as (index, values, scales), one row (1-D) or a stack (2-D). Returns 2-D views."""
+def check_rows(rows, k: list[int], device: torch.device | None = None):
+    """Stored rows as (index, values, scales), one row (1-D) or a stack (2-D), on the CPU or on
+    `device` (the parameters'). Returns 2-D views."""
     try:
         index, values, scales = rows
     except (TypeError, ValueError):
@@ -147,8 +162,9 @@ def check_rows(rows, k: list[int]):
     for arg, t in (("rows.index", index), ("rows.values", values), ("rows.scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise ValueError(f"{arg} is on {t.device}; this build has CPU kernels only: pass CPU tensors")
+        if t.device.type != "cpu" and (device is None or t.device != device):
+            raise ValueError(f"{arg} is on {t.device}: stored rows must be on the CPU or on the parameters' device "
+                             f"({device}); move them with .to({str(device or 'cpu')!r})")
         if not t.is_contiguous():
             raise ValueError(f"{arg} must be contiguous")
     if index.dtype != torch.uint32:
@@ -177,8 +193,9 @@ def check_rows(rows, k: list[int]):
 def check_prune_args(before, after, k, value_dtype, refresh, names):
     """prune_topk's arguments, checked and normalised (lists, ints, a torch dtype)."""
     names = check_names(names, len(check_list("after", after)))
-    after = check_tensor_list("after", after, names)
-    before = check_tensor_list("before", before, names, writable=bool(refresh))
+    device = OneDevice()
+    after = check_tensor_list("after", after, names, device=device)
+    before = check_tensor_list("before", before, names, writable=bool(refresh), device=device)
     check_same_numel("after", after, "before", before, names)
     return before, after, check_k(k, after, names), check_value_dtype(value_dtype), names
 
@@ -186,7 +203,8 @@ def check_prune_args(before, after, k, value_dtype, refresh, names):
 def check_subtract_args(params, rows, k, alpha, names, steps):
     """subtract_sparse's arguments, checked; rows come back as 2-D (index, values, scales)."""
     names = check_names(names, len(check_list("params", params)))
-    params = check_tensor_list("params", params, names, writable=True)
+    device = OneDevice()
+    params = check_tensor_list("params", params, names, writable=True, device=device)
     k = check_k(k, params, names)
-    rows = check_rows(rows, k)
+    rows = check_rows(rows, k, device.device)
     return params, rows, k, check_alpha(alpha), names, check_steps(steps, rows[0].shape[0])

@@ -109,12 +109,26 @@ class Fingerprints:
 
 
 def kernel_ready(param: torch.Tensor) -> bool:
-    """Whether the kernels can read and write `param` in place: contiguous float32 on the CPU."""
-    return param.dtype == torch.float32 and param.device.type == "cpu" and param.is_contiguous()
+    """Whether the kernels can read and write `param` in place: contiguous float32 (on its device)."""
+    return param.dtype == torch.float32 and param.is_contiguous()
 
 
 def as_float32_work(param: torch.Tensor) -> torch.Tensor:
-    """The tensor the kernels can use for `param`: itself when it is kernel-ready (so kernels
-    work in place), a contiguous float32 copy otherwise."""
+    """The tensor the kernels can use for `param`, on its device: itself when it is kernel-ready
+    (so kernels work in place), a contiguous float32 copy otherwise."""
     p = param.detach()
-    return p if kernel_ready(p) else p.to(device="cpu", dtype=torch.float32).contiguous()
+    return p if kernel_ready(p) else p.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def one_device(named_params, arg: str, doing: str) -> torch.device:
+    """The one device the (name, parameter) pairs live on, or a ValueError naming two that
+    differ: pyunlearn keeps each model's snapshot, rows and work on one device. The CPU for none."""
+    first = None
+    for name, p in named_params:
+        if first is None:
+            first = (name, p.device)
+        elif p.device != first[1]:
+            raise ValueError(f"{arg}'s parameters are on more than one device ({first[0]} on {first[1]}, {name} on "
+                             f"{p.device}): {doing} needs them all on one device. Move the model there first, e.g. "
+                             f"{arg}.to({str(first[1])!r})")
+    return torch.device("cpu") if first is None else first[1]

@@ -32,10 +32,19 @@ def _selfcheck(args) -> int:
     ops.subtract_sparse_reference(reference_params, reference_row, k)
 
     checks = {"prune_topk": _same_bits(row, reference_row), "subtract_sparse": _same_bits(params, reference_params)}
+    cuda = ops.supports("cuda")
+    if cuda.available:  # the same step on the GPU, through whichever kernels run there
+        gpu = torch.device("cuda")
+        gpu_row = ops.prune_topk([b.to(gpu) for b in before], [a.to(gpu) for a in after], k)
+        gpu_params = [a.to(gpu) for a in after]
+        ops.subtract_sparse(gpu_params, gpu_row, k)
+        checks["prune_topk (cuda)"] = _same_bits([t.cpu() for t in gpu_row], reference_row)
+        checks["subtract_sparse (cuda)"] = _same_bits([p.cpu() for p in gpu_params], reference_params)
     print(f"pyunlearn {__version__}, torch {torch.__version__}")
     print(f"kernels: {ops.backend()}")
+    print(f"cuda: {cuda.kernels} kernels, {cuda.detail}" if cuda.available else "cuda: no GPU visible to torch")
     for name, ok in checks.items():
-        print(f"  {name:<16} matches the torch reference bit for bit: {'yes' if ok else 'NO'}")
+        print(f"  {name:<22} matches the torch reference bit for bit: {'yes' if ok else 'NO'}")
     return 0 if all(checks.values()) else 1
 
 

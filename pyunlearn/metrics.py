@@ -32,11 +32,17 @@ class Evaluation:
 
 @torch.no_grad()
 def predictions(model: torch.nn.Module, data: SampleSet, batch_size: int = 1024) -> torch.Tensor:
-    """Softmax probabilities, in eval mode (the model's mode is restored)."""
+    """Softmax probabilities on the host, in eval mode (the model's mode is restored). The model
+    may live on a GPU (all of it on one device); the batches are moved there."""
+    from ._model import one_device
+    from .ops import supports
+
+    device = one_device(model.named_parameters(), "model", "evaluating")
+    supports(device)
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([torch.softmax(model(data.x[i : i + batch_size]), dim=1)
+        return torch.cat([torch.softmax(model(data.x[i : i + batch_size].to(device)), dim=1).cpu()
                           for i in range(0, len(data), batch_size)])
     finally:
         model.train(was_training)

@@ -1,27 +1,31 @@
-"""The kernels' Python face: argument checks, then the native CPU kernels or the torch reference.
+"""The kernels' Python face: argument checks, then the kernels for the tensors' device.
 
     row = prune_topk(before, after, k)            # Δ = after − before, top-k per layer, one flat Row
     subtract_sparse(params, rows, k, alpha=1.0)    # params −= alpha · Δ for every stored row
+    supports(device)                               # which kernels run there: native or torch
 
-The native path is used when pyunlearn._native imports; otherwise the reference runs (with one
-warning). PYUNLEARN_REFERENCE=1 forces the reference. Both give the same bits.
+On the CPU: the native kernels when pyunlearn._native imports, otherwise the torch reference
+(with one warning); PYUNLEARN_REFERENCE=1 forces the reference. On a CUDA device: the native
+CUDA kernels when pyunlearn._native_cuda was built (PYUNLEARN_CUDA=1 at install), otherwise
+per-layer torch ops on the device (pyunlearn._torch_kernels). Every path gives the same bits.
 """
 from __future__ import annotations
 
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch.autograd.graph import increment_version
 
-from . import _checks, _reference
+from . import _checks, _reference, _torch_kernels
 from ._validate import ratio
 from .row import Row
 
-__all__ = ["Row", "prune_topk", "Pruner", "subtract_sparse", "k_for", "decode_row", "backend",
-           "prune_topk_reference", "subtract_sparse_reference"]
+__all__ = ["Row", "prune_topk", "Pruner", "DevicePruner", "subtract_sparse", "k_for", "decode_row", "backend",
+           "supports", "Support", "prune_topk_reference", "subtract_sparse_reference"]
 
 prune_topk_reference = _reference.prune_topk
 subtract_sparse_reference = _reference.subtract_sparse
@@ -51,6 +55,82 @@ def _native():
     return _native_module
 
 
+_native_cuda_module = None
+_native_cuda_checked = False
+
+#: Tests set this to run CPU tensors through the device path (the torch kernels, reused buffers,
+#: the recorder's asynchronous hand-off with a no-op event), so that everything around the
+#: CUDA-only calls runs here too.
+_DEVICE_PATH_ON_CPU = False
+#: ...and this, to run it through the native CUDA module's calls: the CUDA sources compiled for
+#: the CPU (csrc/cuda/emulate.h), which take CPU pointers. Tests only.
+_EMULATED_CUDA = None
+
+
+def _native_cuda():
+    """pyunlearn._native_cuda, or None where it was not built (imported on first use: a CPU-only
+    user never loads the CUDA runtime)."""
+    global _native_cuda_module, _native_cuda_checked
+    if not _native_cuda_checked:
+        _native_cuda_checked = True
+        try:
+            from . import _native_cuda as module
+
+            _native_cuda_module = module
+        except ImportError:
+            _native_cuda_module = None
+    return _native_cuda_module
+
+
+@dataclass(frozen=True)
+class Support:
+    """What pyunlearn can do on a device (ops.supports)."""
+
+    device: torch.device
+    kernels: str  # "native": pyunlearn's own kernels; "torch": torch ops (same bits, slower)
+    available: bool  # whether torch can use the device here
+    detail: str  # which module, or why not
+
+
+def supports(device) -> Support:
+    """Which kernels prune and subtract on `device` ('cpu', 'cuda', 'cuda:1', a torch.device):
+    native ones (pyunlearn._native on the CPU, pyunlearn._native_cuda on a GPU) or the torch
+    fallback. ValueError for a device type pyunlearn does not run on."""
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:0'), got {device!r}") from exc
+    if device.type == "cpu":
+        if _native() is None:
+            return Support(device, "torch", True, backend())
+        return Support(device, "native", True, "pyunlearn._native, " + backend())
+    if device.type == "cuda":
+        available = torch.cuda.is_available()
+        module = _native_cuda()
+        if module is None:
+            return Support(device, "torch", available,
+                           "per-layer torch.topk on the device: pyunlearn was built without its CUDA kernels "
+                           "(PYUNLEARN_CUDA=1 pip install -e . builds them where nvcc is installed)")
+        return Support(device, "native", available,
+                       f"pyunlearn._native_cuda (CUDA runtime {module.runtime_version()})")
+    raise ValueError(f"pyunlearn runs on 'cpu' and 'cuda' devices, not on {device}: move the model (and its "
+                     "tensors) to one of them with .to(...)")
+
+
+def _device_path(device: torch.device) -> bool:
+    """Whether tensors on `device` take the device path (anything but the CPU, or the CPU when
+    tests force it)."""
+    return device.type != "cpu" or _DEVICE_PATH_ON_CPU
+
+
+def _device_kernels(device: torch.device):
+    """('native', the CUDA module) or ('torch', None) for the device path on `device`."""
+    if device.type == "cpu":  # the device path forced on CPU tensors (tests)
+        return ("torch", None) if _EMULATED_CUDA is None else ("native", _EMULATED_CUDA)
+    kernels = supports(device).kernels
+    return kernels, _native_cuda() if kernels == "native" else None
+
+
 def backend() -> str:
     """Which kernels run: 'native (<SIMD level>, <threads> threads)' or 'reference (...)'."""
     native = _native()
@@ -70,15 +150,24 @@ def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=N
     """Per layer i: Δ = after[i] − before[i]; keep the k[i] entries of largest |Δ| (ties to the
     lower index); with `refresh`, set before := after. Returns one flat Row (see pyunlearn.row).
 
-    `before`/`after`: lists of contiguous float32 CPU tensors of equal sizes; `names`: optional
-    layer names for error messages. value_dtype 'float16' stores Δ/scale with a power-of-two
+    `before`/`after`: lists of contiguous float32 tensors of equal sizes, all on one device (on a
+    GPU the Row comes back on it); `names`: optional layer names for error messages. value_dtype 'float16' stores Δ/scale with a power-of-two
     scale per layer (relative error ≤ 2^-11); 'float32' is lossless. A layer whose Δ holds NaN or
     Inf raises NonFiniteUpdateError naming it, and `before` is left unchanged.
     """
+    checked = _checks.check_prune_args(before, after, k, value_dtype, refresh, names)
+    device = checked[1][0].device if checked[1] else torch.device("cpu")
+    if _device_path(device):
+        pruner = DevicePruner(before, after, k, value_dtype, names=names)
+        row, status = pruner(after, refresh=refresh)
+        bad = int(status)  # waits for the device: this call reports a non-finite layer at once
+        if bad >= 0:
+            raise _checks.non_finite_update(bad, names)
+        return row
     native = _native()
     if native is None:
         return _reference.prune_topk(before, after, k, value_dtype, refresh, names=names)
-    before, after, k, value_dtype, names = _checks.check_prune_args(before, after, k, value_dtype, refresh, names)
+    before, after, k, value_dtype, names = checked
     return _prune_native(native, before, [b.detach().numpy() for b in before], [a.detach().numpy() for a in after],
                          k, value_dtype, refresh, names)
 
@@ -133,21 +222,95 @@ class Pruner:
         return Row(torch.from_numpy(index), torch.from_numpy(values), torch.from_numpy(scales))
 
 
+class DevicePruner:
+    """prune_topk on a device for a caller that prunes the same layers every step (the recorder),
+    checked once. The row, status and workspace live on the device and are reused: a call queues
+    the work on the current stream and returns (row, status) as device tensors without waiting
+    (status: int64, −1 or the first layer whose Δ holds NaN or Inf; then `before` is unchanged).
+    The row is overwritten by the next call, in stream order: copy it out before that.
+
+    kernels: 'native' (pyunlearn._native_cuda) or 'torch' (pyunlearn._torch_kernels); None picks
+    what supports(device) says (for CPU tensors, which only tests give it: 'torch', or the
+    emulated CUDA module where they set one)."""
+
+    def __init__(self, before, after, k, value_dtype="float16", *, names=None, kernels=None, module=None):
+        self._before, after, self._k, self._dtype, self._names = _checks.check_prune_args(
+            before, after, k, value_dtype, True, names)
+        self.device = after[0].device if after else torch.device("cpu")
+        if kernels is None:
+            kernels, module = _device_kernels(self.device)
+        if kernels not in ("native", "torch"):
+            raise ValueError(f"kernels must be 'native', 'torch' or None, got {kernels!r}")
+        total, layers = sum(self._k), len(self._k)
+        self.row = Row(torch.empty(total, dtype=torch.int32, device=self.device).view(torch.uint32),
+                       torch.empty(total, dtype=self._dtype, device=self.device),
+                       torch.empty(layers, dtype=torch.float32, device=self.device))
+        self._native = None
+        if kernels == "native":
+            self._native = module if module is not None else _native_cuda()
+            if self._native is None:
+                raise ValueError("kernels='native' on a GPU needs pyunlearn._native_cuda, which was not built: "
+                                 "reinstall with PYUNLEARN_CUDA=1 pip install -e . (nvcc needed), or use kernels='torch'")
+            self._numels = [b.numel() for b in self._before]
+            size = self._native.prune_workspace_size(self._numels, self._k)
+            self._workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+            self._workspace_size = size
+            self._status = torch.empty(1, dtype=torch.int64, device=self.device)
+            self._before_ptrs = [b.data_ptr() for b in self._before]
+            self._out = (self.row.index.data_ptr(), self.row.values.data_ptr(), self.row.scales.data_ptr())
+            self._dtype_name = "float16" if self._dtype == torch.float16 else "float32"
+        else:
+            self._workspace = _torch_kernels.Workspace(self.device)
+        self._last_stream = None
+
+    @property
+    def kernels(self) -> str:
+        return "torch" if self._native is None else "native"
+
+    def __call__(self, after, refresh: bool = True) -> tuple[Row, torch.Tensor]:
+        """Prunes `after` (float32 tensors of the sizes and device given at construction) against
+        the snapshot; returns (row, status) on the device, without waiting for it."""
+        if self.device.type == "cuda":
+            # The buffers are reused in stream order: a call on another stream than the last one
+            # first waits (on the device) for the work queued there, e.g. the copy of the last row.
+            stream = torch.cuda.current_stream(self.device)
+            if self._last_stream is not None and stream.cuda_stream != self._last_stream.cuda_stream:
+                stream.wait_stream(self._last_stream)
+            self._last_stream = stream
+        if self._native is None:
+            status = _torch_kernels.prune(self._before, after, self._k, self._dtype, refresh, self.row, self._workspace)
+        else:
+            after = [a if a.is_contiguous() else a.contiguous() for a in after]
+            stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+            self._native.prune_topk(self._before_ptrs, [a.data_ptr() for a in after], self._numels, self._k,
+                                    *self._out, self._dtype_name, bool(refresh), stream,
+                                    status=self._status.data_ptr(), workspace=self._workspace.data_ptr(),
+                                    workspace_size=self._workspace_size)
+            status = self._status[0]
+        if refresh:
+            increment_version(self._before)
+        return self.row, status
+
+
 def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> None:
     """params[i][idx] −= alpha · Δ for every stored row, in place.
 
-    `rows`: a Row of one step (1-D) or a stack (2-D); `k`: the per-layer counts it was pruned
-    with; `names` (layer names) and `steps` (the step number of each row) only label errors.
+    `rows`: a Row of one step (1-D) or a stack (2-D), on the CPU or on the parameters' device
+    (rows read from a store are on the CPU; on a GPU they are copied over); `k`: the per-layer
+    counts it was pruned with; `names` (layer names) and `steps` (the step number of each row) only label errors.
     Rows are applied in a canonical order (sorted by their bytes) and each parameter by one
     thread, so the result is bit-identical whatever the thread count or row order. A row whose
     indices repeat or run past a layer raises ValueError naming its step and layer, before
     anything is changed.
     """
+    checked = _checks.check_subtract_args(params, rows, k, alpha, names, steps)
+    device = checked[0][0].device if checked[0] else torch.device("cpu")
+    if _device_path(device):
+        return _subtract_on_device(*checked)
     native = _native()
     if native is None:
         return _reference.subtract_sparse(params, rows, k, alpha, names=names, steps=steps)
-    params, (index, values, scales), k, alpha, names, steps = _checks.check_subtract_args(
-        params, rows, k, alpha, names, steps)
+    params, (index, values, scales), k, alpha, names, steps = checked
     bad = native.subtract_sparse(
         [p.detach().numpy() for p in params], k, index.numpy(), values.numpy(), scales.numpy(), alpha
     )
@@ -155,6 +318,35 @@ def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> No
         raise _checks.bad_stored_row(*bad, names, steps)
     # The kernel wrote through numpy, behind autograd's back: bump the version counters so a
     # graph that saved these tensors fails loudly instead of using stale values.
+    for p in params:
+        increment_version(p)
+
+
+def _subtract_on_device(params, rows, k, alpha, names, steps) -> None:
+    """subtract_sparse for parameters on a device: the native CUDA kernel (which checks and orders
+    the rows itself) or the torch kernels, which check the rows and put them in canonical order on
+    the host first. Either way a bad row is refused before anything changes. Waits for the device
+    once (the verdict on the rows must reach the host before anything is written)."""
+    index, values, scales = rows
+    device = params[0].device if params else torch.device("cpu")
+    kernels, module = _device_kernels(device)
+    if kernels == "native":
+        index, values, scales = (t.to(device) for t in (index.view(torch.int32), values, scales))
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        bad = module.subtract_sparse(
+            [p.data_ptr() for p in params], [p.numel() for p in params], k, index.data_ptr(), values.data_ptr(),
+            scales.data_ptr(), index.shape[0], "float16" if values.dtype == torch.float16 else "float32", alpha,
+            stream)
+        if bad is not None:
+            raise _checks.bad_stored_row(*bad, names, steps)
+    else:
+        host = [t.cpu() for t in (index, values, scales)]  # the check and the order need the bytes here
+        bad = _torch_kernels.first_bad_row(host[0], k, [p.numel() for p in params])
+        if bad is not None:
+            raise _checks.bad_stored_row(*bad, names, steps)
+        order = torch.tensor(_torch_kernels.canonical_order(*host), dtype=torch.int64)
+        index, values, scales = (t[order].to(device) for t in (host[0].view(torch.int32), host[1], host[2]))
+        _torch_kernels.subtract(params, index, values, scales, k, alpha)
     for p in params:
         increment_version(p)
 
@@ -167,6 +359,6 @@ def decode_row(row: Row, k: Sequence[int]) -> list[tuple[torch.Tensor, torch.Ten
     for i, ki in enumerate(k):
         gaps = row.index[start : start + ki]
         delta = row.values[start : start + ki].to(torch.float32) * row.scales[i]
-        out.append((_reference.decode_indices(gaps), delta))
+        out.append((_torch_kernels.gaps_to_positions(gaps), delta))
         start += ki
     return out

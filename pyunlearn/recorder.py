@@ -10,6 +10,9 @@
 The pruning runs in the training thread right after each step (it is fast, and it must see
 the parameters before the next step changes them); compression and I/O run in a background
 writer fed through a bounded queue, so a slow disk slows training rather than filling memory.
+For a model on a GPU the pruning is queued on the device and only the pruned row is copied to
+the host, asynchronously: the writer thread waits for it, never the training thread
+(_DeviceUpdateRows, pyunlearn._transfer).
 The writer flushes the store every `flush_every_s` seconds; `rec.flush()` (and
 `rec.state_dict()`, which flushes) makes every recorded step durable at once.
 
@@ -21,7 +24,8 @@ steps end with (resume rules: `load_state_dict`). A refused step has not run.
 Parts: UpdateRecorder (the hooks and the IDs declared per step) delegates each step to a role:
 _WritingRole (prunes a row, hands it to a _BackgroundWriter) or, on a DDP rank that does not
 write, _FollowerRole (only takes part in gathering the IDs). A row comes from _UpdateRows (Δθ
-against a snapshot) or _GradientRows (the optimizer family's vectors, pyunlearn.attribution).
+against a snapshot, on the CPU), _DeviceUpdateRows (the same on a device) or _GradientRows (the
+optimizer family's vectors, pyunlearn.attribution).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ import torch
 from . import attribution, keys, ops
 from ._ids import as_ids
 from ._format import ResumePoint
-from ._model import Fingerprints, as_float32_work, fingerprint, kernel_ready, same_model
+from ._model import Fingerprints, as_float32_work, fingerprint, kernel_ready, one_device, same_model
+from ._transfer import PendingRow, RowTransfer
 from ._validate import int_in_range, positive_int
 from .errors import ModelMismatchError, NonFiniteUpdateError, RecorderError
 from .store import UpdateStore
@@ -62,7 +67,7 @@ class UpdateRecorder:
     """Records every optimizer step of `model` into `store`.
 
     model: the module the store was created from, or the same module wrapped by DDP or
-    torch.compile. optimizer: a torch optimizer, or one wrapped by Accelerate
+    torch.compile; on the CPU or on one CUDA device (a model spread over devices is refused). optimizer: a torch optimizer, or one wrapped by Accelerate
     (AcceleratedOptimizer) or Lightning (its step hooks go on the wrapped one); it must update
     exactly the model's trainable parameters (those in the store's layer table), and may also
     hold frozen ones (requires_grad=False: not recorded, and refused if they start to train).
@@ -289,10 +294,8 @@ class _WritingRole:
         params = store.check_model(model)
         frozen = _check_optimizer(optimizer, store, model, params)
         family = attribution.family_for(optimizer) if store.attribution == "gradient" else None
-        for layer, p in zip(store.layers, params):
-            if p.device.type != "cpu":
-                raise ValueError(f"parameter {layer.name} is on {p.device}: this build records CPU models only "
-                                 "(the CUDA kernels are not built yet)")
+        # One device for the whole model (the snapshot and the pruning live there), one pyunlearn runs on.
+        ops.supports(one_device(_named_parameters(model), "model", "recording"))
         self._session = contextlib.ExitStack()
         with self._session:
             self._session.enter_context(store.writing())  # fail now, not after training steps went unrecorded
@@ -335,6 +338,8 @@ class _WritingRole:
     def _make_rows(self):
         if self._family is not None:
             return _GradientRows(self._family(self._optimizer, self._params), self._store, self._names)
+        if ops._device_path(self._params[0].device):
+            return _DeviceUpdateRows(self._params, self._store, self._names)
         return _UpdateRows(self._params, self._store, self._names)
 
     # ----------------------------------------------------------------- per step
@@ -451,7 +456,7 @@ class _WritingRole:
         self._deferred = None
         if failure is None:
             try:
-                row, hyper = self._rows()
+                row, hyper = self._rows(self.steps)
             except NonFiniteUpdateError as exc:
                 failure = exc
         if self._dist is not None:  # the global batch: every rank's IDs; a failure stops all ranks
@@ -555,11 +560,42 @@ class _UpdateRows:
         self._pruner = ops.Pruner(self._snapshot, params, self._k, self._dtype, names=names) \
             if all(kernel_ready(p) for p in params) else None
 
-    def __call__(self):
+    def __call__(self, step: int):
         if self._pruner is not None:
             return self._pruner(refresh=True), None
         live = [as_float32_work(p) for p in self._params]
         return ops.prune_topk(self._snapshot, live, self._k, self._dtype, refresh=True, names=self._names), None
+
+
+class _DeviceUpdateRows:
+    """Update attribution on a device (and on the CPU where tests force the device path): the
+    float32 snapshot and the pruning stay on the device (ops.DevicePruner: pyunlearn._native_cuda,
+    or torch ops there); each step queues the pruning and the copy of its row to reused pinned
+    host buffers, and hands the writer a PendingRow (pyunlearn._transfer) whose event the writer
+    thread waits on. Nothing here waits for the device: a NaN or Inf update is reported by the
+    writer, at a later step. Device memory added: the snapshot (4 bytes per trainable parameter),
+    the row (8 or 6 bytes per kept entry), the pruning workspace, and, with the native kernels
+    only, a float32 copy of each parameter that is not contiguous float32 (half precision)."""
+
+    def __init__(self, params, store, names):
+        self._params = params
+        self._snapshot = [torch.empty(p.shape, dtype=torch.float32, device=p.device).copy_(p.detach())
+                          for p in params]
+        self._pruner = ops.DevicePruner(self._snapshot, self._snapshot, store.k, store.value_dtype, names=names)
+        # The native kernels read float32 in place; the torch ones convert each layer as they go.
+        self._work = None
+        if self._pruner.kernels == "native" and not all(kernel_ready(p) for p in params):
+            self._work = [None if kernel_ready(p) else torch.empty_like(s) for p, s in zip(params, self._snapshot)]
+        self._transfer = RowTransfer(store.row_length, len(store.layers), self._pruner.row.values.dtype,
+                                     self._pruner.device, names)
+
+    def __call__(self, step: int):
+        if self._work is None:
+            live = [p.detach() for p in self._params]
+        else:
+            live = [p.detach() if w is None else w.copy_(p.detach()) for p, w in zip(self._params, self._work)]
+        row, status = self._pruner(live, refresh=True)
+        return self._transfer.send(row, status, step), None
 
 
 class _GradientRows:
@@ -570,7 +606,7 @@ class _GradientRows:
         self._family, self._k, self._dtype, self._names = family, store.k, store.value_dtype, names
         self._zeros = [torch.zeros(layer.numel, dtype=torch.float32) for layer in store.layers]
 
-    def __call__(self):
+    def __call__(self, step: int):
         vectors = self._family.vectors()
         row = ops.prune_topk(self._zeros, vectors, self._k, self._dtype, refresh=False, names=self._names)
         return row, self._family.hyper()
@@ -617,7 +653,12 @@ class _BackgroundWriter:
                     continue
                 try:
                     for row, ids, hyper in item:
-                        self._store.append(row, ids, hyper)
+                        pending = row if type(row) is PendingRow else None
+                        if pending is not None:
+                            row = pending.wait()  # this thread waits for the device, never the training one
+                        self._store.append(row, ids, hyper)  # copies the row: its buffers can be reused
+                        if pending is not None:
+                            pending.release()
                         if self._flush_every_s is not None and \
                                 time.monotonic() - self._last_flush >= self._flush_every_s:
                             self._store.flush()
@@ -641,6 +682,8 @@ class _BackgroundWriter:
             self._thread.join()
 
     def raise_error(self) -> None:
+        if isinstance(self.error, NonFiniteUpdateError):  # found in the background on a device
+            raise NonFiniteUpdateError(f"recording stopped: {self.error}") from self.error
         if self.error is not None:
             raise RecorderError(f"writing to {self._store.path} failed: {self.error!r}; "
                                 "steps since the last flush are lost") from self.error

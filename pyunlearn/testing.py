@@ -110,21 +110,23 @@ class Recorded:
 def recorded_store(path, *, keep: float = 0.25, value_dtype: str = "float16", attribution: str = "update",
                    momentum: float = 0.9, optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
                    epochs: int = 2, n: int = 120, batch_size: int = 16, steps_per_chunk: int | None = None,
-                   seed: int = 0, storage_options=None, close: bool = False) -> Recorded:
+                   seed: int = 0, storage_options=None, close: bool = False, device="cpu") -> Recorded:
     """Trains a TinyNet (initialised after torch.manual_seed(seed); the data and the batch order
     keep tiny_data's and tiny_training's seed 0) on tiny_data(n) with tiny_training, recording
     every step into a new store at `path`.
 
     The optimizer is SGD(lr=0.1, momentum=momentum) over the trainable parameters, or
-    optimizer(trainable parameters) when given. The store is left open unless close=True."""
+    optimizer(trainable parameters) when given. The store is left open unless close=True. The
+    model and the data (`Recorded.data` too) are on `device`, the IDs on the CPU."""
     torch.manual_seed(seed)
-    model = TinyNet()
+    model = TinyNet().to(device)
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(trainable) if optimizer is not None else torch.optim.SGD(trainable, lr=0.1, momentum=momentum)
     store = UpdateStore.create(path, model, keep=keep, value_dtype=value_dtype, attribution=attribution,
                                steps_per_chunk=steps_per_chunk, storage_options=storage_options)
-    data = tiny_data(n)
+    ids, x, y = tiny_data(n)
+    data = (ids, x.to(device), y.to(device))
     with UpdateRecorder(model, opt, store) as rec:
         steps = tiny_training(model, opt, data, epochs=epochs, batch_size=batch_size, recorder=rec)
     if close:

@@ -7,14 +7,16 @@
 # 2. builds pyunlearn with its CUDA module (PYUNLEARN_CUDA=1 pip install -e .; a failed build
 #    stops the check: nothing else would mean anything);
 # 3. runs the CUDA kernel tests on the GPU (all of them, without -x: every failure is listed),
-#    then the rest of the suite with the CUDA cases on (pytest -x; S3 tests skip without moto,
-#    slow tests are excluded as in CI);
+#    then the device-path tests' CUDA cases (recording, forgetting, the methods and metrics with
+#    the model on the GPU, the ops device path against the CPU kernels, no stream synchronization
+#    while recording), then the rest of the suite with the CUDA cases on (pytest -x; S3 tests
+#    skip without moto, slow tests are excluded as in CI);
 # 4. runs benchmarks/bench_gpu.py.
-# Writes into OUTDIR: gpu_check.log (everything), pytest-cuda.log, pytest.log, bench.log,
+# Writes into OUTDIR: gpu_check.log (everything), pytest-cuda.log, pytest-device.log, pytest.log, bench.log,
 # gpu.json (the benchmark's results) and summary.txt (one line per step). Exit status 0 only if
 # every step passed. Each step has a time limit (seconds, overridable) so the whole check ends
-# within 8 minutes on an H200 (470 s at most): BUILD_LIMIT_S=120, CUDA_TEST_LIMIT_S=80,
-# TEST_LIMIT_S=150, BENCH_LIMIT_S=120.
+# within 9 minutes on an H200 (530 s at most): BUILD_LIMIT_S=120, CUDA_TEST_LIMIT_S=80,
+# DEVICE_TEST_LIMIT_S=60, TEST_LIMIT_S=150, BENCH_LIMIT_S=120.
 set -uo pipefail
 
 OUT="${1:?usage: bash scripts/gpu_check.sh OUTDIR}"
@@ -92,6 +94,18 @@ if [ "$rc" -eq 0 ] && ! grep -q "no CUDA device visible\|_native_cuda is not bui
     record cuda-tests ok $((SECONDS - t)) "$(tail -1 "$OUT/pytest-cuda.log")"
 else
     record cuda-tests FAIL $((SECONDS - t)) "rc=$rc (124: time limit); $(tail -1 "$OUT/pytest-cuda.log")"
+fi
+
+t=$SECONDS
+note "device-path tests on the GPU (their CUDA cases; the cpu-* cases run in the suite below and in CI)"
+timeout "${DEVICE_TEST_LIMIT_S:-60}" "$PY" -m pytest -q -rs -p no:cacheprovider -k "(cuda or gpu) and not emulated" \
+    tests/test_device_kernels.py tests/test_devices.py 2>&1 | tee "$OUT/pytest-device.log"
+rc=${PIPESTATUS[0]}
+# They must have run on the GPU: a skip for want of one counts as a failure here.
+if [ "$rc" -eq 0 ] && ! grep -q "no CUDA device visible" "$OUT/pytest-device.log"; then
+    record device-tests ok $((SECONDS - t)) "$(tail -1 "$OUT/pytest-device.log")"
+else
+    record device-tests FAIL $((SECONDS - t)) "rc=$rc (124: time limit); $(tail -1 "$OUT/pytest-device.log")"
 fi
 
 t=$SECONDS

@@ -48,6 +48,58 @@ def small_layer_limit(request, native):
             yield request.param
 
 
+@pytest.fixture(scope="session")
+def emulated_cuda(tmp_path_factory):
+    """pyunlearn._native_cuda's sources compiled for the CPU over csrc/cuda/emulate.h (each CUDA
+    thread a fiber): the same calls as the real module, on CPU pointers. Built once a session."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.fail("no C++ compiler to build the emulated CUDA kernels (the native build needs one too)")
+    path = cuda_build_helpers().build_emulated(tmp_path_factory.mktemp("cuda-emulated"))
+    spec = importlib.util.spec_from_file_location("_native_cuda_emu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.EMULATED
+    return module
+
+
+def _on_device(param, monkeypatch, request):
+    from pyunlearn.testing import DEVICES
+
+    if param == "cpu-emulated-cuda":
+        monkeypatch.setattr(ops, "_DEVICE_PATH_ON_CPU", True)
+        monkeypatch.setattr(ops, "_EMULATED_CUDA", request.getfixturevalue("emulated_cuda"))
+        return torch.device("cpu")
+    if param == "cuda":
+        if "cuda" not in DEVICES:
+            pytest.skip("no CUDA device visible to torch")
+        return torch.device("cuda")
+    if param == "cpu-device-path":
+        monkeypatch.setattr(ops, "_DEVICE_PATH_ON_CPU", True)
+    return torch.device("cpu")
+
+
+@pytest.fixture(params=["cpu", "cpu-device-path", "cpu-emulated-cuda", "cuda"])
+def device(request, monkeypatch):
+    """The device axis of the recorder and forgetting tests (pyunlearn.testing.DEVICES): "cpu"
+    (the native CPU kernels), "cuda" (skipped where torch sees no GPU), and two that run
+    everything around the CUDA-only calls here: "cpu-device-path", CPU tensors forced through
+    the device path with the torch kernels (reused buffers, the recorder's asynchronous hand-off
+    with a no-op event), and "cpu-emulated-cuda", the same with the native CUDA module's calls
+    (pointers, status, lent workspace) going to its CPU emulation. Returns the torch.device the
+    tensors go to."""
+    return _on_device(request.param, monkeypatch, request)
+
+
+@pytest.fixture(params=["cpu-device-path", "cpu-emulated-cuda", "cuda"])
+def device_path(request, monkeypatch):
+    """The device path alone (see `device`): for tests that compare it with the native CPU
+    kernels, which on "cpu" would be compared with themselves."""
+    return _on_device(request.param, monkeypatch, request)
+
+
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Equal dtype, shape and bytes (so -0.0 != 0.0 and NaN payloads count)."""
     if x.dtype != y.dtype or x.shape != y.shape:

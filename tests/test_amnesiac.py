@@ -11,13 +11,14 @@ from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 @pytest.fixture
-def recorded(tmp_path):
-    run = recorded_store(tmp_path / "s.zarr", keep=0.2, epochs=3)
+def recorded(tmp_path, device):
+    """A recorded TinyNet on each device of the `device` axis (conftest)."""
+    run = recorded_store(tmp_path / "s.zarr", keep=0.2, epochs=3, device=device)
     return run.model, run.store
 
 
 def _params(model):
-    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    return [p.detach().cpu().clone() for p in model.parameters() if p.requires_grad]
 
 
 def test_equals_a_pure_torch_computation_from_the_stored_rows(recorded):

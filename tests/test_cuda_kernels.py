@@ -12,8 +12,6 @@ Every test runs on two backends:
 """
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from pyunlearn import ops
 from pyunlearn.row import Row
 from pyunlearn.testing import resnet18_cifar_shapes
 
-from .conftest import assert_same_bits, cuda_build_helpers, misleading_layer
+from .conftest import assert_same_bits, misleading_layer
 from .strategies import step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +52,7 @@ class Backend:
 
 
 @pytest.fixture(scope="session", params=["cuda", "emulated"])
-def backend(request, tmp_path_factory):
+def backend(request):
     if request.param == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device visible to torch")
@@ -63,14 +61,7 @@ def backend(request, tmp_path_factory):
         except ImportError:
             pytest.skip("pyunlearn._native_cuda is not built (PYUNLEARN_CUDA=1 pip install -e .)")
         return Backend("cuda", _native_cuda, torch.device("cuda"), large=True)
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("no C++ compiler to build the emulated CUDA kernels")
-    path = cuda_build_helpers().build_emulated(tmp_path_factory.mktemp("cuda-emulated"))
-    spec = importlib.util.spec_from_file_location("_native_cuda_emu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.EMULATED
-    return Backend("emulated", module, torch.device("cpu"), large=False)
+    return Backend("emulated", request.getfixturevalue("emulated_cuda"), torch.device("cpu"), large=False)
 
 
 # ---- calls ---------------------------------------------------------------------------------------

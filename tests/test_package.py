@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pyunlearn
 
@@ -36,7 +37,10 @@ def test_selfcheck_command_reports_native_kernels():
     out = subprocess.run([sys.executable, "-m", "pyunlearn.cli", "selfcheck"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "kernels: native (" in out.stdout
-    assert out.stdout.count("bit for bit: yes") == 2
+    gpu = torch.cuda.is_available()  # then the same checks run on the GPU too
+    assert out.stdout.count("bit for bit: yes") == (4 if gpu else 2)
+    assert ("cuda: native kernels" in out.stdout or "cuda: torch kernels" in out.stdout) if gpu else \
+        "cuda: no GPU visible to torch" in out.stdout
 
 
 _FALLBACK = r"""

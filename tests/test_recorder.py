@@ -33,30 +33,33 @@ def _optimizers():
 
 
 @pytest.mark.parametrize("name", list(_optimizers()))
-def test_recording_does_not_change_training(tmp_path, name):
+def test_recording_does_not_change_training(tmp_path, name, device):
     make = _optimizers()[name]
-    plain = _model()
-    tiny_training(plain, make([p for p in plain.parameters() if p.requires_grad]), tiny_data())
-    recorded = recorded_store(tmp_path / "s.zarr", keep=0.1, optimizer=make).model
+    plain = _model().to(device)
+    ids, x, y = tiny_data()
+    tiny_training(plain, make([p for p in plain.parameters() if p.requires_grad]), (ids, x.to(device), y.to(device)))
+    recorded = recorded_store(tmp_path / "s.zarr", keep=0.1, optimizer=make, device=device).model
     for a, b in zip(plain.state_dict().values(), recorded.state_dict().values()):
         assert torch.equal(a, b)
 
 
-def test_dense_store_is_exact(tmp_path):
+def test_dense_store_is_exact(tmp_path, device):
     """keep=1, float32: the stored updates sum to θ_final − θ_initial, and forgetting every ID
     gives θ_initial back (to float rounding)."""
-    run = recorded_store(tmp_path / "s.zarr", keep=1.0, value_dtype="float32", steps_per_chunk=4, epochs=3)
-    model, store, steps, initial = run.model, run.store, run.steps, run.initial
+    run = recorded_store(tmp_path / "s.zarr", keep=1.0, value_dtype="float32", steps_per_chunk=4, epochs=3,
+                         device=device)
+    model, store, steps = run.model, run.store, run.steps
+    initial = {name: value.cpu() for name, value in run.initial.items()}
     assert store.steps == steps
     total = [torch.zeros(layer.shape) for layer in store.layers]
     pu.ops.subtract_sparse(total, store.read(np.arange(steps)), store.k, alpha=-1.0)
     for t, (name, p) in zip(total, ((n, p) for n, p in model.named_parameters() if p.requires_grad)):
-        torch.testing.assert_close(t, p.detach() - initial[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(t, p.detach().cpu() - initial[name], rtol=0, atol=1e-5)
     report = pu.amnesiac_forget(model, store, run.data[0])
     assert report.steps_removed == steps
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.detach(), initial[name], rtol=0, atol=1e-5)
+            torch.testing.assert_close(p.detach().cpu(), initial[name], rtol=0, atol=1e-5)
 
 
 def test_step_ids_and_gradient_accumulation(tmp_path):

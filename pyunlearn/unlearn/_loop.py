@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from .._model import trainable_parameters
+from .. import ops
+from .._model import one_device, trainable_parameters
 from .._validate import positive_int, positive_number
 from ..data import SampleSet
 from .partial import LayerwiseMask, check_keep
@@ -30,11 +31,30 @@ def check_data(arg: str, data) -> SampleSet:
     return data
 
 
+def model_device(model: torch.nn.Module, doing: str) -> torch.device:
+    """The device of all of `model`'s parameters (ValueError if they are on several, or on a
+    device pyunlearn does not run on): batches are moved there."""
+    device = one_device(model.named_parameters(), "model", doing)
+    ops.supports(device)
+    return device
+
+
+def to_device(batch, device: torch.device):
+    """A batch (tensors in nested tuples, None allowed) on `device`; the data sets stay on the host."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple):
+        return tuple(to_device(b, device) for b in batch)
+    return batch
+
+
 def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
              lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
              seed: int = 0, clip: float | None = None) -> UnlearnReport:
-    """SGD over `batches(generator)` (a fresh iterator each epoch) minimising `loss(batch)`."""
+    """SGD over `batches(generator)` (a fresh iterator each epoch, on the host) minimising
+    `loss(batch)`, each batch moved to the model's device."""
     epochs, lr = positive_int("epochs", epochs), positive_number("lr", lr)
+    device = model_device(model, method)
     keep = check_keep(keep)
     params = [p for _, p in trainable_parameters(model)]
     if not params:
@@ -48,6 +68,7 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     try:
         for _ in range(epochs):
             for batch in batches(generator):
+                batch = to_device(batch, device)
                 optimizer.zero_grad()
                 loss(batch).backward()
                 if clip is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import __version__, ops
-from .._model import Fingerprints, as_float32_work, fingerprint
+from .._model import Fingerprints, as_float32_work, fingerprint, one_device
 from ..attribution import coefficients
 from ..errors import CorruptStoreError, StoreError
 from ..ledger import Ledger, new_request_id, utc_now
@@ -50,6 +50,9 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
     are subtracted too, then those of this request; a step is never subtracted twice, and a
     model not on the timeline is refused. Pass no ids (`[]`) to only catch up. Stored rows
     holding NaN or Inf, or damaged or missing chunks, are refused and the model is left as it was.
+    The model may live on a GPU (all of it on one device): the rows are read on the host and
+    subtracted there, with the same bits as on the CPU; half-precision parameters are worked on
+    in float32 and rounded back.
 
     The ledger must describe a model that exists, whenever the process stops. With commit=True
     (default) the ledger is written once the model changed (if that write fails, the model is
@@ -71,6 +74,8 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
     if store.recorder is not None:
         raise StoreError(f"a recorder is recording into {store.path} through this handle: close it (rec.close()) "
                          "before forgetting, and continue training with a new recorder from the model forgetting returns")
+    if isinstance(model, torch.nn.Module):  # (check_model says what is wrong with anything else)
+        ops.supports(one_device(model.named_parameters(), "model", "forgetting"))
     with store.writing():  # the lock first: the ledger read below must be current
         params = store.check_model(model)
         wanted = np.unique(store.ids_for(ids, allow_empty=True))
@@ -157,8 +162,8 @@ class _Rollback:
             return
         saved, start = [], 0
         for w, k in zip(self._work, self._k):
-            positions = (rows.index[:, start : start + k].to(torch.int64).cumsum(1) - 1).reshape(-1)
-            saved.append((positions, w.view(-1)[positions]))
+            positions = (rows.index[:, start : start + k].to(torch.int64).cumsum(1) - 1).reshape(-1)  # on the host
+            saved.append((positions, w.view(-1)[positions.to(w.device)]))
             start += k
         self._saved.append(saved)
 
@@ -170,7 +175,7 @@ class _Rollback:
                 return
             for saved in reversed(self._saved):  # latest batch first: the earliest values win
                 for w, (positions, values) in zip(self._work, saved):
-                    w.view(-1)[positions] = values
+                    w.view(-1)[positions.to(w.device)] = values
 
     def change_norm(self) -> float:
         """L2 norm of the change, each entry counted once with its earliest saved value: by
@@ -188,12 +193,13 @@ class _Rollback:
             if count * 8 < w.numel():
                 flat = torch.cat(positions).numpy()
                 unique, first = np.unique(flat, return_index=True)  # first: the earliest batch's value
-                original = torch.cat(values)[torch.from_numpy(first)]
-                total += float(torch.linalg.vector_norm(w.view(-1)[torch.from_numpy(unique)] - original)) ** 2
+                original = torch.cat(values)[torch.from_numpy(first).to(w.device)]
+                total += float(torch.linalg.vector_norm(w.view(-1)[torch.from_numpy(unique).to(w.device)] - original)) ** 2
                 continue
             if buffer is None:
-                buffer = torch.zeros(max(t.numel() for t in self._work))
+                buffer = torch.zeros(max(t.numel() for t in self._work), device=w.device)
             diff = buffer[: w.numel()]
+            positions = [pos.to(w.device) for pos in positions]
             for pos, val in zip(reversed(positions), reversed(values)):  # the earliest saved value wins
                 diff[pos] = w.view(-1)[pos] - val
             total += float(torch.linalg.vector_norm(diff)) ** 2

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data import SampleSet
-from ._loop import UnlearnReport, check_data, optimise
+from ._loop import UnlearnReport, check_data, model_device, optimise
 
 
 def random_wrong_labels(y: torch.Tensor, classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -28,7 +28,7 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
         model.eval()
         try:
             with torch.no_grad():
-                classes = int(model(forget_data.x[:1]).shape[1])
+                classes = int(model(forget_data.x[:1].to(model_device(model, "label flip"))).shape[1])
         finally:
             model.train(was_training)
     if classes < 2:

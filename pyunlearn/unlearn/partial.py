@@ -28,12 +28,12 @@ class LayerwiseMask:
         self.optimizer = optimizer
         self._names = [name for name, _ in trainable_parameters(model)]
         self.k = ops.k_for([p.numel() for p in self.params], check_keep(keep))
-        self._zeros = [torch.zeros(p.numel(), dtype=torch.float32) for p in self.params]
+        self._zeros = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in self.params]
 
     def selection(self) -> list[torch.Tensor]:
-        """Per layer, the flat positions of the k largest |grad| (the native top-k kernel on
-        Δ = grad − 0). A parameter without a gradient selects nothing."""
-        grads = [p.grad.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous() if p.grad is not None else z
+        """Per layer, the flat positions of the k largest |grad| (the top-k kernel of the model's
+        device on Δ = grad − 0), on that device. A parameter without a gradient selects nothing."""
+        grads = [p.grad.detach().to(dtype=torch.float32).reshape(-1).contiguous() if p.grad is not None else z
                  for p, z in zip(self.params, self._zeros)]
         row = ops.prune_topk(self._zeros, grads, self.k, "float32", refresh=False, names=self._names)
         return [positions if p.grad is not None else positions[:0]
@@ -47,9 +47,9 @@ class LayerwiseMask:
             for p, (before, state_before), positions in zip(self.params, saved, chosen):
                 # The mask in the parameter's logical shape: positions count in row-major order,
                 # and torch.where works whatever the memory layout (channels_last, transposed).
-                frozen = torch.ones(p.numel(), dtype=torch.bool)
+                frozen = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
                 frozen[positions] = False
-                frozen = frozen.view(p.shape).to(p.device)
+                frozen = frozen.view(p.shape)
                 p.copy_(torch.where(frozen, before, p))
                 for name, now in self.optimizer.state.get(p, {}).items():
                     if not isinstance(now, torch.Tensor) or now.shape != p.shape:
