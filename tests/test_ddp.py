@@ -13,10 +13,26 @@ from pyunlearn.testing import TinyNet, recorded_store
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
 
+# Every worker tears down on every path, DDP's reducer (deleted by the caller) before the
+# process group it uses, then leaves without running C++ static destructors: torch 2.13 with
+# gloo sometimes aborts a rank at interpreter exit ("terminate called without an active
+# exception", ~1 run in 10, seen on the rank that never touches pyunlearn's native code) after
+# all work is done.
+_LEAVE = r"""
+def leave():
+    import gc
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+"""
+
 _WORKER = r"""
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 import pyunlearn as pu
 from pyunlearn.testing import TinyNet, tiny_data
+%(leave)s
 
 def worker(rank, world, path, port, fail):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -52,21 +68,12 @@ def worker(rank, world, path, port, fail):
     except pu.RecorderError as exc:
         print(f"rank {rank} stopped: {exc}", flush=True)
     finally:
-        # Tear down on every path, DDP's reducer before the process group it uses. Then leave
-        # without running C++ static destructors: torch 2.13 with gloo sometimes aborts a rank at
-        # interpreter exit ("terminate called without an active exception", ~1 run in 10, seen
-        # on the rank that never touches pyunlearn's native code) after all work is done.
         del ddp
-        import gc
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+        leave()
 
 if __name__ == "__main__":
     mp.spawn(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fail"), nprocs=2)
-""" % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH}
+""" % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH, "leave": _LEAVE}
 
 
 def _free_port() -> int:
@@ -129,6 +136,7 @@ _SECRETS_WORKER = r"""
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 import pyunlearn as pu
 from pyunlearn.testing import TinyNet
+""" + _LEAVE + r"""
 
 def worker(rank, path, port, same):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -153,12 +161,7 @@ def worker(rank, path, port, same):
         if rank == 0:
             store.close()
         del ddp
-        import gc
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+        leave()
 
 if __name__ == "__main__":
     mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "same"), nprocs=2)

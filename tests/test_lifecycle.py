@@ -44,17 +44,20 @@ class Year:
             for _ in range(2):
                 order = rng.permutation(len(keys))
                 for first in range(0, len(keys), 4):
-                    batch = [keys[i] for i in order[first:first + 4]]
-                    x = torch.stack([_sample(k)[0] for k in batch])
-                    y = torch.stack([_sample(k)[1] for k in batch])
-                    before = [p.detach().clone() for p in self.model.parameters()]
-                    rec.batch(batch)
-                    optimizer.zero_grad()
-                    torch.nn.functional.cross_entropy(self.model(x), y).backward()
-                    optimizer.step()
-                    self.updates.append([p.detach() - b for p, b in zip(self.model.parameters(), before)])
-                    self.batches.append(set(batch))
+                    self.step([keys[i] for i in order[first:first + 4]], optimizer, rec)
         return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def step(self, keys: list, optimizer, rec) -> None:
+        """One recorded step on `keys`, its update and batch kept."""
+        x = torch.stack([_sample(k)[0] for k in keys])
+        y = torch.stack([_sample(k)[1] for k in keys])
+        before = [p.detach().clone() for p in self.model.parameters()]
+        rec.batch(keys)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(self.model(x), y).backward()
+        optimizer.step()
+        self.updates.append([p.detach() - b for p, b in zip(self.model.parameters(), before)])
+        self.batches.append(set(keys))
 
     def request(self, keys: list[str]) -> None:
         self.removed |= {s for s, batch in enumerate(self.batches) if batch & set(keys)}
@@ -282,18 +285,6 @@ def test_training_on_a_forgotten_sample_again_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- the red team's cases
-def _step(year, keys, optimizer, rec):
-    x = torch.stack([_sample(k)[0] for k in keys])
-    y = torch.stack([_sample(k)[1] for k in keys])
-    before = [p.detach().clone() for p in year.model.parameters()]
-    rec.batch(keys)
-    optimizer.zero_grad()
-    torch.nn.functional.cross_entropy(year.model(x), y).backward()
-    optimizer.step()
-    year.updates.append([p.detach() - b for p, b in zip(year.model.parameters(), before)])
-    year.batches.append(set(keys))
-
-
 def test_training_on_from_a_pending_deletion_confirms_it(tmp_path):
     year = Year(tmp_path / "s.zarr")
     year.train([f"u{i}" for i in range(8)], seed=0)
@@ -314,7 +305,7 @@ def test_a_deletion_trained_on_cannot_be_undone(tmp_path):
     report = pu.amnesiac_forget(year.model, year.store, ["u3"])
     optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
     rec = pu.UpdateRecorder(year.model, optimizer, year.store)
-    _step(year, ["w1"], optimizer, rec)
+    year.step(["w1"], optimizer, rec)
     rec.flush()
     with pytest.raises(pu.StoreError, match="can no longer be undone"):
         year.store.record_deletion(report.ledger_before, replacing=report.ledger_after)
@@ -327,14 +318,14 @@ def test_a_checkpoint_from_before_a_deletion_cannot_resume_training(tmp_path):
     optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
     rec = pu.UpdateRecorder(year.model, optimizer, year.store)
     for i in range(4):
-        _step(year, [f"u{i}"], optimizer, rec)
+        year.step([f"u{i}"], optimizer, rec)
     state, before = rec.state_dict(), {k: v.clone() for k, v in year.model.state_dict().items()}
     rec.close()
     pu.amnesiac_forget(year.model, year.store, ["u1"])
     after = {k: v.clone() for k, v in year.model.state_dict().items()}
     optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
     rec = pu.UpdateRecorder(year.model, optimizer, year.store)
-    _step(year, ["u7"], optimizer, rec)
+    year.step(["u7"], optimizer, rec)
     rec.flush()
     rec.remove()  # the run stops (a crash after the flush)
     old = _model(before)
@@ -398,7 +389,7 @@ def test_forgetting_through_a_handle_a_recorder_writes_is_refused(tmp_path):
     year.train([f"u{i}" for i in range(8)], seed=0)
     optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
     with pu.UpdateRecorder(year.model, optimizer, year.store) as rec:
-        _step(year, ["w1"], optimizer, rec)
+        year.step(["w1"], optimizer, rec)
         with pytest.raises(pu.StoreError, match="close it"):
             pu.amnesiac_forget(year.model, year.store, ["u1"])
         with pytest.raises(pu.StoreError, match="rec.close"):
