@@ -77,6 +77,7 @@ class StoreArrays:
     def __init__(self, zstore, group, meta: StoreMetadata, where: str):
         self._where, self._check_presence = where, meta.chunks_always_written
         self._group, self._compression = group, meta.compression
+        self._forgotten = None  # forgotten_ids, opened at the first use
         try:
             # Chunks equal to the fill value are written too: a missing chunk then always means
             # damage (see _chunks.py), never "all zeros".
@@ -126,15 +127,19 @@ class StoreArrays:
 
     def write_forgotten(self, start: int, ids: np.ndarray) -> None:
         """Writes a request's IDs at [start, start + len(ids)) of forgotten_ids (made at the first
-        request), before the ledger record that points there is committed."""
-        if FORGOTTEN not in self._group:
-            self._group.create_array(FORGOTTEN, shape=(0,), dtype=np.int64, chunks=(IDS_PER_INNER_CHUNK,),
-                                     fill_value=0, dimension_names=("id",), config={"write_empty_chunks": True},
-                                     compressors=codecs(8, self._compression))
-        arr = self._group[FORGOTTEN].with_config({"write_empty_chunks": True})
+        request), before the ledger record that points there is committed. The array grows by
+        doubling, so most requests write one chunk and no metadata; its extent is the ledger's."""
+        if self._forgotten is None:
+            if FORGOTTEN not in self._group:
+                self._group.create_array(FORGOTTEN, shape=(IDS_PER_INNER_CHUNK,), dtype=np.int64,
+                                         chunks=(IDS_PER_INNER_CHUNK,), fill_value=0, dimension_names=("id",),
+                                         compressors=codecs(8, self._compression))
+            self._forgotten = self._group[FORGOTTEN].with_config({"write_empty_chunks": True})
+        arr = self._forgotten
+        if start + ids.size > arr.shape[0]:
+            arr.resize((max(2 * arr.shape[0], start + ids.size),))
         if ids.size:
-            arr.resize((start + ids.size,))
-            arr[start:] = ids
+            arr[start:start + ids.size] = ids
 
     def forgotten(self, ranges: list[tuple[int, int]]) -> np.ndarray:
         """The sorted unique IDs in `ranges` of forgotten_ids."""
@@ -142,7 +147,7 @@ class StoreArrays:
         if not ranges:
             return np.empty(0, np.int64)
         try:
-            arr = self._group[FORGOTTEN]
+            arr = self._forgotten if self._forgotten is not None else self._group[FORGOTTEN]
         except KeyError:
             raise CorruptStoreError(f"{self._where}: the ledger lists deletion requests but the array "
                                     f"{FORGOTTEN} is missing; restore the store from a copy") from None

@@ -84,10 +84,11 @@ class UpdateStore:
             group = zarr.open_group(self._zstore, mode="r" if self._read_only else "r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreNotFoundError(f"no update store at {self._where}: create one with UpdateStore.create") from exc
-        self._group = group
-        self._meta = StoreMetadata.from_attrs(dict(group.attrs), self._where)
-        self._data = StoreArrays(self._zstore, group, self._meta, self._where)
-        self._ids = IdLookup(group, self._meta, self._data)
+        meta = StoreMetadata.from_attrs(dict(group.attrs), self._where)
+        if meta != getattr(self, "_meta", None):  # else nothing was committed since: the open arrays serve
+            self._data = StoreArrays(self._zstore, group, meta, self._where)
+            self._ids = IdLookup(group, meta, self._data)
+        self._group, self._meta = group, meta
 
     # ----------------------------------------------------------------- facts
     path = property(lambda self: self._where)
@@ -115,9 +116,9 @@ class UpdateStore:
     # ----------------------------------------------------------------- writing
     @contextmanager
     def writing(self):
-        """A write session: takes the writer lock (StoreLockedError if another writer holds it),
-        re-reads what is on disk, and at the end flushes and releases the lock if it took it.
-        Changes made inside see and extend the latest committed state, never a stale copy."""
+        """A write session: takes the writer lock (StoreLockedError if another writer holds it) and
+        re-reads what is on disk, so changes inside extend the latest commit; at the end flushes
+        and releases the lock if it took it."""
         took = self._take_lock()
         try:
             yield self
@@ -254,8 +255,7 @@ class UpdateStore:
         """The IDs of every deletion request in effect (sorted): training must not use them again."""
         return self._data.forgotten(self.ledger.forgotten_ranges())
 
-    def release(self) -> None:
-        """Flushes and gives up the writer lock; the next change takes it again (and re-reads)."""
+    def release(self) -> None:  # flushes and gives up the lock; the next change takes it again (and re-reads)
         try:
             self.flush()
         finally:
