@@ -12,7 +12,7 @@ the parameters before the next step changes them); compression and I/O run in a 
 writer fed through a bounded queue, so a slow disk slows training rather than filling memory.
 For a model on a GPU the pruning is queued on the device and only the pruned row is copied to
 the host, asynchronously: the writer thread waits for it, never the training thread
-(_DeviceUpdateRows, pyunlearn._transfer).
+(DeviceUpdateRows, pyunlearn._transfer).
 The writer flushes the store every `flush_every_s` seconds; `rec.flush()` (and
 `rec.state_dict()`, which flushes) makes every recorded step durable at once.
 
@@ -22,29 +22,28 @@ family follows), and that a store which already had steps is continued from the 
 steps end with (resume rules: `load_state_dict`). A refused step has not run.
 
 Parts: UpdateRecorder (the hooks and the IDs declared per step) delegates each step to a role:
-_WritingRole (prunes a row, hands it to a _BackgroundWriter) or, on a DDP rank that does not
-write, _FollowerRole (only takes part in gathering the IDs). A row comes from _UpdateRows (Δθ
-against a snapshot, on the CPU), _DeviceUpdateRows (the same on a device) or _GradientRows (the
+_WritingRole (prunes a row, hands it to a BackgroundWriter) or, on a DDP rank that does not
+write, FollowerRole (only takes part in gathering the IDs). A row comes from UpdateRows (Δθ
+against a snapshot, on the CPU), DeviceUpdateRows (the same on a device) or GradientRows (the
 optimizer family's vectors, pyunlearn.attribution).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import queue
-import threading
-import time
 import warnings
 
 import numpy as np
 import torch
 
-from . import attribution, keys, ops
-from ._ids import as_ids
+from . import attribution, ops
+from ._background_writer import BackgroundWriter
+from ._continuation import ResumeRefused, deletions_not_applied, refuse_forgotten, seen_on_timeline, settle_pending
+from ._distributed import STATE_MISMATCH, Distributed, FollowerRole
 from ._format import ResumePoint
-from ._model import Fingerprints, as_float32_work, fingerprint, kernel_ready, one_device, same_model
-from ._transfer import PendingRow, RowTransfer
-from ._validate import int_in_range, positive_int
+from ._model import Fingerprints, one_device, same_model
+from ._row_sources import DeviceUpdateRows, GradientRows, UpdateRows
+from ._validate import positive_int
 from .errors import ModelMismatchError, NonFiniteUpdateError, RecorderError
 from .store import UpdateStore
 
@@ -52,11 +51,6 @@ __all__ = ["UpdateRecorder", "RecorderError"]
 
 STATE_FORMAT = "pyunlearn.recorder-state"
 STATE_VERSION = 1
-
-
-class _ResumeRefused(RecorderError):
-    """The store has steps and the model is not the one they end with (recoverable: load the
-    checkpoint's recorder state, or truncate the store, and step again)."""
 
 
 class _TrainingChanged(RecorderError):
@@ -89,9 +83,9 @@ class UpdateRecorder:
         flush_every_s = _seconds_or_none("flush_every_s", flush_every_s)
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's and Lightning's wrappers: hook the torch optimizer
         model = unwrap_model(model)  # DDP, torch.compile: the store names the module's own parameters
-        dist = _Distributed.current(writer_rank)
+        dist = Distributed.current(writer_rank)
         if dist is not None and not dist.writes:
-            self._role = _FollowerRole(model, dist)
+            self._role = FollowerRole(model, dist)
         else:
             self._role = _WritingRole(model, optimizer, store, dist, rows_per_handoff=rows_per_handoff,
                                       queue_size=queue_size, flush_every_s=flush_every_s)
@@ -227,56 +221,6 @@ class UpdateRecorder:
         self.remove()
 
 
-class _FollowerRole:
-    """A DDP rank that does not write: under DDP every rank holds the same parameters after a
-    step, so only the writer rank prunes and writes; this one takes part in gathering the
-    batch IDs, and raises with every other rank when the writer reports a failure."""
-
-    def __init__(self, model, dist: "_Distributed"):
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._dist = dist
-        self.steps = 0
-        self._forgotten = np.empty(0, np.int64)
-
-    def share_keys(self, dist: "_Distributed") -> None:
-        hasher = keys.KeyHasher.resolve()
-        self._forgotten = dist.agree_on_keys(None if hasher is None else hasher.check, None)
-
-    def ids_for(self, values) -> np.ndarray:
-        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the
-        same; share_keys checked that as recording started)."""
-        ids = keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
-        return _refuse_forgotten(ids, self._forgotten)
-
-    def before_step(self) -> None:
-        pass  # the writer's error reaches this rank through the gather
-
-    def after_step(self, ids: np.ndarray) -> None:
-        self._dist.gather(ids, None)
-
-    def hand_off(self, recorded: None) -> None:
-        pass
-
-    def flush(self, mark: bool) -> int:
-        return self.steps
-
-    def fingerprint_at(self, steps: int) -> str:
-        return fingerprint(self._params)
-
-    def load_state(self, steps: int, model_fingerprint: str) -> int:
-        if not same_model(self._params, model_fingerprint):
-            raise ModelMismatchError(_STATE_MISMATCH)
-        self.steps = steps
-        return 0  # the writer rank truncates the store
-
-    def close(self, mark_final: bool) -> None:
-        pass
-
-
-_STATE_MISMATCH = ("the model is not the one this recorder state was saved with: the state belongs to another "
-                   "checkpoint. Load the model (and the optimizer) from the checkpoint the state was saved in, "
-                   "then the state")
-
 
 class _WritingRole:
     """The rank that records: checks the model, optimizer and store once, re-checks them
@@ -321,7 +265,7 @@ class _WritingRole:
         self._resume_pending = store.steps > 0
         self._deferred: RecorderError | None = None  # under DDP: a refusal raised through the gather
         self._rows = self._make_rows()
-        self._writer = _BackgroundWriter(
+        self._writer = BackgroundWriter(
             store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size,
             flush_every_s)
         store.recorder = self  # forgetting and mark_final through this handle wait for close()
@@ -329,18 +273,18 @@ class _WritingRole:
     def ids_for(self, values) -> np.ndarray:
         """A batch's IDs, keys mapped with the store's secret; refused if a deletion request asked
         for any of them (training on them again would undo the deletion)."""
-        return _refuse_forgotten(self._store.ids_for(values, recording=True), self._forgotten)
+        return refuse_forgotten(self._store.ids_for(values, recording=True), self._forgotten)
 
-    def share_keys(self, dist: "_Distributed") -> None:
+    def share_keys(self, dist: "Distributed") -> None:
         check = self._store.metadata.key_check or self._store.keys.check()
         dist.agree_on_keys(check, self._forgotten)
 
     def _make_rows(self):
         if self._family is not None:
-            return _GradientRows(self._family(self._optimizer, self._params), self._store, self._names)
+            return GradientRows(self._family(self._optimizer, self._params), self._store, self._names)
         if ops._device_path(self._params[0].device):
-            return _DeviceUpdateRows(self._params, self._store, self._names)
-        return _UpdateRows(self._params, self._store, self._names)
+            return DeviceUpdateRows(self._params, self._store, self._names)
+        return UpdateRows(self._params, self._store, self._names)
 
     # ----------------------------------------------------------------- per step
     def before_step(self) -> None:
@@ -399,12 +343,12 @@ class _WritingRole:
                     "recording stopped and close() will not mark a final model")
         return None
 
-    def _settle_resume(self) -> "_ResumeRefused | None":
+    def _settle_resume(self) -> "ResumeRefused | None":
         """For a store that had steps when recording started: accepts the model if it is the
         one they end with (then the recorder starts from it), or says what to do."""
         store = self._store
         n, model = store.steps, Fingerprints(self._params)  # stored values may use an older algorithm
-        if _settle_pending(store, model):
+        if settle_pending(store, model):
             self._forgotten = store.forgotten_ids()  # an undone deletion's samples are not forgotten
         point = store.metadata.resume_point
         if n == 0:
@@ -415,15 +359,15 @@ class _WritingRole:
             accepted = (point is not None and point.steps == n and (point.fingerprint == "" or
                                                                    model.matches(point.fingerprint))) or \
                 (point is None and store.final_steps == n and model.matches(store.final_fingerprint))
-            seen = None if accepted else _seen_on_timeline(store, model, n)
+            seen = None if accepted else seen_on_timeline(store, model, n)
             if seen is not None:  # a model of the timeline at this step, e.g. an older checkpoint caught up
-                behind = _deletions_not_applied(store, ResumePoint(n, "", seen))
+                behind = deletions_not_applied(store, ResumePoint(n, "", seen))
                 if behind is not None:
                     return behind
                 store.mark_resume_point(self._model, steps=n)
                 point, accepted = store.metadata.resume_point, True
         if accepted:
-            behind = _deletions_not_applied(store, point)
+            behind = deletions_not_applied(store, point)
             if behind is not None:
                 return behind
             self._resumed(n)
@@ -437,7 +381,7 @@ class _WritingRole:
                      "written by a run that neither flushed nor closed its recorder)")
         else:
             known = " (it knows no model to continue from: the run that wrote it neither flushed nor closed its recorder)"
-        return _ResumeRefused(
+        return ResumeRefused(
             f"{store.path} already holds {n} steps, and this model is not the one they end with{known}. Is training "
             "resuming from an earlier checkpoint? This step did not run. Load the recorder state saved with that "
             "checkpoint: rec.load_state_dict(ckpt[\"recorder\"]) (or UpdateRecorder(..., state=ckpt[\"recorder\"])), "
@@ -497,8 +441,8 @@ class _WritingRole:
         store.flush()
         model = Fingerprints(self._params)  # one hash per algorithm for every comparison below
         if not model.matches(model_fingerprint):
-            raise ModelMismatchError(_STATE_MISMATCH)
-        if _settle_pending(store, model):
+            raise ModelMismatchError(STATE_MISMATCH)
+        if settle_pending(store, model):
             self._forgotten = store.forgotten_ids()
         n = store.steps
         if n < steps:
@@ -527,7 +471,7 @@ class _WritingRole:
                     "model it produced. Resume from that model's checkpoint, or bring this one up to date first: "
                     "pyunlearn.amnesiac_forget(model, store, [])")
             store.truncate(steps)
-        behind = _deletions_not_applied(store, store.metadata.resume_point)
+        behind = deletions_not_applied(store, store.metadata.resume_point)
         if behind is not None:
             raise behind
         store.mark_resume_point(self._model, steps=steps)
@@ -544,197 +488,6 @@ class _WritingRole:
             # store's steps end with, is not the final model.
             if mark_final and (not self._resume_pending or self._settle_resume() is None):
                 self._store.mark_final(self._model)
-
-
-class _UpdateRows:
-    """Update attribution: each step's Δθ against a float32 snapshot, pruned (refreshing the
-    snapshot)."""
-
-    def __init__(self, params, store, names):
-        self._params, self._k, self._dtype, self._names = params, store.k, store.value_dtype, names
-        self._snapshot = [p.detach().to(torch.float32).contiguous().clone() for p in params]
-        # Parameters the kernel can read in place get a prepared pruner, over the parameters
-        # themselves (not detached views: `param.data = ...` then moves their storage address,
-        # which the pruner notices). Others (half precision, channels_last) are copied to
-        # float32 each step and go through the checked call.
-        self._pruner = ops.Pruner(self._snapshot, params, self._k, self._dtype, names=names) \
-            if all(kernel_ready(p) for p in params) else None
-
-    def __call__(self, step: int):
-        if self._pruner is not None:
-            return self._pruner(refresh=True), None
-        live = [as_float32_work(p) for p in self._params]
-        return ops.prune_topk(self._snapshot, live, self._k, self._dtype, refresh=True, names=self._names), None
-
-
-class _DeviceUpdateRows:
-    """Update attribution on a device (and on the CPU where tests force the device path): the
-    float32 snapshot and the pruning stay on the device (ops.DevicePruner: pyunlearn._native_cuda,
-    or torch ops there); each step queues the pruning and the copy of its row to reused pinned
-    host buffers, and hands the writer a PendingRow (pyunlearn._transfer) whose event the writer
-    thread waits on. Nothing here waits for the device: a NaN or Inf update is reported by the
-    writer, at a later step. Device memory added: the snapshot (4 bytes per trainable parameter),
-    the row (8 or 6 bytes per kept entry), the pruning workspace, and, with the native kernels
-    only, a float32 copy of each parameter that is not contiguous float32 (half precision)."""
-
-    def __init__(self, params, store, names):
-        self._params = params
-        self._snapshot = [torch.empty(p.shape, dtype=torch.float32, device=p.device).copy_(p.detach())
-                          for p in params]
-        self._pruner = ops.DevicePruner(self._snapshot, self._snapshot, store.k, store.value_dtype, names=names)
-        # The native kernels read float32 in place; the torch ones convert each layer as they go.
-        self._work = None
-        if self._pruner.kernels == "native" and not all(kernel_ready(p) for p in params):
-            self._work = [None if kernel_ready(p) else torch.empty_like(s) for p, s in zip(params, self._snapshot)]
-        self._transfer = RowTransfer(store.row_length, len(store.layers), self._pruner.row.values.dtype,
-                                     self._pruner.device, names)
-
-    def __call__(self, step: int):
-        if self._work is None:
-            live = [p.detach() for p in self._params]
-        else:
-            live = [p.detach() if w is None else w.copy_(p.detach()) for p, w in zip(self._params, self._work)]
-        row, status = self._pruner(live, refresh=True)
-        return self._transfer.send(row, status, step), None
-
-
-class _GradientRows:
-    """Gradient attribution: the optimizer family's vectors for this step, pruned, and the
-    step's hyper-parameters (pyunlearn.attribution)."""
-
-    def __init__(self, family: attribution.OptimizerFamily, store, names):
-        self._family, self._k, self._dtype, self._names = family, store.k, store.value_dtype, names
-        self._zeros = [torch.zeros(layer.numel, dtype=torch.float32) for layer in store.layers]
-
-    def __call__(self, step: int):
-        vectors = self._family.vectors()
-        row = ops.prune_topk(self._zeros, vectors, self._k, self._dtype, refresh=False, names=self._names)
-        return row, self._family.hyper()
-
-
-_STOP = object()
-
-
-class _BackgroundWriter:
-    """A thread that appends rows to the store. Rows arrive in hand-offs of several rows
-    through a bounded queue (back-pressure: a slow disk slows training). Every `flush_every_s`
-    seconds (if not None) the training thread hands over what it holds and the writer flushes
-    the store after its next append. After an error it keeps draining, so the training thread
-    never blocks on a dead writer; the error is re-raised in the training thread by raise_error()."""
-
-    def __init__(self, store: UpdateStore, handoff_rows: int, queue_size: int, flush_every_s: float | None):
-        self._store, self._handoff_rows, self._flush_every_s = store, handoff_rows, flush_every_s
-        self._outgoing: list[tuple] = []
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.error: BaseException | None = None
-        self._last_handoff = self._last_flush = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="pyunlearn-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, item: tuple) -> None:
-        self._outgoing.append(item)
-        if len(self._outgoing) >= self._handoff_rows or (
-                self._flush_every_s is not None and time.monotonic() - self._last_handoff >= self._flush_every_s):
-            self._hand_off()
-
-    def _hand_off(self) -> None:
-        if self._outgoing:
-            self._queue.put(self._outgoing)  # blocks while the writer is behind
-            self._outgoing = []
-        self._last_handoff = time.monotonic()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                if self.error is not None:
-                    continue
-                try:
-                    for row, ids, hyper in item:
-                        pending = row if type(row) is PendingRow else None
-                        if pending is not None:
-                            row = pending.wait()  # this thread waits for the device, never the training one
-                        self._store.append(row, ids, hyper)  # copies the row: its buffers can be reused
-                        if pending is not None:
-                            pending.release()
-                        if self._flush_every_s is not None and \
-                                time.monotonic() - self._last_flush >= self._flush_every_s:
-                            self._store.flush()
-                            self._last_flush = time.monotonic()
-                except BaseException as exc:  # re-raised in the training thread
-                    self.error = exc
-            finally:
-                self._queue.task_done()
-
-    def drain(self) -> None:
-        """Hands off what is left and waits until the writer appended everything (or failed)."""
-        self._hand_off()
-        self._queue.join()
-
-    def stop(self) -> None:
-        """Hands off what is left and waits until everything was written (or failed)."""
-        try:
-            self._hand_off()
-        finally:
-            self._queue.put(_STOP)
-            self._thread.join()
-
-    def raise_error(self) -> None:
-        if isinstance(self.error, NonFiniteUpdateError):  # found in the background on a device
-            raise NonFiniteUpdateError(f"recording stopped: {self.error}") from self.error
-        if self.error is not None:
-            raise RecorderError(f"writing to {self._store.path} failed: {self.error!r}; "
-                                "steps since the last flush are lost") from self.error
-
-
-def _refuse_forgotten(ids: np.ndarray, forgotten: np.ndarray) -> np.ndarray:
-    """`ids`, or RecorderError if a deletion request asked for any of them (training on them
-    again would undo the deletion)."""
-    if forgotten.size:
-        again = ids[np.isin(ids, forgotten)]
-        if again.size:
-            raise RecorderError(
-                f"this batch holds {again.size} sample(s) whose deletion was requested (IDs {again[:5].tolist()}"
-                f"{' ...' if again.size > 5 else ''}): training on them again would undo the deletion. Remove them "
-                "from the training data; this batch was not declared")
-    return ids
-
-
-def _settle_pending(store: UpdateStore, model: Fingerprints) -> bool:
-    """A deletion still pending (its model being saved when the process stopped) is settled by
-    the model training continues from: confirmed if it is the deletion's result, undone if it
-    is the model before it, so that the ledger and the resume point name the model on disk.
-    Until then its samples count as forgotten. Returns whether it settled one."""
-    ledger = store.ledger
-    settled = ledger.settled_for_training(model)
-    if settled is not ledger:
-        store.record_deletion(settled, replacing=ledger)
-    return settled is not ledger
-
-
-def _seen_on_timeline(store: UpdateStore, model: Fingerprints, steps: int) -> int | None:
-    """How many ledger records the model has seen, if it is on the store's timeline after
-    `steps` steps; None if it is not."""
-    ledger = store.ledger
-    seen = [ledger.models[i].requests for i in ledger.valid_models()
-            if ledger.models[i].steps == steps and model.matches(ledger.models[i].fingerprint)]
-    return max(seen) if seen else None
-
-
-def _deletions_not_applied(store: UpdateStore, point) -> "_ResumeRefused | None":
-    """Training must not go on from a model that still holds steps a deletion removed (one made
-    from an older model on the timeline, after this one): it would keep the deleted samples."""
-    if point is None:
-        return None
-    behind = store.ledger.unseen_steps(point.requests, point.steps)
-    if not behind.size:
-        return None
-    return _ResumeRefused(
-        f"{store.path}: deletion requests came in after this model was made, and it still holds {behind.size} of the "
-        "steps they removed; training must not go on from it. Bring it up to date first: "
-        "pyunlearn.amnesiac_forget(model, store, []) (then resume from the model it returns)")
 
 
 def _optimizer_param_ids(optimizer) -> list[int]:
@@ -814,47 +567,3 @@ def unwrap_model(model):
         else:
             return model
     return model
-
-
-class _Distributed:
-    """What the recorder needs of torch.distributed: whether this rank writes, and a gather of
-    each rank's batch IDs that also carries the writer's failure to every rank, so that no rank
-    waits in a collective for a writer that has stopped."""
-
-    def __init__(self, rank: int, world: int, writer_rank: int):
-        self.rank, self.world, self.writer_rank = rank, world, writer_rank
-        self.writes = rank == writer_rank
-
-    @classmethod
-    def current(cls, writer_rank: int) -> "_Distributed | None":
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return None
-        world = dist.get_world_size()
-        return cls(dist.get_rank(), world, int_in_range("writer_rank", writer_rank, 0, world - 1))
-
-    def gather(self, ids: np.ndarray, failure: BaseException | None) -> np.ndarray:
-        import torch.distributed as dist
-
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (ids, None if failure is None else repr(failure)))
-        failures = [f for _, f in gathered if f is not None]
-        if failures:
-            raise RecorderError(f"recording stopped on the writer rank ({failures[0]}); every rank stops with it")
-        return np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered])
-
-    def agree_on_keys(self, key_check: str | None, forgotten: np.ndarray | None) -> np.ndarray:
-        """Once, as recording starts: every rank's secret (its check value) must be the same, or
-        every rank raises together; returns the writer's forgotten IDs, which each rank checks
-        its own batches against."""
-        import torch.distributed as dist
-
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (key_check, forgotten))
-        checks = {check for check, _ in gathered if check is not None}
-        if len(checks) > 1:
-            raise RecorderError("the DDP ranks map keys with different secrets: their samples would be recorded under "
-                                "IDs no lookup finds. Give every rank the store's secret (PYUNLEARN_SECRET or "
-                                "PYUNLEARN_SECRET_FILE)")
-        return gathered[self.writer_rank][1]
