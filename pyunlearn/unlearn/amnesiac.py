@@ -19,6 +19,7 @@ from ..attribution import coefficients
 from ..errors import CorruptStoreError
 from ..ledger import Ledger
 from ..store import UpdateStore
+from .buffers import warn_stale_buffers
 
 
 READ_BATCH_BYTES = 256 << 20
@@ -91,6 +92,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, commit: 
                     if w is not p and w.data_ptr() != p.data_ptr():
                         p.copy_(w.view_as(p))
                 raise
+    warn_stale_buffers(model, "amnesiac_forget")
     return ForgetReport(
         steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from ..data import SampleSet
 from ._loop import UnlearnReport, check_data, optimise
+from .buffers import warn_stale_buffers
 
 
 def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float | None = None, *,
@@ -40,7 +41,9 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
             value = value + retain_weight * F.cross_entropy(model(retained[1]), retained[2])
         return value
 
-    return optimise(model, "gradient ascent", batches, loss, epochs=epochs, lr=lr, keep=keep, seed=seed, clip=clip)
+    report = optimise(model, "gradient ascent", batches, loss, epochs=epochs, lr=lr, keep=keep, seed=seed, clip=clip)
+    warn_stale_buffers(model, "gradient_ascent")  # it trained, in train mode, on forget batches
+    return report
 
 
 def _cycle(data, first, batch_size, generator):

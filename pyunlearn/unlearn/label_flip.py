@@ -6,6 +6,7 @@ from torch.nn import functional as F
 
 from ..data import SampleSet
 from ._loop import UnlearnReport, check_data, optimise
+from .buffers import warn_stale_buffers
 
 
 def random_wrong_labels(y: torch.Tensor, classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -41,5 +42,7 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
         relabelled = SampleSet(forget_data.ids, forget_data.x, flipped)
         return relabelled.batches(batch_size, generator=generator)
 
-    return optimise(model, "label flip", batches, lambda b: F.cross_entropy(model(b[1]), b[2]),
-                    epochs=epochs, lr=lr, keep=keep, seed=seed)
+    report = optimise(model, "label flip", batches, lambda b: F.cross_entropy(model(b[1]), b[2]),
+                      epochs=epochs, lr=lr, keep=keep, seed=seed)
+    warn_stale_buffers(model, "label_flip")  # it trained, in train mode, on forget batches
+    return report
