@@ -2,6 +2,7 @@
 plain or layer-wise partial optimizer step."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,28 @@ class UnlearnReport:
     keep: float | None  # None: naive (every entry may change)
     steps: int
     seconds: float
+    stopped: str | None = None  # why training ended before its epochs: the step budget or the guard
+
+
+class RetainGuard:
+    """Stops an unlearning run before it collapses the model: every `every` steps, accuracy on a
+    fixed probe of up to `samples` retained samples (drawn under `seed`) is compared with its
+    value before the run; once it has fallen more than `max_drop` points, the model (parameters
+    and buffers) is put back to the last check that passed, and the run stops."""
+
+    def __init__(self, data: SampleSet, *, max_drop: float, every: int, samples: int, seed: int):
+        data = check_data("retain_data", data)
+        self.max_drop = positive_number("max_retain_drop", max_drop)
+        self.every = positive_int("guard_every", every)
+        samples = positive_int("guard_samples", samples)
+        if samples < len(data):
+            data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples])
+        self.probe = data
+
+    def accuracy(self, model) -> float:
+        from ..metrics import accuracy
+
+        return accuracy(model, self.probe)
 
 
 def check_data(arg: str, data) -> SampleSet:
@@ -32,9 +55,13 @@ def check_data(arg: str, data) -> SampleSet:
 
 def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
              lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
-             seed: int = 0, clip: float | None = None) -> UnlearnReport:
-    """SGD over `batches(generator)` (a fresh iterator each epoch) minimising `loss(batch)`."""
+             seed: int = 0, clip: float | None = None, max_steps: int | None = None,
+             guard: RetainGuard | None = None) -> UnlearnReport:
+    """SGD over `batches(generator)` (a fresh iterator each epoch) minimising `loss(batch)`, for
+    `epochs` epochs or `max_steps` steps, whichever ends first, and stopped early by `guard`."""
     epochs, lr = positive_int("epochs", epochs), positive_number("lr", lr)
+    if max_steps is not None:
+        max_steps = positive_int("max_steps, if not None,", max_steps)
     keep = check_keep(keep)
     params = [p for _, p in trainable_parameters(model)]
     if not params:
@@ -42,9 +69,24 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     mask = LayerwiseMask(model, optimizer, keep) if keep is not None else None
     generator = torch.Generator().manual_seed(seed)
-    start, steps = time.perf_counter(), 0
+    start, steps, stopped = time.perf_counter(), 0, None
+    floor = last_good = None
+    if guard is not None:
+        floor = guard.accuracy(model) - guard.max_drop
+        last_good = copy.deepcopy(model.state_dict())
     was_training = model.training
     model.train()
+
+    def guard_fails() -> bool:
+        nonlocal last_good
+        accuracy = guard.accuracy(model)
+        model.train()
+        if accuracy < floor:
+            model.load_state_dict(last_good)
+            return True
+        last_good = copy.deepcopy(model.state_dict())
+        return False
+
     try:
         for _ in range(epochs):
             for batch in batches(generator):
@@ -54,6 +96,20 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 (mask.step if mask is not None else optimizer.step)()
                 steps += 1
+                if guard is not None and steps % guard.every == 0 and guard_fails():
+                    stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than "
+                               f"{guard.max_drop:g} points; put back to step {steps - guard.every}")
+                    break
+                if max_steps is not None and steps >= max_steps:
+                    stopped = f"step budget: max_steps={max_steps}"
+                    break
+            if stopped is not None:
+                break
+        # The last steps since a check: checked too.
+        if guard is not None and not (stopped or "").startswith("retained") and steps % guard.every:
+            if guard_fails():
+                stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than {guard.max_drop:g} "
+                           f"points; put back to step {steps - steps % guard.every}")
     finally:
         model.train(was_training)
-    return UnlearnReport(method, keep, steps, time.perf_counter() - start)
+    return UnlearnReport(method, keep, steps, time.perf_counter() - start, stopped)
