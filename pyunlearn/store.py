@@ -285,6 +285,20 @@ class UpdateStore:
             raise ValueError(f"steps must lie in [0, {self.steps}) (the committed steps)")
         return self._data.rows(steps)
 
+    def step_ids(self, steps) -> list[np.ndarray]:
+        """The sample IDs each of `steps` trained on (int64, sorted within a step), in the order
+        given: the batch composition `pyunlearn.unlearn.repair` replays."""
+        steps = as_ids(steps, "steps", allow_empty=True)
+        if not steps.size:
+            return []
+        if steps.min() < 0 or steps.max() >= self.steps:
+            raise ValueError(f"steps must lie in [0, {self.steps}) (the committed steps)")
+        first, last = int(steps.min()), int(steps.max()) + 1
+        offsets = self._data.read("offsets", slice(first, last + 1)).astype(np.int64)
+        ids = self._data.read("sample_ids", slice(int(offsets[0]), int(offsets[-1])))
+        offsets -= offsets[0]
+        return [ids[offsets[s - first] : offsets[s - first + 1]] for s in steps.tolist()]
+
     def read_step_hyper(self, steps: int) -> np.ndarray:
         """Gradient stores: steps [0, steps)' hyper-parameters (float64, the family's columns, zero-padded)."""
         if self.attribution != "gradient":

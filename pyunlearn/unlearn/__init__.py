@@ -9,6 +9,8 @@ from .finetune import fine_tune
 from .gradient import gradient_ascent
 from .label_flip import label_flip
 from .partial import LayerwiseMask
+from .repair import RepairReport, forget_and_repair, repair, subtracted_steps
 
 __all__ = ["ForgetReport", "amnesiac_forget", "label_flip", "gradient_ascent", "fine_tune", "LayerwiseMask",
-           "UnlearnReport", "StaleBuffersWarning", "recompute_batchnorm"]
+           "UnlearnReport", "StaleBuffersWarning", "recompute_batchnorm",
+           "repair", "forget_and_repair", "RepairReport", "subtracted_steps"]
