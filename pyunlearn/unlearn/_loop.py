@@ -53,21 +53,55 @@ def check_data(arg: str, data) -> SampleSet:
     return data
 
 
+MASKS = ("step", "saliency")
+
+
+def saliency(model: torch.nn.Module, data: SampleSet, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per trainable parameter, |∇ of the summed cross-entropy over `data`| (true labels), in
+    eval mode so that BatchNorm statistics do not move; gradients are left as they were."""
+    from torch.nn import functional as F
+
+    params = [p for _, p in trainable_parameters(model)]
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.grad = None
+        for _, x, y in data.batches(batch_size, shuffle=False):
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+        return [None if p.grad is None else p.grad.detach().abs().clone() for p in params]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+        model.train(was_training)
+
+
 def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
              lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
              seed: int = 0, clip: float | None = None, max_steps: int | None = None,
-             guard: RetainGuard | None = None) -> UnlearnReport:
+             guard: RetainGuard | None = None, mask: str = "step",
+             saliency_data: SampleSet | None = None) -> UnlearnReport:
     """SGD over `batches(generator)` (a fresh iterator each epoch) minimising `loss(batch)`, for
-    `epochs` epochs or `max_steps` steps, whichever ends first, and stopped early by `guard`."""
+    `epochs` epochs or `max_steps` steps, whichever ends first, and stopped early by `guard`.
+    With keep, mask="step" selects each step's top-|grad| entries; mask="saliency" fixes, before
+    the first step, each layer's top entries by |gradient of the cross-entropy on
+    `saliency_data`| (the forget set with its true labels: SalUn's weight saliency)."""
     epochs, lr = positive_int("epochs", epochs), positive_number("lr", lr)
     if max_steps is not None:
         max_steps = positive_int("max_steps, if not None,", max_steps)
     keep = check_keep(keep)
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    if mask == "saliency" and keep is None:
+        raise ValueError("mask='saliency' needs keep (the share of each layer to update); keep=None updates everything")
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("model has no trainable parameters (none with requires_grad=True)")
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    mask = LayerwiseMask(model, optimizer, keep) if keep is not None else None
+    masker = LayerwiseMask(model, optimizer, keep) if keep is not None else None
+    if mask == "saliency":
+        masker.fix_saliency(saliency(model, check_data("saliency_data", saliency_data)))
     generator = torch.Generator().manual_seed(seed)
     start, steps, stopped = time.perf_counter(), 0, None
     floor = last_good = None
@@ -94,7 +128,7 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
                 loss(batch).backward()
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip)
-                (mask.step if mask is not None else optimizer.step)()
+                (masker.step if masker is not None else optimizer.step)()
                 steps += 1
                 if guard is not None and steps % guard.every == 0 and guard_fails():
                     stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than "

@@ -14,7 +14,7 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
                     epochs: int = 3, lr: float = 0.005, retain_data: SampleSet | None = None,
                     retain_weight: float = 1.0, batch_size: int = 64, clip: float = 5.0,
                     seed: int = 0, max_steps: int | None = 15, max_retain_drop: float | None = 5.0,
-                    guard_every: int = 5, guard_samples: int = 1024) -> UnlearnReport:
+                    guard_every: int = 5, guard_samples: int = 1024, mask: str = "step") -> UnlearnReport:
     """Maximises the cross-entropy on `forget_data` (in place). With `retain_data`, each step also
     minimises `retain_weight` × the cross-entropy on a retained batch of the same size, which
     holds accuracy up. keep=None is the naive method; keep=r updates only each layer's top-r
@@ -32,7 +32,11 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     its value before the run, puts the model back to the last check that passed and stops
     (max_retain_drop=None: no guard). The report says why a run stopped early (`stopped`). The
     budget alone does not hold a model up: without retained data, 15 steps on 2,000 samples
-    collapsed a small CNN (retained accuracy 18%; tests/test_collapse.py); pass `retain_data`."""
+    collapsed a small CNN (retained accuracy 18%; tests/test_collapse.py); pass `retain_data`.
+
+    mask (with keep): "step" updates each step's top-|grad| entries; "saliency" fixes, before
+    the first step, each layer's top entries by the forget set's loss-gradient magnitude (SalUn's
+    weight saliency)."""
     forget_data = check_data("forget_data", forget_data)
     guard = None
     if retain_data is not None:
@@ -56,7 +60,7 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
         return value
 
     report = optimise(model, "gradient ascent", batches, loss, epochs=epochs, lr=lr, keep=keep, seed=seed, clip=clip,
-                      max_steps=max_steps, guard=guard)
+                      max_steps=max_steps, guard=guard, mask=mask, saliency_data=forget_data)
     warn_stale_buffers(model, "gradient_ascent")  # it trained, in train mode, on forget batches
     return report
 

@@ -18,7 +18,7 @@ def random_wrong_labels(y: torch.Tensor, classes: int, generator: torch.Generato
 def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | None = None, *, epochs: int = 5,
                lr: float = 0.001, batch_size: int = 64, classes: int | None = None, seed: int = 0,
                max_steps: int | None = 25, retain_data: SampleSet | None = None, max_retain_drop: float = 5.0,
-               guard_every: int = 5, guard_samples: int = 1024) -> UnlearnReport:
+               guard_every: int = 5, guard_samples: int = 1024, mask: str = "step") -> UnlearnReport:
     """Trains `model` in place on `forget_data` with labels drawn afresh each epoch from the
     wrong classes. keep=None is the naive method; keep=r updates only each layer's top-r share
     of entries by |gradient| at each step. Defaults: 5 epochs, SGD lr 0.001, momentum 0.9, batch
@@ -32,7 +32,11 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
     forget set is seen fewer times; and with `retain_data` a guard checks accuracy on up to
     `guard_samples` retained samples every `guard_every` steps and, once it has fallen more than
     `max_retain_drop` points below its value before the run, puts the model back to the last
-    check that passed and stops. The report says why a run stopped early (`stopped`)."""
+    check that passed and stops. The report says why a run stopped early (`stopped`).
+
+    mask (with keep): "step" updates each step's top-|grad| entries; "saliency" fixes, before
+    the first step, each layer's top entries by the forget set's loss-gradient magnitude (true
+    labels; SalUn's weight saliency), so the update goes where the forget set is encoded."""
     forget_data = check_data("forget_data", forget_data)
     guard = None if retain_data is None else RetainGuard(retain_data, max_drop=max_retain_drop, every=guard_every,
                                                           samples=guard_samples, seed=seed)
@@ -55,6 +59,7 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
         return relabelled.batches(batch_size, generator=generator)
 
     report = optimise(model, "label flip", batches, lambda b: F.cross_entropy(model(b[1]), b[2]),
-                      epochs=epochs, lr=lr, keep=keep, seed=seed, max_steps=max_steps, guard=guard)
+                      epochs=epochs, lr=lr, keep=keep, seed=seed, max_steps=max_steps, guard=guard,
+                      mask=mask, saliency_data=forget_data)
     warn_stale_buffers(model, "label_flip")  # it trained, in train mode, on forget batches
     return report
