@@ -23,3 +23,16 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
         repaired = next(r for r in scenario["rows"] if r["method"] == methods[0])
         assert 0 < repaired["extra"]["sample_share"] < 1
     assert "noise floor" in out.with_suffix(".md").read_text().lower()
+
+
+def test_saliency_sweep_smoke_run(tmp_path, benchmark_script):
+    sweep = benchmark_script("saliency_sweep")
+    out = sweep.main(["--data", "digits", "--seeds", "0", "--lrs", "0.001", "0.05", "--ua", "50",
+                      "--out", str(tmp_path / "s.json")])
+    assert len(out["runs"]) == 6 and set(out["matched"]) == set(sweep.VARIANTS)
+    assert all(0.0 <= r["UA"] <= 100.0 and 0.0 <= r["TA"] <= 100.0 for r in out["runs"])
+    for name, point in out["matched"].items():  # the lowest rate reaching UA >= 50, if any
+        reaching = [r for r in out["runs"] if r["variant"] == name and r["UA"] >= 50]
+        assert point["seeds_reaching"] == (1 if reaching else 0)
+        if reaching:
+            assert point["lrs"] == [min(r["lr"] for r in reaching)]
