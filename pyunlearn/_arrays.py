@@ -125,6 +125,17 @@ class StoreArrays:
             fields.append(torch.from_numpy(np.ascontiguousarray(data)))
         return Row(*fields)
 
+    def step_ids(self, steps: np.ndarray) -> list[np.ndarray]:
+        """The sample IDs of each of `steps` (committed steps, in the order given): the offsets and
+        IDs of the span from the first to the last of them, cut per step."""
+        if not steps.size:
+            return []
+        first, last = int(steps.min()), int(steps.max()) + 1
+        offsets = self.read("offsets", slice(first, last + 1)).astype(np.int64)
+        ids = self.read("sample_ids", slice(int(offsets[0]), int(offsets[-1])))
+        offsets -= offsets[0]
+        return [ids[offsets[s - first] : offsets[s - first + 1]] for s in steps.tolist()]
+
     def write_forgotten(self, start: int, ids: np.ndarray) -> None:
         """Writes a request's IDs at [start, start + len(ids)) of forgotten_ids (made at the first
         request), before the ledger record that points there is committed. The array grows by

@@ -21,6 +21,9 @@ this module for everything else.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import numbers
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -84,6 +87,12 @@ class OptimizerFamily:
     def coefficients(cls, hyper: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    @classmethod
+    def own_step(cls, hyper: np.ndarray) -> np.ndarray:
+        """The factor by which each step's vector moved the weights *at that step* (the first
+        term of `coefficients`' sum: what the batch itself did, before momentum carried it on)."""
+        raise NotImplementedError
+
 
 def _discounted_tail_sums(weight: np.ndarray, carry: np.ndarray) -> np.ndarray:
     """total[t] = Σ_{s≥t} weight_s · carry_{t+1}···carry_s, for every t."""
@@ -118,6 +127,10 @@ class SGDMomentum(OptimizerFamily):
     def coefficients(cls, hyper: np.ndarray) -> np.ndarray:
         lr, carry = hyper[:, 0], hyper[:, 1]
         return _discounted_tail_sums(lr, carry)
+
+    @classmethod
+    def own_step(cls, hyper: np.ndarray) -> np.ndarray:
+        return hyper[:, 0].astype(np.float64)
 
 
 class AdamFamily(OptimizerFamily):
@@ -164,6 +177,11 @@ class AdamFamily(OptimizerFamily):
         weight = lr / (1.0 - beta1 ** np.maximum(adam_step, 1))
         return _discounted_tail_sums(weight, carry) * (1.0 - beta1)
 
+    @classmethod
+    def own_step(cls, hyper: np.ndarray) -> np.ndarray:
+        lr, _, adam_step, beta1 = hyper.T
+        return lr / (1.0 - beta1 ** np.maximum(adam_step, 1)) * (1.0 - beta1)
+
 
 # Exact types: a subclass may change the arithmetic (SGD's subclasses are accepted, as they
 # have been since 0.2.0, because torch's own SGD variants are separate classes).
@@ -195,9 +213,50 @@ def family_named(name: str) -> type[OptimizerFamily]:
                          f"(it knows {', '.join(_BY_NAME)})") from None
 
 
-def coefficients(store, steps) -> np.ndarray:
+# ---------------------------------------------------------------------------- coefficient rules
+RULES = ("first-order", "own-step", "damped")
+_RULE: contextvars.ContextVar[tuple[str, float]] = contextvars.ContextVar("pyunlearn_coefficient_rule",
+                                                                           default=("first-order", 1.0))
+
+
+def _check_rule(rule: str, damping) -> tuple[str, float]:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "damped":
+        if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0.0 <= damping <= 1.0:
+            raise ValueError(f"damping must be a number in [0, 1] with rule='damped', got {damping!r}")
+        return rule, float(damping)
+    if damping is not None:
+        raise ValueError(f"damping applies only to rule='damped', not {rule!r}")
+    return rule, 1.0 if rule == "first-order" else 0.0
+
+
+@contextlib.contextmanager
+def coefficient_rule(rule: str, damping: float | None = None):
+    """Within the block, gradient attribution (`coefficients`, and so `amnesiac_forget` on a
+    gradient store) uses `rule` (in this thread / context only):
+
+    - "first-order" (the default outside any block): c_t, the batch's whole first-order effect
+      on the final weights, momentum carried on included. Exact for a linear model; in a deep
+      one later steps partly compensated, so subtracting it overshoots.
+    - "own-step": only the step the batch itself took (SGD: lr_t), as if momentum had not carried
+      it on.
+    - "damped": own + damping · (first-order − own), damping in [0, 1] (0: own-step, 1:
+      first-order).
+    """
+    token = _RULE.set(_check_rule(rule, damping))
+    try:
+        yield
+    finally:
+        _RULE.reset(token)
+
+
+def coefficients(store, steps, rule: str | None = None, damping: float | None = None) -> np.ndarray:
     """For each of `steps` of a gradient store, the factor c_t by which its stored (pruned)
-    vector moved the store's final model (see the module docstring)."""
+    vector is subtracted: under the default rule "first-order", the factor by which it moved the
+    store's final model (see the module docstring). rule=None uses the `coefficient_rule` in
+    force (first-order outside any block); see `coefficient_rule` for the rules."""
+    rule, damping = _RULE.get() if rule is None else _check_rule(rule, damping)
     if store.attribution != "gradient":
         raise StoreError(f"{store.path} stores updates (attribution='update'); coefficients need 'gradient'")
     final = store.final_steps
@@ -207,4 +266,9 @@ def coefficients(store, steps) -> np.ndarray:
         raise StoreError(f"{store.path} records no optimizer family: no recorder ran on it")
     family = family_named(store.optimizer_family)
     hyper = store.read_step_hyper(final)[:, : len(family.columns)]
-    return family.coefficients(hyper)[np.asarray(steps, dtype=np.int64)]
+    steps = np.asarray(steps, dtype=np.int64)
+    first = family.coefficients(hyper)[steps]
+    if rule == "first-order":
+        return first
+    own = family.own_step(hyper)[steps]
+    return own + damping * (first - own)

@@ -38,8 +38,7 @@ class UpdateStore:
         self._zstore, self._where, self._read_only, self._keys = zstore, where, read_only, StoreKeys(secret)
         self._lock = WriterLock(zstore, where)
         self._buffer: ChunkBuffer | None = None  # the chunk being filled, from the first append on
-        # The recorder's writer thread appends while the training thread may flush or mark a model.
-        self._mutex = threading.RLock()
+        self._mutex = threading.RLock()  # the recorder's writer thread appends while training flushes
         self.recorder = None  # the UpdateRecorder recording through this handle, if one is
         self.refresh()
 
@@ -48,10 +47,9 @@ class UpdateStore:
     def create(cls, path, model, keep: float = 0.01, value_dtype: str = "float16", *,
                attribution: str = "update", steps_per_chunk: int | None = None, overwrite: bool = False,
                compression: str = DEFAULT_COMPRESSION, storage_options=None, secret=None) -> "UpdateStore":
-        """A new, empty store for `model`'s trainable parameters (requires_grad), opened for
-        writing; k_i = ceil(keep · numel_i), at least 1. attribution: "update" stores each step's
-        Δθ (the paper's method), "gradient" its batch gradient and hyper-parameters
-        (pyunlearn.attribution). compression: blosc '<compressor>:<level>' (docs/format.md).
+        """A new, empty store for `model`'s trainable parameters, opened for writing; k_i = ceil(keep ·
+        numel_i), at least 1. attribution: "update" (each step's Δθ) or "gradient" (its batch gradient
+        and hyper-parameters: pyunlearn.attribution). compression: blosc '<compressor>:<level>'.
         secret: maps str/bytes/UUID keys to IDs (pyunlearn.keys; default PYUNLEARN_SECRET[_FILE])."""
         meta = StoreMetadata.new(trainable_parameters(model), keep=keep, value_dtype=value_dtype,
                                  attribution=attribution, steps_per_chunk=steps_per_chunk, compression=compression)
@@ -72,9 +70,8 @@ class UpdateStore:
 
     @staticmethod
     def break_lock(path, *, storage_options=None, force: bool = False) -> bool:
-        """Removes a writer lock left by a writer that is gone; returns whether there was one. A
-        running holder on this host is refused (StoreLockedError) unless force=True; one on another
-        host cannot be checked and is removed: be sure it stopped (two writers corrupt a store)."""
+        """Removes a dead writer's lock; returns whether there was one. A live holder on this host is
+        refused unless force=True; one on another host cannot be checked: be sure it stopped."""
         zstore, where = zarr_store(path, storage_options, read_only=False)
         return WriterLock.break_lock(zstore, where, force=force)
 
@@ -104,8 +101,7 @@ class UpdateStore:
     steps = property(lambda self: self._meta.committed_steps, doc="Committed steps (appended rows count once flushed).")
     samples = property(lambda self: self._meta.committed_samples)
     initial_fingerprint = property(lambda self: self._meta.fingerprint_initial)
-    final_fingerprint = property(lambda self: self._meta.fingerprint_final,
-                                 doc="Of the model when recording last closed (None while recording or after truncate).")
+    final_fingerprint = property(lambda self: self._meta.fingerprint_final, doc="Of the last segment's end model.")
     final_steps = property(lambda self: self._meta.final_steps, doc="How many steps the final model took.")
     ledger = property(lambda self: self._meta.ledger, doc="The deletion ledger (pyunlearn.ledger.Ledger).")
     keys = property(lambda self: self._keys, doc="How keys map to IDs here (pyunlearn.keys.StoreKeys).")
@@ -117,8 +113,7 @@ class UpdateStore:
     @contextmanager
     def writing(self):
         """A write session: takes the writer lock (StoreLockedError if another writer holds it) and
-        re-reads what is on disk, so changes inside extend the latest commit; at the end flushes
-        and releases the lock if it took it."""
+        re-reads the store, so changes extend the latest commit; then flushes, releases what it took."""
         took = self._take_lock()
         try:
             yield self
@@ -187,9 +182,8 @@ class UpdateStore:
                 self._write_buffer()
 
     def truncate(self, step: int) -> None:
-        """Drops steps >= step (to resume training from a checkpoint taken at `step`). The resume
-        point is kept if it was at `step`; otherwise it becomes "truncated by hand, model
-        unknown", and a recorder continues from the model it is given (your checkpoint's)."""
+        """Drops steps >= step (to resume training from a checkpoint taken at `step`); where training
+        may go on from then: StoreMetadata.resume_after_truncate."""
         with self._mutex:
             self._take_lock()
             self.flush()
@@ -201,9 +195,8 @@ class UpdateStore:
             self._buffer = None
 
     def mark_final(self, model) -> None:
-        """Records `model` as the trained model these steps produced (the recorder does this on
-        close; call it yourself after recovering an interrupted run). It is also the store's
-        resume point: a recorder may continue from it, and a model deletions may start from."""
+        """Records `model` as the model these steps produced (the recorder does on close; call it after
+        recovering an interrupted run): the resume point, and a model on the deletion timeline."""
         if self.recorder is not None:
             raise StoreError(f"a recorder is recording into {self._where}: rec.close() marks the final model")
         with self._mutex:
@@ -212,9 +205,8 @@ class UpdateStore:
             self._commit(**self._meta.final_model(fingerprint(self.check_model(model))))
 
     def mark_resume_point(self, model, *, steps: int | None = None) -> None:
-        """Flushes and records `model` as the model after the committed steps, the only one a
-        recorder may continue from (recorder.flush() does this). `steps`, if given, must be the
-        step count after the flush (StoreError otherwise: the model would pair with other steps)."""
+        """Flushes and records `model` as the model after the committed steps, the one a recorder may
+        continue from (recorder.flush() does this); `steps`, if given, must be the count after it."""
         with self._mutex:
             self._take_lock()
             self.flush()
@@ -226,7 +218,7 @@ class UpdateStore:
     def set_optimizer_family(self, name: str) -> None:
         """Gradient stores: the optimizer family (pyunlearn.attribution) of the vectors; set once."""
         if self._meta.optimizer not in (None, name):
-            raise StoreError(f"{self._where} was recorded with a {self._meta.optimizer} optimizer; cannot continue with {name}")
+            raise StoreError(f"{self._where} was recorded with a {self._meta.optimizer} optimizer, not {name}")
         if self._meta.optimizer is None:
             self._take_lock()
             self._commit(optimizer=name)
@@ -280,10 +272,18 @@ class UpdateStore:
 
     def read(self, steps) -> Row:
         """The stored rows of `steps` (in the order given), reading only the chunks they lie in."""
+        return self._data.rows(self._committed_steps(steps))
+
+    def step_ids(self, steps) -> list[np.ndarray]:
+        """The sample IDs each of `steps` trained on (sorted within a step), in the order given:
+        the batch composition `pyunlearn.unlearn.repair` replays."""
+        return self._data.step_ids(self._committed_steps(steps))
+
+    def _committed_steps(self, steps) -> np.ndarray:
         steps = as_ids(steps, "steps", allow_empty=True)
         if steps.size and (steps.min() < 0 or steps.max() >= self.steps):
             raise ValueError(f"steps must lie in [0, {self.steps}) (the committed steps)")
-        return self._data.rows(steps)
+        return steps
 
     def read_step_hyper(self, steps: int) -> np.ndarray:
         """Gradient stores: steps [0, steps)' hyper-parameters (float64, the family's columns, zero-padded)."""

@@ -212,3 +212,54 @@ def test_adam_layers_that_skip_steps(tmp_path):
     hyper = store.read_step_hyper(4)
     assert hyper[:, 2].tolist() == [1, 2, 3, 4]  # w's count: the largest
     pu.amnesiac_forget(model, store, [3])
+
+
+# ---------------------------------------------------------------------------- coefficient rules (issue 15, part 5)
+def test_coefficient_rules_by_hand(tmp_path):
+    from pyunlearn.attribution import coefficient_rule
+
+    model = Linear()
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32", attribution="gradient")
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), store)
+    mu = 0.9
+    first = [LRS[0] + mu * LRS[1] + mu**2 * LRS[2] + mu**3 * LRS[3], LRS[1] + mu * LRS[2] + mu**2 * LRS[3],
+             LRS[2] + mu * LRS[3], LRS[3]]
+    steps = [0, 1, 2, 3]
+    assert coefficients(store, steps).tolist() == pytest.approx(first)
+    assert coefficients(store, steps, "own-step").tolist() == pytest.approx(LRS)
+    assert coefficients(store, steps, "damped", 0.25).tolist() == pytest.approx(
+        [o + 0.25 * (f - o) for o, f in zip(LRS, first)])
+    assert coefficients(store, steps, "damped", 1.0).tolist() == pytest.approx(first)
+    with coefficient_rule("own-step"):
+        assert coefficients(store, steps).tolist() == pytest.approx(LRS)
+        with coefficient_rule("first-order"):
+            assert coefficients(store, steps).tolist() == pytest.approx(first)
+        assert coefficients(store, steps).tolist() == pytest.approx(LRS)
+    assert coefficients(store, steps).tolist() == pytest.approx(first)  # the default again
+    with pytest.raises(ValueError, match="rule"):
+        coefficients(store, steps, "calibrated")
+    with pytest.raises(ValueError, match="damping"):
+        coefficient_rule("damped", 1.5).__enter__()
+    with pytest.raises(ValueError, match="damping"):
+        coefficients(store, steps, "first-order", 0.5)
+    store.close()
+
+
+def test_amnesiac_forget_follows_the_rule(tmp_path):
+    """Forgetting step 0 moves w by +c_0 · a_0 (the gradient of step 0 is a_0): with the rule
+    in force, c_0 is lr_0 (own step) or the full first-order sum."""
+    import copy as _copy
+
+    from pyunlearn.attribution import coefficient_rule
+
+    model = Linear()
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32", attribution="gradient")
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), store)
+    for rule, damping in (("own-step", None), ("damped", 0.5), ("first-order", None)):
+        m = _copy.deepcopy(model)
+        with coefficient_rule(rule, damping):
+            pu.amnesiac_forget(m, store, [0])
+        expected = model.w.detach() + coefficients(store, [0], rule, damping)[0] * DIRECTIONS[0]
+        assert torch.allclose(m.w.detach(), expected, atol=1e-6)
+    assert coefficients(store, [0], "own-step")[0] == pytest.approx(LRS[0])
+    store.close()

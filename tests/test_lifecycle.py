@@ -131,6 +131,7 @@ def test_a_year_in_miniature(tmp_path):
             caught_up = pu.amnesiac_forget(old, year.store, [], request_id=f"catch-up-{segment}")
             unseen = {s for s in year.removed - removed_then if s < steps}
             assert caught_up.steps_removed == 0 and caught_up.steps_applied == len(unseen) > 0
+            assert set(caught_up.subtracted.tolist()) == unseen  # what repair would replay
             assert _close(old, year.expected(steps))
             again = pu.amnesiac_forget(old, year.store, [])  # nothing left to apply
             assert again.steps_applied == 0

@@ -97,3 +97,102 @@ def test_bad_inputs():
         evaluate(Oracle(), forget=_set(10), retain=_set(10), test=[1, 2])
     with pytest.raises(ValueError, match="empty set"):
         accuracy(Oracle(), empty)
+
+
+# ---------------------------------------------------------------------------- issue 15: signals that can tell
+import numpy as np  # noqa: E402
+
+from pyunlearn.metrics import (compare, ks_statistic, losses, membership_gap, mia_spread,  # noqa: E402
+                               output_kl)
+
+
+def test_ks_statistic_matches_scipy_and_its_edge_cases():
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(0)
+    for n, m, shift in ((50, 70, 0.0), (200, 30, 0.5), (10, 10, 3.0)):
+        a, b = rng.normal(size=n), rng.normal(shift, 1.0, size=m)
+        assert ks_statistic(a, b) == pytest.approx(ks_2samp(a, b).statistic, abs=1e-12)
+    assert ks_statistic([1.0, 2.0, 2.0], [2.0, 1.0, 2.0]) == 0.0        # same samples, any order
+    assert ks_statistic([0.0, 1.0], [5.0, 6.0, 7.0]) == 1.0              # no overlap
+    assert ks_statistic([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        ks_statistic([], [1.0])
+
+
+def test_losses_membership_gap_and_kl_by_hand():
+    forget, test = _set(40, 0, 1), _set(60, 100, 2)
+    sure, unsure = Oracle(confident=True), Oracle(confident=False)
+    # One-hot logits times s over 4 classes: loss = log(1 + 3·e^(−s)).
+    assert np.allclose(losses(unsure, test), np.log(1 + 3 * np.exp(-2.0)), atol=1e-6)
+
+    class Mixed(torch.nn.Module):  # sure on the forget IDs (< 100), unsure elsewhere
+        def forward(self, x):
+            return sure(x) if float(x[0, 1]) < 100 else unsure(x)
+
+    for s in (forget, test):
+        s.x[:, 1] = s.ids.float()
+    expected = np.log(1 + 3 * np.exp(-20.0)) - np.log(1 + 3 * np.exp(-2.0))
+    assert membership_gap(Mixed(), forget=forget, test=test) == pytest.approx(expected, abs=1e-5)
+    assert membership_gap(unsure, forget=forget, test=test) == pytest.approx(0.0, abs=1e-6)
+    # KL(p ‖ q) for p = softmax(20·onehot), q = softmax(2·onehot), per sample (all alike).
+    p = torch.softmax(torch.tensor([20.0, 0, 0, 0], dtype=torch.float64), 0)
+    q = torch.softmax(torch.tensor([2.0, 0, 0, 0], dtype=torch.float64), 0)
+    kl = float((p * (p / q).log()).sum())
+    assert output_kl(unsure, sure, forget) == pytest.approx(kl, rel=1e-4)
+    assert output_kl(sure, sure, forget) == pytest.approx(0.0, abs=1e-9)
+    c = compare(unsure, sure, forget)
+    assert c.forget_loss_ks == 1.0 and c.forget_kl == pytest.approx(kl, rel=1e-4)
+
+
+def _memoriser_sets():
+    """Retained samples whose first 100 the model is sure of (logit scale 20; the other 900:
+    0.5), 100 test samples at 1.5, and forget sets at 20 (remembered) and 0.5 (forgotten)."""
+
+    class Memoriser(torch.nn.Module):
+        def forward(self, x):
+            sure = (x[:, 1] < 100) | (x[:, 1] >= 5000)
+            test = (x[:, 1] >= 2000) & (x[:, 1] < 3000)
+            scale = torch.where(sure, torch.tensor(20.0), torch.where(test, torch.tensor(1.5), torch.tensor(0.5)))
+            return torch.nn.functional.one_hot(x[:, 0].long(), 4).float() * scale[:, None]
+
+    def tagged(n, first):
+        s = _set(n, first, first)
+        s.x[:, 1] = s.ids.float()
+        return s
+
+    return Memoriser(), tagged(1000, 0), tagged(100, 2000), tagged(50, 5000), tagged(50, 3000)
+
+
+def test_the_reference_protocol_uses_the_first_retained_samples_and_the_whole_test_set():
+    model, retain, test, remembered, forgotten = _memoriser_sets()
+    for seed in (0, 1, 2):  # nothing is drawn: the seed does not matter
+        assert mia_efficacy(model, forget=remembered, retain=retain, test=test, seed=seed, protocol="reference") == 0.0
+        assert mia_efficacy(model, forget=forgotten, retain=retain, test=test, seed=seed, protocol="reference") == 100.0
+    # Sampled: most members drawn are among the 900 at scale 0.5, so the attack learns 0.5 =
+    # member, and calls the forgotten samples (0.5) members.
+    assert mia_efficacy(model, forget=forgotten, retain=retain, test=test, protocol="sampled") == 0.0
+    with pytest.raises(ValueError, match="protocol"):
+        mia_efficacy(model, forget=forgotten, retain=retain, test=test, protocol="salun")
+    with pytest.raises(ValueError, match="mia_protocol"):
+        evaluate(model, forget=forgotten, retain=retain, test=test, mia_protocol="salun")
+    e = evaluate(model, forget=remembered, retain=retain, test=test, mia_protocol="reference")
+    assert e.MIA == 0.0
+
+
+def test_mia_spread_averages_the_attack_seeds():
+    forget, retain, test = _set(80, 0, 1), _set(600, 1000, 2), _set(600, 5000, 3)
+    model = Coin()
+    spread = mia_spread(model, forget=forget, retain=retain, test=test, seeds=(0, 1, 2, 3), max_samples=300)
+    # Coin's outputs depend on its generator's position: a fresh Coin repeats the first seed's value.
+    again = [mia_efficacy(Coin(), forget=forget, retain=retain, test=test, seed=0, max_samples=300)]
+    assert len(spread.values) == 4 and all(0.0 <= v <= 100.0 for v in spread.values)
+    assert spread.mean == pytest.approx(np.mean(spread.values))
+    assert spread.sd == pytest.approx(np.std(spread.values, ddof=1))
+    assert again[0] == spread.values[0]
+    assert len(set(spread.values)) > 1  # a random model: the attack's draw matters
+    one = mia_spread(Oracle(), forget=forget, retain=retain, test=test, seeds=(5,), max_samples=300)
+    assert one.sd == 0.0 and one.values == [mia_efficacy(Oracle(), forget=forget, retain=retain, test=test,
+                                                         seed=5, max_samples=300)]
+    with pytest.raises(ValueError, match="seeds"):
+        mia_spread(model, forget=forget, retain=retain, test=test, seeds=())

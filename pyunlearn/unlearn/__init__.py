@@ -1,12 +1,16 @@
 """Unlearning methods: amnesiac (Algorithm 1, from recorded updates), label flipping
 (Algorithm 2), gradient ascent (Algorithm 3), each of the last two naive (keep=None) or with
-layer-wise partial updates (keep=r); and fine-tuning on retained data."""
+layer-wise partial updates (keep=r); fine-tuning on retained data; and recomputing BatchNorm
+statistics from retained data, which none of the others reach."""
 from ._loop import UnlearnReport
 from .amnesiac import ForgetReport, amnesiac_forget
+from .buffers import StaleBuffersWarning, recompute_batchnorm
 from .finetune import fine_tune
 from .gradient import gradient_ascent
 from .label_flip import label_flip
 from .partial import LayerwiseMask
+from .repair import RepairReport, forget_and_repair, repair, subtracted_steps
 
 __all__ = ["ForgetReport", "amnesiac_forget", "label_flip", "gradient_ascent", "fine_tune", "LayerwiseMask",
-           "UnlearnReport"]
+           "UnlearnReport", "StaleBuffersWarning", "recompute_batchnorm",
+           "repair", "forget_and_repair", "RepairReport", "subtracted_steps"]

@@ -2,6 +2,7 @@
 plain or layer-wise partial optimizer step."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,28 @@ class UnlearnReport:
     keep: float | None  # None: naive (every entry may change)
     steps: int
     seconds: float
+    stopped: str | None = None  # why training ended before its epochs: the step budget or the guard
+
+
+class RetainGuard:
+    """Stops an unlearning run before it collapses the model: every `every` steps, accuracy on a
+    fixed probe of up to `samples` retained samples (drawn under `seed`) is compared with its
+    value before the run; once it has fallen more than `max_drop` points, the model (parameters
+    and buffers) is put back to the last check that passed, and the run stops."""
+
+    def __init__(self, data: SampleSet, *, max_drop: float, every: int, samples: int, seed: int):
+        data = check_data("retain_data", data)
+        self.max_drop = positive_number("max_retain_drop", max_drop)
+        self.every = positive_int("guard_every", every)
+        samples = positive_int("guard_samples", samples)
+        if samples < len(data):
+            data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples])
+        self.probe = data
+
+    def accuracy(self, model) -> float:
+        from ..metrics import accuracy
+
+        return accuracy(model, self.probe)
 
 
 def check_data(arg: str, data) -> SampleSet:
@@ -48,23 +71,78 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+MASKS = ("step", "saliency")
+
+
+def saliency(model: torch.nn.Module, data: SampleSet, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per trainable parameter, |∇ of the summed cross-entropy over `data`| (true labels), in
+    eval mode so that BatchNorm statistics do not move; gradients are left as they were."""
+    from torch.nn import functional as F
+
+    params = [p for _, p in trainable_parameters(model)]
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.grad = None
+        device = model_device(model, "saliency")
+        for _, x, y in data.batches(batch_size, shuffle=False):
+            x, y = to_device((x, y), device)
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+        return [None if p.grad is None else p.grad.detach().abs().clone() for p in params]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+        model.train(was_training)
+
+
 def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
              lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
-             seed: int = 0, clip: float | None = None) -> UnlearnReport:
-    """SGD over `batches(generator)` (a fresh iterator each epoch, on the host) minimising
-    `loss(batch)`, each batch moved to the model's device."""
+             seed: int = 0, clip: float | None = None, max_steps: int | None = None,
+             guard: RetainGuard | None = None, mask: str = "step",
+             saliency_data: SampleSet | None = None) -> UnlearnReport:
+    """SGD over `batches(generator)` (a fresh iterator each epoch, on the host; each batch moved
+    to the model's device) minimising `loss(batch)`, for `epochs` epochs or `max_steps` steps,
+    whichever ends first, and stopped early by `guard`. With keep, mask="step" selects each
+    step's top-|grad| entries; mask="saliency" fixes, before the first step, each layer's top
+    entries by |gradient of the cross-entropy on `saliency_data`| (the forget set with its true
+    labels: SalUn's weight saliency)."""
     epochs, lr = positive_int("epochs", epochs), positive_number("lr", lr)
     device = model_device(model, method)
+    if max_steps is not None:
+        max_steps = positive_int("max_steps, if not None,", max_steps)
     keep = check_keep(keep)
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    if mask == "saliency" and keep is None:
+        raise ValueError("mask='saliency' needs keep (the share of each layer to update); keep=None updates everything")
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("model has no trainable parameters (none with requires_grad=True)")
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    mask = LayerwiseMask(model, optimizer, keep) if keep is not None else None
+    masker = LayerwiseMask(model, optimizer, keep) if keep is not None else None
+    if mask == "saliency":
+        masker.fix_saliency(saliency(model, check_data("saliency_data", saliency_data)))
     generator = torch.Generator().manual_seed(seed)
-    start, steps = time.perf_counter(), 0
+    start, steps, stopped = time.perf_counter(), 0, None
+    floor = last_good = None
+    if guard is not None:
+        floor = guard.accuracy(model) - guard.max_drop
+        last_good = copy.deepcopy(model.state_dict())
     was_training = model.training
     model.train()
+
+    def guard_fails() -> bool:
+        nonlocal last_good
+        accuracy = guard.accuracy(model)
+        model.train()
+        if accuracy < floor:
+            model.load_state_dict(last_good)
+            return True
+        last_good = copy.deepcopy(model.state_dict())
+        return False
+
     try:
         for _ in range(epochs):
             for batch in batches(generator):
@@ -73,8 +151,22 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
                 loss(batch).backward()
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip)
-                (mask.step if mask is not None else optimizer.step)()
+                (masker.step if masker is not None else optimizer.step)()
                 steps += 1
+                if guard is not None and steps % guard.every == 0 and guard_fails():
+                    stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than "
+                               f"{guard.max_drop:g} points; put back to step {steps - guard.every}")
+                    break
+                if max_steps is not None and steps >= max_steps:
+                    stopped = f"step budget: max_steps={max_steps}"
+                    break
+            if stopped is not None:
+                break
+        # The last steps since a check: checked too.
+        if guard is not None and not (stopped or "").startswith("retained") and steps % guard.every:
+            if guard_fails():
+                stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than {guard.max_drop:g} "
+                           f"points; put back to step {steps - steps % guard.every}")
     finally:
         model.train(was_training)
-    return UnlearnReport(method, keep, steps, time.perf_counter() - start)
+    return UnlearnReport(method, keep, steps, time.perf_counter() - start, stopped)

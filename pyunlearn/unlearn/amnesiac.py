@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from ..attribution import coefficients
 from ..errors import CorruptStoreError, StoreError
 from ..ledger import Ledger, new_request_id, utc_now
 from ..store import StepLookup, UpdateStore
+from .buffers import warn_stale_buffers
 
 
 READ_BATCH_BYTES = 256 << 20
@@ -36,6 +37,7 @@ class ForgetReport:
     ledger_after: Ledger  # the ledger that describes the model this request produced
     ledger_pending: Ledger | None  # commit=False: what was written (ledger_before with this deletion pending)
     committed: bool  # whether ledger_after was written (commit=True)
+    subtracted: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # the steps applied
 
 
 def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_id: str | None = None,
@@ -110,11 +112,12 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
                     if w is not p and w.data_ptr() != p.data_ptr():
                         p.copy_(w.view_as(p))
                 raise
+    warn_stale_buffers(model, "amnesiac_forget")
     return ForgetReport(
         request_id=request_id, steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
         seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
         ledger_before=ledger, ledger_after=ledger_after, ledger_pending=None if commit else written,
-        committed=bool(commit),
+        committed=bool(commit), subtracted=plan.subtract,
     )
 
 

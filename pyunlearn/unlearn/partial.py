@@ -29,15 +29,30 @@ class LayerwiseMask:
         self._names = [name for name, _ in trainable_parameters(model)]
         self.k = ops.k_for([p.numel() for p in self.params], check_keep(keep))
         self._zeros = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in self.params]
+        self.fixed: list[torch.Tensor] | None = None  # a saliency mask: the same entries at every step
+
+    def top_k(self, scores: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Per layer, the flat positions of the k largest |score| (the top-k kernel of the model's
+        device on Δ = score − 0), on that device; a layer without a score selects nothing."""
+        flat = [g.detach().to(device=z.device, dtype=torch.float32).reshape(-1).contiguous() if g is not None else z
+                for g, z in zip(scores, self._zeros)]
+        row = ops.prune_topk(self._zeros, flat, self.k, "float32", refresh=False, names=self._names)
+        return [positions if g is not None else positions[:0]
+                for (positions, _), g in zip(ops.decode_row(row, self.k), scores)]
 
     def selection(self) -> list[torch.Tensor]:
-        """Per layer, the flat positions of the k largest |grad| (the top-k kernel of the model's
-        device on Δ = grad − 0), on that device. A parameter without a gradient selects nothing."""
-        grads = [p.grad.detach().to(dtype=torch.float32).reshape(-1).contiguous() if p.grad is not None else z
-                 for p, z in zip(self.params, self._zeros)]
-        row = ops.prune_topk(self._zeros, grads, self.k, "float32", refresh=False, names=self._names)
-        return [positions if p.grad is not None else positions[:0]
-                for (positions, _), p in zip(ops.decode_row(row, self.k), self.params)]
+        """Per layer, the entries this step may change: the fixed saliency mask if one was set,
+        else the k largest |grad| of this step. A parameter without a gradient selects nothing."""
+        if self.fixed is not None:
+            return [positions if p.grad is not None else positions[:0] for positions, p in zip(self.fixed, self.params)]
+        return self.top_k([p.grad for p in self.params])
+
+    def fix_saliency(self, saliency: list[torch.Tensor]) -> None:
+        """Fixes the mask to each layer's k entries of largest |saliency| (SalUn-style: the
+        forget set's loss gradient at deletion time), for every later step."""
+        if len(saliency) != len(self.params):
+            raise ValueError(f"saliency holds {len(saliency)} tensors, the model {len(self.params)} trainable parameters")
+        self.fixed = self.top_k(saliency)
 
     def step(self) -> None:
         chosen = self.selection()

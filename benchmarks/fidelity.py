@@ -1,0 +1,263 @@
+"""Forgetting against retraining, measured above the noise floor (issue 15).
+
+    python benchmarks/fidelity.py                                  (the committed run: 3 seeds, 4 scenarios)
+    python benchmarks/fidelity.py --seeds 0 --subset 3000 --epochs 1 --scenarios random1 --mia-seeds 0
+                                                                   (a tiny check, ~1 minute)
+
+Fashion-MNIST, a fixed random subset of the training set (--subset, default 20,000; the subset
+does not change with the seed), the full test set, the repository's SmallCNN(8, 16) trained with
+SGD 0.05 + momentum 0.9, batch 128, --epochs epochs. For every scenario and training seed,
+`pyunlearn.experiment.run` trains the original model (recording update stores at keep 1 float32
+and keep 0.01 float16; in --gradient-scenarios also a gradient store at keep 0.01, forgotten under
+each coefficient rule), Retrain and Retrain seed 2 (the noise floor), and runs every method on a
+copy of the original. Scenarios:
+
+- random1: 1% of the subset at random (forget set drawn under the seed);
+- random10: 10% at random;
+- class: every sample of class 0 (about 10%);
+- cohort: the subset in 100 units of 1% each (200 samples: cohort:100:200 as in cohort_table.py), trained
+  with CohortBatchSampler (retrains too), forgetting unit 0.
+
+Writes benchmarks/results/fidelity.json (meta: machine, versions, config; per scenario the
+rows, noise floor and summary) and fidelity.md (one table per scenario), after every scenario.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pyunlearn as pu
+from pyunlearn import experiment
+from pyunlearn.attribution import coefficient_rule
+from pyunlearn.data import (FASHION_MNIST_DEBIAN, CohortBatchSampler, SampleSet, digits, forget_random, idx,
+                            sample_batches, split)
+from pyunlearn.models import SmallCNN
+from pyunlearn.unlearn import forget_and_repair, gradient_ascent, label_flip, subtracted_steps
+
+SCENARIOS = ("random1", "random10", "class", "cohort")
+SUBSET_SEED = 12345  # the subset is fixed: only the forget set and training change with the seed
+FORGET_SEED = 54321  # the random forget set of training seed s is drawn under FORGET_SEED + s
+STORES = {"dense": dict(keep=1.0, value_dtype="float32"), "k0.01": dict(keep=0.01, value_dtype="float16")}
+GRADIENT_RULES = {"first-order": ("first-order", None), "damped 0.5": ("damped", 0.5), "damped 0.2": ("damped", 0.2),
+                  "own step": ("own-step", None)}
+
+
+class Stores:
+    """The update stores recorded while the original model trained, in a temporary folder."""
+
+    def __init__(self, model, attributions=("update",)):
+        self.folder = tempfile.mkdtemp(prefix="fidelity-")
+        self.stores = {}
+        for attribution in attributions:
+            for name, options in STORES.items():
+                if attribution != "update" and name == "dense":
+                    continue  # gradient attribution at keep 0.01 only: the dense store costs time
+                key = name if attribution == "update" else f"{attribution}-{name}"
+                self.stores[key] = pu.UpdateStore.create(Path(self.folder) / f"{key}.zarr", model,
+                                                         attribution=attribution, **options)
+
+    def close(self):
+        for store in self.stores.values():
+            store.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",)):
+    """train(data, seed, record) for experiment.run; cohort_of maps sample ID → unit (cohort scenario)."""
+
+    def train(data: SampleSet, seed: int, record: bool):
+        torch.manual_seed(seed)
+        model = SmallCNN(args.image_size, (8, 16) if args.image_size == 28 else (16, 32))
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        stores = Stores(model, attributions) if record else None
+        recorders = [pu.UpdateRecorder(model, optimizer, s) for s in stores.stores.values()] if record else []
+        generator = torch.Generator().manual_seed(seed)
+        sampler = None
+        if cohort_of is not None:
+            sampler = CohortBatchSampler(np.array([cohort_of[i] for i in data.ids.tolist()]), args.batch_size, seed=seed)
+        for _ in range(args.epochs):
+            batches = sample_batches(data, sampler) if sampler else data.batches(args.batch_size, generator=generator)
+            for ids, x, y in batches:
+                for rec in recorders:
+                    rec.batch(ids)
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+        for rec in recorders:
+            rec.close()
+        return model, stores
+
+    return train
+
+
+def methods(args, gradient: bool = False) -> dict:
+    """The methods of one scenario; gradient: add gradient attribution under each coefficient rule."""
+    lr = args.lr
+
+    def amnesiac(key, repair=None):
+        def run(model, c):
+            store = c.artifacts.stores[key]
+            if repair is None:
+                report = pu.amnesiac_forget(model, store, c.split.forget.ids)
+                return {"steps_removed": report.steps_removed}
+            options = dict(repair)
+            if "max_share" in options:  # the latest removed steps, at most this share of training's steps
+                options["max_steps"] = max(1, int(options.pop("max_share") * store.steps))
+            report, fixed = forget_and_repair(model, store, c.split.forget.ids, c.split.retain, lr=lr, **options)
+            return {"steps_removed": report.steps_removed, "steps_replayed": fixed.steps_replayed,
+                    "sample_share": fixed.retrain_share, "subtracted": int(subtracted_steps(report).size)}
+        return run
+
+    def attributed(rule, damping):
+        def run(model, c):
+            with coefficient_rule(rule, damping):
+                report = pu.amnesiac_forget(model, c.artifacts.stores["gradient-k0.01"], c.split.forget.ids)
+            return {"steps_removed": report.steps_removed}
+        return run
+
+    def optimiser(method, keep, **options):
+        def run(model, c):
+            report = method(model, c.split.forget, keep, retain_data=c.split.retain, seed=c.seed, **options)
+            return {"steps": report.steps, "stopped": report.stopped}
+        return run
+
+    table = {
+        "Dense amnesiac": amnesiac("dense"),
+        "Amnesiac keep 0.01": amnesiac("k0.01"),
+        "Dense amnesiac + repair": amnesiac("dense", {}),
+        "Amnesiac keep 0.01 + repair": amnesiac("k0.01", {}),
+        "Amnesiac keep 0.01 + repair (latest ≤20% of steps)": amnesiac("k0.01", {"max_share": 0.2}),
+        "Fine-tune 0.2 epoch": lambda m, c: _fine_tune_share(m, c, 0.2, lr / 5, args.batch_size),
+        "Label flip (guarded)": optimiser(label_flip, None),
+        "Label flip keep 0.1 (guarded)": optimiser(label_flip, 0.1),
+        "Gradient ascent (guarded)": optimiser(gradient_ascent, None),
+        "Gradient ascent keep 0.1 (guarded)": optimiser(gradient_ascent, 0.1),
+        "Label flip keep 0.1 saliency mask (guarded)": optimiser(label_flip, 0.1, mask="saliency"),
+        "Gradient ascent keep 0.1 saliency mask (guarded)": optimiser(gradient_ascent, 0.1, mask="saliency"),
+    }
+    if gradient:
+        for name, (rule, damping) in GRADIENT_RULES.items():
+            table[f"Gradient attribution keep 0.01, {name}"] = attributed(rule, damping)
+    if args.methods:
+        table = {m: fn for m, fn in table.items() if m in args.methods}
+    return table
+
+
+def _fine_tune_share(model, c, share, lr, batch_size):
+    """SGD (momentum 0.9) on `share` of an epoch of retained batches."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    steps = max(1, int(share * len(c.split.retain) / batch_size))
+    generator = torch.Generator().manual_seed(c.seed)
+    model.train()
+    for n, (_, x, y) in enumerate(c.split.retain.batches(batch_size, generator=generator)):
+        if n >= steps:
+            break
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return {"steps": steps}
+
+
+def scenario(name: str, subset: SampleSet, test: SampleSet, args):
+    """(prepare, cohort_of) for one scenario."""
+    cohort_of = None
+    if name == "random1" or name == "random10":
+        n = len(subset) // (100 if name == "random1" else 10)
+        # Not under the training seed itself: forget_random and the training batches both start
+        # from torch.randperm under their seed, so the forget set would be the first batch(es).
+        prepare = lambda seed: experiment.Split(train=subset, forget=forget_random(subset, n, seed=FORGET_SEED + seed)[1],
+                                                test=test)
+    elif name == "class":
+        prepare = lambda seed: experiment.Split(train=subset, forget=subset.subset(subset.y == 0), test=test)
+    elif name == "cohort":
+        units, size = 100, len(subset) // 100  # 200 samples a unit in a 20,000-sample subset
+        if size < 1:
+            raise SystemExit(f"--subset {len(subset)} is too small for 100 units")
+        rng = np.random.default_rng(SUBSET_SEED)
+        unit = np.arange(units, units + len(subset))  # everyone else: a unit of one
+        unit[rng.permutation(len(subset))[: units * size]] = np.repeat(np.arange(units), size)
+        cohort_of = dict(zip(subset.ids.tolist(), unit.tolist()))
+        forget = subset.subset(torch.from_numpy(unit == 0))
+        prepare = lambda seed: experiment.Split(train=subset, forget=forget, test=test)
+    else:
+        raise SystemExit(f"--scenarios: unknown {name!r}; known: {SCENARIOS}")
+    return prepare, cohort_of
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--subset", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
+    parser.add_argument("--gradient-scenarios", nargs="*", default=["cohort"], choices=SCENARIOS,
+                        help="scenarios that also record a gradient store and compare coefficient rules")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine, 2 threads ran 7x slower)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--mia-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--mia-samples", type=int, default=5000)
+    parser.add_argument("--mia-protocol", default="sampled", choices=["sampled", "reference"])
+    parser.add_argument("--idx-folder", default=FASHION_MNIST_DEBIAN)
+    parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"],
+                        help="digits: scikit-learn's 8x8 digits (80/20 split), for the smoke test")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "fidelity.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # as it was (the smoke test runs inside pytest)
+
+
+def _run(args, argv) -> dict:
+    from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
+
+    if args.data == "digits":
+        (train_all, test), args.image_size = split(digits(), 0.2, seed=0), 8
+    else:
+        (train_all, test), args.image_size = idx(args.idx_folder), 28
+    if not 0 < args.subset <= len(train_all):
+        raise SystemExit(f"--subset must lie in [1, {len(train_all)}], got {args.subset}")
+    subset = train_all.subset(torch.randperm(len(train_all), generator=torch.Generator().manual_seed(SUBSET_SEED))
+                              [: args.subset])
+    command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED})
+    out = {"meta": meta, "scenarios": {}}
+    md = [meta_comment(meta), f"`{command}`", ""]
+    for name in args.scenarios:
+        prepare, cohort_of = scenario(name, subset, test, args)
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        gradient = name in args.gradient_scenarios
+        trainer = make_trainer(args, cohort_of, ("update", "gradient") if gradient else ("update",))
+        results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, gradient),
+                                 mia_seeds=args.mia_seeds, mia_samples=args.mia_samples, mia_protocol=args.mia_protocol,
+                                 config={"scenario": name}, log=lambda line: print(line, flush=True))
+        out["scenarios"][name] = {**results.to_dict(), "seconds": time.perf_counter() - start}
+        md += [f"## {name}", "", results.table(), ""]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+        print(results.table(), flush=True)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

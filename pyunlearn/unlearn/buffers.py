@@ -1,0 +1,77 @@
+"""Buffers that forgetting does not reach: BatchNorm's running statistics.
+
+Amnesiac unlearning subtracts parameter updates, and label flipping / gradient ascent train on
+the forget set; neither puts back the running mean and variance a BatchNorm layer gathered
+while the forget samples trained (the latter even move them further with forget batches). In
+eval mode a model normalises with those statistics, so they keep a trace of the forget set and
+no longer match the changed weights. `recompute_batchnorm` rebuilds them from retained data; the
+forgetting functions warn (`StaleBuffersWarning`) when the model has such buffers.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._validate import positive_int
+from ._loop import model_device, to_device
+from ..data import SampleSet
+
+
+class StaleBuffersWarning(UserWarning):
+    """A model with BatchNorm running statistics was forgotten without recomputing them."""
+
+
+def batchnorm_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.modules.batchnorm._NormBase]]:
+    """(name, module) of every BatchNorm / InstanceNorm layer that keeps running statistics."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+def warn_stale_buffers(model: torch.nn.Module, method: str) -> None:
+    """Warns once per call if `model` has running statistics that `method` left as trained."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+    names = ", ".join(name or "<model>" for name, _ in layers[:3]) + (", ..." if len(layers) > 3 else "")
+    warnings.warn(
+        f"{method} changed the weights but left the BatchNorm running statistics of {len(layers)} layer(s) "
+        f"({names}) as they were trained, forget samples included: recompute them from retained data with "
+        "pyunlearn.unlearn.recompute_batchnorm(model, retain_data)",
+        StaleBuffersWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, data: SampleSet, *, batch_size: int = 256,
+                        max_samples: int | None = None, seed: int = 0) -> int:
+    """Resets every BatchNorm layer's running statistics and recomputes them from `data` (retained
+    samples), as the cumulative average over forward passes in train mode (momentum None):
+    the running mean is then the exact mean of the batches' means. No parameter changes; the
+    model's mode and each layer's momentum are restored. `max_samples` caps the samples used
+    (drawn under `seed`). Returns the number of samples used (0 if the model has no such layer)."""
+    if not isinstance(data, SampleSet):
+        raise TypeError(f"data must be a pyunlearn.data.SampleSet (ids, x, y), got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("data is empty: there is nothing to recompute the statistics from")
+    batch_size = positive_int("batch_size", batch_size)
+    layers = [m for _, m in batchnorm_layers(model)]
+    if not layers:
+        return 0
+    if max_samples is not None and positive_int("max_samples", max_samples) < len(data):
+        data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:max_samples])
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts alike
+        model.train()
+        device = model_device(model, "recompute_batchnorm")
+        for _, x, _ in data.batches(batch_size, shuffle=False):
+            model(to_device(x, device))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(data)
