@@ -64,7 +64,7 @@ def create_arrays(group, meta: StoreMetadata) -> None:
     add("sample_ids", (0,), np.int64, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, ("sample",))
     offsets = add("offsets", (1,), np.int64, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, ("step_boundary",))
     offsets[0] = 0
-    if meta.attribution == "gradient":  # per step: the optimizer family's hyper-parameters
+    if meta.records_hyper:  # per step: the optimizer family's hyper-parameters, or the learning rate
         add("step_hyper", (0, HYPER_WIDTH), np.float64, C, I, ("step", "hyper"))
 
 

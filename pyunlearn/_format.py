@@ -34,7 +34,7 @@ COMPRESSORS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
 DEFAULT_COMPRESSION = "zstd:1"  # chosen by measurement: benchmarks/bench_store.py
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
 ATTRIBUTIONS = ("update", "gradient")
-ROW_ARRAYS = ("values", "index", "scales")  # one row per step; gradient stores add step_hyper
+ROW_ARRAYS = ("values", "index", "scales")  # one row per step; gradient (and format-4 update) stores add step_hyper
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,9 @@ class StoreMetadata:
     # Version 4: a check value of the secret that maps this store's keys to sample IDs
     # (pyunlearn/keys.py), None while its samples are integer IDs. Never the secret itself.
     key_check: str | None = None
+    # Version 4: update stores record each step's learning rate too (step_hyper column 0, NaN
+    # where unknown), so that pyunlearn.unlearn.repair can replay a removed step at its rate.
+    update_hyper: bool = False
 
     def __post_init__(self):
         if self.inner_steps == 0:  # older stores: one chunk per write
@@ -162,11 +165,18 @@ class StoreMetadata:
             steps_per_chunk=chunk, committed_steps=0, committed_samples=0,
             fingerprint_initial=fingerprint([p for _, p in named_params]), fingerprint_final=None,
             final_steps=None, ledger=Ledger.empty(), chunks_always_written=True,
-            inner_steps=inner_steps_for(offset, chunk), compression=compression)
+            inner_steps=inner_steps_for(offset, chunk), compression=compression,
+            update_hyper=attribution == "update")
 
     @property
     def row_arrays(self) -> tuple[str, ...]:
-        return ROW_ARRAYS + ("step_hyper",) if self.attribution == "gradient" else ROW_ARRAYS
+        return ROW_ARRAYS + ("step_hyper",) if self.records_hyper else ROW_ARRAYS
+
+    @property
+    def records_hyper(self) -> bool:
+        """Whether each step's hyper-parameters are stored (gradient stores: the family's columns;
+        update stores since format 4: the learning rate)."""
+        return self.attribution == "gradient" or self.update_hyper
 
     @property
     def array_names(self) -> tuple[str, ...]:
@@ -261,6 +271,7 @@ class StoreMetadata:
             "compression": self.compression,
             "lookup": {"from": self.lookup_from, "runs": [run.to_json() for run in self.lookup_runs]},
             "key_check": self.key_check,
+            "update_hyper": self.update_hyper,
             "creation_complete": True,
         }
 
@@ -324,6 +335,7 @@ class StoreMetadata:
                 lookup_from=_count(attrs["lookup"]["from"]) if "lookup" in attrs else _count(attrs["committed_steps"]),
                 lookup_runs=tuple(Run.from_json(r) for r in attrs["lookup"]["runs"]) if "lookup" in attrs else (),
                 key_check=_optional(attrs.get("key_check"), str),
+                update_hyper=attrs.get("update_hyper", False) is True,
             )
             covered = [meta.lookup_from] + [b for run in meta.lookup_runs for b in (run.step_from, run.step_to)]
             if covered[-1] > meta.committed_steps or any(a != b for a, b in zip(covered[::2], covered[1::2])):
@@ -347,7 +359,7 @@ _SINCE_3 = ("checksum", "resume_point", "chunks_always_written", "creation_compl
 
 
 # Written only since version 4 (the ledger's form changed too: pyunlearn/ledger.py reads both).
-_SINCE_4 = ("key_check",)
+_SINCE_4 = ("key_check", "update_hyper")
 
 
 def resume_point_after(point: "ResumePoint | None", old: Ledger, new: Ledger) -> "ResumePoint | None":
@@ -430,9 +442,12 @@ def check_row(meta: StoreMetadata, row, hyper) -> dict[str, np.ndarray]:
         got = fields[name]
         if got.shape != shape or got.dtype != dtype:
             raise ValueError(f"row.{name} must be {np.dtype(dtype)} of shape {shape}, got {got.dtype} {got.shape}")
-    if (hyper is None) != (meta.attribution == "update") or (hyper is not None and len(hyper) > HYPER_WIDTH):
-        raise ValueError(f"hyper (at most {HYPER_WIDTH} values) is required with gradient attribution, and only then")
-    if hyper is not None:
+    if (hyper is None and meta.attribution == "gradient") or (hyper is not None and not meta.records_hyper) or \
+            (hyper is not None and len(hyper) > HYPER_WIDTH):
+        raise ValueError(f"hyper (at most {HYPER_WIDTH} values) is required with gradient attribution, optional for "
+                         "update stores of format 4 (the learning rate), refused otherwise")
+    if meta.records_hyper:  # an update step without one: its learning rate is unknown
+        hyper = (np.nan,) if hyper is None else hyper
         fields["step_hyper"] = np.pad(np.asarray(hyper, dtype=np.float64), (0, HYPER_WIDTH - len(hyper)))
     return fields
 

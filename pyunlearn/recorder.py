@@ -259,6 +259,7 @@ class _WritingRole:
         self._layout = [(p.dtype, p.device, p.shape) for p in params]
         self._frozen = frozen  # (name, parameter): in the optimizer, not recorded, must stay frozen
         self.steps = store.steps
+        self._records_lr = store.metadata.records_hyper and family is None  # update stores since format 4
         self._forgotten = store.forgotten_ids()  # no deletion can come while the recorder holds the lock
         # A store that already has steps continues only from the model they end with; checked
         # at the first step (or settled by load_state), when the checkpoint's model is loaded.
@@ -403,6 +404,8 @@ class _WritingRole:
                 row, hyper = self._rows(self.steps)
             except NonFiniteUpdateError as exc:
                 failure = exc
+            if hyper is None and self._records_lr:
+                hyper = (_learning_rate(self._optimizer),)
         if self._dist is not None:  # the global batch: every rank's IDs; a failure stops all ranks
             ids = self._dist.gather(ids, failure or self._writer.error)
         if failure is not None:
@@ -488,6 +491,16 @@ class _WritingRole:
             # store's steps end with, is not the final model.
             if mark_final and (not self._resume_pending or self._settle_resume() is None):
                 self._store.mark_final(self._model)
+
+
+def _learning_rate(optimizer) -> float:
+    """The step's learning rate, if every parameter group uses the same one; NaN otherwise (or
+    where reading it would wait for a GPU: a learning rate held in a device tensor)."""
+    rates = {group.get("lr") for group in optimizer.param_groups}
+    rate = rates.pop() if len(rates) == 1 else None
+    if isinstance(rate, torch.Tensor):
+        return float(rate) if rate.device.type == "cpu" and rate.numel() == 1 else math.nan
+    return float(rate) if isinstance(rate, (int, float)) else math.nan
 
 
 def _optimizer_param_ids(optimizer) -> list[int]:

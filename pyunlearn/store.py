@@ -286,9 +286,9 @@ class UpdateStore:
         return steps
 
     def read_step_hyper(self, steps: int) -> np.ndarray:
-        """Gradient stores: steps [0, steps)' hyper-parameters (float64, the family's columns, zero-padded)."""
-        if self.attribution != "gradient":
-            raise StoreError(f"{self._where} stores updates (attribution='update'): it has no step hyper-parameters")
+        """Steps [0, steps)' hyper-parameters: a gradient store's family columns, or an update store's lr."""
+        if not self._meta.records_hyper:
+            raise StoreError(f"{self._where} records no step hyper-parameters (an update store before format 4)")
         return self._data.read("step_hyper", slice(0, steps))
 
     def stats(self) -> StoreStats:

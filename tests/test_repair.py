@@ -81,12 +81,14 @@ def test_repair_replays_each_removed_steps_retained_samples(tmp_path):
     store.close()
 
 
-def test_repair_reads_a_gradient_stores_learning_rates(tmp_path):
+@pytest.mark.parametrize("attribution", ["gradient", "update"])
+def test_repair_reads_the_recorded_learning_rates(tmp_path, attribution):
     torch.manual_seed(0)
     data = _data()
     lrs = np.linspace(0.2, 0.02, 12)  # a schedule: one rate per step
     model = torch.nn.Linear(5, 3)
-    store, batches = _record(tmp_path, model, data, attribution="gradient", lrs=lrs)
+    store, batches = _record(tmp_path, model, data, attribution=attribution, lrs=lrs)
+    assert np.array_equal(store.read_step_hyper(store.steps)[:, 0], lrs)
     retain = data.without([130])
     report = pu.amnesiac_forget(model, store, [130])
     steps = subtracted_steps(report)
@@ -110,8 +112,6 @@ def test_repair_budget_fine_tune_and_errors(tmp_path):
     r = repair(m, store, steps, retain, lr=0.1, max_steps=2, fine_tune_epochs=0.5, batch_size=20)
     assert r.steps_replayed == 2 and r.fine_tune_steps == 3 and r.samples_fine_tuned == 60
     assert r.retrain_share == pytest.approx((r.samples_replayed + 60) / store.samples)
-    with pytest.raises(ValueError, match="lr"):
-        repair(copy.deepcopy(model), store, steps, retain)  # an update store records no rates
     with pytest.raises(ValueError, match="lr, given per step"):
         repair(copy.deepcopy(model), store, steps, retain, lr=[0.1, 0.1])
     with pytest.raises(ValueError, match="removed_steps"):
@@ -157,4 +157,23 @@ def test_forget_and_repair_recomputes_batchnorm_without_warning(tmp_path):
     assert repaired.batchnorm_samples == len(retain) and forget_report.steps_removed == 2
     with torch.no_grad():
         assert torch.allclose(model[1].running_mean, model[0](retain.x).mean(0), atol=0.05)
+    store.close()
+
+
+def test_a_step_without_a_known_learning_rate_needs_lr(tmp_path):
+    """Steps appended by hand (no recorder) and stores before format 4 record no rate."""
+    model = torch.nn.Linear(5, 3)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32")
+    params = [p.detach() for p in store.check_model(model)]
+    row = pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, "float32", refresh=False)
+    store.append(row, [100])
+    store.append(row, [101], hyper=(0.05,))
+    store.mark_final(model)
+    rates = store.read_step_hyper(2)[:, 0]
+    assert np.isnan(rates[0]) and rates[1] == 0.05
+    with pytest.raises(ValueError, match="records no learning rate for some steps"):
+        repair(model, store, [0, 1], _data())
+    repair(model, store, [1], _data())  # step 1's rate is known
+    with pytest.raises(ValueError, match="hyper"):
+        store.append(row, [102], hyper=(0.1,) * 5)
     store.close()

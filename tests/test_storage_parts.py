@@ -190,6 +190,8 @@ def test_a_store_of_format_2_reads_and_is_checksummed_at_its_first_write(tmp_pat
     _edit_attributes(path, as_format_2)
     store = pu.UpdateStore.open(tmp_path / "s.zarr")
     assert store.metadata.format_version == 2
+    with pytest.raises(pu.StoreError, match="records no step hyper-parameters"):
+        store.read_step_hyper(store.steps)  # update stores record learning rates since format 4
     store.truncate(10)
     store.close()
     attrs = json.loads(path.read_text())["attributes"]

@@ -49,9 +49,9 @@ def subtracted_steps(report: ForgetReport) -> np.ndarray:
 
 
 def step_learning_rates(store: UpdateStore, steps: np.ndarray) -> np.ndarray | None:
-    """The recorded learning rate of each of `steps`, or None where the store does not record one
-    (update stores record none)."""
-    if store.attribution != "gradient":
+    """The recorded learning rate of each of `steps` (NaN where a step's is unknown), or None if
+    the store records none (update stores before format 4)."""
+    if not store.metadata.records_hyper:
         return None
     return store.read_step_hyper(store.steps)[:, 0][steps]
 
@@ -151,9 +151,10 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
 def _rates(store: UpdateStore, steps: np.ndarray, lr) -> np.ndarray:
     if lr is None:
         rates = step_learning_rates(store, steps)
-        if rates is None:
-            raise ValueError(f"lr: {store.path} records no learning rate per step (attribution="
-                             f"{store.attribution!r}); pass the training learning rate (a number, or one per step)")
+        if rates is None or not np.isfinite(rates).all():
+            raise ValueError(f"lr: {store.path} records no learning rate for {'its' if rates is None else 'some'} "
+                             "steps (update stores before format 4, or steps recorded without one); pass the "
+                             "training learning rate (a number, or one per step)")
         return rates
     if np.ndim(lr) == 0:
         return np.full(steps.size, positive_number("lr", lr))
