@@ -447,8 +447,9 @@ def check_row(meta: StoreMetadata, row, hyper) -> dict[str, np.ndarray]:
         raise ValueError(f"hyper (at most {HYPER_WIDTH} values) is required with gradient attribution, optional for "
                          "update stores of format 4 (the learning rate), refused otherwise")
     if meta.records_hyper:  # an update step without one: its learning rate is unknown
-        hyper = (np.nan,) if hyper is None else hyper
-        fields["step_hyper"] = np.pad(np.asarray(hyper, dtype=np.float64), (0, HYPER_WIDTH - len(hyper)))
+        row_hyper = np.zeros(HYPER_WIDTH)  # (np.pad costs more than the rest of this check)
+        row_hyper[: 1 if hyper is None else len(hyper)] = np.nan if hyper is None else hyper
+        fields["step_hyper"] = row_hyper
     return fields
 
 
