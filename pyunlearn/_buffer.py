@@ -7,9 +7,11 @@ to commit. Committing them (after the data) is the store's job.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import NamedTuple
 
 import numpy as np
+from zarr.core.sync import sync
 
 from ._format import VALUE_DTYPES, StoreMetadata
 from .attribution import HYPER_WIDTH
@@ -63,16 +65,18 @@ class ChunkBuffer:
         ids = np.concatenate(self._pending_ids) if self._pending_ids else np.empty(0, np.int64)
         counts = np.array([len(x) for x in self._pending_ids], dtype=np.int64)
         first_sample, last_sample = self._committed_samples, self._committed_samples + len(ids)
+        writes = []
         for name in self._names:
             arr = arrays[name]
             if arr.shape[0] < start + self._capacity:  # grown geometrically: a resize rewrites metadata
                 arr.resize((max(start + self._capacity, 2 * arr.shape[0]), arr.shape[1]))
-            arr[start:end] = self._data[name][: self.rows]
+            writes.append((arr, slice(start, end), self._data[name][: self.rows]))
         _grow(arrays["sample_ids"], last_sample)
         if len(ids):
-            arrays["sample_ids"][first_sample:last_sample] = ids
+            writes.append((arrays["sample_ids"], slice(first_sample, last_sample), ids))
         _grow(arrays["offsets"], end + 1)
-        arrays["offsets"][self._committed_steps + 1 : end + 1] = first_sample + np.cumsum(counts)
+        writes.append((arrays["offsets"], slice(self._committed_steps + 1, end + 1), first_sample + np.cumsum(counts)))
+        _write_together(writes)
         written = Written(end, last_sample)
         self._committed_steps, self._committed_samples = end, last_sample
         self._pending_ids = []
@@ -82,6 +86,16 @@ class ChunkBuffer:
 class Written(NamedTuple):
     committed_steps: int
     committed_samples: int
+
+
+def _write_together(writes: list) -> None:
+    """arr[selection] = values for each (arr, selection, values), in one concurrent batch: one trip
+    through zarr's event loop for the chunk's arrays instead of one each (the commit that makes
+    them visible comes after this returns, so their order does not matter)."""
+    async def write_all():
+        await asyncio.gather(*(arr.async_array.setitem(selection, values) for arr, selection, values in writes))
+
+    sync(write_all())
 
 
 def _grow(arr, length: int) -> None:
