@@ -42,10 +42,8 @@ def settle_pending(store: UpdateStore, model: Fingerprints) -> bool:
 def seen_on_timeline(store: UpdateStore, model: Fingerprints, steps: int) -> int | None:
     """How many ledger records the model has seen, if it is on the store's timeline after
     `steps` steps; None if it is not."""
-    ledger = store.ledger
-    seen = [ledger.models[i].requests for i in ledger.valid_models()
-            if ledger.models[i].steps == steps and model.matches(ledger.models[i].fingerprint)]
-    return max(seen) if seen else None
+    found = store.ledger.latest_match(model, steps)
+    return None if found is None else store.ledger.models[found].requests
 
 
 def deletions_not_applied(store: UpdateStore, point) -> "ResumeRefused | None":

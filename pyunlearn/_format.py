@@ -195,9 +195,9 @@ class StoreMetadata:
         """The resume point of the model after `steps` steps ("" : chosen by hand, model unknown):
         a model on the ledger's timeline at that step has seen what it says; any other model, a
         step of the current training segment, what the segment's start had seen."""
-        on_timeline = [m.requests for m in self.ledger.models if m.steps == steps and m.fingerprint == fingerprint]
-        if fingerprint and on_timeline:
-            return ResumePoint(steps, fingerprint, max(on_timeline))
+        found = self.ledger.latest_match(fingerprint, steps) if fingerprint else None
+        if found is not None:
+            return ResumePoint(steps, fingerprint, self.ledger.models[found].requests)
         return ResumePoint(steps, fingerprint, 0 if self.resume_point is None else self.resume_point.requests)
 
     def truncated(self, step: int, samples: int, where: str) -> dict:
@@ -311,6 +311,7 @@ class StoreMetadata:
                                     "of version 4: zarr.json was edited. Restore it from a copy")
         attrs = _upgrade(dict(attrs), version)
         try:
+            ledger = _ledger(attrs, version, where)
             meta = cls(
                 format_version=int(version),
                 written_by=str(attrs.get("written_by", "")),
@@ -326,8 +327,8 @@ class StoreMetadata:
                 fingerprint_initial=_optional(attrs["fingerprint_initial"], str),
                 fingerprint_final=_optional(attrs["fingerprint_final"], str),
                 final_steps=_optional(attrs["final_steps"], int),
-                ledger=_ledger(attrs, version, where),
-                resume_point=_resume_point(attrs, version, where),
+                ledger=ledger,
+                resume_point=_resume_point(attrs, version, ledger),
                 chunks_always_written=attrs.get("chunks_always_written", False) is True,
                 inner_steps=_count(attrs.get("inner_steps", 0)),
                 compression=_compression(attrs.get("compression", "zstd:5")),
@@ -382,11 +383,11 @@ def resume_point_after(point: "ResumePoint | None", old: Ledger, new: Ledger) ->
     return point
 
 
-def _resume_point(attrs: dict, version: int, where: str) -> "ResumePoint | None":
+def _resume_point(attrs: dict, version: int, ledger: Ledger) -> "ResumePoint | None":
     """The resume point; before format 4 a deletion did not move it off the final model, so it
     is moved here as format 4 would have (training continues from the deletion's result)."""
     point = ResumePoint.from_json(attrs.get("resume_point"))
-    return point if version >= 4 else resume_point_after(point, Ledger.empty(), _ledger(attrs, version, where))
+    return point if version >= 4 else resume_point_after(point, Ledger.empty(), ledger)
 
 
 def _ledger(attrs: dict, version: int, where: str) -> Ledger:

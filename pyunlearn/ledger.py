@@ -246,8 +246,8 @@ class Ledger:
     def model_at(self, steps: int) -> Model | None:
         """The model on the timeline after `steps` steps that has seen the most records (where
         training may continue at that step), or None."""
-        here = [i for i in self.valid_models() if self.models[i].steps == steps]
-        return self.models[max(here, key=lambda i: (self.models[i].requests, i))] if here else None
+        found = self.latest_match(None, steps)
+        return None if found is None else self.models[found]
 
     def plan(self, requested_steps: np.ndarray, *, model_fingerprint, where: str, now: str | None = None,
              **_ignored) -> DeletionPlan:
@@ -261,14 +261,20 @@ class Ledger:
         subtract = np.union1d(base.unseen_steps(reach.requests, reach.steps), new_steps[new_steps < reach.steps])
         return DeletionPlan(subtract.astype(np.int64), new_steps, base, start)
 
+    def latest_match(self, model, steps: int | None = None) -> int | None:
+        """The index of the valid model on the list with this fingerprint (any, for None) and, if
+        given, these steps that has seen the most records, or None."""
+        matching = [i for i in self.valid_models() if (steps is None or self.models[i].steps == steps)
+                    and (model is None or _matches(model, self.models[i].fingerprint))]
+        return max(matching, key=lambda i: (self.models[i].requests, i)) if matching else None
+
     def model_for(self, model, where: str) -> int:
         """The index of the model on the list with this fingerprint (the one that has seen the
         most requests), or ModelMismatchError / StoreError."""
-        valid = self.valid_models()
-        matching = [i for i in valid if _matches(model, self.models[i].fingerprint)]
-        if matching:
-            return max(matching, key=lambda i: (self.models[i].requests, i))
-        if not valid:
+        found = self.latest_match(model)
+        if found is not None:
+            return found
+        if not self.valid_models():
             raise StoreError(f"{where} knows no model to forget from: recording did not close cleanly. Load the "
                              "trained model and call store.mark_final(model) first")
         shown = model.get() if hasattr(model, "get") else model
