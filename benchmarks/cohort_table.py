@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 import pyunlearn as pu
-from pyunlearn.data import CohortBatchSampler, SampleSet, sample_batches
+from pyunlearn.data import CohortBatchSampler, SampleSet
 from pyunlearn.metrics import Evaluation, evaluate
 from pyunlearn.models import SmallCNN
+from pyunlearn.models import train as fit
 
 from paper_table import load, parse_args  # a sibling: Python puts the script's folder first on sys.path
 
@@ -66,21 +67,10 @@ def units(train: SampleSet, spec: str, seed: int) -> tuple[np.ndarray, np.ndarra
 
 def train(model, data: SampleSet, batching: str, cohort: np.ndarray, args, stores=()) -> float:
     torch.manual_seed(args.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    recorders = [pu.UpdateRecorder(model, optimizer, s) for s in stores]
-    generator = torch.Generator().manual_seed(args.seed)
     sampler = CohortBatchSampler(cohort, args.batch_size, seed=args.seed) if batching == "cohort" else None
     start = time.perf_counter()
-    for _ in range(args.epochs):
-        batches = sample_batches(data, sampler) if sampler else data.batches(args.batch_size, generator=generator)
-        for ids, x, y in batches:
-            for rec in recorders:
-                rec.batch(ids)
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    for rec in recorders:
-        rec.close()
+    fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        stores=tuple(stores), batch_sampler=sampler)
     return time.perf_counter() - start
 
 

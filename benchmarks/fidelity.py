@@ -37,9 +37,9 @@ import torch
 import pyunlearn as pu
 from pyunlearn import experiment
 from pyunlearn.attribution import coefficient_rule
-from pyunlearn.data import (FASHION_MNIST_DEBIAN, CohortBatchSampler, SampleSet, digits, forget_random, idx,
-                            sample_batches, split)
+from pyunlearn.data import FASHION_MNIST_DEBIAN, CohortBatchSampler, SampleSet, digits, forget_random, idx, split
 from pyunlearn.models import SmallCNN
+from pyunlearn.models import train as fit
 from pyunlearn.unlearn import forget_and_repair, gradient_ascent, label_flip, subtracted_steps
 
 SCENARIOS = ("random1", "random10", "class", "cohort")
@@ -76,23 +76,12 @@ def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",
     def train(data: SampleSet, seed: int, record: bool):
         torch.manual_seed(seed)
         model = SmallCNN(args.image_size, (8, 16) if args.image_size == 28 else (16, 32))
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         stores = Stores(model, attributions) if record else None
-        recorders = [pu.UpdateRecorder(model, optimizer, s) for s in stores.stores.values()] if record else []
-        generator = torch.Generator().manual_seed(seed)
         sampler = None
         if cohort_of is not None:
             sampler = CohortBatchSampler(np.array([cohort_of[i] for i in data.ids.tolist()]), args.batch_size, seed=seed)
-        for _ in range(args.epochs):
-            batches = sample_batches(data, sampler) if sampler else data.batches(args.batch_size, generator=generator)
-            for ids, x, y in batches:
-                for rec in recorders:
-                    rec.batch(ids)
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-        for rec in recorders:
-            rec.close()
+        fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+            stores=tuple(stores.stores.values()) if record else (), batch_sampler=sampler)
         return model, stores
 
     return train

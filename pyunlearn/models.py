@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import SampleSet
+from .data import SampleSet, sample_batches
 from .recorder import UpdateRecorder
 from .store import UpdateStore
 
@@ -36,8 +36,10 @@ class DigitsCNN(SmallCNN):
 
 
 def train(model, data: SampleSet, *, epochs: int, batch_size: int, lr: float, seed: int,
-          stores: tuple[UpdateStore, ...] = (), progress: bool = False):
-    """SGD with momentum; records every step into each of `stores` (one recorder each)."""
+          stores: tuple[UpdateStore, ...] = (), progress: bool = False, batch_sampler=None):
+    """SGD with momentum; records every step into each of `stores` (one recorder each). Batches
+    are random ones of `batch_size` under `seed`, or each epoch's from `batch_sampler` (e.g. a
+    pyunlearn.data.CohortBatchSampler over positions in `data`)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     generator = torch.Generator().manual_seed(seed)
     recorders = [UpdateRecorder(model, optimizer, store) for store in stores]
@@ -48,7 +50,9 @@ def train(model, data: SampleSet, *, epochs: int, batch_size: int, lr: float, se
         bar = tqdm(total=epochs * -(-len(data) // batch_size), desc="training (recording)", unit="step")
     try:
         for _ in range(epochs):
-            for ids, x, y in data.batches(batch_size, generator=generator):
+            batches = data.batches(batch_size, generator=generator) if batch_sampler is None \
+                else sample_batches(data, batch_sampler)
+            for ids, x, y in batches:
                 for recorder in recorders:
                     recorder.batch(ids)
                 optimizer.zero_grad()
