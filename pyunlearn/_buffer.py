@@ -14,6 +14,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from ._format import VALUE_DTYPES, StoreMetadata
+from ._shards import write_rows
 from .attribution import HYPER_WIDTH
 
 
@@ -58,9 +59,10 @@ class ChunkBuffer:
         self.rows -= 1
         self._pending_ids.pop()
 
-    def write(self, arrays: dict) -> "Written":
-        """Writes the chunk's rows and the new steps' sample IDs; returns the counts for the
-        store to commit once this returned."""
+    def write(self, arrays: dict, zstore, where: str) -> "Written":
+        """Writes the chunk's rows and the new steps' sample IDs (into `arrays`, of the zarr store
+        `zstore`; `where` names the store in errors); returns the counts for the store to commit
+        once this returned."""
         start, end = self.start, self.start + self.rows
         ids = np.concatenate(self._pending_ids) if self._pending_ids else np.empty(0, np.int64)
         counts = np.array([len(x) for x in self._pending_ids], dtype=np.int64)
@@ -76,7 +78,7 @@ class ChunkBuffer:
             writes.append((arrays["sample_ids"], slice(first_sample, last_sample), ids))
         _grow(arrays["offsets"], end + 1)
         writes.append((arrays["offsets"], slice(self._committed_steps + 1, end + 1), first_sample + np.cumsum(counts)))
-        _write_together(writes)
+        _write_together([w for w in writes if not write_rows(zstore, w[0], w[1].start, w[2], where)])
         written = Written(end, last_sample)
         self._committed_steps, self._committed_samples = end, last_sample
         self._pending_ids = []
@@ -95,7 +97,8 @@ def _write_together(writes: list) -> None:
     async def write_all():
         await asyncio.gather(*(arr.async_array.setitem(selection, values) for arr, selection, values in writes))
 
-    sync(write_all())
+    if writes:  # the trip costs about a millisecond even with nothing to write
+        sync(write_all())
 
 
 def _grow(arr, length: int) -> None:

@@ -159,7 +159,7 @@ class UpdateStore:
                 self._buffer = None
 
     def _write_buffer(self) -> None:
-        new = self._buffer.write(self._data.arrays)  # data, then its ID index run, then the counts
+        new = self._buffer.write(self._data.arrays, self._zstore, self._where)  # data, then its ID index run, then the counts
         runs, obsolete = runs_after_commit(self._group, self._meta, new.committed_steps, new.committed_samples,
                                            self._ids)
         self._commit(**self._meta.new_steps(new.committed_steps, new.committed_samples, runs))

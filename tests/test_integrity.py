@@ -397,3 +397,85 @@ def test_the_shard_reader_leaves_big_endian_arrays_to_zarr(tmp_path):
     arr[:] = np.arange(24, dtype="float32").reshape(8, 3)
     zstore, _ = zarr_store(str(tmp_path / "g.zarr"), None, read_only=True)
     assert read_rows(zstore, arr, np.array([1, 5]), "g") is None  # not the store's layout: zarr reads it
+
+
+# ------------------------------------------------------------------ the shard writer
+def _twin_arrays(tmp_path, dtype, shape, chunks, shards):
+    """The same array in two local folders: one written by zarr, one by write_rows."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    from pyunlearn._format import codecs
+
+    made = []
+    for name in ("by-zarr", "by-pyunlearn"):
+        zstore = LocalStore(str(tmp_path / name))
+        arr = zarr.open_group(zstore, mode="w").create_array(
+            "a", shape=shape, dtype=dtype, fill_value=0, chunks=chunks, shards=shards,
+            compressors=codecs(np.dtype(dtype).itemsize, "zstd:1"), config={"write_empty_chunks": True})
+        made.append((zstore, arr))
+    return made
+
+
+def _shard_files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted((folder / "a" / "c").rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("dtype, tail", [("float16", (37,)), ("uint32", (37,)), ("int64", ())])
+def test_appends_written_straight_to_shards_are_the_bytes_zarr_writes(tmp_path, dtype, tail):
+    from pyunlearn._shards import write_rows
+
+    (zstore_z, by_zarr), (zstore_p, ours) = _twin_arrays(tmp_path, dtype, (40, *tail), (3, *tail), (12, *tail))
+    rng = np.random.default_rng(0)
+    # Appends as the store makes them: from a shard's start (the rows), and from anywhere (the
+    # IDs and offsets): inside an inner chunk, on its boundary, across shards, one row, many.
+    start = 0
+    for count in (5, 1, 6, 2, 13, 4, 9):
+        rows = (rng.standard_normal((count, *tail)) * 1000).astype(dtype)
+        by_zarr[start : start + count] = rows
+        assert write_rows(zstore_p, ours, start, rows, "test")
+        start += count
+        assert _shard_files(tmp_path / "by-pyunlearn") == _shard_files(tmp_path / "by-zarr"), (start, count)
+    assert np.array_equal(ours[:start], by_zarr[:start])
+    assert not list((tmp_path / "by-pyunlearn").rglob("*.partial"))  # no temporary file left behind
+
+
+def test_chunk_writes_of_an_unsharded_array_are_the_bytes_zarr_writes(tmp_path):
+    from pyunlearn._shards import write_rows
+
+    (_, by_zarr), (zstore, ours) = _twin_arrays(tmp_path, "float64", (24, 4), (8, 4), None)
+    rng = np.random.default_rng(1)
+    for start, count in ((0, 3), (0, 8), (8, 5), (8, 8), (16, 1)):  # a chunk flushed part-filled, then whole
+        rows = rng.standard_normal((count, 4))
+        by_zarr[start : start + count] = rows
+        assert write_rows(zstore, ours, start, rows, "test")
+        assert _shard_files(tmp_path / "by-pyunlearn") == _shard_files(tmp_path / "by-zarr"), (start, count)
+    assert not write_rows(zstore, ours, 3, rows, "test")  # not from a chunk's start: zarr merges it
+
+
+def test_the_shard_writer_leaves_other_stores_and_layouts_to_zarr(tmp_path):
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from pyunlearn._shards import write_rows
+
+    (_, _), (zstore, arr) = _twin_arrays(tmp_path, "float32", (8, 3), (2, 3), (4, 3))
+    rows = np.ones((2, 3), dtype="float32")
+    memory = MemoryStore()
+    in_memory = zarr.open_group(memory, mode="w").create_array("a", shape=(8, 3), dtype="float32", chunks=(2, 3),
+                                                                shards=(4, 3))
+    assert not write_rows(memory, in_memory, 0, rows, "m")  # not a local folder
+    assert not write_rows(zstore, arr, 7, rows, "t")  # past the array's end: zarr says what is wrong
+    other_codecs = zarr.open_group(zstore, mode="a").create_array("b", shape=(8, 3), dtype="float32", chunks=(2, 3))
+    assert not write_rows(zstore, other_codecs, 0, rows, "t")  # zarr's default codecs (zstd, no checksum)
+
+
+def test_an_append_to_a_shard_that_vanished_is_corruption(tmp_path):
+    from pyunlearn._shards import write_rows
+
+    (_, _), (zstore, arr) = _twin_arrays(tmp_path, "int64", (24,), (4,), (12,))
+    assert write_rows(zstore, arr, 0, np.arange(5), "s.zarr")
+    (tmp_path / "by-pyunlearn" / "a" / "c" / "0").unlink()
+    with pytest.raises(pu.CorruptStoreError, match="shard a/c/0 .* is missing"):
+        write_rows(zstore, arr, 5, np.arange(3), "s.zarr")
