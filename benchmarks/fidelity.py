@@ -181,8 +181,8 @@ def class_units(subset: SampleSet, units: int = UNITS) -> np.ndarray:
     each class, shuffled under SUBSET_SEED, is cut into as many units of len(subset) // units as
     it holds, and up to `units` of them are taken class by class in turn (so the classes keep
     about the same number of units); the unit numbers are shuffled, so unit 0's class is drawn too.
-    Fewer than `units` units where the classes' leftovers add up to whole units (a class of 1,921
-    samples holds 9 units of 200, not 10): 95 in fidelity's 20,000 subset."""
+    Fewer than `units` where the classes do not split into whole units: a class of 1,921 samples
+    holds 9 units of 200, not 10, so fidelity's 20,000 subset holds 95."""
     size = _unit_size(subset, units)
     rng = np.random.default_rng(SUBSET_SEED)
     labels = subset.y.numpy()
