@@ -1,6 +1,6 @@
 """Forgetting against retraining, measured above the noise floor (issue 15).
 
-    python benchmarks/fidelity.py                                  (the committed run: 3 seeds, 4 scenarios)
+    python benchmarks/fidelity.py                                  (3 seeds, all 5 scenarios)
     python benchmarks/fidelity.py --seeds 0 --subset 3000 --epochs 1 --scenarios random1 --mia-seeds 0
                                                                    (a tiny check, ~1 minute)
 
@@ -15,8 +15,11 @@ copy of the original. Scenarios:
 - random1: 1% of the subset at random (forget set drawn under the seed);
 - random10: 10% at random;
 - class: every sample of class 0 (about 10%);
-- cohort: the subset in 100 units of 1% each (200 samples: cohort:100:200 as in cohort_table.py), trained
-  with CohortBatchSampler (retrains too), forgetting unit 0.
+- cohort: the subset in 100 units of 1% each (200 samples: cohort:100:200 as in cohort_table.py) of
+  random samples (iid units), trained with CohortBatchSampler (retrains too), forgetting unit 0;
+- cohort-skewed: the same, but every unit holds samples of one class (class_units: as many units
+  of 1% as each class holds, up to 100 in all; 95 in the 20,000 subset, whose classes hold 1,921
+  to 2,064 samples), the rest units of one.
 
 Writes benchmarks/results/fidelity.json (meta: machine, versions, config; per scenario the
 rows, noise floor and summary) and fidelity.md (one table per scenario), after every scenario.
@@ -42,8 +45,9 @@ from pyunlearn.models import SmallCNN
 from pyunlearn.models import train as fit
 from pyunlearn.unlearn import forget_and_repair, gradient_ascent, label_flip, subtracted_steps
 
-SCENARIOS = ("random1", "random10", "class", "cohort")
+SCENARIOS = ("random1", "random10", "class", "cohort", "cohort-skewed")
 SUBSET_SEED = 12345  # the subset is fixed: only the forget set and training change with the seed
+UNITS = 100  # the cohort scenarios' deletion units: 100 units of 1% of the subset each (at most)
 FORGET_SEED = 54321  # the random forget set of training seed s is drawn under FORGET_SEED + s
 STORES = {"dense": dict(keep=1.0, value_dtype="float32"), "k0.01": dict(keep=0.01, value_dtype="float16")}
 GRADIENT_RULES = {"first-order": ("first-order", None), "damped 0.5": ("damped", 0.5), "damped 0.2": ("damped", 0.2),
@@ -155,6 +159,46 @@ def _fine_tune_share(model, c, share, lr, batch_size):
     return {"steps": steps}
 
 
+def _unit_size(subset: SampleSet, units: int) -> int:
+    size = len(subset) // units  # 200 samples a unit in a 20,000-sample subset
+    if size < 1:
+        raise SystemExit(f"--subset {len(subset)} is too small for {units} units")
+    return size
+
+
+def iid_units(subset: SampleSet, units: int = UNITS) -> np.ndarray:
+    """The unit of each sample of `subset` (by position): `units` units of len(subset) // units
+    random samples, drawn under SUBSET_SEED; every other sample a unit of its own."""
+    size = _unit_size(subset, units)
+    rng = np.random.default_rng(SUBSET_SEED)
+    unit = np.arange(units, units + len(subset))  # everyone else: a unit of one
+    unit[rng.permutation(len(subset))[: units * size]] = np.repeat(np.arange(units), size)
+    return unit
+
+
+def class_units(subset: SampleSet, units: int = UNITS) -> np.ndarray:
+    """As iid_units, but each unit holds samples of one class (a person's photos of one kind):
+    each class, shuffled under SUBSET_SEED, is cut into as many units of len(subset) // units as
+    it holds, and up to `units` of them are taken class by class in turn (so the classes keep
+    about the same number of units); the unit numbers are shuffled, so unit 0's class is drawn too.
+    Fewer than `units` where the classes do not split into whole units: a class of 1,921 samples
+    holds 9 units of 200, not 10, so fidelity's 20,000 subset holds 95."""
+    size = _unit_size(subset, units)
+    rng = np.random.default_rng(SUBSET_SEED)
+    labels = subset.y.numpy()
+    chunks = []  # chunks[c][k]: the positions of class c's k-th unit
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        chunks.append([members[k * size : (k + 1) * size] for k in range(len(members) // size)])
+    taken = [per_class[k] for k in range(max(map(len, chunks))) for per_class in chunks if k < len(per_class)][:units]
+    if not taken:
+        raise SystemExit(f"--subset {len(subset)}: no class holds a unit of {size} samples")
+    unit = np.arange(units, units + len(subset))  # everyone else: a unit of one
+    for number, k in enumerate(rng.permutation(len(taken))):
+        unit[taken[k]] = number
+    return unit
+
+
 def scenario(name: str, subset: SampleSet, test: SampleSet, args):
     """(prepare, cohort_of) for one scenario."""
     cohort_of = None
@@ -166,13 +210,8 @@ def scenario(name: str, subset: SampleSet, test: SampleSet, args):
                                                 test=test)
     elif name == "class":
         prepare = lambda seed: experiment.Split(train=subset, forget=subset.subset(subset.y == 0), test=test)
-    elif name == "cohort":
-        units, size = 100, len(subset) // 100  # 200 samples a unit in a 20,000-sample subset
-        if size < 1:
-            raise SystemExit(f"--subset {len(subset)} is too small for 100 units")
-        rng = np.random.default_rng(SUBSET_SEED)
-        unit = np.arange(units, units + len(subset))  # everyone else: a unit of one
-        unit[rng.permutation(len(subset))[: units * size]] = np.repeat(np.arange(units), size)
+    elif name == "cohort" or name == "cohort-skewed":
+        unit = iid_units(subset) if name == "cohort" else class_units(subset)
         cohort_of = dict(zip(subset.ids.tolist(), unit.tolist()))
         forget = subset.subset(torch.from_numpy(unit == 0))
         prepare = lambda seed: experiment.Split(train=subset, forget=forget, test=test)
@@ -181,27 +220,56 @@ def scenario(name: str, subset: SampleSet, test: SampleSet, args):
     return prepare, cohort_of
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+def training_arguments(doc: str, seeds=(0, 1, 2)) -> argparse.ArgumentParser:
+    """A parser holding the data and training options (batching_cost.py trains with the same)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     parser.add_argument("--subset", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
-    parser.add_argument("--gradient-scenarios", nargs="*", default=["cohort"], choices=SCENARIOS,
-                        help="scenarios that also record a gradient store and compare coefficient rules")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads ran 7x slower)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--mia-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mia-samples", type=int, default=5000)
-    parser.add_argument("--mia-protocol", default="sampled", choices=["sampled", "reference"])
     parser.add_argument("--idx-folder", default=FASHION_MNIST_DEBIAN)
     parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"],
                         help="digits: scikit-learn's 8x8 digits (80/20 split), for the smoke test")
+    return parser
+
+
+def unit_notes(cohort_of: dict[int, int], forget: SampleSet) -> dict:
+    """What a cohort scenario's units are: how many hold more than one sample, their sizes, and
+    the classes of the forgotten unit (class: count)."""
+    sizes = np.bincount(np.fromiter(cohort_of.values(), dtype=np.int64))
+    sizes = sizes[sizes > 1]
+    classes = torch.bincount(forget.y)
+    return {"units": int(sizes.size), "unit_sizes": sorted({int(n) for n in sizes}),
+            "forget_classes": {int(c): int(classes[c]) for c in classes.nonzero().flatten()}}
+
+
+def parse_args(argv):
+    parser = training_arguments(__doc__)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
+    parser.add_argument("--gradient-scenarios", nargs="*", default=["cohort", "cohort-skewed"], choices=SCENARIOS,
+                        help="scenarios that also record a gradient store and compare coefficient rules")
+    parser.add_argument("--mia-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--mia-samples", type=int, default=5000)
+    parser.add_argument("--mia-protocol", default="sampled", choices=["sampled", "reference"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "fidelity.json")
     return parser.parse_args(argv)
+
+
+def load(args) -> tuple[SampleSet, SampleSet]:
+    """(the fixed training subset, the test set); sets args.image_size."""
+    if args.data == "digits":
+        (train_all, test), args.image_size = split(digits(), 0.2, seed=0), 8
+    else:
+        (train_all, test), args.image_size = idx(args.idx_folder), 28
+    if not 0 < args.subset <= len(train_all):
+        raise SystemExit(f"--subset must lie in [1, {len(train_all)}], got {args.subset}")
+    subset = train_all.subset(torch.randperm(len(train_all), generator=torch.Generator().manual_seed(SUBSET_SEED))
+                              [: args.subset])
+    return subset, test
 
 
 def main(argv=None) -> dict:
@@ -217,14 +285,7 @@ def main(argv=None) -> dict:
 def _run(args, argv) -> dict:
     from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
-    if args.data == "digits":
-        (train_all, test), args.image_size = split(digits(), 0.2, seed=0), 8
-    else:
-        (train_all, test), args.image_size = idx(args.idx_folder), 28
-    if not 0 < args.subset <= len(train_all):
-        raise SystemExit(f"--subset must lie in [1, {len(train_all)}], got {args.subset}")
-    subset = train_all.subset(torch.randperm(len(train_all), generator=torch.Generator().manual_seed(SUBSET_SEED))
-                              [: args.subset])
+    subset, test = load(args)
     command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED})
     out = {"meta": meta, "scenarios": {}}
@@ -235,11 +296,16 @@ def _run(args, argv) -> dict:
         start = time.perf_counter()
         gradient = name in args.gradient_scenarios
         trainer = make_trainer(args, cohort_of, ("update", "gradient") if gradient else ("update",))
+        notes = unit_notes(cohort_of, prepare(args.seeds[0]).forget) if cohort_of is not None else {}
         results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, gradient),
                                  mia_seeds=args.mia_seeds, mia_samples=args.mia_samples, mia_protocol=args.mia_protocol,
-                                 config={"scenario": name}, log=lambda line: print(line, flush=True))
+                                 config={"scenario": name, **notes}, log=lambda line: print(line, flush=True))
         out["scenarios"][name] = {**results.to_dict(), "seconds": time.perf_counter() - start}
-        md += [f"## {name}", "", results.table(), ""]
+        md += [f"## {name}", ""]
+        if notes:
+            md += [f"{notes['units']} units of {'/'.join(map(str, notes['unit_sizes']))} samples (the others units of "
+                   f"one); the forgotten unit's classes (class: samples): {notes['forget_classes']}", ""]
+        md += [results.table(), ""]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
         args.out.with_suffix(".md").write_text("\n".join(md) + "\n")

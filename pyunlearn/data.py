@@ -233,7 +233,8 @@ class CohortBatchSampler(torch.utils.data.Sampler):
     set_epoch(e) to pick an epoch, as with DistributedSampler; iterating also advances it).
 
     Trade-off: batches are less i.i.d. (a batch holds a few units' samples), which can cost
-    accuracy when units are homogeneous; the benchmark measures it.
+    accuracy when units are homogeneous: with units of one class, benchmarks/batching_cost.py's
+    CNN did not train at all (see docs/guide.md, "What cohort batching cost").
     """
 
     def __init__(self, cohort_of, batch_size: int, *, seed: int = 0):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import torch
+
+from pyunlearn.data import SampleSet
+
 
 def test_digits_smoke_run(tmp_path, benchmark_script):
     fidelity = benchmark_script("fidelity")
@@ -11,17 +16,18 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     methods = ["Amnesiac keep 0.01 + repair", "Label flip keep 0.1 saliency mask (guarded)",
                "Gradient attribution keep 0.01, own step"]
     result = fidelity.main(["--data", "digits", "--seeds", "0", "--subset", "1400", "--epochs", "1",
-                            "--scenarios", "random1", "cohort", "--mia-seeds", "0", "--mia-samples", "200",
+                            "--scenarios", "random1", "cohort", "cohort-skewed", "--mia-seeds", "0", "--mia-samples", "200",
                             "--methods", *methods, "--out", str(out)])
     written = json.loads(out.read_text())
-    assert written["meta"]["config"]["seeds"] == [0] and set(written["scenarios"]) == {"random1", "cohort"}
+    assert written["meta"]["config"]["seeds"] == [0] and set(written["scenarios"]) == {"random1", "cohort", "cohort-skewed"}
     for name, scenario in result["scenarios"].items():
         rows = [r["method"] for r in scenario["rows"]]
-        expected = ["Original", "Retrain", "Retrain seed 2"] + methods[: 3 if name == "cohort" else 2]
+        expected = ["Original", "Retrain", "Retrain seed 2"] + methods[: 2 if name == "random1" else 3]
         assert rows == expected, name
         assert set(scenario["noise_floor"]) >= {"UA", "MIA", "forget_loss_ks"}
         repaired = next(r for r in scenario["rows"] if r["method"] == methods[0])
         assert 0 < repaired["extra"]["sample_share"] < 1
+    assert len(result["scenarios"]["cohort-skewed"]["config"]["forget_classes"]) == 1  # unit 0: one class
     assert "noise floor" in out.with_suffix(".md").read_text().lower()
 
 
@@ -36,3 +42,41 @@ def test_saliency_sweep_smoke_run(tmp_path, benchmark_script):
         assert point["seeds_reaching"] == (1 if reaching else 0)
         if reaching:
             assert point["lrs"] == [min(r["lr"] for r in reaching)]
+
+
+def test_class_units_hold_one_class_each(benchmark_script):
+    """cohort-skewed's units: each of one class and of the iid units' size, taken class by class
+    in turn up to `units`, the same every time (fixed seed); everyone else a unit of one."""
+    fidelity = benchmark_script("fidelity")
+    labels = torch.tensor([0] * 450 + [1] * 430 + [2] * 120)  # room for 4 + 4 + 1 units of 100
+    data = SampleSet(torch.arange(1000), torch.zeros(1000, 1), labels)
+    unit = fidelity.class_units(data, units=10)
+    assert np.array_equal(unit, fidelity.class_units(data, units=10))
+    assert np.unique(unit[unit < 10]).tolist() == list(range(9))  # 9 whole units fit, not 10
+    classes = []
+    for u in range(9):
+        assert (unit == u).sum() == 100 and labels[unit == u].unique().numel() == 1
+        classes.append(int(labels[unit == u][0]))
+    assert sorted(classes) == [0] * 4 + [1] * 4 + [2]
+    singles = unit[unit >= 10]
+    assert singles.size == 100 and np.unique(singles).size == 100
+    capped = fidelity.class_units(data, units=3)  # units of 333: one from class 0, one from class 1
+    assert sorted(int(labels[capped == u][0]) for u in range(2)) == [0, 1] and (capped == 2).sum() == 0
+
+
+def test_batching_cost_smoke_run(tmp_path, benchmark_script):
+    batching_cost = benchmark_script("batching_cost")
+    out = tmp_path / "batching_cost.json"
+    result = batching_cost.main(["--data", "digits", "--subset", "1400", "--epochs", "1", "--seeds", "0", "1",
+                                 "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["meta"]["config"]["seeds"] == [0, 1] and len(written["runs"]) == 6
+    summary = result["summary"]
+    assert list(summary) == ["random", "cohort iid", "cohort skewed"]
+    for training in ("cohort iid", "cohort skewed"):
+        diff = summary[training]["TA_vs_random"]
+        assert abs(diff["mean"] - (summary[training]["TA"][0] - summary["random"]["TA"][0])) < 1e-9
+        assert len(diff["per_seed"]) == 2
+    # digits units of 14 share batches, but the skewed ones still make batches less mixed
+    assert summary["cohort skewed"]["largest_class_share"][0] > summary["cohort iid"]["largest_class_share"][0]
+    assert "TA − random" in out.with_suffix(".md").read_text()

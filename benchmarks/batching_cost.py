@@ -1,0 +1,148 @@
+"""What cohort batching costs the original model, with iid and with class-skewed units (issue 15).
+
+    python benchmarks/batching_cost.py                                      (the committed run: seeds 0-4)
+    python benchmarks/batching_cost.py --data digits --subset 1400 --epochs 1 --seeds 0 1   (smoke)
+
+Data, model and training are fidelity.py's, through its own functions (load, make_trainer, which
+calls pyunlearn.models.train): the fixed 20,000-sample Fashion-MNIST subset, SmallCNN(8, 16), 3
+epochs, batch 128, SGD 0.05 + momentum 0.9, one torch thread. For every seed, three trainings
+start from the same initial weights (torch.manual_seed(seed)):
+
+- random: models.train's own random batches under the seed (fidelity's random1, random10, class);
+- cohort iid: CohortBatchSampler over fidelity's `cohort` units (iid_units: 100 units of 200
+  random samples);
+- cohort skewed: CohortBatchSampler over its `cohort-skewed` units (class_units: units of 200
+  samples of one class, 95 in this subset, the other 1,000 samples units of one).
+
+Each trained model's test accuracy (%) and mean test cross-entropy (nats) on the full test set;
+mean ± sd over the seeds, and each cohort training's difference to random batching paired by
+seed (same initial weights) as mean ± sd of the per-seed differences. A difference counts (`*`)
+only where |mean| exceeds that sd, the seed-to-seed spread. Also per training: optimizer steps
+and how class-mixed the batches are (share of a batch's samples in its largest class, averaged
+over samples, all epochs).
+
+Writes benchmarks/results/batching_cost.json (meta: machine, versions, config; per-seed values;
+summary) and batching_cost.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fidelity import SUBSET_SEED, UNITS, class_units, iid_units, load, make_trainer, training_arguments  # a sibling
+from pyunlearn.data import CohortBatchSampler, sample_batches
+from pyunlearn.metrics import accuracy, losses
+
+TRAININGS = ("random", "cohort iid", "cohort skewed")
+VALUES = ("TA", "test_loss")
+
+
+def batch_mix(subset, unit, args, seed: int) -> dict:
+    """Steps and class mixing of the batches train() sees for this seed: the same data pipeline
+    (subset.batches under the seed's generator, or the cohort sampler), labels only."""
+    if unit is None:
+        generator = torch.Generator().manual_seed(seed)
+        epochs = [subset.batches(args.batch_size, generator=generator) for _ in range(args.epochs)]
+    else:
+        sampler = CohortBatchSampler(unit, args.batch_size, seed=seed)
+        epochs = [sample_batches(subset, sampler) for _ in range(args.epochs)]
+    steps, largest = 0, 0
+    for batches in epochs:
+        for _, _, y in batches:
+            steps += 1
+            largest += int(torch.bincount(y).max())
+    return {"steps": steps, "largest_class_share": largest / (args.epochs * len(subset))}
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per training: mean and sd of each value; per cohort training: the paired difference to random."""
+    by = {t: sorted((r for r in runs if r["training"] == t), key=lambda r: r["seed"]) for t in TRAININGS}
+    summary = {}
+    for training, rows in by.items():
+        entry = {v: _mean_sd([r[v] for r in rows]) for v in (*VALUES, "steps", "largest_class_share", "seconds")}
+        if training != "random":
+            for v in VALUES:
+                diffs = [r[v] - base[v] for r, base in zip(rows, by["random"], strict=True)]
+                mean, sd = _mean_sd(diffs)
+                entry[f"{v}_vs_random"] = {"mean": mean, "sd": sd, "per_seed": diffs, "counts": abs(mean) > sd}
+        summary[training] = entry
+    return summary
+
+
+def table(summary: dict, seeds) -> str:
+    def cell(pair, digits):
+        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+    def diff(entry, value, digits):
+        if value not in entry:
+            return "—"
+        d = entry[value]
+        return f"{d['mean']:+.{digits}f} ± {d['sd']:.{digits}f}{'*' if d['counts'] else ''}"
+
+    lines = ["| training | TA | TA − random | test loss | test loss − random | steps | largest-class share of a batch |",
+             "|---|---|---|---|---|---|---|"]
+    for training, e in summary.items():
+        lines.append(f"| {training} | {cell(e['TA'], 2)} | {diff(e, 'TA_vs_random', 2)} | {cell(e['test_loss'], 4)} | "
+                     f"{diff(e, 'test_loss_vs_random', 4)} | {e['steps'][0]:.0f} | {e['largest_class_share'][0]:.3f} |")
+    lines += ["", f"Mean ± sd over training seeds {list(seeds)}; differences paired by seed (same initial weights), "
+              "mean ± sd of the per-seed differences; `*`: |mean difference| exceeds its sd (only those count). "
+              "Steps: optimizer steps over all epochs (mean over seeds)."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = training_arguments(__doc__, seeds=range(5))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "batching_cost.json")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # as it was (the smoke test runs inside pytest)
+
+
+def _run(args, argv) -> dict:
+    from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
+
+    subset, test = load(args)
+    units = {"random": None, "cohort iid": iid_units(subset), "cohort skewed": class_units(subset)}
+    runs = []
+    for seed in args.seeds:
+        for training, unit in units.items():
+            cohort_of = None if unit is None else dict(zip(subset.ids.tolist(), unit.tolist()))
+            start = time.perf_counter()
+            model, _ = make_trainer(args, cohort_of)(subset, seed, False)
+            seconds = time.perf_counter() - start
+            run = {"training": training, "seed": seed, "TA": accuracy(model, test),
+                   "test_loss": float(losses(model, test).mean()), "seconds": seconds,
+                   **batch_mix(subset, unit, args, seed)}
+            runs.append(run)
+            print(f"seed {seed} {training:<13} TA {run['TA']:6.2f}  test loss {run['test_loss']:.4f}  "
+                  f"steps {run['steps']}  largest-class share {run['largest_class_share']:.3f}  {seconds:.1f} s",
+                  flush=True)
+    summary = summarise(runs)
+    command = "python benchmarks/batching_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED,  # units of one are numbered from UNITS
+                         "units": {t: None if u is None else int(np.unique(u[u < UNITS]).size) for t, u in units.items()}})
+    out = {"meta": meta, "runs": runs, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    md = "\n".join([meta_comment(meta), f"`{command}`", "", table(summary, args.seeds), ""])
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return out
+
+
+if __name__ == "__main__":
+    main()
