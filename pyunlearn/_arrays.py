@@ -3,9 +3,12 @@ existing one, and reading them with every failure turned into CorruptStoreError 
 chunk, or a missing one: see _chunks.py). The layout is docs/format.md's."""
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
 from ._chunks import ChunkPresence
 from ._format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, VALUE_DTYPES, \
@@ -73,6 +76,15 @@ def create_arrays(group, meta: StoreMetadata) -> None:
 FORGOTTEN = "forgotten_ids"  # the IDs every deletion request asked for, appended request by request
 
 
+def open_arrays(group, names) -> list:
+    """group[name] for each name, in one concurrent batch: one trip through zarr's event loop
+    instead of one per array (~0.5 ms each when a store is opened). KeyError for a missing one."""
+    async def open_all():
+        return await asyncio.gather(*(group._async_group.getitem(name) for name in names))
+
+    return [zarr.Array(a) for a in sync(open_all())]
+
+
 class StoreArrays:
     """The arrays of an open store, read with checks."""
 
@@ -83,7 +95,8 @@ class StoreArrays:
         try:
             # Chunks equal to the fill value are written too: a missing chunk then always means
             # damage (see _chunks.py), never "all zeros".
-            self.arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in meta.array_names}
+            self.arrays = {name: arr.with_config({"write_empty_chunks": True})
+                           for name, arr in zip(meta.array_names, open_arrays(group, meta.array_names))}
         except KeyError as exc:
             raise CorruptStoreError(f"{where}: the store's array {exc} is missing") from None
         self._chunks = ChunkPresence(zstore, where)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import open_arrays
 from ._format import IDS_PER_INNER_CHUNK, Run, StoreMetadata, codecs
 from ._sample_index import SampleIndex, StepLookup
 
@@ -74,9 +75,10 @@ class IdLookup:
         self._scans: dict[tuple[int, int], SampleIndex] = {}
 
     def _run(self, run: Run):
-        if run.name not in self._fences:
-            arr = self._group[GROUP][run.name]
-            self._fences[run.name] = (arr, np.asarray(arr.attrs["fences"], dtype=np.int64))
+        if run.name not in self._fences:  # it and every run of the table not yet open: one trip through zarr
+            runs = list(dict.fromkeys([run.name] + [r.name for r in self._meta.lookup_runs if r.name not in self._fences]))
+            for name, arr in zip(runs, open_arrays(self._group, [f"{GROUP}/{name}" for name in runs])):
+                self._fences[name] = (arr, np.asarray(arr.attrs["fences"], dtype=np.int64))
         return self._fences[run.name]
 
     def read_run(self, run: Run) -> np.ndarray:
