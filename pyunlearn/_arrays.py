@@ -4,16 +4,19 @@ chunk, or a missing one: see _chunks.py). The layout is docs/format.md's."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from ._chunks import ChunkPresence
 from ._format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, VALUE_DTYPES, \
     StoreMetadata, codecs
-from ._location import what_is_there
+from ._location import replace_file, what_is_there
 from ._lock import WriterLock
 from .attribution import HYPER_WIDTH
 from .errors import CorruptStoreError
@@ -40,7 +43,7 @@ def create_group(zstore, where: str, meta: StoreMetadata, *, overwrite: bool):
     group = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "creation_complete": False})
     create_arrays(group, meta)
-    group.update_attributes(meta.to_checked_attrs())
+    save_attributes(zstore, group, meta.to_checked_attrs())
 
 
 def create_arrays(group, meta: StoreMetadata) -> None:
@@ -74,6 +77,19 @@ def create_arrays(group, meta: StoreMetadata) -> None:
 
 
 FORGOTTEN = "forgotten_ids"  # the IDs every deletion request asked for, appended request by request
+
+
+def save_attributes(zstore, group, attrs: dict):
+    """group.update_attributes(attrs) (the group, updated): in a local folder written here, as
+    zarr writes it (the group's zarr.json replaced whole), without zarr's event loop, whose trip
+    cost ~2 ms of every commit (each chunk written, each deletion recorded)."""
+    if not isinstance(zstore, LocalStore):
+        return group.update_attributes(attrs)
+    group.metadata.attributes.update(attrs)  # what zarr's update_attributes does before writing
+    folder = Path(zstore.root) / group.store_path.path
+    for key, buffer in group.metadata.to_buffer_dict(default_buffer_prototype()).items():
+        replace_file(folder / key, [buffer.as_buffer_like()])
+    return group
 
 
 def open_arrays(group, names) -> list:

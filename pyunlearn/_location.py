@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from pathlib import Path
 
 from .errors import StoreNotFoundError
 
@@ -54,3 +56,17 @@ def what_is_there(zstore) -> str:
     except (ValueError, AttributeError):
         return "other"
     return "pyunlearn" if isinstance(attrs, dict) and attrs.get("format") == FORMAT_NAME else "other"
+
+
+def replace_file(path: Path, parts) -> None:
+    """Writes the file at `path` whole from `parts` (bytes-like), as zarr's LocalStore does:
+    readers see the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's own temporary name
+    try:
+        with open(temporary, "wb") as f:
+            f.writelines(parts)  # not joined first: a shard of rows is megabytes
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from pathlib import Path
 
 import google_crc32c
@@ -34,6 +33,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from ._location import replace_file
 from .errors import CorruptStoreError
 
 _EMPTY = np.uint64(2**64 - 1)
@@ -133,7 +133,7 @@ def write_rows(zstore, arr, start: int, rows: np.ndarray, where: str) -> bool:
         chunk = np.zeros(arr.chunks, dtype=np.dtype(arr.dtype).newbyteorder("<"))
         chunk[: len(rows)] = rows
         key = f"{arr.path}/" + arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (chunk.ndim - 1))
-        _replace(Path(zstore.root) / key, _encoded(chunk, arr.metadata.codecs[1]))
+        replace_file(Path(zstore.root) / key, _encoded(chunk, arr.metadata.codecs[1]))
         return True
     if not _plain_rows_layout(arr):
         return False
@@ -188,7 +188,7 @@ def _write_shard(zstore, arr, first: int, keep: int, rows: np.ndarray, where: st
         parts += encoded
         index[whole + c] = (offset, len(encoded[0]) + 4)
         offset += len(encoded[0]) + 4
-    _replace(path, parts + _with_crc32c(index.tobytes()))
+    replace_file(path, parts + _with_crc32c(index.tobytes()))
 
 
 def _encoded(block: np.ndarray, codec: BloscCodec) -> list[bytes]:
@@ -200,19 +200,6 @@ def _encoded(block: np.ndarray, codec: BloscCodec) -> list[bytes]:
 
 def _with_crc32c(body: bytes) -> list[bytes]:
     return [body, google_crc32c.value(body).to_bytes(4, "little")]
-
-
-def _replace(path: Path, parts: list[bytes]) -> None:
-    """Writes the file at `path` whole: readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's own temporary name
-    try:
-        with open(temporary, "wb") as f:
-            f.write(b"".join(parts))
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _shard_index(data: bytes, key: str, where: str) -> np.ndarray:

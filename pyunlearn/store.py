@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import zarr
 
-from ._arrays import StoreArrays, create_group
+from ._arrays import StoreArrays, create_group, save_attributes
 from ._buffer import ChunkBuffer
 from ._format import DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, StoreMetadata, check_row
 from ._ids import as_ids
@@ -169,7 +169,7 @@ class UpdateStore:
         # The whole metadata in one write (zarr's attrs.update() writes once per key: a crash
         # between two of those writes left committed_steps and committed_samples disagreeing).
         meta = self._meta.replace(format_version=FORMAT_VERSION, **changes)
-        self._group = self._group.update_attributes(meta.to_checked_attrs())
+        self._group = save_attributes(self._zstore, self._group, meta.to_checked_attrs())
         self._meta = meta
         self._ids = IdLookup(self._group, meta, self._data)
 

@@ -479,3 +479,22 @@ def test_an_append_to_a_shard_that_vanished_is_corruption(tmp_path):
     (tmp_path / "by-pyunlearn" / "a" / "c" / "0").unlink()
     with pytest.raises(pu.CorruptStoreError, match="shard a/c/0 .* is missing"):
         write_rows(zstore, arr, 5, np.arange(3), "s.zarr")
+
+
+def test_attributes_saved_straight_to_a_local_folder_are_the_bytes_zarr_writes(tmp_path):
+    import zarr
+    from zarr.storage import LocalStore
+
+    from pyunlearn._arrays import save_attributes
+
+    groups = {}
+    for name in ("by-zarr", "by-pyunlearn"):
+        zstore = LocalStore(str(tmp_path / name))
+        groups[name] = (zstore, zarr.open_group(zstore, mode="w", zarr_format=3, attributes={"a": 1, "keep": "x"}))
+    for attrs in ({"a": 2, "b": [1.5, None, "ü"]}, {"ledger": {"records": list(range(50))}, "a": 3}):
+        groups["by-zarr"] = (groups["by-zarr"][0], groups["by-zarr"][1].update_attributes(attrs))
+        zstore, group = groups["by-pyunlearn"]
+        assert save_attributes(zstore, group, attrs).attrs.asdict() == groups["by-zarr"][1].attrs.asdict()
+        assert (tmp_path / "by-pyunlearn" / "zarr.json").read_bytes() == (tmp_path / "by-zarr" / "zarr.json").read_bytes()
+    reread = zarr.open_group(tmp_path / "by-pyunlearn", mode="r").attrs.asdict()
+    assert reread == {"a": 3, "keep": "x", "b": [1.5, None, "ü"], "ledger": {"records": list(range(50))}}
