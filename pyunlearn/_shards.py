@@ -7,8 +7,9 @@ first axis, inner chunks of whole rows, `bytes` → `blosc` → `crc32c` inside,
 `bytes` → `crc32c` at the end of each shard) this module fetches, in one concurrent batch, the
 indices of the shards involved and then the byte ranges of just the inner chunks needed, checks
 every crc32c and decodes with blosc. In a local folder the byte ranges are read from the files
-in the calling thread: each trip through zarr's event loop costs about a millisecond, more than
-reading a small range. Any other layout returns None and the caller uses zarr.
+in the calling thread (each trip through zarr's event loop costs about a millisecond, more than
+reading a small range), each shard's index and chunks through one open file. Any other layout
+returns None and the caller uses zarr.
 Every failure (a missing shard, a checksum, an inner chunk absent from its shard) is a
 CorruptStoreError naming the array.
 
@@ -83,39 +84,79 @@ def read_rows(zstore, arr, rows: np.ndarray, where: str) -> np.ndarray | None:
     store's own."""
     if not _plain_rows_layout(arr):
         return None
-    shard_rows, inner_rows = arr.shards[0], arr.chunks[0]
-    per_shard = shard_rows // inner_rows
+    inner_rows = arr.chunks[0]
+    per_shard = arr.shards[0] // inner_rows
     dtype = np.dtype(arr.dtype)
-    row_shape = tuple(arr.shape[1:])
-    inner_shape = (inner_rows, *row_shape)
+    inner_shape = (inner_rows, *arr.shape[1:])
     chunk = rows // inner_rows  # global inner-chunk numbers
     wanted = np.unique(chunk)
-    shards = np.unique(wanted // per_shard)
-
-    index_bytes = per_shard * 16 + 4
-    indices = {}
-    for shard, data in zip(shards, _fetch(zstore, [(_shard_key(arr, s), -index_bytes, None) for s in shards])):
-        if data is None:
-            raise CorruptStoreError(f"{where}: shard {_shard_key(arr, shard)} of array {arr.path!r} is missing, though it lies "
-                                    "inside the committed range; restore the store from a copy")
-        indices[int(shard)] = _shard_index(data, _shard_key(arr, shard), where)
-
-    spans = []
-    for c in wanted:
-        offset, nbytes = indices[int(c // per_shard)][int(c % per_shard)]
-        if offset == _EMPTY:
-            raise CorruptStoreError(f"{where}: inner chunk {int(c)} of array {arr.path!r} is absent from its shard, "
-                                    "though it lies inside the committed range; restore the store from a copy")
-        spans.append((int(c), int(offset), int(nbytes)))
-
-    decoded = np.empty((len(spans), *inner_shape), dtype=dtype)
-    chunks = _fetch(zstore, [(_shard_key(arr, c // per_shard), o, o + n) for c, o, n in spans])
-    for i, ((c, _, _), data) in enumerate(zip(spans, chunks)):
-        if data is None:
-            raise CorruptStoreError(f"{where}: shard {_shard_key(arr, c // per_shard)} of array {arr.path!r} vanished while read")
-        raw = blosc.decompress(_checked(data, f"inner chunk {c} of array {arr.path!r}", where))
+    stored = _local_inner_chunks if isinstance(zstore, LocalStore) else _remote_inner_chunks
+    decoded = np.empty((len(wanted), *inner_shape), dtype=dtype)
+    for i, (c, data) in enumerate(zip(wanted, stored(zstore, arr, wanted, per_shard, where))):
+        raw = blosc.decompress(_checked(data, f"inner chunk {int(c)} of array {arr.path!r}", where))
         decoded[i] = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(inner_shape)
     return decoded[np.searchsorted(wanted, chunk), rows - chunk * inner_rows]
+
+
+def _span(index: np.ndarray, c: int, per_shard: int, arr, where: str) -> tuple[int, int]:
+    """(offset, length) of inner chunk c (a global number) in its shard's index."""
+    offset, nbytes = index[c % per_shard]
+    if offset == _EMPTY:
+        raise CorruptStoreError(f"{where}: inner chunk {c} of array {arr.path!r} is absent from its shard, "
+                                "though it lies inside the committed range; restore the store from a copy")
+    return int(offset), int(nbytes)
+
+
+def _missing(arr, shard: int, where: str) -> CorruptStoreError:
+    return CorruptStoreError(f"{where}: shard {_shard_key(arr, shard)} of array {arr.path!r} is missing, though it "
+                             "lies inside the committed range; restore the store from a copy")
+
+
+def _local_inner_chunks(zstore, arr, wanted: np.ndarray, per_shard: int, where: str) -> list[bytes]:
+    """The stored bytes of each wanted inner chunk, from the shard files in this thread (each
+    trip through zarr's event loop cost about a millisecond, more than reading a small range).
+    Each shard file is opened once, so its index and its chunks come from the same version of
+    it even if a writer replaces the file meanwhile (a rename leaves the open file as it was)."""
+    out = []
+    for shard in np.unique(wanted // per_shard):
+        key = _shard_key(arr, shard)
+        try:
+            f = open(Path(zstore.root) / key, "rb")
+        except FileNotFoundError:
+            raise _missing(arr, shard, where) from None
+        with f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            index_bytes = min(size, per_shard * 16 + 4)
+            index = _shard_index(os.pread(fd, index_bytes, size - index_bytes), key, where)
+            for c in wanted[wanted // per_shard == shard]:
+                offset, nbytes = _span(index, int(c), per_shard, arr, where)
+                out.append(os.pread(fd, nbytes, offset))  # a short read (a truncated file) fails its checksum
+                BYTES_READ_LOCALLY[0] += len(out[-1])
+            BYTES_READ_LOCALLY[0] += index_bytes
+    return out
+
+
+def _remote_inner_chunks(zstore, arr, wanted: np.ndarray, per_shard: int, where: str) -> list[bytes]:
+    """The same through the zarr store: the shards' indices in one concurrent batch, then the
+    chunks' byte ranges in another."""
+    shards = np.unique(wanted // per_shard)
+    indices = {}
+    for shard, data in zip(shards, _fetch(zstore, [(_shard_key(arr, s), SuffixByteRequest(per_shard * 16 + 4))
+                                                   for s in shards])):
+        if data is None:
+            raise _missing(arr, shard, where)
+        indices[int(shard)] = _shard_index(data, _shard_key(arr, shard), where)
+    requests = []
+    for c in wanted:
+        offset, nbytes = _span(indices[int(c) // per_shard], int(c), per_shard, arr, where)
+        requests.append((_shard_key(arr, int(c) // per_shard), RangeByteRequest(offset, offset + nbytes)))
+    chunks = _fetch(zstore, requests)
+    for c, data in zip(wanted, chunks):
+        if data is None:
+            raise CorruptStoreError(f"{where}: shard {_shard_key(arr, int(c) // per_shard)} of array {arr.path!r} "
+                                    "vanished while read")
+    return chunks
 
 
 _SHUFFLE = {BloscShuffle.noshuffle: 0, BloscShuffle.shuffle: 1, BloscShuffle.bitshuffle: 2}
@@ -207,29 +248,12 @@ def _shard_index(data: bytes, key: str, where: str) -> np.ndarray:
     return np.frombuffer(_checked(data, f"the index of shard {key}", where), dtype="<u8").reshape(-1, 2)
 
 
-def _fetch(zstore, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
-    """The bytes [start, stop) of each (key, start, stop) — start < 0 with stop None: the last
-    -start bytes — or None where the key is absent: from the files of a local folder in this
-    thread, else in one concurrent batch through the zarr store."""
-    if isinstance(zstore, LocalStore):
-        return [_read_file(Path(zstore.root) / key, start, stop) for key, start, stop in requests]
+def _fetch(zstore, requests: list[tuple[str, object]]) -> list[bytes | None]:
+    """The bytes of each (key, byte range request) through the zarr store, in one concurrent
+    batch; None where the key is absent."""
     prototype = default_buffer_prototype()
 
     async def fetch_all():
-        return await asyncio.gather(*(
-            zstore.get(key, prototype, SuffixByteRequest(-start) if stop is None else RangeByteRequest(start, stop))
-            for key, start, stop in requests))
+        return await asyncio.gather(*(zstore.get(key, prototype, byte_range) for key, byte_range in requests))
 
     return [None if buf is None else buf.to_bytes() for buf in sync(fetch_all())]
-
-
-def _read_file(path: Path, start: int, stop: int | None) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            start = max(0, size + start) if stop is None else start
-            data = os.pread(f.fileno(), (size if stop is None else stop) - start, start)
-    except FileNotFoundError:
-        return None
-    BYTES_READ_LOCALLY[0] += len(data)
-    return data  # a short read (a truncated file) fails its checksum

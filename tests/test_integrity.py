@@ -498,3 +498,31 @@ def test_attributes_saved_straight_to_a_local_folder_are_the_bytes_zarr_writes(t
         assert (tmp_path / "by-pyunlearn" / "zarr.json").read_bytes() == (tmp_path / "by-zarr" / "zarr.json").read_bytes()
     reread = zarr.open_group(tmp_path / "by-pyunlearn", mode="r").attrs.asdict()
     assert reread == {"a": 3, "keep": "x", "b": [1.5, None, "ü"], "ledger": {"records": list(range(50))}}
+
+
+def test_a_reader_sees_one_version_of_a_shard_a_writer_replaces_meanwhile(tmp_path, monkeypatch):
+    """The reader opens a shard once: its index and its inner chunks come from the same file even
+    when the writer appends to the shard between the two (rewriting the inner chunk the reader
+    wants), where reading the chunk from the new file at the old offset fails its checksum."""
+    import os
+
+    from pyunlearn import _shards
+
+    (_, _), (zstore, arr) = _twin_arrays(tmp_path, "int64", (512,), (64,), (256,))
+    first = np.arange(100, 170)
+    assert _shards.write_rows(zstore, arr, 0, first, "s")  # rows 64-69 sit in a part-filled inner chunk
+    later = np.random.default_rng(0).integers(0, 2**62, 58)  # fills it: its compressed length changes
+    real_pread, calls = os.pread, []
+
+    def pread_then_append(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        calls.append(n)
+        if len(calls) == 1:  # the index is read: now the writer appends to the same inner chunk
+            assert _shards.write_rows(zstore, arr, 70, later, "s")
+        return data
+
+    monkeypatch.setattr(_shards.os, "pread", pread_then_append)
+    assert _shards.read_rows(zstore, arr, np.array([64, 69]), "s").tolist() == [164, 169]
+    assert len(calls) == 2
+    monkeypatch.setattr(_shards.os, "pread", real_pread)
+    assert _shards.read_rows(zstore, arr, np.array([69, 70]), "s").tolist() == [169, later[0]]
