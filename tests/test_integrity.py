@@ -526,3 +526,40 @@ def test_a_reader_sees_one_version_of_a_shard_a_writer_replaces_meanwhile(tmp_pa
     assert len(calls) == 2
     monkeypatch.setattr(_shards.os, "pread", real_pread)
     assert _shards.read_rows(zstore, arr, np.array([69, 70]), "s").tolist() == [169, later[0]]
+
+
+def test_a_reader_through_zarr_rereads_a_shard_a_writer_replaced_between_its_requests(tmp_path, monkeypatch):
+    """Through a zarr store (S3, memory) the index and the chunks are two requests; a writer that
+    replaces the shard between them makes the chunks fail their checksums, and the reader reads
+    once more instead of calling the store damaged. Real damage still fails."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from pyunlearn import _shards
+    from pyunlearn._format import codecs
+
+    zstore = MemoryStore()
+    arr = zarr.open_group(zstore, mode="w").create_array(
+        "a", shape=(512,), dtype="int64", fill_value=0, chunks=(64,), shards=(256,),
+        compressors=codecs(8, "zstd:1"), config={"write_empty_chunks": True})
+    arr[0:70] = np.arange(100, 170)
+    later = np.random.default_rng(0).integers(0, 2**62, 58)
+    real_fetch, calls = _shards._fetch, []
+
+    def fetch_then_append(store, requests):
+        out = real_fetch(store, requests)
+        calls.append(len(requests))
+        if len(calls) == 1:  # after the index: the writer fills the inner chunk the reader wants
+            arr[0:128] = np.concatenate([np.arange(100, 170), later])
+        return out
+
+    monkeypatch.setattr(_shards, "_fetch", fetch_then_append)
+    assert _shards.read_rows(zstore, arr, np.array([64, 69]), "s").tolist() == [164, 169]
+    assert len(calls) == 4  # index, chunks (stale), index, chunks
+
+    key = "a/c/0"
+    data = bytearray(zarr.core.sync.sync(zstore.get(key, zarr.core.buffer.default_buffer_prototype())).to_bytes())
+    data[10] ^= 0x01  # one bit inside inner chunk 0
+    zarr.core.sync.sync(zstore.set(key, zarr.core.buffer.default_buffer_prototype().buffer.from_bytes(bytes(data))))
+    with pytest.raises(pu.CorruptStoreError, match="inner chunk 0 of array 'a' fails its crc32c"):
+        _shards.read_rows(zstore, arr, np.array([1]), "s")
