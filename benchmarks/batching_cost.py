@@ -1,25 +1,32 @@
-"""What cohort batching costs the original model, with iid and with class-skewed units (issue 15).
+"""What cohort batching costs the original model, with iid and with class-skewed units (issue 15),
+and what mixing units into each batch buys back.
 
     python benchmarks/batching_cost.py                                      (the committed run: seeds 0-4)
     python benchmarks/batching_cost.py --data digits --subset 1400 --epochs 1 --seeds 0 1   (smoke)
 
 Data, model and training are fidelity.py's, through its own functions (load, make_trainer, which
 calls pyunlearn.models.train): the fixed 20,000-sample Fashion-MNIST subset, SmallCNN(8, 16), 3
-epochs, batch 128, SGD 0.05 + momentum 0.9, one torch thread. For every seed, three trainings
+epochs, batch 128, SGD 0.05 + momentum 0.9, one torch thread. For every seed, the trainings
 start from the same initial weights (torch.manual_seed(seed)):
 
 - random: models.train's own random batches under the seed (fidelity's random1, random10, class);
 - cohort iid: CohortBatchSampler over fidelity's `cohort` units (iid_units: 100 units of 200
   random samples);
 - cohort skewed: CohortBatchSampler over its `cohort-skewed` units (class_units: units of 200
-  samples of one class, 95 in this subset, the other 1,000 samples units of one).
+  samples of one class, 95 in this subset, the other 1,000 samples units of one);
+- cohort skewed, m units/batch, for each m of --units-per-batch (default 2 4 8 16): the same
+  units, CohortBatchSampler(units_per_batch=m): at most 128 // m samples of a unit in a batch
+  (64, 32, 16, 8), so a full batch mixes at least m units, and a unit of 200 touches
+  ceil(200 / (128 // m)) steps an epoch (4, 7, 13, 25) instead of 2.
 
 Each trained model's test accuracy (%) and mean test cross-entropy (nats) on the full test set;
 mean ± sd over the seeds, and each cohort training's difference to random batching paired by
 seed (same initial weights) as mean ± sd of the per-seed differences. A difference counts (`*`)
 only where |mean| exceeds that sd, the seed-to-seed spread. Also per training: optimizer steps
 and how class-mixed the batches are (share of a batch's samples in its largest class, averaged
-over samples, all epochs).
+over samples, all epochs), and the price in forgetting: the steps (all epochs) that hold a
+sample of a unit, mean over the units of more than one sample and for unit 0 (the unit the
+fidelity scenarios forget); for random batching, of the class-skewed units.
 
 Writes benchmarks/results/batching_cost.json (meta: machine, versions, config; per-seed values;
 summary) and batching_cost.md.
@@ -38,25 +45,42 @@ from fidelity import SUBSET_SEED, UNITS, class_units, iid_units, load, make_trai
 from pyunlearn.data import CohortBatchSampler, sample_batches
 from pyunlearn.metrics import accuracy, losses
 
-TRAININGS = ("random", "cohort iid", "cohort skewed")
 VALUES = ("TA", "test_loss")
 
 
-def batch_mix(subset, unit, args, seed: int) -> dict:
-    """Steps and class mixing of the batches train() sees for this seed: the same data pipeline
-    (subset.batches under the seed's generator, or the cohort sampler), labels only."""
+def trainings(subset, mixes) -> dict[str, tuple[np.ndarray | None, int]]:
+    """name → (each sample's unit, by position, for CohortBatchSampler, or None: random batches;
+    units_per_batch)."""
+    skewed = class_units(subset)
+    runs = {"random": (None, 1), "cohort iid": (iid_units(subset), 1), "cohort skewed": (skewed, 1)}
+    runs.update({f"cohort skewed, {m} units/batch": (skewed, m) for m in mixes})
+    return runs
+
+
+def batch_mix(subset, unit, units_per_batch: int, counted, args, seed: int) -> dict:
+    """Steps, class mixing and steps touched per unit of the batches train() sees for this seed:
+    the same data pipeline (subset.batches under the seed's generator, or the cohort sampler),
+    labels and IDs only. `counted`: whose steps touched to count (each sample's unit by
+    position; units numbered from UNITS on are units of one, left out)."""
     if unit is None:
         generator = torch.Generator().manual_seed(seed)
         epochs = [subset.batches(args.batch_size, generator=generator) for _ in range(args.epochs)]
     else:
-        sampler = CohortBatchSampler(unit, args.batch_size, seed=seed)
+        sampler = CohortBatchSampler(unit, args.batch_size, seed=seed, units_per_batch=units_per_batch)
         epochs = [sample_batches(subset, sampler) for _ in range(args.epochs)]
+    position = torch.full((int(subset.ids.max()) + 1,), -1, dtype=torch.int64)
+    position[subset.ids] = torch.arange(len(subset))
+    touched = np.zeros(UNITS, dtype=np.int64)  # steps holding a sample of unit u
     steps, largest = 0, 0
     for batches in epochs:
-        for _, _, y in batches:
+        for ids, _, y in batches:
             steps += 1
             largest += int(torch.bincount(y).max())
-    return {"steps": steps, "largest_class_share": largest / (args.epochs * len(subset))}
+            units = counted[position[ids].numpy()]
+            touched[np.unique(units[units < UNITS])] += 1
+    numbered = np.unique(counted[counted < UNITS])
+    return {"steps": steps, "largest_class_share": largest / (args.epochs * len(subset)),
+            "unit_steps": float(touched[numbered].mean()), "unit0_steps": int(touched[0])}
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -66,10 +90,12 @@ def _mean_sd(values) -> tuple[float, float]:
 
 def summarise(runs: list[dict]) -> dict:
     """Per training: mean and sd of each value; per cohort training: the paired difference to random."""
-    by = {t: sorted((r for r in runs if r["training"] == t), key=lambda r: r["seed"]) for t in TRAININGS}
+    names = list(dict.fromkeys(r["training"] for r in runs))
+    by = {t: sorted((r for r in runs if r["training"] == t), key=lambda r: r["seed"]) for t in names}
     summary = {}
     for training, rows in by.items():
-        entry = {v: _mean_sd([r[v] for r in rows]) for v in (*VALUES, "steps", "largest_class_share", "seconds")}
+        entry = {v: _mean_sd([r[v] for r in rows])
+                 for v in (*VALUES, "steps", "largest_class_share", "unit_steps", "unit0_steps", "seconds")}
         if training != "random":
             for v in VALUES:
                 diffs = [r[v] - base[v] for r, base in zip(rows, by["random"], strict=True)]
@@ -89,19 +115,25 @@ def table(summary: dict, seeds) -> str:
         d = entry[value]
         return f"{d['mean']:+.{digits}f} ± {d['sd']:.{digits}f}{'*' if d['counts'] else ''}"
 
-    lines = ["| training | TA | TA − random | test loss | test loss − random | steps | largest-class share of a batch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| training | TA | TA − random | test loss | test loss − random | steps | largest-class share of a batch "
+             "| steps touched per unit | by unit 0 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for training, e in summary.items():
         lines.append(f"| {training} | {cell(e['TA'], 2)} | {diff(e, 'TA_vs_random', 2)} | {cell(e['test_loss'], 4)} | "
-                     f"{diff(e, 'test_loss_vs_random', 4)} | {e['steps'][0]:.0f} | {e['largest_class_share'][0]:.3f} |")
+                     f"{diff(e, 'test_loss_vs_random', 4)} | {e['steps'][0]:.0f} | {e['largest_class_share'][0]:.3f} | "
+                     f"{e['unit_steps'][0]:.1f} | {e['unit0_steps'][0]:.1f} |")
     lines += ["", f"Mean ± sd over training seeds {list(seeds)}; differences paired by seed (same initial weights), "
               "mean ± sd of the per-seed differences; `*`: |mean difference| exceeds its sd (only those count). "
-              "Steps: optimizer steps over all epochs (mean over seeds)."]
+              "Steps: optimizer steps over all epochs (mean over seeds). Steps touched: the steps (all epochs) "
+              "holding a sample of a unit, mean over the units of more than one sample, and of unit 0 (mean "
+              "over seeds); for random batching, of the class-skewed units."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     parser = training_arguments(__doc__, seeds=range(5))
+    parser.add_argument("--units-per-batch", type=int, nargs="*", default=[2, 4, 8, 16],
+                        help="the mixed trainings over the class-skewed units: CohortBatchSampler(units_per_batch=m)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "batching_cost.json")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
@@ -116,25 +148,28 @@ def _run(args, argv) -> dict:
     from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
     subset, test = load(args)
-    units = {"random": None, "cohort iid": iid_units(subset), "cohort skewed": class_units(subset)}
+    units = trainings(subset, args.units_per_batch)
+    skewed = units["cohort skewed"][0]
     runs = []
     for seed in args.seeds:
-        for training, unit in units.items():
+        for training, (unit, m) in units.items():
             cohort_of = None if unit is None else dict(zip(subset.ids.tolist(), unit.tolist()))
             start = time.perf_counter()
-            model, _ = make_trainer(args, cohort_of)(subset, seed, False)
+            model, _ = make_trainer(args, cohort_of, units_per_batch=m)(subset, seed, False)
             seconds = time.perf_counter() - start
-            run = {"training": training, "seed": seed, "TA": accuracy(model, test),
+            run = {"training": training, "seed": seed, "units_per_batch": m, "TA": accuracy(model, test),
                    "test_loss": float(losses(model, test).mean()), "seconds": seconds,
-                   **batch_mix(subset, unit, args, seed)}
+                   **batch_mix(subset, unit, m, skewed if unit is None else unit, args, seed)}
             runs.append(run)
-            print(f"seed {seed} {training:<13} TA {run['TA']:6.2f}  test loss {run['test_loss']:.4f}  "
-                  f"steps {run['steps']}  largest-class share {run['largest_class_share']:.3f}  {seconds:.1f} s",
+            print(f"seed {seed} {training:<29} TA {run['TA']:6.2f}  test loss {run['test_loss']:.4f}  "
+                  f"steps {run['steps']}  largest-class share {run['largest_class_share']:.3f}  "
+                  f"steps touched per unit {run['unit_steps']:.1f} (unit 0: {run['unit0_steps']})  {seconds:.1f} s",
                   flush=True)
     summary = summarise(runs)
     command = "python benchmarks/batching_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED,  # units of one are numbered from UNITS
-                         "units": {t: None if u is None else int(np.unique(u[u < UNITS]).size) for t, u in units.items()}})
+                         "units": {t: None if u is None else int(np.unique(u[u < UNITS]).size)
+                                   for t, (u, _) in units.items()}})
     out = {"meta": meta, "runs": runs, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

@@ -3,6 +3,8 @@
     python benchmarks/fidelity.py                                  (3 seeds, all 5 scenarios)
     python benchmarks/fidelity.py --seeds 0 --subset 3000 --epochs 1 --scenarios random1 --mia-seeds 0
                                                                    (a tiny check, ~1 minute)
+    python benchmarks/fidelity.py --scenarios cohort-skewed --units-per-batch 8 --mia-samples 2000 \
+        --out benchmarks/results/fidelity-cohort-skewed-mixed.json  (mixed cohort batches)
 
 Fashion-MNIST, a fixed random subset of the training set (--subset, default 20,000; the subset
 does not change with the seed), the full test set, the repository's SmallCNN(8, 16) trained with
@@ -20,6 +22,10 @@ copy of the original. Scenarios:
 - cohort-skewed: the same, but every unit holds samples of one class (class_units: as many units
   of 1% as each class holds, up to 100 in all; 95 in the 20,000 subset, whose classes hold 1,921
   to 2,064 samples), the rest units of one.
+
+--units-per-batch m (default 1) trains the cohort scenarios (original and retrains) with
+CohortBatchSampler(units_per_batch=m): a unit fills at most batch // m samples of a batch, so
+batches mix at least m units (with one-class units, 95% of an m = 1 batch is one class).
 
 Writes benchmarks/results/fidelity.json (meta: machine, versions, config; per scenario the
 rows, noise floor and summary) and fidelity.md (one table per scenario), after every scenario.
@@ -74,8 +80,9 @@ class Stores:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",)):
-    """train(data, seed, record) for experiment.run; cohort_of maps sample ID → unit (cohort scenario)."""
+def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",), units_per_batch: int = 1):
+    """train(data, seed, record) for experiment.run; cohort_of maps sample ID → unit (cohort scenario),
+    batched by CohortBatchSampler with `units_per_batch`."""
 
     def train(data: SampleSet, seed: int, record: bool):
         torch.manual_seed(seed)
@@ -83,7 +90,8 @@ def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",
         stores = Stores(model, attributions) if record else None
         sampler = None
         if cohort_of is not None:
-            sampler = CohortBatchSampler(np.array([cohort_of[i] for i in data.ids.tolist()]), args.batch_size, seed=seed)
+            sampler = CohortBatchSampler(np.array([cohort_of[i] for i in data.ids.tolist()]), args.batch_size, seed=seed,
+                                         units_per_batch=units_per_batch)
         fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
             stores=tuple(stores.stores.values()) if record else (), batch_sampler=sampler)
         return model, stores
@@ -255,6 +263,9 @@ def parse_args(argv):
     parser.add_argument("--mia-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--mia-samples", type=int, default=5000)
     parser.add_argument("--mia-protocol", default="sampled", choices=["sampled", "reference"])
+    parser.add_argument("--units-per-batch", type=int, default=1,
+                        help="the cohort scenarios' CohortBatchSampler(units_per_batch=...): at most batch // this "
+                             "samples of a unit per batch (default 1: a unit fills whole batches)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "fidelity.json")
     return parser.parse_args(argv)
 
@@ -295,8 +306,11 @@ def _run(args, argv) -> dict:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         gradient = name in args.gradient_scenarios
-        trainer = make_trainer(args, cohort_of, ("update", "gradient") if gradient else ("update",))
+        trainer = make_trainer(args, cohort_of, ("update", "gradient") if gradient else ("update",),
+                               args.units_per_batch)
         notes = unit_notes(cohort_of, prepare(args.seeds[0]).forget) if cohort_of is not None else {}
+        if notes:
+            notes["units_per_batch"] = args.units_per_batch
         results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, gradient),
                                  mia_seeds=args.mia_seeds, mia_samples=args.mia_samples, mia_protocol=args.mia_protocol,
                                  config={"scenario": name, **notes}, log=lambda line: print(line, flush=True))
@@ -304,7 +318,9 @@ def _run(args, argv) -> dict:
         md += [f"## {name}", ""]
         if notes:
             md += [f"{notes['units']} units of {'/'.join(map(str, notes['unit_sizes']))} samples (the others units of "
-                   f"one); the forgotten unit's classes (class: samples): {notes['forget_classes']}", ""]
+                   f"one); the forgotten unit's classes (class: samples): {notes['forget_classes']}; batches: "
+                   f"CohortBatchSampler(units_per_batch={args.units_per_batch}), at most "
+                   f"{args.batch_size // args.units_per_batch} samples of a unit in a batch", ""]
         md += [results.table(), ""]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")

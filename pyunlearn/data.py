@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ._validate import positive_int
+from ._validate import int_in_range, positive_int
 
 @dataclass
 class SampleSet:
@@ -226,22 +226,38 @@ class CohortBatchSampler(torch.utils.data.Sampler):
     """Batches that keep each deletion unit (a person, a tenant: `cohort_of[i]` for sample i)
     in as few batches as possible, so forgetting a unit touches few optimizer steps.
 
-    Each epoch: the units are shuffled; a unit of m samples fills m // batch_size whole batches
-    of its own, and its remainder goes whole into one batch, packed first-fit with other units'
-    remainders; then the batches are shuffled. Every sample appears once per epoch; some batches
-    are smaller than batch_size. The order is random per epoch and fixed by `seed` (call
-    set_epoch(e) to pick an epoch, as with DistributedSampler; iterating also advances it).
+    `units_per_batch` (m, default 1) bounds how much of a batch one unit may fill: at most
+    batch_size // m of its samples (its share), so a batch of batch_size samples draws from at
+    least m units. Each epoch: the units are shuffled; each unit, shuffled, is cut into whole
+    slices of one share and a remainder; the slices are packed first-fit into batches of
+    batch_size, never splitting a slice and never putting two slices of one unit into one batch:
+    first the whole slices, dealt in rounds (every unit's first, then every unit's second, ...),
+    then the remainders; then the batches are shuffled. So a unit of n samples touches exactly
+    ceil(n / share) batches, the fewest its share allows. With m = 1 the share is the whole
+    batch: a unit fills n // batch_size batches of its own and its remainder goes whole into a
+    batch shared with other units' remainders.
 
-    Trade-off: batches are less i.i.d. (a batch holds a few units' samples), which can cost
-    accuracy when units are homogeneous: with units of one class, benchmarks/batching_cost.py's
-    CNN did not train at all (see docs/guide.md, "What cohort batching cost").
+    Every sample appears once per epoch; some batches are smaller than batch_size. The order is
+    random per epoch and fixed by `seed` (call set_epoch(e) to pick an epoch, as with
+    DistributedSampler; iterating also advances it).
+
+    Trade-off: with m = 1 batches are less i.i.d. (a batch holds a few units' samples), which can
+    cost accuracy when units are homogeneous: with units of one class, benchmarks/batching_cost.py's
+    CNN did not train at all. A larger m mixes the batches at a price in steps touched: a unit of
+    n samples touches ceil(n / share) batches an epoch instead of ceil(n / batch_size), up to m
+    times as many (see docs/guide.md, "What cohort batching cost", for both, measured).
     """
 
-    def __init__(self, cohort_of, batch_size: int, *, seed: int = 0):
+    def __init__(self, cohort_of, batch_size: int, *, seed: int = 0, units_per_batch: int = 1):
         cohort_of = np.asarray(cohort_of)
         if cohort_of.ndim != 1 or cohort_of.size == 0 or cohort_of.dtype.kind not in "iu":
             raise ValueError("cohort_of must be a non-empty 1-D array of integer unit IDs, one per sample")
         self.batch_size, self.seed, self.epoch = positive_int("batch_size", batch_size), int(seed), 0
+        self.units_per_batch = int_in_range("units_per_batch", units_per_batch, 1, self.batch_size)
+        # The floor, not the ceiling: m whole shares then fit in one batch, so a full batch holds
+        # at least m units (128 // 3 = 42: three units and 2 samples to spare, where shares of 43
+        # would fit only two).
+        self.share = self.batch_size // self.units_per_batch
         units, inverse = np.unique(cohort_of, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(units)))])
@@ -252,26 +268,39 @@ class CohortBatchSampler(torch.utils.data.Sampler):
 
     def _batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
-        B = self.batch_size
-        whole, remainders = [], []
+        share = self.share
+        whole, remainders = [], []  # slices: (round, unit, samples)
         for u in rng.permutation(len(self._members)):
             members = rng.permutation(self._members[u])
-            cut = len(members) - len(members) % B
-            whole += [members[i : i + B].tolist() for i in range(0, cut, B)]
+            cut = len(members) - len(members) % share
+            whole += [(k, u, members[i : i + share]) for k, i in enumerate(range(0, cut, share))]
             if cut < len(members):
-                remainders.append(members[cut:].tolist())
-        bins: list[list[int]] = []
+                remainders.append((0, u, members[cut:]))
+        if self.units_per_batch > 1:
+            # Rounds, not unit by unit: dealt unit by unit, the last few units' slices find no
+            # other units to share a batch with (100 units of 25 shares of 8 samples, 16 shares
+            # to a batch: 175 batches, 25 of them a quarter full, instead of 157). With m = 1 a
+            # whole slice fills a batch alone, and unit order keeps the batches of 0.2.0.
+            whole.sort(key=lambda slice_: slice_[0])  # stable: the units' order within a round
+        # Whole slices first: they need the most room.
+        batches: list[list[int]] = []
         room: list[int] = []
-        for rest in remainders:  # first fit: a remainder is never split across batches
-            for b, free in enumerate(room):
-                if free >= len(rest):
-                    bins[b] += rest
-                    room[b] -= len(rest)
+        units_in: list[set] = []
+        full = 0  # batches before this one have no room left: skip them
+        for _, u, piece in whole + remainders:
+            for b in range(full, len(batches)):
+                if room[b] >= len(piece) and u not in units_in[b]:  # one slice of a unit per batch
                     break
             else:
-                bins.append(list(rest))
-                room.append(B - len(rest))
-        batches = whole + bins
+                b = len(batches)
+                batches.append([])
+                room.append(self.batch_size)
+                units_in.append(set())
+            batches[b] += piece.tolist()
+            room[b] -= len(piece)
+            units_in[b].add(u)
+            while full < len(batches) and room[full] == 0:
+                full += 1
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __iter__(self):

@@ -17,7 +17,7 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
                "Gradient attribution keep 0.01, own step"]
     result = fidelity.main(["--data", "digits", "--seeds", "0", "--subset", "1400", "--epochs", "1",
                             "--scenarios", "random1", "cohort", "cohort-skewed", "--mia-seeds", "0", "--mia-samples", "200",
-                            "--methods", *methods, "--out", str(out)])
+                            "--methods", *methods, "--units-per-batch", "2", "--out", str(out)])
     written = json.loads(out.read_text())
     assert written["meta"]["config"]["seeds"] == [0] and set(written["scenarios"]) == {"random1", "cohort", "cohort-skewed"}
     for name, scenario in result["scenarios"].items():
@@ -28,6 +28,8 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
         repaired = next(r for r in scenario["rows"] if r["method"] == methods[0])
         assert 0 < repaired["extra"]["sample_share"] < 1
     assert len(result["scenarios"]["cohort-skewed"]["config"]["forget_classes"]) == 1  # unit 0: one class
+    assert result["scenarios"]["cohort"]["config"]["units_per_batch"] == 2
+    assert "CohortBatchSampler(units_per_batch=2), at most 64 samples" in out.with_suffix(".md").read_text()
     assert "noise floor" in out.with_suffix(".md").read_text().lower()
 
 
@@ -68,12 +70,18 @@ def test_batching_cost_smoke_run(tmp_path, benchmark_script):
     batching_cost = benchmark_script("batching_cost")
     out = tmp_path / "batching_cost.json"
     result = batching_cost.main(["--data", "digits", "--subset", "1400", "--epochs", "1", "--seeds", "0", "1",
-                                 "--out", str(out)])
+                                 "--units-per-batch", "4", "16", "--out", str(out)])
     written = json.loads(out.read_text())
-    assert written["meta"]["config"]["seeds"] == [0, 1] and len(written["runs"]) == 6
+    assert written["meta"]["config"]["seeds"] == [0, 1] and len(written["runs"]) == 10
     summary = result["summary"]
-    assert list(summary) == ["random", "cohort iid", "cohort skewed"]
-    for training in ("cohort iid", "cohort skewed"):
+    mixed = ["cohort skewed, 4 units/batch", "cohort skewed, 16 units/batch"]
+    assert list(summary) == ["random", "cohort iid", "cohort skewed", *mixed]
+    # digits: units of 14 (1400 // 100) in batches of 128; one epoch. A unit touches one step
+    # when it may fill the batch (m = 1) or 32 samples of it (m = 4), two at 8 a batch (m = 16).
+    for training, steps in [("cohort iid", 1), ("cohort skewed", 1), (mixed[0], 1), (mixed[1], 2)]:
+        assert summary[training]["unit_steps"] == (steps, 0.0) and summary[training]["unit0_steps"] == (steps, 0.0)
+    assert summary["random"]["unit_steps"][0] > 5  # 14 random samples over 11 steps: ~8 of them
+    for training in ("cohort iid", "cohort skewed", *mixed):
         diff = summary[training]["TA_vs_random"]
         assert abs(diff["mean"] - (summary[training]["TA"][0] - summary["random"]["TA"][0])) < 1e-9
         assert len(diff["per_seed"]) == 2
