@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fidelity import SUBSET_SEED, UNITS, class_units, iid_units, load, make_trainer, training_arguments  # a sibling
+from fidelity import SUBSET_SEED, UNITS, class_units, iid_units, load, make_trainer, training_arguments, \
+    with_torch_threads  # a sibling
 from pyunlearn.data import CohortBatchSampler, sample_batches
 from pyunlearn.metrics import accuracy, losses
 
@@ -136,12 +137,7 @@ def main(argv=None) -> dict:
                         help="the mixed trainings over the class-skewed units: CohortBatchSampler(units_per_batch=m)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "batching_cost.json")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # as it was (the smoke test runs inside pytest)
+    return with_torch_threads(args.threads, lambda: _run(args, argv))
 
 
 def _run(args, argv) -> dict:

@@ -285,12 +285,17 @@ def load(args) -> tuple[SampleSet, SampleSet]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    return with_torch_threads(args.threads, lambda: _run(args, argv))
+
+
+def with_torch_threads(threads: int, run):
+    """run() with torch on `threads` threads, then as it was (the smoke tests run inside pytest)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return _run(args, argv)
+        return run()
     finally:
-        torch.set_num_threads(threads)  # as it was (the smoke test runs inside pytest)
+        torch.set_num_threads(before)
 
 
 def _run(args, argv) -> dict:
