@@ -62,7 +62,7 @@ class ChunkBuffer:
     def write(self, arrays: dict, zstore, where: str) -> "Written":
         """Writes the chunk's rows and the new steps' sample IDs (into `arrays`, of the zarr store
         `zstore`; `where` names the store in errors); returns the counts for the store to commit
-        once this returned."""
+        once this returned, and to pass to `committed` once it did."""
         start, end = self.start, self.start + self.rows
         ids = np.concatenate(self._pending_ids) if self._pending_ids else np.empty(0, np.int64)
         counts = np.array([len(x) for x in self._pending_ids], dtype=np.int64)
@@ -79,10 +79,13 @@ class ChunkBuffer:
         _grow(arrays["offsets"], end + 1)
         writes.append((arrays["offsets"], slice(self._committed_steps + 1, end + 1), first_sample + np.cumsum(counts)))
         _write_together([w for w in writes if not write_rows(zstore, w[0], w[1].start, w[2], where)])
-        written = Written(end, last_sample)
-        self._committed_steps, self._committed_samples = end, last_sample
+        return Written(end, last_sample)
+
+    def committed(self, written: "Written") -> None:
+        """The counts `write` returned are committed: its rows now count as stored. Not before
+        (a commit that fails leaves them to be written again by the next write)."""
+        self._committed_steps, self._committed_samples = written
         self._pending_ids = []
-        return written
 
 
 class Written(NamedTuple):

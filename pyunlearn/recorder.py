@@ -111,7 +111,9 @@ class UpdateRecorder:
         """Declares the sample IDs used since the last step (several calls add up, as with
         gradient accumulation)."""
         self._check_open()
-        self._pending.append(self._role.ids_for(ids))
+        # A copy: the IDs may be a view of the caller's tensor or array, which a loop may refill
+        # for the next micro-batch before the step (as_ids and the int64 fast path both return views).
+        self._pending.append(self._role.ids_for(ids).copy())
 
     @property
     def steps(self) -> int:

@@ -163,6 +163,7 @@ class UpdateStore:
         runs, obsolete = runs_after_commit(self._group, self._meta, new.committed_steps, new.committed_samples,
                                            self._ids)
         self._commit(**self._meta.new_steps(new.committed_steps, new.committed_samples, runs))
+        self._buffer.committed(new)
         delete_runs(self._group, obsolete)
 
     def _commit(self, **changes) -> None:

@@ -95,6 +95,37 @@ def test_a_failed_append_stores_nothing(tmp_path, monkeypatch):
     assert store.steps == 2 and store.steps_for([2]).steps.tolist() == [1]
 
 
+
+@pytest.mark.parametrize("how", ["flush", "append"])
+def test_a_failed_commit_leaves_the_steps_to_be_written_again(tmp_path, monkeypatch, how):
+    """The data is written, then its commit (zarr.json) fails, e.g. on a full disk: the steps
+    are not committed, so a retry must write and commit them again. The buffer used to count
+    them as committed once their data was written: the retried flush did nothing and close()
+    released the store without them (flush: silently; append: an IndexError hid the error)."""
+    import pyunlearn.store as store_module
+
+    model = TinyNet()
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, steps_per_chunk=4)
+    row = _row(store, model)
+    for i in range(3):
+        store.append(row, [i])
+    real = store_module.save_attributes
+
+    def fail_once(*args):
+        monkeypatch.setattr(store_module, "save_attributes", real)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_module, "save_attributes", fail_once)
+    with pytest.raises(OSError, match="disk full"):
+        store.flush() if how == "flush" else store.append(row, [3])
+    if how == "append":
+        store.append(row, [3])  # the retry
+    store.flush()
+    store.close()
+    reopened = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    assert reopened.steps == 3 + (how == "append")
+    assert reopened.steps_for([0, 2]).steps.tolist() == [0, 2]
+
 def test_recorder_refuses_a_read_only_store_up_front(tmp_path):
     _recorded(tmp_path / "s.zarr")
     model = TinyNet()

@@ -79,6 +79,27 @@ def test_step_ids_and_gradient_accumulation(tmp_path):
         assert lookup.steps.tolist() == [step] and lookup.missing.size == 0
 
 
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_a_reused_ids_buffer_does_not_change_the_ids_already_declared(tmp_path, kind):
+    """Gradient accumulation that refills one IDs buffer per micro-batch: rec.batch keeps the IDs
+    it was given, not a view of the buffer (which recorded the last micro-batch's IDs for all of
+    them, so a deletion of the first micro-batch's samples found no step)."""
+    model, optimizer, store = _setup(tmp_path, keep=0.5)
+    ids, x, y = tiny_data(20)
+    buffer = torch.empty(5, dtype=torch.int64)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        for step in range(2):
+            optimizer.zero_grad()
+            for micro in range(2):
+                sel = slice(step * 10 + micro * 5, step * 10 + micro * 5 + 5)
+                buffer.copy_(ids[sel])
+                rec.batch(buffer if kind == "tensor" else buffer.numpy())
+                torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+            optimizer.step()
+    assert [s.tolist() for s in store.step_ids([0, 1])] == [sorted(ids[:10].tolist()), sorted(ids[10:20].tolist())]
+    assert store.steps_for(ids[:5]).missing.size == 0
+
 def test_step_without_ids_is_refused_before_it_runs(tmp_path):
     model, optimizer, store = _setup(tmp_path)
     rec = pu.UpdateRecorder(model, optimizer, store)
