@@ -33,6 +33,7 @@ from pyunlearn.unlearn import fine_tune, gradient_ascent, label_flip
 
 PARTIAL_KEEPS = (0.01, 0.05, 0.1, 0.2)
 METHOD_KEEP = 0.1  # the layer-wise share for partial label flip / gradient ascent
+FORGET_SEED = 54321  # random forget sets are drawn under FORGET_SEED + --seed (fidelity.py's rule)
 
 
 @dataclass
@@ -59,7 +60,9 @@ def load(name: str, folder: str, seed: int) -> tuple[SampleSet, SampleSet, int]:
 
 def run(args) -> list[Row]:
     full_train, test_set, size = load(args.data, args.idx_folder, args.seed)
-    train_set, forget = parse_forget(args.forget, full_train, seed=args.seed)
+    # Not under the training seed itself: forget_random and the training batches both start from
+    # torch.randperm under their seed, so the forget set would be the first batches of epoch 1.
+    train_set, forget = parse_forget(args.forget, full_train, seed=FORGET_SEED + args.seed)
     retain = train_set.without(forget.ids)
     channels = (16, 32) if size == 8 else (8, 16)
     hyper = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
