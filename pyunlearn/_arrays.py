@@ -4,12 +4,12 @@ chunk, or a missing one: see _chunks.py). The layout is docs/format.md's."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
@@ -83,12 +83,15 @@ def save_attributes(zstore, group, attrs: dict):
     """group.update_attributes(attrs) (the group, updated): in a local folder written here, as
     zarr writes it (the group's zarr.json replaced whole), without zarr's event loop, whose trip
     cost ~2 ms of every commit (each chunk written, each deletion recorded)."""
-    if not isinstance(zstore, LocalStore):
+    metadata = group.metadata
+    if not isinstance(zstore, LocalStore) or metadata.zarr_format != 3 or metadata.consolidated_metadata is not None:
         return group.update_attributes(attrs)
-    group.metadata.attributes.update(attrs)  # what zarr's update_attributes does before writing
-    folder = Path(zstore.root) / group.store_path.path
-    for key, buffer in group.metadata.to_buffer_dict(default_buffer_prototype()).items():
-        replace_file(folder / key, [buffer.as_buffer_like()])
+    metadata.attributes.update(attrs)  # what zarr's update_attributes does before writing
+    # GroupMetadata.to_buffer_dict's JSON, without its deep copy of the attributes (dataclasses.
+    # asdict: ~0.5 ms of a ResNet-18 store's commit); the test compares the bytes with zarr's.
+    text = json.dumps({"attributes": metadata.attributes, "zarr_format": 3, "node_type": "group"},
+                      indent=zarr.config.get("json_indent"), allow_nan=True)
+    replace_file(Path(zstore.root) / group.store_path.path / "zarr.json", [text.encode()])
     return group
 
 

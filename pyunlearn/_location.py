@@ -61,10 +61,14 @@ def what_is_there(zstore) -> str:
 def replace_file(path: Path, parts) -> None:
     """Writes the file at `path` whole from `parts` (bytes-like), as zarr's LocalStore does:
     readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's own temporary name
     try:
-        with open(temporary, "wb") as f:
+        try:
+            f = open(temporary, "wb")
+        except FileNotFoundError:  # the first file of its folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(temporary, "wb")
+        with f:
             f.writelines(parts)  # not joined first: a shard of rows is megabytes
         os.replace(temporary, path)
     except BaseException:
