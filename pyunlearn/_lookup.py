@@ -76,7 +76,7 @@ class IdLookup:
 
     def _run(self, run: Run):
         if run.name not in self._fences:  # it and every run of the table not yet open: one trip through zarr
-            runs = list(dict.fromkeys([run.name] + [r.name for r in self._meta.lookup_runs if r.name not in self._fences]))
+            runs = [run.name] + [r.name for r in self._meta.lookup_runs if r.name not in self._fences and r.name != run.name]
             for name, arr in zip(runs, open_arrays(self._group, [f"{GROUP}/{name}" for name in runs])):
                 self._fences[name] = (arr, np.asarray(arr.attrs["fences"], dtype=np.int64))
         return self._fences[run.name]

@@ -15,7 +15,7 @@ CorruptStoreError naming the array.
 
 Writing: the recorder writes a shard at a time, from its first row. Through zarr, each inner
 chunk took a trip through its codec pipeline (~0.4 ms on top of the compression: ResNet-18
-rows wrote at 2.4× the codec's own time); in a local folder `write_shard` compresses the inner
+rows wrote at 2.4× the codec's own time); in a local folder `write_rows` compresses the inner
 chunks and writes the shard file itself, atomically (a temporary file renamed over the old
 one), with the bytes zarr would write (tests compare them).
 """
@@ -67,9 +67,15 @@ def _plain_chunks_layout(arr) -> bool:
     return arr.shards is None and _plain_codecs(arr.metadata.codecs) and arr.chunks[1:] == arr.shape[1:]
 
 
-def _shard_key(arr, shard: int) -> str:
+def _chunk_key(arr, n: int) -> str:
+    """The key of the n-th chunk along the first axis: a shard, where the array is sharded."""
     zero = (0,) * (len(arr.shape) - 1)
-    return f"{arr.path}/" + arr.metadata.encode_chunk_key((int(shard), *zero))
+    return f"{arr.path}/" + arr.metadata.encode_chunk_key((int(n), *zero))
+
+
+def _index_bytes(per_shard: int) -> int:
+    """The size of a shard's index: offset and length (uint64) per inner chunk, and a crc32c."""
+    return per_shard * 16 + 4
 
 
 def _checked(payload: bytes, what: str, where: str) -> bytes:
@@ -118,7 +124,7 @@ def _span(index: np.ndarray, c: int, per_shard: int, arr, where: str) -> tuple[i
 
 
 def _missing(arr, shard: int, where: str) -> CorruptStoreError:
-    return CorruptStoreError(f"{where}: shard {_shard_key(arr, shard)} of array {arr.path!r} is missing, though it "
+    return CorruptStoreError(f"{where}: shard {_chunk_key(arr, shard)} of array {arr.path!r} is missing, though it "
                              "lies inside the committed range; restore the store from a copy")
 
 
@@ -129,7 +135,7 @@ def _local_inner_chunks(zstore, arr, wanted: np.ndarray, per_shard: int, where: 
     it even if a writer replaces the file meanwhile (a rename leaves the open file as it was)."""
     out = []
     for shard in np.unique(wanted // per_shard):
-        key = _shard_key(arr, shard)
+        key = _chunk_key(arr, shard)
         try:
             f = open(Path(zstore.root) / key, "rb")
         except FileNotFoundError:
@@ -137,7 +143,7 @@ def _local_inner_chunks(zstore, arr, wanted: np.ndarray, per_shard: int, where: 
         with f:
             fd = f.fileno()
             size = os.fstat(fd).st_size
-            index_bytes = min(size, per_shard * 16 + 4)
+            index_bytes = min(size, _index_bytes(per_shard))
             index = _shard_index(os.pread(fd, index_bytes, size - index_bytes), key, where)
             for c in wanted[wanted // per_shard == shard]:
                 offset, nbytes = _span(index, int(c), per_shard, arr, where)
@@ -152,19 +158,19 @@ def _remote_inner_chunks(zstore, arr, wanted: np.ndarray, per_shard: int, where:
     chunks' byte ranges in another."""
     shards = np.unique(wanted // per_shard)
     indices = {}
-    for shard, data in zip(shards, _fetch(zstore, [(_shard_key(arr, s), SuffixByteRequest(per_shard * 16 + 4))
+    for shard, data in zip(shards, _fetch(zstore, [(_chunk_key(arr, s), SuffixByteRequest(_index_bytes(per_shard)))
                                                    for s in shards])):
         if data is None:
             raise _missing(arr, shard, where)
-        indices[int(shard)] = _shard_index(data, _shard_key(arr, shard), where)
+        indices[int(shard)] = _shard_index(data, _chunk_key(arr, shard), where)
     requests = []
     for c in wanted:
         offset, nbytes = _span(indices[int(c) // per_shard], int(c), per_shard, arr, where)
-        requests.append((_shard_key(arr, int(c) // per_shard), RangeByteRequest(offset, offset + nbytes)))
+        requests.append((_chunk_key(arr, int(c) // per_shard), RangeByteRequest(offset, offset + nbytes)))
     chunks = _fetch(zstore, requests)
     for c, data in zip(wanted, chunks):
         if data is None:
-            raise CorruptStoreError(f"{where}: shard {_shard_key(arr, int(c) // per_shard)} of array {arr.path!r} "
+            raise CorruptStoreError(f"{where}: shard {_chunk_key(arr, int(c) // per_shard)} of array {arr.path!r} "
                                     "vanished while read")
     return chunks
 
@@ -183,8 +189,7 @@ def write_rows(zstore, arr, start: int, rows: np.ndarray, where: str) -> bool:
     if _plain_chunks_layout(arr) and start % arr.chunks[0] == 0 and len(rows) <= arr.chunks[0]:
         chunk = np.zeros(arr.chunks, dtype=np.dtype(arr.dtype).newbyteorder("<"))
         chunk[: len(rows)] = rows
-        key = f"{arr.path}/" + arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (chunk.ndim - 1))
-        replace_file(Path(zstore.root) / key, _encoded(chunk, arr.metadata.codecs[1]))
+        replace_file(Path(zstore.root) / _chunk_key(arr, start // arr.chunks[0]), _encoded(chunk, arr.metadata.codecs[1]))
         return True
     if not _plain_rows_layout(arr):
         return False
@@ -201,7 +206,7 @@ def _write_shard(zstore, arr, first: int, keep: int, rows: np.ndarray, where: st
     """The shard starting at row `first`: its first `keep` rows as stored, then `rows`."""
     shard_rows, inner_rows = arr.shards[0], arr.chunks[0]
     per_shard = shard_rows // inner_rows
-    key = _shard_key(arr, first // shard_rows)
+    key = _chunk_key(arr, first // shard_rows)
     path = Path(zstore.root) / key
     dtype = np.dtype(arr.dtype).newbyteorder("<")
     whole, cut = divmod(keep, inner_rows)  # inner chunks kept as they are; rows kept of the next one
@@ -211,14 +216,10 @@ def _write_shard(zstore, arr, first: int, keep: int, rows: np.ndarray, where: st
         try:
             old = path.read_bytes()
         except FileNotFoundError:
-            raise CorruptStoreError(f"{where}: shard {key} of array {arr.path!r} is missing, though it holds "
-                                    "committed rows; restore the store from a copy") from None
-        old_index = _shard_index(old[-(per_shard * 16 + 4):], key, where)
+            raise _missing(arr, first // shard_rows, where) from None
+        old_index = _shard_index(old[-_index_bytes(per_shard):], key, where)
         for c in range(whole + (cut > 0)):
-            o, n = (int(x) for x in old_index[c])
-            if o == _EMPTY:
-                raise CorruptStoreError(f"{where}: inner chunk {c} of shard {key} is absent, though it holds "
-                                        "committed rows; restore the store from a copy")
+            o, n = _span(old_index, first // inner_rows + c, per_shard, arr, where)
             if c < whole:
                 parts.append(old[o : o + n])
                 index[c] = (offset, n)
