@@ -145,7 +145,8 @@ class UpdateRecorder:
 
     def _after_step(self, optimizer, args, kwargs):
         pending, self._pending = self._pending, []  # this step's IDs; the next step starts empty
-        ids = np.concatenate(pending) if pending else np.empty(0, np.int64)
+        # batch() keeps its own copies, so a single batch's array is used as it is.
+        ids = pending[0] if len(pending) == 1 else np.concatenate(pending) if pending else np.empty(0, np.int64)
         try:
             recorded = self._role.after_step(ids)
         except (NonFiniteUpdateError, RecorderError) as exc:
