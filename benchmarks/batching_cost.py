@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
 def _run(args, argv) -> dict:
     from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
-    subset, test = load(args)
+    subset, test, _ = load(args)
     units = trainings(subset, args.units_per_batch)
     skewed = units["cohort skewed"][0]
     runs = []

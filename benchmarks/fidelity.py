@@ -7,8 +7,9 @@
         --out benchmarks/results/fidelity-cohort-skewed-mixed.json  (mixed cohort batches)
 
 Fashion-MNIST, a fixed random subset of the training set (--subset, default 20,000; the subset
-does not change with the seed), the full test set, the repository's SmallCNN(8, 16) trained with
-SGD 0.05 + momentum 0.9, batch 128, --epochs epochs. For every scenario and training seed,
+does not change with the seed; the next 10,000 training samples, never trained on, are the
+held-out split of gradient ascent's held-out target), the full test set, the repository's
+SmallCNN(8, 16) trained with SGD 0.05 + momentum 0.9, batch 128, --epochs epochs. For every scenario and training seed,
 `pyunlearn.experiment.run` trains the original model (recording update stores at keep 1 float32
 and keep 0.01 float16; in --gradient-scenarios also a gradient store at keep 0.01, forgotten under
 each coefficient rule), Retrain and Retrain seed 2 (the noise floor), and runs every method on a
@@ -99,8 +100,10 @@ def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",
     return train
 
 
-def methods(args, gradient: bool = False) -> dict:
-    """The methods of one scenario; gradient: add gradient attribution under each coefficient rule."""
+def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
+    """The methods of one scenario; held_out: never-trained samples for gradient ascent's held-out
+    target (None: that row is left out); gradient: add gradient attribution under each
+    coefficient rule."""
     lr = args.lr
 
     def amnesiac(key, repair=None):
@@ -144,6 +147,9 @@ def methods(args, gradient: bool = False) -> dict:
         "Label flip keep 0.1 saliency mask (guarded)": optimiser(label_flip, 0.1, mask="saliency"),
         "Gradient ascent keep 0.1 saliency mask (guarded)": optimiser(gradient_ascent, 0.1, mask="saliency"),
     }
+    if held_out is not None:  # the target's run length is its own: the step cap lifted, 20 epochs at most
+        table["Gradient ascent to held-out loss (guarded)"] = optimiser(gradient_ascent, None, held_out_data=held_out,
+                                                                        epochs=20, max_steps=None)
     if gradient:
         for name, (rule, damping) in GRADIENT_RULES.items():
             table[f"Gradient attribution keep 0.01, {name}"] = attributed(rule, damping)
@@ -270,17 +276,21 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load(args) -> tuple[SampleSet, SampleSet]:
-    """(the fixed training subset, the test set); sets args.image_size."""
+HELD_OUT = 10000  # samples outside the subset, never trained on: the held-out target's validation split
+
+
+def load(args) -> tuple[SampleSet, SampleSet, SampleSet | None]:
+    """(the fixed training subset, the test set, a held-out split of up to HELD_OUT training
+    samples outside the subset, or None where the subset is all of them); sets args.image_size."""
     if args.data == "digits":
         (train_all, test), args.image_size = split(digits(), 0.2, seed=0), 8
     else:
         (train_all, test), args.image_size = idx(args.idx_folder), 28
     if not 0 < args.subset <= len(train_all):
         raise SystemExit(f"--subset must lie in [1, {len(train_all)}], got {args.subset}")
-    subset = train_all.subset(torch.randperm(len(train_all), generator=torch.Generator().manual_seed(SUBSET_SEED))
-                              [: args.subset])
-    return subset, test
+    order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(SUBSET_SEED))
+    held_out = order[args.subset : args.subset + HELD_OUT]
+    return train_all.subset(order[: args.subset]), test, train_all.subset(held_out) if len(held_out) else None
 
 
 def main(argv=None) -> dict:
@@ -301,7 +311,7 @@ def with_torch_threads(threads: int, run):
 def _run(args, argv) -> dict:
     from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
-    subset, test = load(args)
+    subset, test, held_out = load(args)
     command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED})
     out = {"meta": meta, "scenarios": {}}
@@ -316,7 +326,7 @@ def _run(args, argv) -> dict:
         notes = unit_notes(cohort_of, prepare(args.seeds[0]).forget) if cohort_of is not None else {}
         if notes:
             notes["units_per_batch"] = args.units_per_batch
-        results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, gradient),
+        results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, held_out, gradient),
                                  mia_seeds=args.mia_seeds, mia_samples=args.mia_samples, mia_protocol=args.mia_protocol,
                                  config={"scenario": name, **notes}, log=lambda line: print(line, flush=True))
         out["scenarios"][name] = {**results.to_dict(), "seconds": time.perf_counter() - start}

@@ -14,7 +14,7 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     fidelity = benchmark_script("fidelity")
     out = tmp_path / "fidelity.json"
     methods = ["Amnesiac keep 0.01 + repair", "Label flip keep 0.1 saliency mask (guarded)",
-               "Gradient attribution keep 0.01, own step"]
+               "Gradient ascent to held-out loss (guarded)", "Gradient attribution keep 0.01, own step"]
     result = fidelity.main(["--data", "digits", "--seeds", "0", "--subset", "1400", "--epochs", "1",
                             "--scenarios", "random1", "cohort", "cohort-skewed", "--mia-seeds", "0", "--mia-samples", "200",
                             "--methods", *methods, "--units-per-batch", "2", "--out", str(out)])
@@ -22,7 +22,7 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     assert written["meta"]["config"]["seeds"] == [0] and set(written["scenarios"]) == {"random1", "cohort", "cohort-skewed"}
     for name, scenario in result["scenarios"].items():
         rows = [r["method"] for r in scenario["rows"]]
-        expected = ["Original", "Retrain", "Retrain seed 2"] + methods[: 2 if name == "random1" else 3]
+        expected = ["Original", "Retrain", "Retrain seed 2"] + methods[: 3 if name == "random1" else 4]
         assert rows == expected, name
         assert set(scenario["noise_floor"]) >= {"UA", "MIA", "forget_loss_ks"}
         repaired = next(r for r in scenario["rows"] if r["method"] == methods[0])

@@ -149,3 +149,68 @@ def test_partial_updates_on_a_non_contiguous_parameter():
     mask.step()
     moved = (model.w.detach() != before).reshape(-1).nonzero().flatten()
     assert torch.equal(moved, chosen) and chosen.numel() == 3
+
+
+# ---- gradient ascent's held-out target ---------------------------------------------------------
+
+def _random_labels(n, seed):
+    """Samples whose labels are noise: a model can only memorise them, so it fits its training
+    samples far better than unseen ones (a large generalisation gap)."""
+    ids, x, _ = tiny_data(n, seed=seed)
+    return SampleSet(ids, x, torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed)))
+
+
+def _memoriser(train: SampleSet) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(train.x), train.y).backward()
+        optimizer.step()
+    return model
+
+
+def test_held_out_target_stops_at_the_first_step_where_the_forget_loss_rose_by_the_generalisation_gap():
+    from pyunlearn.metrics import losses
+
+    data = _random_labels(256, seed=3)
+    forget, retain, held_out = (data.subset(torch.arange(a, b)) for a, b in ((0, 32), (32, 192), (192, 256)))
+    model = _memoriser(data.subset(torch.arange(192)))
+    gap = losses(model, held_out).mean() - losses(model, retain).mean()
+    assert gap > 0.5  # the premise: the model memorised its training samples
+    start = copy.deepcopy(model)
+    options = dict(retain_data=retain, epochs=1000, lr=0.01, max_steps=None, max_retain_drop=None)
+
+    report = gradient_ascent(model, forget, **options, held_out_data=held_out)
+    assert report.stopped.startswith(f"held-out target at step {report.steps}:"), report.stopped
+    assert report.steps > 1
+    assert losses(model, forget).mean() - losses(start, forget).mean() >= gap
+    # The same run one step shorter (the target draws nothing from the batches' generator) had not risen that far.
+    shorter = copy.deepcopy(start)
+    gradient_ascent(shorter, forget, **{**options, "max_steps": report.steps - 1})
+    assert losses(shorter, forget).mean() - losses(start, forget).mean() < gap
+    # Without the target the run goes on: the ascent is unbounded.
+    unbounded = copy.deepcopy(start)
+    assert gradient_ascent(unbounded, forget, **{**options, "max_steps": 2 * report.steps}).steps == 2 * report.steps
+
+
+def test_held_out_target_already_reached_takes_no_step():
+    data = _random_labels(128, seed=4)
+    forget, retain = data.subset(torch.arange(16)), data.subset(torch.arange(16, 128))
+    model = _memoriser(data)
+    before = copy.deepcopy(model.state_dict())
+    # Held-out data that scores like the retained data (here: the same samples): no gap to close.
+    report = gradient_ascent(model, forget, retain_data=retain, held_out_data=retain)
+    assert report.steps == 0 and report.stopped.startswith("held-out target at step 0:")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_held_out_target_bad_inputs():
+    model, data = _model(), _samples()
+    with pytest.raises(ValueError, match="held_out_data needs retain_data too"):
+        gradient_ascent(model, data, held_out_data=data)
+    with pytest.raises(TypeError, match="held_out_data must be a pyunlearn.data.SampleSet"):
+        gradient_ascent(model, data, retain_data=data, held_out_data=[(1, 2, 3)])
+    with pytest.raises(ValueError, match="held_out_samples must be a positive int"):
+        gradient_ascent(model, data, retain_data=data, held_out_data=data, held_out_samples=0)
