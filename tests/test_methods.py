@@ -196,6 +196,21 @@ def test_held_out_target_stops_after_the_first_epoch_where_the_forget_loss_rose_
     assert gradient_ascent(unbounded, forget, **{**options, "max_steps": 2 * report.steps}).steps == 2 * report.steps
 
 
+def test_held_out_target_probes_the_forget_set_apart_from_the_batch_order():
+    from pyunlearn.unlearn._loop import HeldOutTarget
+
+    data = _random_labels(2048, seed=5)
+    forget, rest = data.subset(torch.arange(1024)), data.subset(torch.arange(1024, 2048))
+    target = HeldOutTarget(_model(), forget, rest, rest, samples=256, seed=7)
+    assert len(target.forget) == HeldOutTarget.FORGET_PROBE < len(forget)
+    # gradient_ascent(seed=7) batches the forget set in torch.randperm's order under 7: the probe
+    # must not be the samples of its first batches (they were pushed longest by momentum).
+    first_batches = set(forget.ids[torch.randperm(len(forget), generator=torch.Generator().manual_seed(7))]
+                        [: HeldOutTarget.FORGET_PROBE].tolist())
+    overlap = len(first_batches & set(target.forget.ids.tolist())) / HeldOutTarget.FORGET_PROBE
+    assert 0.3 < overlap < 0.7  # about half, as for any random half of the set
+
+
 def test_held_out_target_already_reached_takes_no_step():
     data = _random_labels(128, seed=4)
     forget, retain = data.subset(torch.arange(16)), data.subset(torch.arange(16, 128))

@@ -67,12 +67,17 @@ class HeldOutTarget:
     target stops too early."""
 
     FORGET_PROBE = 512
+    PROBE_SEEDS = 1_000_003  # the probes' seeds: the run's seed + this (+ 1, + 2)
 
     def __init__(self, model, forget: SampleSet, held_out: SampleSet, retained: SampleSet, *, samples: int,
                  seed: int):
         from ..metrics import losses
 
         samples = positive_int("held_out_samples", samples)
+        # Drawn apart from the batches, which permute the forget set under `seed` itself: a probe
+        # of the first batches is no random sample of the set (with momentum, the batches ascended
+        # first have risen most by an epoch's end: 0.10 nats against 0.009 for 2,000 samples).
+        seed += self.PROBE_SEEDS
         self.forget = _probe(check_data("forget_data", forget), self.FORGET_PROBE, seed)
         held_out = _probe(check_data("held_out_data", held_out), samples, seed + 1)
         retained = _probe(check_data("retain_data", retained), samples, seed + 2)
