@@ -161,10 +161,10 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     """SGD over `batches(generator)` (a fresh iterator each epoch, on the host; each batch moved
     to the model's device) minimising `loss(batch)`, for `epochs` epochs or `max_steps` steps,
     whichever ends first, stopped early by `guard` (put back) or once `target` is reached (checked
-    before the first step and after each epoch: a model already there takes no step). With keep, mask="step" selects each
-    step's top-|grad| entries; mask="saliency" fixes, before the first step, each layer's top
-    entries by |gradient of the cross-entropy on `saliency_data`| (the forget set with its true
-    labels: SalUn's weight saliency)."""
+    before the first step and after each epoch: a model already there takes no step). With
+    keep, mask="step" selects each step's top-|grad| entries; mask="saliency" fixes, before the
+    first step, each layer's top entries by |gradient of the cross-entropy on `saliency_data`|
+    (the forget set with its true labels: SalUn's weight saliency)."""
     epochs, lr = positive_int("epochs", epochs), positive_number("lr", lr)
     device = model_device(model, method)
     if max_steps is not None:

@@ -37,8 +37,8 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
 
     With `held_out_data` (samples of the training distribution the model never trained on: a
     validation split, not the test set you report on) and `retain_data`, the run also ends at
-    the first check (before the first step, then after each epoch) where the forget set's mean loss
-    has risen by the model's generalisation gap: mean held-out − mean retained loss, measured
+    the first check (before the first step, then after each epoch) where the forget set's mean
+    loss has risen by the model's generalisation gap: mean held-out − mean retained loss, measured
     before the run on up to `held_out_samples` of each (the estimate's standard error shrinks
     with them: ~0.012 nats at 8192 on the Fashion-MNIST CNN, whose gap is 0.03–0.045). Then the
     forget set is scored like unseen data, which is where retraining puts a forget set drawn
