@@ -179,6 +179,10 @@ def test_held_out_target_stops_after_the_first_epoch_where_the_forget_loss_rose_
     model = _memoriser(data.subset(torch.arange(192)))
     gap = losses(model, held_out).mean() - losses(model, retain).mean()
     assert gap > 0.5  # the premise: the model memorised its training samples
+
+    def against_held_out(m):  # the forget set's mean loss less the held-out one (both sets fit the probes whole)
+        return losses(m, forget).mean() - losses(m, held_out).mean()
+
     start = copy.deepcopy(model)
     steps_per_epoch = 4  # 32 forget samples in batches of 8: checked after whole epochs only
     options = dict(retain_data=retain, epochs=1000, lr=0.002, batch_size=8, max_steps=None, max_retain_drop=None)
@@ -186,14 +190,26 @@ def test_held_out_target_stops_after_the_first_epoch_where_the_forget_loss_rose_
     report = gradient_ascent(model, forget, **options, held_out_data=held_out)
     assert report.stopped.startswith(f"held-out target at step {report.steps}:"), report.stopped
     assert report.steps > steps_per_epoch and report.steps % steps_per_epoch == 0
-    assert losses(model, forget).mean() - losses(start, forget).mean() >= gap
+    assert against_held_out(model) - against_held_out(start) >= gap
     # The same run one epoch shorter (the target draws nothing from the batches' generator) had not risen that far.
     shorter = copy.deepcopy(start)
     gradient_ascent(shorter, forget, **{**options, "max_steps": report.steps - steps_per_epoch})
-    assert losses(shorter, forget).mean() - losses(start, forget).mean() < gap
+    assert against_held_out(shorter) - against_held_out(start) < gap
     # Without the target the run goes on: the ascent is unbounded.
     unbounded = copy.deepcopy(start)
     assert gradient_ascent(unbounded, forget, **{**options, "max_steps": 2 * report.steps}).steps == 2 * report.steps
+
+
+def test_held_out_target_counts_the_forget_loss_against_the_held_out_loss():
+    """An ascent that harms the model raises every loss: the held-out loss rising as much as the
+    forget set's is no forgetting. Here the 'forget set' is held-out data itself, so the two rise
+    alike and the target is never reached."""
+    data = _random_labels(256, seed=6)
+    retain, unseen = data.subset(torch.arange(192)), data.subset(torch.arange(192, 256))
+    model = _memoriser(retain)
+    report = gradient_ascent(model, unseen, retain_data=retain, held_out_data=unseen, epochs=30, lr=0.01,
+                             batch_size=8, max_steps=None, max_retain_drop=None)
+    assert report.steps == 30 * 8 and report.stopped is None
 
 
 def test_held_out_target_probes_the_forget_set_apart_from_the_batch_order():
@@ -202,12 +218,12 @@ def test_held_out_target_probes_the_forget_set_apart_from_the_batch_order():
     data = _random_labels(2048, seed=5)
     forget, rest = data.subset(torch.arange(1024)), data.subset(torch.arange(1024, 2048))
     target = HeldOutTarget(_model(), forget, rest, rest, samples=256, seed=7)
-    assert len(target.forget) == HeldOutTarget.FORGET_PROBE < len(forget)
+    assert len(target.forget) == HeldOutTarget.PROBE < len(forget)
     # gradient_ascent(seed=7) batches the forget set in torch.randperm's order under 7: the probe
     # must not be the samples of its first batches (they were pushed longest by momentum).
     first_batches = set(forget.ids[torch.randperm(len(forget), generator=torch.Generator().manual_seed(7))]
-                        [: HeldOutTarget.FORGET_PROBE].tolist())
-    overlap = len(first_batches & set(target.forget.ids.tolist())) / HeldOutTarget.FORGET_PROBE
+                        [: HeldOutTarget.PROBE].tolist())
+    overlap = len(first_batches & set(target.forget.ids.tolist())) / HeldOutTarget.PROBE
     assert 0.3 < overlap < 0.7  # about half, as for any random half of the set
 
 
