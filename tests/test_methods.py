@@ -246,3 +246,13 @@ def test_held_out_target_bad_inputs():
         gradient_ascent(model, data, retain_data=data, held_out_data=[(1, 2, 3)])
     with pytest.raises(ValueError, match="held_out_samples must be a positive int"):
         gradient_ascent(model, data, retain_data=data, held_out_data=data, held_out_samples=0)
+    before = copy.deepcopy(model.state_dict())
+    narrow = SampleSet(data.ids, data.x[:, :5], data.y)  # TinyNet takes 8 features
+    with pytest.raises(ValueError, match="held_out_data: the model cannot score these samples"):
+        gradient_ascent(model, data, retain_data=data, held_out_data=narrow)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.fc2.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        gradient_ascent(broken, data, retain_data=data, held_out_data=data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # failed calls changed nothing

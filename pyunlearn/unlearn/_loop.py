@@ -3,6 +3,7 @@ plain or layer-wise partial optimizer step."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +23,7 @@ class UnlearnReport:
     keep: float | None  # None: naive (every entry may change)
     steps: int
     seconds: float
-    stopped: str | None = None  # why training ended before its epochs: the step budget, the guard or the target
+    stopped: str | None = None  # why training ended: early (the step budget, the guard) or at the target
 
 
 class RetainGuard:
@@ -83,19 +84,29 @@ class HeldOutTarget:
         held_out = _probe(check_data("held_out_data", held_out), samples, seed + 1)
         retained = _probe(check_data("retain_data", retained), samples, seed + 2)
         self.held_out = _probe(held_out, self.PROBE, seed + 3)
-        self.gap = float(losses(model, held_out).mean() - losses(model, retained).mean())
+        self.gap = _mean_loss(model, held_out, "held_out_data") - _mean_loss(model, retained, "retain_data")
         self.start = self.forget_against_held_out(model)
+        if not math.isfinite(self.gap) or not math.isfinite(self.start):
+            raise ValueError("the model's loss on forget_data, held_out_data or retain_data is not finite (NaN or "
+                             "Inf): no held-out target can be measured; check the model and the data")
 
     def forget_against_held_out(self, model) -> float:
         """Mean loss of the forget probe − mean loss of the held-out probe, in nats."""
-        from ..metrics import losses
-
-        return float(losses(model, self.forget).mean() - losses(model, self.held_out).mean())
+        return _mean_loss(model, self.forget, "forget_data") - _mean_loss(model, self.held_out, "held_out_data")
 
     def reached(self, model) -> tuple[bool, float]:
         """(reached, how far the forget set's mean loss has risen against the held-out one), in nats."""
         rise = self.forget_against_held_out(model) - self.start
         return rise >= self.gap, rise
+
+
+def _mean_loss(model, data: SampleSet, arg: str) -> float:
+    from ..metrics import losses
+
+    try:
+        return float(losses(model, data).mean())
+    except (RuntimeError, IndexError) as exc:  # wrong feature shape, labels past the model's classes
+        raise ValueError(f"{arg}: the model cannot score these samples ({exc})") from exc
 
 
 def _probe(data: SampleSet, samples: int, seed: int) -> SampleSet:
@@ -159,12 +170,14 @@ def saliency(model: torch.nn.Module, data: SampleSet, batch_size: int = 256) -> 
 def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Callable, *, epochs: int,
              lr: float, keep: float | None, momentum: float = 0.9, weight_decay: float = 0.0,
              seed: int = 0, clip: float | None = None, max_steps: int | None = None,
-             guard: RetainGuard | None = None, target: HeldOutTarget | None = None, mask: str = "step",
+             guard: RetainGuard | None = None, target: Callable[[], HeldOutTarget] | None = None, mask: str = "step",
              saliency_data: SampleSet | None = None) -> UnlearnReport:
     """SGD over `batches(generator)` (a fresh iterator each epoch, on the host; each batch moved
     to the model's device) minimising `loss(batch)`, for `epochs` epochs or `max_steps` steps,
-    whichever ends first, stopped early by `guard` (put back) or once `target` is reached (checked
-    before the first step and after each epoch: a model already there takes no step). With
+    whichever ends first, stopped early by `guard` (put back) or once the HeldOutTarget that
+    `target()` builds (after the arguments are checked: it costs forward passes) is reached
+    (checked before the first step and after each epoch: a model already there takes no step;
+    where the step budget ends an epoch, the budget is reported). With
     keep, mask="step" selects each step's top-|grad| entries; mask="saliency" fixes, before the
     first step, each layer's top entries by |gradient of the cross-entropy on `saliency_data`|
     (the forget set with its true labels: SalUn's weight saliency)."""
@@ -184,6 +197,7 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     masker = LayerwiseMask(model, optimizer, keep) if keep is not None else None
     if mask == "saliency":
         masker.fix_saliency(saliency(model, check_data("saliency_data", saliency_data)))
+    target = target() if target is not None else None
     generator = torch.Generator().manual_seed(seed)
     start, steps, stopped = time.perf_counter(), 0, None
     floor = last_good = None

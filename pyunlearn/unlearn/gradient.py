@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data import SampleSet
+from .._validate import positive_int
 from ._loop import HeldOutTarget, RetainGuard, UnlearnReport, check_data, optimise
 from .buffers import warn_stale_buffers
 
@@ -38,9 +39,10 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     With `held_out_data` (samples of the training distribution the model never trained on: a
     validation split, not the test set you report on) and `retain_data`, the run also ends at
     the first check (before the first step, then after each epoch) where the forget set's mean
-    loss has risen by the model's generalisation gap: mean held-out − mean retained loss, measured
-    before the run on up to `held_out_samples` of each (the estimate's standard error shrinks
-    with them: ~0.012 nats at 8192 on the Fashion-MNIST CNN, whose gap is 0.03–0.045). Then the
+    loss, against the held-out mean loss, has risen by the model's generalisation gap: mean
+    held-out − mean retained loss, measured before the run on up to `held_out_samples` of each
+    (the estimate's standard error shrinks with them: ~0.012 nats at 8192 on the Fashion-MNIST
+    CNN, whose gap is 0.03–0.045). Then the
     forget set is scored like unseen data, which is where retraining puts a forget set drawn
     like the rest of the training data (see HeldOutTarget; not a class, which retraining scores
     far worse). A model that fits its training data no better than unseen data takes no step.
@@ -56,7 +58,9 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
         if retain_data is None:
             raise ValueError("held_out_data needs retain_data too: the target is the rise from the retained loss "
                              "to the held-out loss (the model's generalisation gap)")
-        target = HeldOutTarget(model, forget_data, held_out_data, retain_data, samples=held_out_samples, seed=seed)
+        held_out_samples = positive_int("held_out_samples", held_out_samples)
+        target = lambda: HeldOutTarget(model, forget_data, held_out_data, retain_data, samples=held_out_samples,  # noqa: E731
+                                       seed=seed)
     guard = None
     if retain_data is not None:
         retain_data = check_data("retain_data", retain_data)
