@@ -42,10 +42,10 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     loss, against the held-out mean loss, has risen by the model's generalisation gap: mean
     held-out − mean retained loss, measured before the run on up to `held_out_samples` of each
     (the estimate's standard error shrinks with them: ~0.012 nats at 8192 on the Fashion-MNIST
-    CNN, whose gap is 0.03–0.045). Then the
-    forget set is scored like unseen data, which is where retraining puts a forget set drawn
-    like the rest of the training data (see HeldOutTarget; not a class, which retraining scores
-    far worse). A model that fits its training data no better than unseen data takes no step.
+    CNN, whose gap is 0.03–0.045). Then the forget set is scored like unseen data, which is
+    where retraining puts a forget set drawn like the rest of the training data (see
+    HeldOutTarget; not a class, which retraining scores far worse). A model that fits its
+    training data no better than unseen data takes no step.
     The target ends the run only within `epochs` and `max_steps`: raise them (max_steps=None)
     to let it decide, and keep the guard.
 
