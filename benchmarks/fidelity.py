@@ -10,10 +10,10 @@ Fashion-MNIST, a fixed random subset of the training set (--subset, default 20,0
 does not change with the seed; the next 10,000 training samples, never trained on, are the
 held-out split of gradient ascent's held-out target), the full test set, the repository's
 SmallCNN(8, 16) trained with SGD 0.05 + momentum 0.9, batch 128, --epochs epochs. For every
-scenario and training seed, `pyunlearn.experiment.run` trains the original model (recording update stores at keep 1 float32
-and keep 0.01 float16; in --gradient-scenarios also a gradient store at keep 0.01, forgotten under
-each coefficient rule), Retrain and Retrain seed 2 (the noise floor), and runs every method on a
-copy of the original. Scenarios:
+scenario and training seed, `pyunlearn.experiment.run` trains the original model (recording
+update stores at keep 1 float32 and keep 0.01 float16; in --gradient-scenarios also a gradient
+store at keep 0.01, forgotten under each coefficient rule), Retrain and Retrain seed 2 (the
+noise floor), and runs every method on a copy of the original. Scenarios:
 
 - random1: 1% of the subset at random (forget set drawn under the seed);
 - random10: 10% at random;
