@@ -102,8 +102,7 @@ def read_rows(zstore, arr, rows: np.ndarray, where: str) -> np.ndarray | None:
         try:
             stored = (_local_inner_chunks if local else _remote_inner_chunks)(zstore, arr, wanted, per_shard, where)
             for i, (c, data) in enumerate(zip(wanted, stored)):
-                raw = blosc.decompress(_checked(data, f"inner chunk {int(c)} of array {arr.path!r}", where))
-                decoded[i] = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(inner_shape)
+                decoded[i] = _decoded(data, f"inner chunk {int(c)} of array {arr.path!r}", where, dtype, inner_shape)
             break
         except CorruptStoreError:
             # Through a zarr store the index and the chunks are two requests: a writer replacing
@@ -225,8 +224,8 @@ def _write_shard(zstore, arr, first: int, keep: int, rows: np.ndarray, where: st
                 index[c] = (offset, n)
                 offset += n
             else:
-                raw = blosc.decompress(_checked(old[o : o + n], f"inner chunk {c} of shard {key}", where))
-                head = np.frombuffer(raw, dtype=dtype).reshape(inner_rows, *rows.shape[1:])[:cut]
+                head = _decoded(old[o : o + n], f"inner chunk {c} of shard {key}", where, dtype,
+                                (inner_rows, *rows.shape[1:]))[:cut]
     new = np.concatenate([head, rows.astype(dtype, copy=False)]) if len(head) else \
         np.ascontiguousarray(rows, dtype=dtype)
     used = -(-len(new) // inner_rows)
@@ -241,6 +240,11 @@ def _write_shard(zstore, arr, first: int, keep: int, rows: np.ndarray, where: st
         index[whole + c] = (offset, len(encoded[0]) + 4)
         offset += len(encoded[0]) + 4
     replace_file(path, parts + _with_crc32c(index.tobytes()))
+
+
+def _decoded(stored: bytes, what: str, where: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """An inner chunk's stored bytes (blosc's, then their crc32c), checked and decoded."""
+    return np.frombuffer(blosc.decompress(_checked(stored, what, where)), dtype=dtype.newbyteorder("<")).reshape(shape)
 
 
 def _encoded(block: np.ndarray, codec: BloscCodec) -> list[bytes]:
