@@ -2,6 +2,7 @@
 what it got and what it needs, so the caller can fix the call without reading the code."""
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -28,6 +29,13 @@ def positive_number(arg: str, value) -> float:
     """`value` as a finite float > 0, or ValueError naming `arg`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
         raise ValueError(f"{arg} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def finite_number(arg: str, value) -> float:
+    """`value` as a finite float (any sign), or ValueError naming `arg`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{arg} must be a finite number, got {value!r}")
     return float(value)
 
 

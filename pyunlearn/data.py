@@ -40,6 +40,13 @@ class SampleSet:
         selection = torch.as_tensor(selection)
         return SampleSet(self.ids[selection], self.x[selection], self.y[selection])
 
+    def draw(self, size: int, *, seed: int) -> "SampleSet":
+        """Up to `size` samples drawn at random under `seed` (all of them, in order, when there
+        are no more than that): a probe that costs a bounded number of forward passes."""
+        if size >= len(self):
+            return self
+        return self.subset(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size])
+
     def _holds(self, ids) -> torch.Tensor:
         return torch.isin(self.ids, torch.as_tensor(np.asarray(ids), dtype=torch.int64))
 

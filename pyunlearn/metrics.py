@@ -14,6 +14,9 @@ Per-sample signals, stronger than one attack model (`compare`):
 - membership gap: mean cross-entropy on the forget set − mean cross-entropy on the test set
   (nats). Near 0 when the forget set looks like unseen data; negative while it is still
   remembered.
+- generalisation gap: mean cross-entropy on held-out samples − mean cross-entropy on retained
+  (trained-on) samples (nats): how far a retrain should raise a forget set drawn like the
+  training data (gradient ascent's held-out target).
 - forget-loss KS: the two-sample Kolmogorov–Smirnov statistic between the per-sample forget-set
   losses of a model and of a reference (a retrained model): 0 for identical distributions, 1
   for disjoint ones.
@@ -22,6 +25,7 @@ Per-sample signals, stronger than one attack model (`compare`):
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -136,6 +140,49 @@ def membership_gap(model: torch.nn.Module, *, forget: SampleSet, test: SampleSet
     """Mean forget-set loss − mean test loss (nats): about 0 when the forget set looks unseen,
     negative while the model still fits it better than unseen data."""
     return float(losses(model, forget).mean() - losses(model, test).mean())
+
+
+def generalisation_gap(model: torch.nn.Module, *, retain: SampleSet, held_out: SampleSet, samples: int = 8192,
+                       seed: int = 0) -> float:
+    """Mean cross-entropy on held-out samples − mean cross-entropy on retained (trained-on)
+    samples (nats), on up to `samples` of each drawn under `seed` (held-out) and `seed` + 1
+    (retained): how much lower training put the loss of the samples it saw. The estimate's
+    standard error is about sd(loss) · √(2 / samples): on the Fashion-MNIST CNN ~0.012 nats at
+    8,192 samples (per-sample losses' sd 0.7–0.8) against a gap of 0.03–0.045. It is a property
+    of the model: measure it once and pass it to gradient_ascent(generalisation_gap=...) for
+    every deletion request against that model, rather than paying these forward passes each
+    time. ValueError names the set the model cannot score, or says the gap is not finite."""
+    from ._validate import positive_int
+
+    gap = measured_gap(model, retain, held_out, positive_int("samples", samples), seed, ("retain", "held_out"))
+    if not math.isfinite(gap):
+        raise ValueError("the model's loss on retain or held_out is not finite (NaN or Inf): no generalisation gap "
+                         "can be measured; check the model and the data")
+    return gap
+
+
+def measured_gap(model, retain: SampleSet, held_out: SampleSet, samples: int, seed: int, args: tuple[str, str]) -> float:
+    """generalisation_gap without its checks; `args` name retain and held_out in errors (the
+    callers' own argument names)."""
+    return (mean_loss(model, _sample_set(args[1], held_out).draw(samples, seed=seed), args[1])
+            - mean_loss(model, _sample_set(args[0], retain).draw(samples, seed=seed + 1), args[0]))
+
+
+def _sample_set(arg: str, data) -> SampleSet:
+    if not isinstance(data, SampleSet):
+        raise TypeError(f"{arg} must be a pyunlearn.data.SampleSet (ids, x, y), got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{arg} is empty: there is no loss to measure")
+    return data
+
+
+def mean_loss(model: torch.nn.Module, data: SampleSet, arg: str) -> float:
+    """Mean per-sample cross-entropy; errors name the argument `arg` that held `data`."""
+    data = _sample_set(arg, data)
+    try:
+        return float(losses(model, data).mean())
+    except (RuntimeError, IndexError) as exc:  # wrong feature shape, labels past the model's classes
+        raise ValueError(f"{arg}: the model cannot score these samples ({exc})") from exc
 
 
 def ks_statistic(a, b) -> float:

@@ -196,3 +196,56 @@ def test_mia_spread_averages_the_attack_seeds():
                                                          seed=5, max_samples=300)]
     with pytest.raises(ValueError, match="seeds"):
         mia_spread(model, forget=forget, retain=retain, test=test, seeds=())
+
+
+def test_generalisation_gap_by_hand_and_on_a_bounded_draw():
+    from pyunlearn.metrics import generalisation_gap
+
+    sure, unsure = Oracle(confident=True), Oracle(confident=False)
+
+    class Memoriser(torch.nn.Module):  # sure on the trained IDs (< 1000), unsure on the rest
+        def forward(self, x):
+            return torch.where(x[:, 1:2] < 1000, sure(x), unsure(x))
+
+    retain, held_out = _set(300, 0, 1), _set(200, 1000, 2)
+    for s in (retain, held_out):
+        s.x[:, 1] = s.ids.float()
+    expected = np.log(1 + 3 * np.exp(-2.0)) - np.log(1 + 3 * np.exp(-20.0))  # unsure loss − sure loss
+    assert generalisation_gap(Memoriser(), retain=retain, held_out=held_out) == pytest.approx(expected, abs=1e-5)
+    assert generalisation_gap(unsure, retain=retain, held_out=held_out) == pytest.approx(0.0, abs=1e-6)
+
+    # At most `samples` of each set, drawn under the seed: the same draw gives the same gap.
+    class Counting(torch.nn.Module):
+        seen = 0
+
+        def forward(self, x):
+            Counting.seen += len(x)
+            return Memoriser()(x) + torch.nn.functional.pad(x[:, 2:3], (0, 3))  # class 0's logit varies by sample
+
+    counting = Counting()
+    first = generalisation_gap(counting, retain=retain, held_out=held_out, samples=50, seed=4)
+    assert Counting.seen == 100
+    assert generalisation_gap(counting, retain=retain, held_out=held_out, samples=50, seed=4) == first
+    assert generalisation_gap(counting, retain=retain, held_out=held_out, samples=50, seed=5) != first
+
+
+def test_generalisation_gap_bad_inputs():
+    from pyunlearn.metrics import generalisation_gap
+
+    data, model = _set(20), Oracle()
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        generalisation_gap(model, retain=data, held_out=data, samples=0)
+    with pytest.raises(TypeError, match="held_out must be a pyunlearn.data.SampleSet"):
+        generalisation_gap(model, retain=data, held_out=[1, 2])
+    with pytest.raises(ValueError, match="retain is empty"):
+        generalisation_gap(model, retain=data.subset(torch.arange(0)), held_out=data)
+    narrow = SampleSet(data.ids, data.x, data.y + 10)  # labels past the model's 4 classes
+    with pytest.raises(ValueError, match="held_out: the model cannot score these samples"):
+        generalisation_gap(model, retain=data, held_out=narrow)
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 4), float("nan"))
+
+    with pytest.raises(ValueError, match="not finite"):
+        generalisation_gap(Broken(), retain=data, held_out=data)
