@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -171,7 +172,7 @@ def _memoriser(train: SampleSet) -> torch.nn.Module:
     return model
 
 
-def test_held_out_target_stops_after_the_first_epoch_where_the_forget_loss_rose_by_the_generalisation_gap():
+def test_held_out_target_stops_where_the_forget_loss_rose_by_the_generalisation_gap():
     from pyunlearn.metrics import losses
 
     data = _random_labels(256, seed=3)
@@ -180,24 +181,51 @@ def test_held_out_target_stops_after_the_first_epoch_where_the_forget_loss_rose_
     gap = losses(model, held_out).mean() - losses(model, retain).mean()
     assert gap > 0.5  # the premise: the model memorised its training samples
 
-    def against_held_out(m):  # the forget set's mean loss less the held-out one (both sets fit the probes whole)
-        return losses(m, forget).mean() - losses(m, held_out).mean()
+    def rise(m):  # the forget set's mean loss less the held-out one, from the start (the sets fit the probes whole)
+        return losses(m, forget).mean() - losses(m, held_out).mean() - (losses(start, forget).mean()
+                                                                         - losses(start, held_out).mean())
 
     start = copy.deepcopy(model)
     steps_per_epoch = 4  # 32 forget samples in batches of 8: checked after whole epochs only
     options = dict(retain_data=retain, epochs=1000, lr=0.002, batch_size=8, max_steps=None, max_retain_drop=None)
 
     report = gradient_ascent(model, forget, **options, held_out_data=held_out)
-    assert report.stopped.startswith(f"held-out target at step {report.steps}:"), report.stopped
-    assert report.steps > steps_per_epoch and report.steps % steps_per_epoch == 0
-    assert against_held_out(model) - against_held_out(start) >= gap
-    # The same run one epoch shorter (the target draws nothing from the batches' generator) had not risen that far.
-    shorter = copy.deepcopy(start)
-    gradient_ascent(shorter, forget, **{**options, "max_steps": report.steps - steps_per_epoch})
-    assert against_held_out(shorter) - against_held_out(start) < gap
+    found = re.match(r"held-out target (\S+) of the way from step (\d+) to step (\d+):", report.stopped)
+    assert found and int(found[3]) == report.steps and int(found[2]) == report.steps - steps_per_epoch, report.stopped
+    # The same run without the target, to the epoch that passed the gap and to the one before (the
+    # target draws nothing from the batches' generator): the second passed it, the first had not.
+    before, after = copy.deepcopy(start), copy.deepcopy(start)
+    gradient_ascent(before, forget, **{**options, "max_steps": report.steps - steps_per_epoch})
+    gradient_ascent(after, forget, **{**options, "max_steps": report.steps})
+    assert rise(before) < gap <= rise(after)
+    # The model lies on the line between the two, where the rise, taken as linear, meets the gap...
+    way = (gap - rise(before)) / (rise(after) - rise(before))
+    for name, value in model.state_dict().items():
+        expected = torch.lerp(before.state_dict()[name], after.state_dict()[name], float(way))
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    # ... and is nearer the gap than the epoch that passed it.
+    assert abs(rise(model) - gap) < 0.25 * (rise(after) - gap)
     # Without the target the run goes on: the ascent is unbounded.
     unbounded = copy.deepcopy(start)
     assert gradient_ascent(unbounded, forget, **{**options, "max_steps": 2 * report.steps}).steps == 2 * report.steps
+
+
+def test_held_out_target_takes_a_gap_measured_once():
+    from pyunlearn.metrics import generalisation_gap
+
+    data = _random_labels(256, seed=3)
+    forget, retain, held_out = (data.subset(torch.arange(a, b)) for a, b in ((0, 32), (32, 192), (192, 256)))
+    options = dict(retain_data=retain, held_out_data=held_out, epochs=1000, lr=0.002, batch_size=8, max_steps=None,
+                   max_retain_drop=None)
+    measured, given = _memoriser(data.subset(torch.arange(192))), _memoriser(data.subset(torch.arange(192)))
+    gap = generalisation_gap(given, retain=retain, held_out=held_out)
+    first = gradient_ascent(measured, forget, **options)
+    second = gradient_ascent(given, forget, **options, generalisation_gap=gap)
+    assert first.stopped == second.stopped and f"the generalisation gap is {gap:.4f}" in first.stopped
+    assert all(torch.equal(measured.state_dict()[k], v) for k, v in given.state_dict().items())
+    # Another gap is taken as given: half of it stops the ascent earlier.
+    halved = _memoriser(data.subset(torch.arange(192)))
+    assert gradient_ascent(halved, forget, **options, generalisation_gap=gap / 2).steps < first.steps
 
 
 def test_held_out_target_counts_the_forget_loss_against_the_held_out_loss():
@@ -246,6 +274,11 @@ def test_held_out_target_bad_inputs():
         gradient_ascent(model, data, retain_data=data, held_out_data=[(1, 2, 3)])
     with pytest.raises(ValueError, match="held_out_samples must be a positive int"):
         gradient_ascent(model, data, retain_data=data, held_out_data=data, held_out_samples=0)
+    for gap in (float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="generalisation_gap must be a finite number"):
+            gradient_ascent(model, data, retain_data=data, held_out_data=data, generalisation_gap=gap)
+    with pytest.raises(ValueError, match="generalisation_gap needs held_out_data too"):
+        gradient_ascent(model, data, retain_data=data, generalisation_gap=0.1)
     before = copy.deepcopy(model.state_dict())
     narrow = SampleSet(data.ids, data.x[:, :5], data.y)  # TinyNet takes 8 features
     with pytest.raises(ValueError, match="held_out_data: the model cannot score these samples"):

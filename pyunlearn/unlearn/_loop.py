@@ -14,6 +14,7 @@ from .. import ops
 from .._model import one_device, trainable_parameters
 from .._validate import positive_int, positive_number
 from ..data import SampleSet
+from ..metrics import accuracy, mean_loss, measured_gap
 from .partial import LayerwiseMask, check_keep
 
 
@@ -36,11 +37,9 @@ class RetainGuard:
         data = check_data("retain_data", data)
         self.max_drop = positive_number("max_retain_drop", max_drop)
         self.every = positive_int("guard_every", every)
-        self.probe = _probe(data, positive_int("guard_samples", samples), seed)
+        self.probe = data.draw(positive_int("guard_samples", samples), seed=seed)
 
     def accuracy(self, model) -> float:
-        from ..metrics import accuracy
-
         return accuracy(model, self.probe)
 
 
@@ -48,19 +47,22 @@ class HeldOutTarget:
     """Ends a forgetting run once the forget set has lost what training on it gave it.
 
     Training lowers the loss of the samples it sees below that of samples it never saw: by the
-    model's generalisation gap, mean held-out loss − mean retained loss, on average over a
+    model's generalisation gap, mean held-out − mean retained loss, on average over a
     random training sample. A model retrained without the forget set scores it like unseen
     data, so a forget set drawn like the rest of the training data should rise by about that
     gap. This target measures the gap once, before the first step, on probes of up to `samples`
-    held-out and retained samples; then, and after every epoch, the mean loss of a probe of up
-    to PROBE forget samples less that of a probe of up to PROBE held-out ones (a change of the
-    same samples: small probes measure it well). It is reached once that difference has risen
-    by the gap (at once if the gap is not positive: the model fits its training data no better
-    than unseen data). Against held-out samples, not alone: an ascent that harms the model
-    raises every loss (on 2,000 Fashion-MNIST samples the forget probe's own loss rose 0.10 nats
-    while the set's distance to the test loss closed by 0.009). After a whole epoch, not every
-    step: an ascent step raises the loss of its own batch's samples most, so mid-epoch a probe
-    that happens to hold the batches seen so far rises ahead of the forget set.
+    held-out and retained samples (or takes `gap`, measured already); then, and after every
+    epoch, the mean loss of a probe of up to PROBE forget samples less that of a probe of up to
+    PROBE held-out ones (a change of the same samples: small probes measure it well). It is
+    reached once that difference has risen by the gap (at once if the gap is not positive: the
+    model fits its training data no better than unseen data). Against held-out samples, not
+    alone: an ascent that harms the model raises every loss (on 2,000 Fashion-MNIST samples the
+    forget probe's own loss rose 0.10 nats while the set's distance to the test loss closed by
+    0.009). After a whole epoch, not every step: an ascent step raises the loss of its own
+    batch's samples most, so mid-epoch a probe that happens to hold the batches seen so far
+    rises ahead of the forget set. The epoch that reaches the gap passes it (on the
+    Fashion-MNIST CNN by half the gap, more than the gap estimate's error): `optimise` then
+    interpolates between the last two checks (`between`).
 
     The rise is compared, not the level: a forget set of 200 samples can hold harder or easier
     samples than average by more than the whole gap (on the Fashion-MNIST CNN the gap is
@@ -72,19 +74,18 @@ class HeldOutTarget:
     PROBE_SEEDS = 1_000_003  # the probes' seeds: the run's seed + this (+ 1, + 2, + 3)
 
     def __init__(self, model, forget: SampleSet, held_out: SampleSet, retained: SampleSet, *, samples: int,
-                 seed: int):
-        from ..metrics import losses
-
+                 seed: int, gap: float | None = None):
         samples = positive_int("held_out_samples", samples)
         # Drawn apart from the batches, which permute the forget set under `seed` itself: a probe
         # of the first batches is no random sample of the set (with momentum, the batches ascended
         # first are pushed longest).
         seed += self.PROBE_SEEDS
-        self.forget = _probe(check_data("forget_data", forget), self.PROBE, seed)
-        held_out = _probe(check_data("held_out_data", held_out), samples, seed + 1)
-        retained = _probe(check_data("retain_data", retained), samples, seed + 2)
-        self.held_out = _probe(held_out, self.PROBE, seed + 3)
-        self.gap = _mean_loss(model, held_out, "held_out_data") - _mean_loss(model, retained, "retain_data")
+        self.forget = check_data("forget_data", forget).draw(self.PROBE, seed=seed)
+        held_out, retained = check_data("held_out_data", held_out), check_data("retain_data", retained)
+        if gap is None:
+            gap = measured_gap(model, retained, held_out, samples, seed + 1, ("retain_data", "held_out_data"))
+        self.gap = gap
+        self.held_out = held_out.draw(samples, seed=seed + 1).draw(self.PROBE, seed=seed + 3)
         self.start = self.forget_against_held_out(model)
         if not math.isfinite(self.gap) or not math.isfinite(self.start):
             raise ValueError("the model's loss on forget_data, held_out_data or retain_data is not finite (NaN or "
@@ -92,28 +93,24 @@ class HeldOutTarget:
 
     def forget_against_held_out(self, model) -> float:
         """Mean loss of the forget probe − mean loss of the held-out probe, in nats."""
-        return _mean_loss(model, self.forget, "forget_data") - _mean_loss(model, self.held_out, "held_out_data")
+        return (mean_loss(model, self.forget, "forget_data")
+                - mean_loss(model, self.held_out, "held_out_data"))
 
-    def reached(self, model) -> tuple[bool, float]:
-        """(reached, how far the forget set's mean loss has risen against the held-out one), in nats."""
-        rise = self.forget_against_held_out(model) - self.start
-        return rise >= self.gap, rise
+    def rise(self, model) -> float:
+        """How far the forget set's mean loss has risen against the held-out one, in nats."""
+        return self.forget_against_held_out(model) - self.start
 
-
-def _mean_loss(model, data: SampleSet, arg: str) -> float:
-    from ..metrics import losses
-
-    try:
-        return float(losses(model, data).mean())
-    except (RuntimeError, IndexError) as exc:  # wrong feature shape, labels past the model's classes
-        raise ValueError(f"{arg}: the model cannot score these samples ({exc})") from exc
-
-
-def _probe(data: SampleSet, samples: int, seed: int) -> SampleSet:
-    """Up to `samples` of `data`, drawn under `seed` (all of it when it is no larger)."""
-    if samples >= len(data):
-        return data
-    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples])
+    def between(self, model, before: dict, rise_before: float, rise_after: float) -> float:
+        """Puts `model` (now at rise_after ≥ gap) on the straight line from the state `before`
+        (at rise_before < gap) where the rise, taken as linear along it, equals the gap; returns
+        the share of the way from `before` (in (0, 1]). Floating-point parameters and buffers
+        are interpolated; integer buffers (BatchNorm's batch count) keep their current value."""
+        way = (self.gap - rise_before) / (rise_after - rise_before)
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():
+                    value.copy_(torch.lerp(before[name].to(value.device), value, way))
+        return way
 
 
 def check_data(arg: str, data) -> SampleSet:
@@ -177,7 +174,9 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     whichever ends first, stopped early by `guard` (put back) or once the HeldOutTarget that
     `target()` builds (after the arguments are checked: it costs forward passes) is reached
     (checked before the first step and after each epoch: a model already there takes no step;
-    where the step budget ends an epoch, the budget is reported). With
+    one that passes it in an epoch is put back on the line between the two checks where the
+    rise meets the gap, which holds one copy of the model's state; where the step budget ends
+    an epoch, the budget is reported). With
     keep, mask="step" selects each step's top-|grad| entries; mask="saliency" fixes, before the
     first step, each layer's top entries by |gradient of the cross-entropy on `saliency_data`|
     (the forget set with its true labels: SalUn's weight saliency)."""
@@ -217,12 +216,24 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
         last_good = copy.deepcopy(model.state_dict())
         return False
 
+    checked = None  # the target's last check: (steps, rise, state) while the target is not yet reached
+
     def target_reached() -> str | None:
-        reached, rise = target.reached(model)
+        """Checks the target; once reached past a previous check, interpolates back to the gap."""
+        nonlocal checked
+        rise = target.rise(model)
         model.train()
-        if not reached:
+        if rise < target.gap:
+            checked = (steps, rise, copy.deepcopy(model.state_dict()))
             return None
-        return (f"held-out target at step {steps}: the forget set's mean loss rose {rise:.4f} nats against the "
+        where = f"at step {steps}"
+        if checked is not None:
+            before_steps, before_rise, before = checked
+            way = target.between(model, before, before_rise, rise)
+            rise = target.rise(model)
+            model.train()
+            where = f"{way:.2f} of the way from step {before_steps} to step {steps}"
+        return (f"held-out target {where}: the forget set's mean loss rose {rise:.4f} nats against the "
                 f"held-out samples', the generalisation gap is {target.gap:.4f}")
 
     try:

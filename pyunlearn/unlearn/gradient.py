@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data import SampleSet
-from .._validate import positive_int
+from .._validate import finite_number, positive_int
 from ._loop import HeldOutTarget, RetainGuard, UnlearnReport, check_data, optimise
 from .buffers import warn_stale_buffers
 
@@ -16,7 +16,8 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
                     retain_weight: float = 1.0, batch_size: int = 64, clip: float = 5.0,
                     seed: int = 0, max_steps: int | None = 15, max_retain_drop: float | None = 5.0,
                     guard_every: int = 5, guard_samples: int = 1024, mask: str = "step",
-                    held_out_data: SampleSet | None = None, held_out_samples: int = 8192) -> UnlearnReport:
+                    held_out_data: SampleSet | None = None, held_out_samples: int = 8192,
+                    generalisation_gap: float | None = None) -> UnlearnReport:
     """Maximises the cross-entropy on `forget_data` (in place). With `retain_data`, each step also
     minimises `retain_weight` × the cross-entropy on a retained batch of the same size, which
     holds accuracy up. keep=None is the naive method; keep=r updates only each layer's top-r
@@ -42,10 +43,15 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     loss, against the held-out mean loss, has risen by the model's generalisation gap: mean
     held-out − mean retained loss, measured before the run on up to `held_out_samples` of each
     (the estimate's standard error shrinks with them: ~0.012 nats at 8192 on the Fashion-MNIST
-    CNN, whose gap is 0.03–0.045). Then the forget set is scored like unseen data, which is
-    where retraining puts a forget set drawn like the rest of the training data (see
-    HeldOutTarget; not a class, which retraining scores far worse). A model that fits its
-    training data no better than unseen data takes no step.
+    CNN, whose gap is 0.03–0.045), or passed as `generalisation_gap` (from
+    pyunlearn.metrics.generalisation_gap: measure it once for a model that serves many
+    deletion requests; it costs forward passes over up to 2 × held_out_samples samples). Then
+    the forget set is scored like unseen data, which is where retraining puts a forget set
+    drawn like the rest of the training data (see HeldOutTarget; not a class, which
+    retraining scores far worse). The epoch that reaches the gap passes it: the model is put
+    back on the straight line between the last two checks where the rise meets the gap
+    (`stopped` says where and the rise measured there). A model that fits its training data no
+    better than unseen data takes no step.
     The target ends the run only within `epochs` and `max_steps`: raise them (max_steps=None)
     to let it decide, and keep the guard.
 
@@ -59,8 +65,13 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
             raise ValueError("held_out_data needs retain_data too: the target is the rise from the retained loss "
                              "to the held-out loss (the model's generalisation gap)")
         held_out_samples = positive_int("held_out_samples", held_out_samples)
+        if generalisation_gap is not None:
+            generalisation_gap = finite_number("generalisation_gap", generalisation_gap)
         target = lambda: HeldOutTarget(model, forget_data, held_out_data, retain_data, samples=held_out_samples,  # noqa: E731
-                                       seed=seed)
+                                       seed=seed, gap=generalisation_gap)
+    elif generalisation_gap is not None:
+        raise ValueError("generalisation_gap needs held_out_data too: the target compares the forget set's loss "
+                         "with the held-out loss after every epoch")
     guard = None
     if retain_data is not None:
         retain_data = check_data("retain_data", retain_data)
