@@ -27,10 +27,13 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
         assert set(scenario["noise_floor"]) >= {"UA", "MIA", "forget_loss_ks"}
         repaired = next(r for r in scenario["rows"] if r["method"] == methods[0])
         assert 0 < repaired["extra"]["sample_share"] < 1
+        targeted = next(r for r in scenario["rows"] if r["method"] == methods[2])
+        assert 0 < targeted["extra"]["gap_seconds"] < targeted["seconds"]  # measured inside the timed call
     assert len(result["scenarios"]["cohort-skewed"]["config"]["forget_classes"]) == 1  # unit 0: one class
     assert result["scenarios"]["cohort"]["config"]["units_per_batch"] == 2
     assert "CohortBatchSampler(units_per_batch=2), at most 64 samples" in out.with_suffix(".md").read_text()
     assert "noise floor" in out.with_suffix(".md").read_text().lower()
+    assert out.with_suffix(".md").read_text().count("with the gap measured once per model") == 3
 
 
 def test_saliency_sweep_smoke_run(tmp_path, benchmark_script):
