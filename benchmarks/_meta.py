@@ -9,6 +9,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -51,6 +53,12 @@ def run_metadata(config: dict) -> dict:
         "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": json.loads(json.dumps(config, default=str)),
     }
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that reruns this benchmark, as a shell would take it (arguments with spaces,
+    such as method names, quoted): `argv` as passed to main(), or the process's own."""
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def meta_comment(meta: dict) -> str:

@@ -34,7 +34,6 @@ summary) and batching_cost.md.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def main(argv=None) -> dict:
 
 
 def _run(args, argv) -> dict:
-    from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
+    from _meta import command_line, meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
     subset, test, _ = load(args)
     units = trainings(subset, args.units_per_batch)
@@ -162,7 +161,7 @@ def _run(args, argv) -> dict:
                   f"steps touched per unit {run['unit_steps']:.1f} (unit 0: {run['unit0_steps']})  {seconds:.1f} s",
                   flush=True)
     summary = summarise(runs)
-    command = "python benchmarks/batching_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("batching_cost.py", argv)
     meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED,  # units of one are numbered from UNITS
                          "units": {t: None if u is None else int(np.unique(u[u < UNITS]).size)
                                    for t, (u, _) in units.items()}})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -117,8 +116,8 @@ def run(args) -> list[Row]:
 
 def write(rows: list[Row], args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/cohort_table.py " + " ".join(sys.argv[1:])
-    from _meta import meta_comment, run_metadata  # benchmarks/ is on sys.path (see paper_table above)
+    from _meta import command_line, meta_comment, run_metadata  # benchmarks/ is on sys.path (see paper_table above)
+    command = command_line("cohort_table.py")
 
     lines = [meta_comment(run_metadata({"command": command, **vars(args)})), f"`{command}` (seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}); gap: to the Retrain "
              "of the same batching\n", "| batching | method | UA | RA | TA | MIA | avg gap to Retrain | steps touched | "

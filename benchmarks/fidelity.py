@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -337,10 +336,10 @@ def with_torch_threads(threads: int, run):
 
 
 def _run(args, argv) -> dict:
-    from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
+    from _meta import command_line, meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
     subset, test, held_out = load(args)
-    command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("fidelity.py", argv)
     meta = run_metadata({"command": command, **vars(args), "subset_seed": SUBSET_SEED})
     out = {"meta": meta, "scenarios": {}}
     md = [meta_comment(meta), f"`{command}`", ""]

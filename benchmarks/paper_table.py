@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -120,13 +119,13 @@ def run(args) -> list[Row]:
 
 
 def write(rows: list[Row], args, out: Path) -> None:
+    from _meta import command_line, meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
+
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
+    command = command_line("paper_table.py")
     header = "| method | UA | RA | TA | MIA | avg gap to Retrain | seconds | store bytes |\n|---|---|---|---|---|---|---|---|\n"
     body = "".join(f"| {r.method} | {r.UA:.2f} | {r.RA:.2f} | {r.TA:.2f} | {r.MIA:.2f} | {r.gap:.2f} | {r.seconds:.2f} | "
                    f"{'' if r.store_bytes is None else f'{r.store_bytes:,}'} |\n" for r in rows)
-    from _meta import meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
-
     meta = meta_comment(run_metadata({"command": command, **vars(args)}))
     (out / f"{args.name}.md").write_text(f"{meta}\n`{command}` (seed {args.seed}, {args.epochs} epochs)\n\n"
                                          + header + body)

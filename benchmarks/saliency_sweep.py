@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ua", type=float, default=99.0, help="UA (%%) that counts as forgotten")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "saliency_sweep.json")
     args = parser.parse_args(argv)
-    from _meta import run_metadata  # benchmarks/, this script's folder, is on sys.path
+    from _meta import command_line, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on the shared 2-core VM two threads trained 7x slower
@@ -74,7 +73,7 @@ def main(argv=None) -> dict:
                          else None, "UA_mean": float(np.mean([p["UA"] for p in points])) if points else None,
                          "lrs": [p["lr"] for p in points]}
         print(f"matched at UA >= {args.ua}: {name:<24} {matched[name]}", flush=True)
-    command = "python benchmarks/saliency_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("saliency_sweep.py", argv)
     out = {"meta": run_metadata({"command": command, **vars(args)}), "runs": runs, "matched": matched}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")

@@ -34,6 +34,8 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     assert "CohortBatchSampler(units_per_batch=2), at most 64 samples" in out.with_suffix(".md").read_text()
     assert "noise floor" in out.with_suffix(".md").read_text().lower()
     assert out.with_suffix(".md").read_text().count("with the gap measured once per model") == 3
+    # The recorded command reruns the benchmark: method names, which hold spaces, are quoted.
+    assert "--methods 'Amnesiac keep 0.01 + repair' 'Label flip keep 0.1" in written["meta"]["config"]["command"]
 
 
 def test_saliency_sweep_smoke_run(tmp_path, benchmark_script):
