@@ -10,6 +10,7 @@ default for the demo and tests.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -43,6 +44,9 @@ class SampleSet:
     def draw(self, size: int, *, seed: int) -> "SampleSet":
         """Up to `size` samples drawn at random under `seed` (all of them, in order, when there
         are no more than that): a probe that costs a bounded number of forward passes."""
+        size = positive_int("size", size)
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         if size >= len(self):
             return self
         return self.subset(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size])

@@ -210,6 +210,53 @@ def test_held_out_target_stops_where_the_forget_loss_rose_by_the_generalisation_
     assert gradient_ascent(unbounded, forget, **{**options, "max_steps": 2 * report.steps}).steps == 2 * report.steps
 
 
+def test_held_out_interpolation_moves_each_tensor_once():
+    """Tied weights are one tensor listed under two names: interpolated once, not twice; extra
+    state (not a tensor) and integer buffers keep their current value."""
+    from pyunlearn.unlearn._loop import HeldOutTarget
+
+    class WithExtra(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.norm = torch.nn.BatchNorm1d(4)
+
+        def get_extra_state(self):
+            return {"note": "kept"}
+
+        def set_extra_state(self, state):
+            pass
+
+    model = WithExtra()
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        model.a.weight.add_(1.0)
+        model.a.bias.add_(2.0)
+        model.norm.running_mean.add_(4.0)
+        model.norm.num_batches_tracked.add_(3)
+    target = HeldOutTarget.__new__(HeldOutTarget)
+    target.gap = 0.25
+    assert target.between(model, before, 0.0, 1.0) == 0.25
+    torch.testing.assert_close(model.a.weight, before["a.weight"] + 0.25)
+    assert model.b.weight is model.a.weight
+    torch.testing.assert_close(model.a.bias, before["a.bias"] + 0.5)
+    torch.testing.assert_close(model.norm.running_mean, before["norm.running_mean"] + 1.0)
+    assert int(model.norm.num_batches_tracked) == 3
+
+
+def test_held_out_target_puts_back_the_last_check_when_the_loss_blows_up():
+    data = _random_labels(256, seed=3)
+    forget, retain, held_out = (data.subset(torch.arange(a, b)) for a, b in ((0, 32), (32, 192), (192, 256)))
+    model = _memoriser(data.subset(torch.arange(192)))
+    model[0].weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    report = gradient_ascent(model, forget, retain_data=retain, held_out_data=held_out, lr=1e30, clip=None, epochs=3,
+                             max_steps=None, max_retain_drop=None, batch_size=8)
+    assert report.stopped == "held-out target: the forget or held-out loss is not finite after step 4; put back to step 0"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_held_out_target_takes_a_gap_measured_once():
     from pyunlearn.metrics import generalisation_gap
 
@@ -226,6 +273,10 @@ def test_held_out_target_takes_a_gap_measured_once():
     # Another gap is taken as given: half of it stops the ascent earlier.
     halved = _memoriser(data.subset(torch.arange(192)))
     assert gradient_ascent(halved, forget, **options, generalisation_gap=gap / 2).steps < first.steps
+    # A gap passed in needs no retained data to measure it (a gap of 0: reached before any step).
+    no_retain = gradient_ascent(_memoriser(data.subset(torch.arange(192))), forget, **{**options, "retain_data": None},
+                                generalisation_gap=0.0)
+    assert no_retain.steps == 0 and no_retain.stopped.startswith("held-out target at step 0:")
 
 
 def test_held_out_target_counts_the_forget_loss_against_the_held_out_loss():

@@ -235,6 +235,10 @@ def test_generalisation_gap_bad_inputs():
     data, model = _set(20), Oracle()
     with pytest.raises(ValueError, match="samples must be a positive int"):
         generalisation_gap(model, retain=data, held_out=data, samples=0)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        generalisation_gap(model, retain=data, held_out=data, seed=1.5)
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        data.draw(-3, seed=0)
     with pytest.raises(TypeError, match="held_out must be a pyunlearn.data.SampleSet"):
         generalisation_gap(model, retain=data, held_out=[1, 2])
     with pytest.raises(ValueError, match="retain is empty"):

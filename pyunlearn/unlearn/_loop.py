@@ -3,6 +3,7 @@ plain or layer-wise partial optimizer step."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class HeldOutTarget:
     PROBE = 512
     PROBE_SEEDS = 1_000_003  # the probes' seeds: the run's seed + this (+ 1, + 2, + 3)
 
-    def __init__(self, model, forget: SampleSet, held_out: SampleSet, retained: SampleSet, *, samples: int,
+    def __init__(self, model, forget: SampleSet, held_out: SampleSet, retained: SampleSet | None, *, samples: int,
                  seed: int, gap: float | None = None):
         samples = positive_int("held_out_samples", samples)
         # Drawn apart from the batches, which permute the forget set under `seed` itself: a probe
@@ -81,15 +82,18 @@ class HeldOutTarget:
         # first are pushed longest).
         seed += self.PROBE_SEEDS
         self.forget = check_data("forget_data", forget).draw(self.PROBE, seed=seed)
-        held_out, retained = check_data("held_out_data", held_out), check_data("retain_data", retained)
+        held_out = check_data("held_out_data", held_out)
+        scored = "forget_data or held_out_data"
         if gap is None:
-            gap = measured_gap(model, retained, held_out, samples, seed + 1, ("retain_data", "held_out_data"))
+            gap = measured_gap(model, check_data("retain_data", retained), held_out, samples, seed + 1,
+                               ("retain_data", "held_out_data"))
+            scored = "forget_data, held_out_data or retain_data"
         self.gap = gap
         self.held_out = held_out.draw(samples, seed=seed + 1).draw(self.PROBE, seed=seed + 3)
         self.start = self.forget_against_held_out(model)
         if not math.isfinite(self.gap) or not math.isfinite(self.start):
-            raise ValueError("the model's loss on forget_data, held_out_data or retain_data is not finite (NaN or "
-                             "Inf): no held-out target can be measured; check the model and the data")
+            raise ValueError(f"the model's loss on {scored} is not finite (NaN or Inf): no held-out target can be "
+                             "measured; check the model and the data")
 
     def forget_against_held_out(self, model) -> float:
         """Mean loss of the forget probe − mean loss of the held-out probe, in nats."""
@@ -102,12 +106,13 @@ class HeldOutTarget:
 
     def between(self, model, before: dict, rise_before: float, rise_after: float) -> float:
         """Puts `model` (now at rise_after ≥ gap) on the straight line from the state `before`
-        (at rise_before < gap) where the rise, taken as linear along it, equals the gap; returns
-        the share of the way from `before` (in (0, 1]). Floating-point parameters and buffers
-        are interpolated; integer buffers (BatchNorm's batch count) keep their current value."""
+        (a state_dict, at rise_before < gap) where the rise, taken as linear along it, equals the
+        gap; returns the share of the way from `before` (in (0, 1]). Floating-point parameters
+        and buffers are interpolated, each tensor once however many modules share it; integer
+        buffers (BatchNorm's batch count) and extra state keep their current value."""
         way = (self.gap - rise_before) / (rise_after - rise_before)
         with torch.no_grad():
-            for name, value in model.state_dict().items():
+            for name, value in itertools.chain(model.named_parameters(), model.named_buffers()):
                 if value.is_floating_point():
                     value.copy_(torch.lerp(before[name].to(value.device), value, way))
         return way
@@ -175,8 +180,8 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     `target()` builds (after the arguments are checked: it costs forward passes) is reached
     (checked before the first step and after each epoch: a model already there takes no step;
     one that passes it in an epoch is put back on the line between the two checks where the
-    rise meets the gap, which holds one copy of the model's state; where the step budget ends
-    an epoch, the budget is reported). With
+    rise meets the gap, so the state of the last check is kept; a non-finite rise puts that
+    state back and stops; where the step budget ends an epoch, the budget is reported). With
     keep, mask="step" selects each step's top-|grad| entries; mask="saliency" fixes, before the
     first step, each layer's top entries by |gradient of the cross-entropy on `saliency_data`|
     (the forget set with its true labels: SalUn's weight saliency)."""
@@ -202,27 +207,36 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
     floor = last_good = None
     if guard is not None:
         floor = guard.accuracy(model) - guard.max_drop
-        last_good = copy.deepcopy(model.state_dict())
+        last_good = (0, copy.deepcopy(model.state_dict()))  # (steps, state) of the last check that passed
     was_training = model.training
     model.train()
 
-    def guard_fails() -> bool:
+    def guard_fails() -> str | None:
+        """Checks the guard: None if it passes; if not, puts the last state that passed back and
+        says so."""
         nonlocal last_good
         accuracy = guard.accuracy(model)
         model.train()
         if accuracy < floor:
-            model.load_state_dict(last_good)
-            return True
-        last_good = copy.deepcopy(model.state_dict())
-        return False
+            model.load_state_dict(last_good[1])
+            return (f"retained-accuracy guard at step {steps}: accuracy fell more than {guard.max_drop:g} points; "
+                    f"put back to step {last_good[0]}")
+        last_good = (steps, copy.deepcopy(model.state_dict()))
+        return None
 
     checked = None  # the target's last check: (steps, rise, state) while the target is not yet reached
+    interpolated = False
 
     def target_reached() -> str | None:
         """Checks the target; once reached past a previous check, interpolates back to the gap."""
-        nonlocal checked
+        nonlocal checked, interpolated
         rise = target.rise(model)
         model.train()
+        if math.isnan(rise):  # the ascent blew the loss up: the last check's state is the last sound one
+            before_steps, _, before = checked
+            model.load_state_dict(before)
+            return (f"held-out target: the forget or held-out loss is not finite after step {steps}; put back to "
+                    f"step {before_steps}")
         if rise < target.gap:
             checked = (steps, rise, copy.deepcopy(model.state_dict()))
             return None
@@ -230,9 +244,10 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
         if checked is not None:
             before_steps, before_rise, before = checked
             way = target.between(model, before, before_rise, rise)
+            interpolated = True
             rise = target.rise(model)
             model.train()
-            where = f"{way:.2f} of the way from step {before_steps} to step {steps}"
+            where = f"{way:.3f} of the way from step {before_steps} to step {steps}"
         return (f"held-out target {where}: the forget set's mean loss rose {rise:.4f} nats against the "
                 f"held-out samples', the generalisation gap is {target.gap:.4f}")
 
@@ -248,9 +263,7 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 (masker.step if masker is not None else optimizer.step)()
                 steps += 1
-                if guard is not None and steps % guard.every == 0 and guard_fails():
-                    stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than "
-                               f"{guard.max_drop:g} points; put back to step {steps - guard.every}")
+                if guard is not None and steps % guard.every == 0 and (stopped := guard_fails()):
                     break
                 if max_steps is not None and steps >= max_steps:
                     stopped = f"step budget: max_steps={max_steps}"
@@ -259,11 +272,9 @@ def optimise(model: torch.nn.Module, method: str, batches: Callable, loss: Calla
                 break
             if target is not None and (stopped := target_reached()):
                 break
-        # The last steps since a check: checked too.
-        if guard is not None and not (stopped or "").startswith("retained") and steps % guard.every:
-            if guard_fails():
-                stopped = (f"retained-accuracy guard at step {steps}: accuracy fell more than {guard.max_drop:g} "
-                           f"points; put back to step {steps - steps % guard.every}")
+        # The last steps since a check, or a state interpolated between checks: checked too.
+        if guard is not None and not (stopped or "").startswith("retained") and (steps % guard.every or interpolated):
+            stopped = guard_fails() or stopped
     finally:
         model.train(was_training)
     return UnlearnReport(method, keep, steps, time.perf_counter() - start, stopped)

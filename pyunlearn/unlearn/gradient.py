@@ -45,7 +45,9 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     (the estimate's standard error shrinks with them: ~0.012 nats at 8192 on the Fashion-MNIST
     CNN, whose gap is 0.03–0.045), or passed as `generalisation_gap` (from
     pyunlearn.metrics.generalisation_gap: measure it once for a model that serves many
-    deletion requests; it costs forward passes over up to 2 × held_out_samples samples). Then
+    deletion requests; it costs forward passes over up to 2 × held_out_samples samples; a gap
+    passed in is used as given, and the run's own measurement draws other samples, so the two
+    differ by their sampling error). Then
     the forget set is scored like unseen data, which is where retraining puts a forget set
     drawn like the rest of the training data (see HeldOutTarget; not a class, which
     retraining scores far worse). The epoch that reaches the gap passes it: the model is put
@@ -61,12 +63,12 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     forget_data = check_data("forget_data", forget_data)
     target = None
     if held_out_data is not None:
-        if retain_data is None:
-            raise ValueError("held_out_data needs retain_data too: the target is the rise from the retained loss "
-                             "to the held-out loss (the model's generalisation gap)")
-        held_out_samples = positive_int("held_out_samples", held_out_samples)
         if generalisation_gap is not None:
             generalisation_gap = finite_number("generalisation_gap", generalisation_gap)
+        elif retain_data is None:
+            raise ValueError("held_out_data needs retain_data too (or generalisation_gap): the target is the rise "
+                             "from the retained loss to the held-out loss (the model's generalisation gap)")
+        held_out_samples = positive_int("held_out_samples", held_out_samples)
         target = lambda: HeldOutTarget(model, forget_data, held_out_data, retain_data, samples=held_out_samples,  # noqa: E731
                                        seed=seed, gap=generalisation_gap)
     elif generalisation_gap is not None:
