@@ -72,6 +72,16 @@ class SampleSet:
             yield self.ids[sel], self.x[sel], self.y[sel]
 
 
+def checked_samples(arg: str, data, *, when_empty: str) -> SampleSet:
+    """`data` if it is a non-empty SampleSet; otherwise TypeError / ValueError naming `arg`
+    (`when_empty` says why an empty set will not do)."""
+    if not isinstance(data, SampleSet):
+        raise TypeError(f"{arg} must be a pyunlearn.data.SampleSet (ids, x, y), got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{arg} is empty: {when_empty}")
+    return data
+
+
 def digits() -> SampleSet:
     """scikit-learn's 8×8 digits: x of shape (1797, 1, 8, 8) scaled to [0, 1], IDs 0..1796."""
     from sklearn.datasets import load_digits

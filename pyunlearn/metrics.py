@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import SampleSet
+from .data import SampleSet, checked_samples
 
 
 @dataclass
@@ -169,11 +169,7 @@ def measured_gap(model, retain: SampleSet, held_out: SampleSet, samples: int, se
 
 
 def _sample_set(arg: str, data) -> SampleSet:
-    if not isinstance(data, SampleSet):
-        raise TypeError(f"{arg} must be a pyunlearn.data.SampleSet (ids, x, y), got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError(f"{arg} is empty: there is no loss to measure")
-    return data
+    return checked_samples(arg, data, when_empty="there is no loss to measure")
 
 
 def mean_loss(model: torch.nn.Module, data: SampleSet, arg: str) -> float:

@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from .._model import one_device, trainable_parameters
 from .._validate import positive_int, positive_number
-from ..data import SampleSet
+from ..data import SampleSet, checked_samples
 from ..metrics import accuracy, mean_loss, measured_gap
 from .partial import LayerwiseMask, check_keep
 
@@ -119,11 +119,7 @@ class HeldOutTarget:
 
 
 def check_data(arg: str, data) -> SampleSet:
-    if not isinstance(data, SampleSet):
-        raise TypeError(f"{arg} must be a pyunlearn.data.SampleSet (ids, x, y), got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError(f"{arg} is empty: there is nothing to train on")
-    return data
+    return checked_samples(arg, data, when_empty="there is nothing to train on")
 
 
 def model_device(model: torch.nn.Module, doing: str) -> torch.device:
