@@ -117,6 +117,14 @@ def test_fine_tune_lowers_the_retain_loss():
     assert loss() < before
 
 
+def test_fine_tune_stops_at_max_steps():
+    model, retain = _model(), _samples()
+    report = fine_tune(model, retain, epochs=5, batch_size=8, max_steps=3)
+    assert report.steps == 3 and report.stopped == "step budget: max_steps=3"
+    with pytest.raises(ValueError, match="max_steps, if not None, must be a positive int"):
+        fine_tune(model, retain, max_steps=0)
+
+
 def test_bad_inputs():
     model = _model()
     empty = _samples().subset(torch.zeros(64, dtype=torch.bool))
