@@ -114,10 +114,10 @@ def run(args) -> list[Row]:
     return rows
 
 
-def write(rows: list[Row], args) -> None:
+def write(rows: list[Row], args, argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from _meta import command_line, meta_comment, run_metadata  # benchmarks/ is on sys.path (see paper_table above)
-    command = command_line("cohort_table.py")
+    command = command_line("cohort_table.py", argv)
 
     lines = [meta_comment(run_metadata({"command": command, **vars(args)})), f"`{command}` (seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}); gap: to the Retrain "
              "of the same batching\n", "| batching | method | UA | RA | TA | MIA | avg gap to Retrain | steps touched | "
@@ -137,7 +137,7 @@ def write(rows: list[Row], args) -> None:
 def main(argv=None) -> list[Row]:
     args = parse_args(argv, __doc__, "cohort:100:200", "cohort:U:M")
     rows = run(args)
-    write(rows, args)
+    write(rows, args, argv)
     return rows
 
 if __name__ == "__main__":

@@ -110,12 +110,15 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
     coefficient rule."""
     lr = args.lr
 
+    # Rows that share a store forget on fresh copies of the original model: the first records the
+    # deletion (steps_removed: new to the ledger), the later ones find it recorded and bring their
+    # copy up to it (steps_removed 0); steps_applied is what each subtracted from its own copy.
     def amnesiac(key, repair=None):
         def run(model, c):
             store = c.artifacts.stores[key]
             if repair is None:
                 report = pu.amnesiac_forget(model, store, c.split.forget.ids)
-                return {"steps_removed": report.steps_removed}
+                return {"steps_removed": report.steps_removed, "steps_applied": report.steps_applied}
             options = dict(repair)
             if "max_share" in options:  # the latest removed steps, at most this share of training's steps
                 options["max_steps"] = max(1, int(options.pop("max_share") * store.steps))
@@ -128,7 +131,7 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
         def run(model, c):
             with coefficient_rule(rule, damping):
                 report = pu.amnesiac_forget(model, c.artifacts.stores["gradient-k0.01"], c.split.forget.ids)
-            return {"steps_removed": report.steps_removed}
+            return {"steps_removed": report.steps_removed, "steps_applied": report.steps_applied}
         return run
 
     def optimiser(method, keep, **options):

@@ -118,11 +118,11 @@ def run(args) -> list[Row]:
     return rows
 
 
-def write(rows: list[Row], args, out: Path) -> None:
+def write(rows: list[Row], args, out: Path, argv=None) -> None:
     from _meta import command_line, meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
     out.mkdir(parents=True, exist_ok=True)
-    command = command_line("paper_table.py")
+    command = command_line("paper_table.py", argv)
     header = "| method | UA | RA | TA | MIA | avg gap to Retrain | seconds | store bytes |\n|---|---|---|---|---|---|---|---|\n"
     body = "".join(f"| {r.method} | {r.UA:.2f} | {r.RA:.2f} | {r.TA:.2f} | {r.MIA:.2f} | {r.gap:.2f} | {r.seconds:.2f} | "
                    f"{'' if r.store_bytes is None else f'{r.store_bytes:,}'} |\n" for r in rows)
@@ -180,7 +180,7 @@ def parse_args(argv, doc: str, forget_default: str, forget_help: str):
 def main(argv=None) -> list[Row]:
     args = parse_args(argv, __doc__, "random:300", "random:N, class:C or rare:C:N")
     rows = run(args)
-    write(rows, args, args.out)
+    write(rows, args, args.out, argv)
     return rows
 
 if __name__ == "__main__":

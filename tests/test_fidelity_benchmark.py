@@ -14,7 +14,8 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     fidelity = benchmark_script("fidelity")
     out = tmp_path / "fidelity.json"
     methods = ["Amnesiac keep 0.01 + repair", "Label flip keep 0.1 saliency mask (guarded)",
-               "Gradient ascent to held-out loss (guarded)", "Gradient attribution keep 0.01, own step"]
+               "Gradient ascent to held-out loss (guarded)", "Gradient attribution keep 0.01, first-order",
+               "Gradient attribution keep 0.01, own step"]
     result = fidelity.main(["--data", "digits", "--seeds", "0", "--subset", "1400", "--epochs", "1",
                             "--scenarios", "random1", "cohort", "cohort-skewed", "--mia-seeds", "0", "--mia-samples", "200",
                             "--methods", *methods, "--units-per-batch", "2", "--out", str(out)])
@@ -22,13 +23,18 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     assert written["meta"]["config"]["seeds"] == [0] and set(written["scenarios"]) == {"random1", "cohort", "cohort-skewed"}
     for name, scenario in result["scenarios"].items():
         rows = [r["method"] for r in scenario["rows"]]
-        expected = ["Original", "Retrain", "Retrain seed 2"] + methods[: 3 if name == "random1" else 4]
+        expected = ["Original", "Retrain", "Retrain seed 2"] + methods[: 3 if name == "random1" else 5]
         assert rows == expected, name
         assert set(scenario["noise_floor"]) >= {"UA", "MIA", "forget_loss_ks"}
         repaired = next(r for r in scenario["rows"] if r["method"] == methods[0])
         assert 0 < repaired["extra"]["sample_share"] < 1
         targeted = next(r for r in scenario["rows"] if r["method"] == methods[2])
         assert 0 < targeted["extra"]["gap_seconds"] < targeted["seconds"]  # measured inside the timed call
+    # Two rows forget from one gradient store, each on its own copy of the original: the first records
+    # the deletion, the second finds it recorded, yet subtracts the same steps from its copy.
+    first, second = (next(r for r in result["scenarios"]["cohort"]["rows"] if r["method"] == m) for m in methods[3:])
+    assert first["extra"]["steps_removed"] == first["extra"]["steps_applied"] > 0
+    assert second["extra"]["steps_removed"] == 0 and second["extra"]["steps_applied"] == first["extra"]["steps_applied"]
     assert len(result["scenarios"]["cohort-skewed"]["config"]["forget_classes"]) == 1  # unit 0: one class
     assert result["scenarios"]["cohort"]["config"]["units_per_batch"] == 2
     assert "CohortBatchSampler(units_per_batch=2), at most 64 samples" in out.with_suffix(".md").read_text()

@@ -22,3 +22,5 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
         assert len(list(csv.DictReader(f))) == 12
     assert (tmp_path / "smoke.png").stat().st_size > 1000
     assert "| Partial amnesiac keep=0.05 |" in (tmp_path / "smoke.md").read_text()
+    # The recorded command is the arguments main() was given, not the test runner's.
+    assert "`python benchmarks/paper_table.py --data digits --forget random:20 --epochs 2" in (tmp_path / "smoke.md").read_text()
