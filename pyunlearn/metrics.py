@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ._validate import positive_int
 from .data import SampleSet, checked_samples
 
 
@@ -152,8 +153,6 @@ def generalisation_gap(model: torch.nn.Module, *, retain: SampleSet, held_out: S
     of the model: measure it once and pass it to gradient_ascent(generalisation_gap=...) for
     every deletion request against that model, rather than paying these forward passes each
     time. ValueError names the set the model cannot score, or says the gap is not finite."""
-    from ._validate import positive_int
-
     gap = measured_gap(model, retain, held_out, positive_int("samples", samples), seed, ("retain", "held_out"))
     if not math.isfinite(gap):
         raise ValueError("the model's loss on retain or held_out is not finite (NaN or Inf): no generalisation gap "

@@ -47,13 +47,12 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     pyunlearn.metrics.generalisation_gap: measure it once for a model that serves many
     deletion requests; it costs forward passes over up to 2 × held_out_samples samples; a gap
     passed in is used as given, and the run's own measurement draws other samples, so the two
-    differ by their sampling error). Then
-    the forget set is scored like unseen data, which is where retraining puts a forget set
-    drawn like the rest of the training data (see HeldOutTarget; not a class, which
-    retraining scores far worse). The epoch that reaches the gap passes it: the model is put
-    back on the straight line between the last two checks where the rise meets the gap
-    (`stopped` says where and the rise measured there). A model that fits its training data no
-    better than unseen data takes no step.
+    differ by their sampling error). Then the forget set is scored like unseen data, which is
+    where retraining puts a forget set drawn like the rest of the training data (see
+    HeldOutTarget; not a class, which retraining scores far worse). The epoch that reaches the
+    gap passes it: the model is put back on the straight line between the last two checks
+    where the rise meets the gap (`stopped` says where and the rise measured there). A model
+    that fits its training data no better than unseen data takes no step.
     The target ends the run only within `epochs` and `max_steps`: raise them (max_steps=None)
     to let it decide, and keep the guard.
 
