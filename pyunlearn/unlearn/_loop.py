@@ -82,14 +82,16 @@ class HeldOutTarget:
         # first are pushed longest).
         seed += self.PROBE_SEEDS
         self.forget = check_data("forget_data", forget).draw(self.PROBE, seed=seed)
-        held_out = check_data("held_out_data", held_out)
+        # The gap's held-out probe, drawn once: measured_gap's own draw of it under the same seed
+        # is the probe itself, and the epoch checks' probe is drawn from it.
+        held_out = check_data("held_out_data", held_out).draw(samples, seed=seed + 1)
         scored = "forget_data or held_out_data"
         if gap is None:
             gap = measured_gap(model, check_data("retain_data", retained), held_out, samples, seed + 1,
                                ("retain_data", "held_out_data"))
             scored = "forget_data, held_out_data or retain_data"
         self.gap = gap
-        self.held_out = held_out.draw(samples, seed=seed + 1).draw(self.PROBE, seed=seed + 3)
+        self.held_out = held_out.draw(self.PROBE, seed=seed + 3)
         self.start = self.forget_against_held_out(model)
         if not math.isfinite(self.gap) or not math.isfinite(self.start):
             raise ValueError(f"the model's loss on {scored} is not finite (NaN or Inf): no held-out target can be "
