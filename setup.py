@@ -1,5 +1,5 @@
-"""Builds pyunlearn._native: C++17 + OpenMP kernels over numpy buffers, bound with pybind11;
-and, where asked for or usable, pyunlearn._native_cuda: the CUDA twins (csrc/cuda/).
+"""Builds pyunlearn.kernels._native: C++17 + OpenMP kernels over numpy buffers, bound with pybind11;
+and, where asked for or usable, pyunlearn.kernels._native_cuda: the CUDA twins (csrc/cuda/).
 
 No libtorch and no torch at build time. The module runs on any x86-64: hot loops carry
 function multi-versioning (see csrc/common.h). Environment switches:
@@ -44,7 +44,7 @@ if _flag("PYUNLEARN_NATIVE_TUNE"):
     define_macros += [("PYUNLEARN_NATIVE_TUNE", "1")]
 
 native = Pybind11Extension(
-    "pyunlearn._native",
+    "pyunlearn.kernels._native",
     sorted(glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"],
     include_dirs=["csrc"],
     cxx_std=17,
@@ -53,7 +53,7 @@ native = Pybind11Extension(
     define_macros=define_macros,
 )
 
-CUDA_MODULE = "pyunlearn._native_cuda"
+CUDA_MODULE = "pyunlearn.kernels._native_cuda"
 CUDA_BUILD_HELPERS = Path(__file__).resolve().parent / "csrc" / "cuda" / "build.py"
 
 

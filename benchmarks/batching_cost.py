@@ -43,7 +43,7 @@ import torch
 from fidelity import SUBSET_SEED, UNITS, class_units, iid_units, load, make_trainer, training_arguments, \
     with_torch_threads  # a sibling
 from pyunlearn.data import CohortBatchSampler, sample_batches
-from pyunlearn.metrics import accuracy, losses
+from pyunlearn.evaluation.metrics import accuracy, losses
 
 VALUES = ("TA", "test_loss")
 

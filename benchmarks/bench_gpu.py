@@ -5,7 +5,7 @@ recorder's training-step overhead, side by side in one run on one GPU.
                                    [--skip-overhead] [--out FILE]
 
 - prune_topk on ResNet-18 shapes (CIFAR, 62 tensors, 11.17M values) and GPT-2-small shapes
-  (148 tensors, 124.4M values), float16 values, refresh on: pyunlearn._native_cuda (one call
+  (148 tensors, 124.4M values), float16 values, refresh on: pyunlearn.kernels._native_cuda (one call
   for the model, a lent workspace, waiting for its status) against the torch loop (per layer
   Δ, torch.topk of |Δ|, gather, before.copy_(after)) and against the floor: one device-to-
   device copy of the model's float32 parameters (the refresh alone; the prune must also read
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyunlearn.testing import resnet18_cifar_shapes
+from _support import resnet18_cifar_shapes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -85,7 +85,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """The CIFAR ResNet-18 of pyunlearn.testing.resnet18_cifar_shapes (3×3 stem, no max-pool)."""
+    """The CIFAR ResNet-18 of tests/support.py's resnet18_cifar_shapes (3×3 stem, no max-pool)."""
 
     def __init__(self, classes=10, width=64):
         super().__init__()
@@ -220,7 +220,7 @@ class PruneWork:
         # Its own snapshot and its own turn (it refreshes the snapshot; the shared turn must
         # keep flipping an odd number of times per round for the other contenders).
         if getattr(self, "fallback", None) is None:
-            from pyunlearn import ops
+            from pyunlearn.kernels import ops
 
             self.fallback = ops.DevicePruner([b.clone() for b in self.snapshot], self.after[0], self.k, "float16",
                                              kernels="torch")
@@ -440,7 +440,7 @@ def load_module(dry_run: bool):
         spec.loader.exec_module(module)
         return module, "emulated (dry run)"
     try:
-        from pyunlearn import _native_cuda
+        from pyunlearn.kernels import _native_cuda
     except ImportError as exc:
         return None, f"not built ({exc}); build with PYUNLEARN_CUDA=1 pip install -e ."
     return _native_cuda, f"built (CUDA runtime {_native_cuda.runtime_version()})"

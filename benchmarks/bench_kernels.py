@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from pyunlearn import __version__, ops
-from pyunlearn.testing import resnet18_cifar_shapes
+from pyunlearn import __version__
+from pyunlearn.kernels import ops
+from _support import resnet18_cifar_shapes
 
 import kernels  # a sibling: Python puts the script's folder first on sys.path
 

@@ -43,7 +43,7 @@ def _keys(n: int) -> list[str]:
 def _record(path: Path, ids_per_step: list, model: torch.nn.Module) -> pu.UpdateStore:
     store = pu.UpdateStore.create(path, model, keep=1.0, value_dtype="float32", secret=SECRET)
     params = [p.detach() for p in store.check_model(model)]
-    row = pu.ops.prune_topk([p.clone() for p in params], [p + 1e-3 for p in params], store.k,
+    row = pu.kernels.prune_topk([p.clone() for p in params], [p + 1e-3 for p in params], store.k,
                           value_dtype="float32", refresh=False)
     for ids in ids_per_step:
         store.append(row, store.ids_for(ids, recording=True))

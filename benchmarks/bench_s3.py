@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pyunlearn as pu
-from pyunlearn.testing import LoopbackS3
+from _support import LoopbackS3
 
 from bench_store import resnet_store  # a sibling: Python puts the script's folder first on sys.path
 
@@ -44,7 +44,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = {"local disk": measure(Path(tmp), None), "S3 (moto, loopback)": measure("s3://bench", s3.options)}
     s3.stop()
-    print(f"ResNet-18 shapes, keep 0.01, {STEPS} synthetic steps; {pu.ops.backend()}")
+    print(f"ResNet-18 shapes, keep 0.01, {STEPS} synthetic steps; {pu.kernels.backend()}")
     print(f"{'back-end':<22} {'record steps/s':>15} {'forget 1 ID ms':>15} {'bytes':>12}")
     for name, r in results.items():
         print(f"{name:<22} {r['record_steps_per_s']:>15.2f} {r['forget_1_id_ms']:>15.1f} {r['bytes']:>12,}")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import resnet18_cifar_shapes
+from _support import resnet18_cifar_shapes
 
 try:
     from _meta import run_metadata
@@ -60,12 +60,12 @@ class Shaped(torch.nn.Module):
 
 def row_pool(model, keep, count=64, seed=0):
     params = [p.detach() for p in model.parameters()]
-    k = pu.ops.k_for([p.numel() for p in params], keep)
+    k = pu.kernels.k_for([p.numel() for p in params], keep)
     gen = torch.Generator().manual_seed(seed)
     pool = []
     for _ in range(count):
         after = [p + 1e-3 * torch.randn(p.shape, generator=gen) for p in params]
-        pool.append(pu.ops.prune_topk([p.clone() for p in params], after, k, refresh=False))
+        pool.append(pu.kernels.prune_topk([p.clone() for p in params], after, k, refresh=False))
     return pool
 
 
@@ -101,7 +101,7 @@ from zarr.storage import LocalStore
 import pyunlearn as pu
 sys.path.insert(0, sys.argv[4])
 from bench_scale import Shaped, SMALL_SHAPES
-from pyunlearn.testing import resnet18_cifar_shapes
+from _support import resnet18_cifar_shapes
 
 class Counting(LocalStore):
     read = 0
@@ -124,7 +124,7 @@ t0 = time.perf_counter()
 store = pu.UpdateStore.open(Counting(str(path)))  # a second handle: what a running service pays
 found = store.steps_for(ids[:1])
 t_warm = time.perf_counter() - t0
-from pyunlearn import _shards
+from pyunlearn.store import shards as _shards
 Counting.read, _shards.BYTES_READ_LOCALLY[0] = 0, 0  # rows are read from the files directly, past the store
 t1 = time.perf_counter()
 report = pu.amnesiac_forget(model, store, ids)

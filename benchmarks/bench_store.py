@@ -26,7 +26,7 @@ import torch
 import pyunlearn as pu
 from pyunlearn.data import digits, split
 from pyunlearn.models import DigitsCNN, train
-from pyunlearn.testing import resnet18_cifar_shapes
+from _support import resnet18_cifar_shapes
 
 KEEPS = (0.01, 0.05, 0.1)
 
@@ -76,7 +76,7 @@ def resnet_store(root, keep: float, steps: int, *, storage_options=None):
     for step in range(steps):
         for p in params:
             p.add_(torch.randn(p.shape, generator=gen), alpha=1e-3)
-        store.append(pu.ops.prune_topk(snapshot, params, store.k), np.arange(step * 32, step * 32 + 32))
+        store.append(pu.kernels.prune_topk(snapshot, params, store.k), np.arange(step * 32, step * 32 + 32))
     store.mark_final(model)
     return model, store
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "store.json")
     parser.add_argument("--resnet-steps", type=int, default=24)
     args = parser.parse_args(argv)
-    results = {"kernels": pu.ops.backend(), "sizes": [], "step_time": None, "forget": {}}
+    results = {"kernels": pu.kernels.backend(), "sizes": [], "step_time": None, "forget": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, stores, train_set = cnn_stores(root)

@@ -24,7 +24,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.data import CohortBatchSampler, SampleSet
-from pyunlearn.metrics import Evaluation, evaluate
+from pyunlearn.evaluation.metrics import Evaluation, evaluate
 from pyunlearn.models import SmallCNN
 from pyunlearn.models import train as fit
 

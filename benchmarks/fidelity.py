@@ -48,10 +48,10 @@ import numpy as np
 import torch
 
 import pyunlearn as pu
-from pyunlearn import experiment
+from pyunlearn.evaluation import experiment
 from pyunlearn.attribution import coefficient_rule
 from pyunlearn.data import FASHION_MNIST_DEBIAN, CohortBatchSampler, SampleSet, digits, forget_random, idx, split
-from pyunlearn.metrics import generalisation_gap
+from pyunlearn.evaluation.metrics import generalisation_gap
 from pyunlearn.models import SmallCNN
 from pyunlearn.models import train as fit
 from pyunlearn.unlearn import fine_tune, forget_and_repair, gradient_ascent, label_flip, subtracted_steps

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pyunlearn import _model, ops
-from pyunlearn.testing import resnet18_cifar_shapes
+from pyunlearn.kernels import fingerprints as _fingerprint, ops
+from _support import resnet18_cifar_shapes
 
 
 @dataclass
@@ -110,7 +110,7 @@ class SubtractFloor:
     one; the rows' bytes dominate either way."""
 
     def __init__(self, work: Workload, params):
-        from pyunlearn import _native
+        from pyunlearn.kernels import _native
 
         self._floor = _native._stream_floor
         self.read = [work.rows.index.numpy(), work.rows.values.numpy(), work.rows.scales.numpy()]
@@ -131,19 +131,19 @@ def fingerprint_params(shapes, *, seed: int = 0) -> list[torch.Tensor]:
 
 def fingerprint_sha256(params):
     """The fingerprint before xh128 (still computed for stores that hold sha256 values)."""
-    return _model.fingerprint(params, like="sha256:")
+    return _fingerprint.fingerprint(params, like="sha256:")
 
 
 def fingerprint_xh128(params):
     """The fingerprint now: native xh128 on all threads, through the Python API."""
-    return _model.fingerprint(params)
+    return _fingerprint.fingerprint(params)
 
 
 class Xh128Native:
     """The bare native hash on a given number of threads (no per-tensor Python work)."""
 
     def __init__(self, params, threads: int):
-        from pyunlearn import _native
+        from pyunlearn.kernels import _native
 
         self._hash = _native.fingerprint
         self.arrays = [p.numpy() for p in params]
@@ -161,7 +161,7 @@ class PrunerCall:
     would prune Δ = 0); the recorder's refresh adds a copy of the 6k values to both."""
 
     def __init__(self, keep: float, *, seed: int = 0):
-        from pyunlearn import _native
+        from pyunlearn.kernels import _native
         from pyunlearn.models import DigitsCNN
 
         torch.manual_seed(seed)

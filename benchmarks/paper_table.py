@@ -26,7 +26,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.data import FASHION_MNIST_DEBIAN, SampleSet, digits, idx, parse_forget, split
-from pyunlearn.metrics import Evaluation, evaluate
+from pyunlearn.evaluation.metrics import Evaluation, evaluate
 from pyunlearn.models import SmallCNN, train
 from pyunlearn.unlearn import fine_tune, gradient_ascent, label_flip
 

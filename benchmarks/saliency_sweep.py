@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pyunlearn.data import FASHION_MNIST_DEBIAN, digits, idx, split
-from pyunlearn.metrics import accuracy
+from pyunlearn.evaluation.metrics import accuracy
 from pyunlearn.models import SmallCNN, train
 from pyunlearn.unlearn import label_flip
 

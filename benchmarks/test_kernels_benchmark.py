@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyunlearn.testing import resnet18_cifar_shapes
+from _support import resnet18_cifar_shapes
 
 import kernels  # a sibling: pytest puts this folder (it has no __init__.py) first on sys.path
 

@@ -1,4 +1,4 @@
-// pyunlearn._native: the kernels over numpy buffers. No libtorch: a CPU tensor's .numpy()
+// pyunlearn.kernels._native: the kernels over numpy buffers. No libtorch: a CPU tensor's .numpy()
 // shares its memory, so nothing is copied, and the module survives torch upgrades.
 // The Python face (pyunlearn/ops.py) checks arguments with layer names first; the checks here
 // only keep a direct caller from crashing the process.

@@ -1,19 +1,30 @@
 """pyunlearn: make a trained PyTorch model forget chosen training samples.
 
+The package's parts: `store` (the update store), `recording` (the recorder), `kernels` (pruning,
+subtracting, fingerprints), `unlearn` (the forgetting methods), `evaluation` (metrics and
+experiments), `integrations` (Lightning, Hugging Face); `ledger` (the timeline's rules), `keys`
+(keys to sample IDs), `data`, `attribution`, `errors`.
+
 Importing this package does no work beyond importing torch and zarr: the native extension
 loads on the first kernel call.
 """
-from ._version import __version__  # noqa: I001 (first: store.py reads it)
-from . import data, keys, metrics, ops, unlearn
-from .errors import (CorruptStoreError, KeyMappingError, ModelMismatchError, NonFiniteUpdateError, PyunlearnError, StoreError,
-                     StoreFormatError, StoreLockedError)
-from .recorder import RecorderError, UpdateRecorder
-from .row import Row
+from ._version import __version__  # noqa: I001 (first: the store's metadata reads it)
+from . import _deprecated, data, evaluation, kernels, keys, unlearn
+from .errors import (CorruptStoreError, KeyMappingError, ModelMismatchError, NonFiniteUpdateError, PyunlearnError,
+                     RecorderError, StoreError, StoreFormatError, StoreLockedError)
+from .kernels import Row
+from .recording import UpdateRecorder
 from .store import UpdateStore
 from .unlearn import ForgetReport, amnesiac_forget
 
+_deprecated.install()
+
 __all__ = [
-    "__version__", "ops", "data", "keys", "metrics", "unlearn", "Row", "UpdateStore", "UpdateRecorder", "amnesiac_forget", "ForgetReport",
-    "PyunlearnError", "NonFiniteUpdateError", "StoreError", "StoreFormatError", "StoreLockedError",
-    "CorruptStoreError", "ModelMismatchError", "RecorderError", "KeyMappingError",
+    "__version__", "kernels", "data", "keys", "evaluation", "unlearn", "Row", "UpdateStore", "UpdateRecorder",
+    "amnesiac_forget", "ForgetReport", "PyunlearnError", "NonFiniteUpdateError", "StoreError", "StoreFormatError",
+    "StoreLockedError", "CorruptStoreError", "ModelMismatchError", "RecorderError", "KeyMappingError",
 ]
+
+
+def __getattr__(name: str):  # pyunlearn.ops, .metrics, ... of earlier versions
+    return _deprecated.moved_attribute(name)

@@ -19,11 +19,13 @@ def _selfcheck(args) -> int:
     """Prune and subtract one step of a tiny model natively and with the torch reference."""
     import torch
 
-    from . import __version__, ops
-    from .testing import random_step
+    from . import __version__
+    from .kernels import ops
 
     shapes = [("fc1.weight", (32, 64)), ("fc1.bias", (32,)), ("fc2.weight", (10, 32)), ("fc2.bias", (10,))]
-    before, after = random_step(shapes, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    before = [torch.randn(shape, generator=gen) for _, shape in shapes]
+    after = [b + 1e-3 * torch.randn(b.shape, generator=gen) for b in before]  # one SGD-sized step
     k = ops.k_for([b.numel() for b in before], 0.1)
     row = ops.prune_topk([b.clone() for b in before], after, k)
     reference_row = ops.prune_topk_reference([b.clone() for b in before], after, k)
@@ -152,7 +154,7 @@ def _forget(args) -> int:
     the new checkpoint written atomically, then the deletion committed. A failure or a kill at
     any point leaves a ledger that matches a model on disk (the input checkpoint, or the output
     one, also when --out is --checkpoint)."""
-    from ._state_dict import module_for_store
+    from .store.layers import module_for_store
     from .store import UpdateStore
     from .unlearn import amnesiac_forget
 

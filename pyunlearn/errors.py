@@ -1,17 +1,21 @@
-"""Every error pyunlearn raises of its own. Each also derives from the built-in error a caller
-would catch without knowing pyunlearn, so `except FileNotFoundError` or `except ValueError`
-keeps working:
+"""Every error and warning pyunlearn raises of its own. Each error also derives from the built-in
+error a caller would catch without knowing pyunlearn, so `except FileNotFoundError` or `except
+ValueError` keeps working:
 
     PyunlearnError                          base of all below (catch this for "any pyunlearn error")
     ├── NonFiniteUpdateError   ValueError   a step's update holds NaN or Inf
     ├── ModelMismatchError     ValueError   the model is not the one the store or ledger describes
     ├── RecorderError          RuntimeError recording cannot go on
+    │   ├── ResumeRefused                   the store's steps do not end with this model (recoverable)
+    │   └── TrainingChangedError            the optimizer or a parameter changed mid-run (recording stops)
     ├── KeyMappingError        LookupError  keys cannot be mapped to IDs: no secret, the wrong one, a collision
     └── StoreError             RuntimeError a store cannot be used as asked
         ├── StoreNotFoundError FileNotFoundError   no store at the path
         ├── StoreFormatError   ValueError          not a pyunlearn store, or an unknown format version
         ├── StoreLockedError                       another writer holds the store
         └── CorruptStoreError  OSError             stored data or metadata is damaged or missing
+
+    StaleBuffersWarning        UserWarning  forgetting left BatchNorm running statistics as trained
 """
 
 
@@ -29,6 +33,16 @@ class ModelMismatchError(PyunlearnError, ValueError):
 
 class RecorderError(PyunlearnError, RuntimeError):
     """Recording cannot go on (the writer failed, or a step had no sample IDs)."""
+
+
+class ResumeRefused(RecorderError):
+    """The store has steps and the model is not the one they end with (recoverable: load the
+    checkpoint's recorder state, or truncate the store, and step again)."""
+
+
+class TrainingChangedError(RecorderError):
+    """The optimizer's parameters, or a parameter's dtype, device or shape, changed mid-run:
+    the step did not run and recording stops."""
 
 
 class KeyMappingError(PyunlearnError, LookupError):
@@ -56,3 +70,7 @@ class StoreLockedError(StoreError):
 class CorruptStoreError(StoreError, OSError):
     """Stored data or metadata is damaged or missing (a checksum fails, a chunk cannot be
     decoded, a metadata field is malformed)."""
+
+
+class StaleBuffersWarning(UserWarning):
+    """A model with BatchNorm running statistics was forgotten without recomputing them."""

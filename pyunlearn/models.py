@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .data import SampleSet, sample_batches
-from .recorder import UpdateRecorder
+from .recording import UpdateRecorder
 from .store import UpdateStore
 
 

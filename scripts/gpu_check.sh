@@ -76,8 +76,8 @@ t=$SECONDS
 note "building pyunlearn with its CUDA module"
 if PYUNLEARN_CUDA=1 timeout "${BUILD_LIMIT_S:-120}" "$PY" -m pip install --no-index --no-deps --no-build-isolation \
         --disable-pip-version-check -e . \
-    && "$PY" -c "from pyunlearn import _native, _native_cuda; print('_native_cuda: CUDA runtime', _native_cuda.runtime_version())"; then
-    record build ok $((SECONDS - t)) "pyunlearn._native and pyunlearn._native_cuda"
+    && "$PY" -c "from pyunlearn.kernels import _native, _native_cuda; print('_native_cuda: CUDA runtime', _native_cuda.runtime_version())"; then
+    record build ok $((SECONDS - t)) "pyunlearn.kernels._native and pyunlearn.kernels._native_cuda"
 else
     record build FAIL $((SECONDS - t)) "see gpu_check.log"
     finish

@@ -1,6 +1,6 @@
 """Turn a store's metadata document back into what an older format wrote, for the tests that
 check older stores still read."""
-from pyunlearn._format import _SINCE_3, _SINCE_4
+from pyunlearn.store.metadata import _SINCE_3, _SINCE_4
 
 
 def as_format_2(attrs: dict) -> dict:
@@ -17,7 +17,7 @@ def as_format_3(attrs: dict, removed_steps: list[int], fingerprint: str, pending
     """`attrs` (a store without deletions) as format 3 had them after deletions of
     `removed_steps` giving the model `fingerprint` (and a `pending` one): the resume point stayed
     at the final model, since format 3 refused training after a deletion. Re-sealed."""
-    from pyunlearn._format import attrs_checksum
+    from pyunlearn.store.metadata import attrs_checksum
 
     for key in _SINCE_4 + ("checksum",):
         attrs.pop(key, None)

@@ -3,17 +3,27 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyunlearn import ops
+from pyunlearn.kernels import backends, ops
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # Processes the tests start (DDP ranks, killed writers, torchrun) import tests.support too.
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
 def native_module():
     try:
-        from pyunlearn import _native
+        from pyunlearn.kernels import _native
     except ImportError:  # pragma: no cover - the build is part of the test command
         return None
     return _native
@@ -23,7 +33,7 @@ def native_module():
 def native():
     module = native_module()
     if module is None:
-        pytest.fail("pyunlearn._native is not built: run `bash scripts/dev.sh test`, which builds it")
+        pytest.fail("pyunlearn.kernels._native is not built: run `bash scripts/dev.sh test`, which builds it")
     return module
 
 
@@ -50,7 +60,7 @@ def small_layer_limit(request, native):
 
 @pytest.fixture(scope="session")
 def emulated_cuda(tmp_path_factory):
-    """pyunlearn._native_cuda's sources compiled for the CPU over csrc/cuda/emulate.h (each CUDA
+    """pyunlearn.kernels._native_cuda's sources compiled for the CPU over csrc/cuda/emulate.h (each CUDA
     thread a fiber): the same calls as the real module, on CPU pointers. Built once a session."""
     import importlib.util
     import shutil
@@ -65,39 +75,47 @@ def emulated_cuda(tmp_path_factory):
     return module
 
 
-def _on_device(param, monkeypatch, request):
-    from pyunlearn.testing import DEVICES
+@contextlib.contextmanager
+def _on_device(param, request):
+    """The torch.device the tensors of a device-axis case go to, with the CPU's backend set for
+    the cases that run the device path on CPU tensors."""
+    from tests.support import DEVICES
 
     if param == "cpu-emulated-cuda":
-        monkeypatch.setattr(ops, "_DEVICE_PATH_ON_CPU", True)
-        monkeypatch.setattr(ops, "_EMULATED_CUDA", request.getfixturevalue("emulated_cuda"))
-        return torch.device("cpu")
+        with backends.cpu_backend(backends.DeviceKernels(request.getfixturevalue("emulated_cuda"))):
+            yield torch.device("cpu")
+        return
     if param == "cuda":
         if "cuda" not in DEVICES:
             pytest.skip("no CUDA device visible to torch")
-        return torch.device("cuda")
+        yield torch.device("cuda")
+        return
     if param == "cpu-device-path":
-        monkeypatch.setattr(ops, "_DEVICE_PATH_ON_CPU", True)
-    return torch.device("cpu")
+        with backends.cpu_backend(backends.DeviceKernels()):
+            yield torch.device("cpu")
+        return
+    yield torch.device("cpu")
 
 
 @pytest.fixture(params=["cpu", "cpu-device-path", "cpu-emulated-cuda", "cuda"])
-def device(request, monkeypatch):
-    """The device axis of the recorder and forgetting tests (pyunlearn.testing.DEVICES): "cpu"
+def device(request):
+    """The device axis of the recorder and forgetting tests (tests/support.py's DEVICES): "cpu"
     (the native CPU kernels), "cuda" (skipped where torch sees no GPU), and two that run
     everything around the CUDA-only calls here: "cpu-device-path", CPU tensors forced through
     the device path with the torch kernels (reused buffers, the recorder's asynchronous hand-off
     with a no-op event), and "cpu-emulated-cuda", the same with the native CUDA module's calls
     (pointers, status, lent workspace) going to its CPU emulation. Returns the torch.device the
     tensors go to."""
-    return _on_device(request.param, monkeypatch, request)
+    with _on_device(request.param, request) as where:
+        yield where
 
 
 @pytest.fixture(params=["cpu-device-path", "cpu-emulated-cuda", "cuda"])
-def device_path(request, monkeypatch):
+def device_path(request):
     """The device path alone (see `device`): for tests that compare it with the native CPU
     kernels, which on "cpu" would be compared with themselves."""
-    return _on_device(request.param, monkeypatch, request)
+    with _on_device(request.param, request) as where:
+        yield where
 
 
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -139,7 +157,7 @@ def benchmark_script(monkeypatch):
 def s3_server():
     """A real S3 API on loopback (moto's server) with one bucket; yields storage_options."""
     pytest.importorskip("moto", reason="S3 tests need the test extra (moto[server], s3fs)")
-    from pyunlearn.testing import LoopbackS3
+    from tests.support import LoopbackS3
 
     server = LoopbackS3("pyunlearn-tests", secret=S3_SECRET)
     yield server.options

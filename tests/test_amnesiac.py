@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
+from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_equals_a_pure_torch_computation_from_the_stored_rows(recorded):
     model, store = recorded
     expected = _params(model)
     steps = store.steps_for([1000, 1050]).steps
-    pu.ops.subtract_sparse_reference(expected, store.read(steps), store.k)
+    pu.kernels.subtract_sparse_reference(expected, store.read(steps), store.k)
     report = pu.amnesiac_forget(model, store, [1000, 1050, 99999])
     assert report.steps_removed == steps.size == report.steps_applied
     assert report.missing_ids.tolist() == [99999]
@@ -54,7 +54,7 @@ def test_ledger_never_subtracts_a_step_twice(recorded):
     assert report.steps_applied == len(set(store.steps_for([1000, 1001, 1002, 1003]).steps))
     for got, want in zip(_params(original), _params(model)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert store.ledger.fingerprint == pu._model.fingerprint(_params(original))
+    assert store.ledger.fingerprint == pu.kernels.fingerprint(_params(original))
     # Both are fine to forget from again; a third model is not.
     pu.amnesiac_forget(original, store, [1004])
 
@@ -114,7 +114,7 @@ def test_store_without_a_final_model_is_refused(tmp_path):
     # Steps written without a recorder that closes (as a crashed run leaves them): no final model.
     bare = pu.UpdateStore.create(tmp_path / "bare.zarr", model, keep=0.2)
     params = [p.detach() for p in bare.check_model(model)]
-    bare.append(pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], bare.k, refresh=False), [7])
+    bare.append(pu.kernels.prune_topk([p.clone() for p in params], [p + 1 for p in params], bare.k, refresh=False), [7])
     bare.flush()
     with pytest.raises(pu.StoreError, match="no model to forget from.*mark_final"):
         pu.amnesiac_forget(model, bare, [7])

@@ -12,7 +12,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from pyunlearn.testing import recorded_store
+from tests.support import recorded_store
 
 
 def _run(*args):
@@ -53,7 +53,7 @@ def test_forget_on_a_checkpoint_matches_the_library(tmp_path, capsys):
     assert set(got) == set(model.state_dict())
     expected = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     store = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
-    pu.ops.subtract_sparse_reference(expected, store.read(store.steps_for([1000, 1001, 1002]).steps), store.k)
+    pu.kernels.subtract_sparse_reference(expected, store.read(store.steps_for([1000, 1001, 1002]).steps), store.k)
     for layer, want in zip(store.layers, expected):
         assert torch.equal(got[layer.name], want)
     assert torch.equal(got["frozen"], model.frozen)
@@ -162,7 +162,7 @@ def _expected_after_forgetting(tmp_path, model):
     expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     store = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
     tensors = list(expected.values())
-    pu.ops.subtract_sparse_reference(tensors, store.read(store.steps_for([1000, 1001]).steps), store.k)
+    pu.kernels.subtract_sparse_reference(tensors, store.read(store.steps_for([1000, 1001]).steps), store.k)
     return dict(zip(expected, tensors))
 
 
@@ -215,7 +215,8 @@ def test_the_package_ships_type_information_and_its_license():
 
 
 def test_evaluate_progress_is_off_unless_asked(capsys):
-    from pyunlearn import data, metrics
+    from pyunlearn import data
+    from pyunlearn.evaluation import metrics
     from pyunlearn.models import DigitsCNN
 
     train_set, test_set = data.split(data.digits(), 0.2, seed=0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pyunlearn.data import SampleSet
-from pyunlearn.metrics import accuracy
+from pyunlearn.evaluation.metrics import accuracy
 from pyunlearn.models import DigitsCNN, train
 from pyunlearn.unlearn import gradient_ascent, label_flip
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn._model import trainable_parameters
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from pyunlearn.store.layers import trainable_parameters
+from tests.support import TinyNet, tiny_data, tiny_training
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels (pyunlearn._native_cuda) against the CPU kernels, bit for bit.
+"""The CUDA kernels (pyunlearn.kernels._native_cuda) against the CPU kernels, bit for bit.
 
 Every test runs on two backends:
 - "cuda": the real module on a GPU. Skipped where torch sees no GPU or the module is not built
@@ -21,9 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyunlearn import ops
-from pyunlearn.row import Row
-from pyunlearn.testing import resnet18_cifar_shapes
+from pyunlearn.kernels import ops
+from pyunlearn.kernels.row import Row
+from tests.support import resnet18_cifar_shapes
 
 from .conftest import assert_same_bits, misleading_layer
 from .strategies import step
@@ -57,9 +57,9 @@ def backend(request):
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device visible to torch")
         try:
-            from pyunlearn import _native_cuda
+            from pyunlearn.kernels import _native_cuda
         except ImportError:
-            pytest.skip("pyunlearn._native_cuda is not built (PYUNLEARN_CUDA=1 pip install -e .)")
+            pytest.skip("pyunlearn.kernels._native_cuda is not built (PYUNLEARN_CUDA=1 pip install -e .)")
         return Backend("cuda", _native_cuda, torch.device("cuda"), large=True)
     return Backend("emulated", request.getfixturevalue("emulated_cuda"), torch.device("cpu"), large=False)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, recorded_store
+from tests.support import TinyNet, recorded_store
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
 
@@ -31,7 +31,7 @@ def leave():
 _WORKER = r"""
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data
+from tests.support import TinyNet, tiny_data
 %(leave)s
 
 def worker(rank, world, path, port, fail):
@@ -98,7 +98,7 @@ def _single_process(path):
 
 def _dense(store, step):
     out = [torch.zeros(layer.shape) for layer in store.layers]
-    pu.ops.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
+    pu.kernels.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
     return out
 
 
@@ -135,7 +135,7 @@ def test_a_failing_writer_stops_every_rank(tmp_path):
 _SECRETS_WORKER = r"""
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet
+from tests.support import TinyNet
 """ + _LEAVE + r"""
 
 def worker(rank, path, port, same):

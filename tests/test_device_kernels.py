@@ -1,5 +1,5 @@
-"""The device path of the kernels (pyunlearn.ops on non-CPU tensors: pyunlearn._native_cuda where
-built, else the torch kernels of pyunlearn._torch_kernels) against the native CPU kernels, bit for
+"""The device path of the kernels (pyunlearn.ops on non-CPU tensors: pyunlearn.kernels._native_cuda where
+built, else the torch kernels of pyunlearn.kernels.torch_ops) against the native CPU kernels, bit for
 bit. Runs on "cpu-device-path" (CPU tensors forced through the device path, here and everywhere)
 and on "cuda" (skipped without a GPU); see the `device_path` fixture."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyunlearn import ops
+from pyunlearn.kernels import backends, ops
 from pyunlearn.errors import NonFiniteUpdateError
-from pyunlearn.row import Row
+from pyunlearn.kernels.row import Row
 
 from .conftest import assert_same_bits
 from .strategies import DENORMAL, step
@@ -27,8 +27,8 @@ def native_prune(native, before, after, k, value_dtype, refresh=True):
     """The native CPU kernel on copies: (row, before afterwards)."""
     before = [b.clone() for b in before]
     dtype = torch.float16 if value_dtype == "float16" else torch.float32
-    row = ops._prune_native(native, before, [b.numpy() for b in before], [a.contiguous().numpy() for a in after],
-                            list(k), dtype, refresh, None)
+    with backends.cpu_backend(backends.CpuNative(native)):
+        row = ops.prune_topk(before, [a.contiguous() for a in after], list(k), dtype, refresh)
     return row, before
 
 
@@ -140,7 +140,7 @@ def test_device_pruner_reuses_its_buffers_and_does_not_wait(native, device_path)
     k = ops.k_for(shapes, 0.05)
     pruner = ops.DevicePruner([s.clone().to(device_path) for s in snapshot], [s.to(device_path) for s in snapshot],
                               k, "float16")
-    assert pruner.kernels == ops._device_kernels(device_path)[0]
+    assert pruner.kernels == backends.backend_for(device_path).kernels
     reference = [s.clone() for s in snapshot]
     addresses = None
     for step_no in range(3):
@@ -261,7 +261,7 @@ def test_supports_says_which_kernels_run(native):
     assert (cpu.kernels, cpu.available, cpu.device) == ("native", True, torch.device("cpu"))
     cuda = ops.supports(torch.device("cuda", 0))
     assert cuda.available == torch.cuda.is_available()
-    built = ops._native_cuda() is not None
+    built = backends.native_cuda_module() is not None
     assert cuda.kernels == ("native" if built else "torch")
     if not built:
         assert "PYUNLEARN_CUDA=1" in cuda.detail

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn import ops
+from pyunlearn.kernels import backends, ops
 from pyunlearn.data import SampleSet
 from pyunlearn.errors import NonFiniteUpdateError
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from tests.support import TinyNet, tiny_data, tiny_training
 
 from .conftest import assert_same_bits
 from .test_device_kernels import native_prune, native_subtract
@@ -56,7 +56,7 @@ def test_recording_stores_the_pruned_update_of_every_step(native, device, tmp_pa
         # Δ in float32 from the float32 snapshot of the previous step's parameters.
         expected, _ = native_prune(native, trajectory[t], trajectory[t + 1], store.k, value_dtype)
         assert_same_bits([rows.index[t], rows.values[t], rows.scales[t]], expected, f"step {t}")
-    assert store.final_fingerprint == pu._model.fingerprint(trajectory[-1])
+    assert store.final_fingerprint == pu.kernels.fingerprint(trajectory[-1])
     assert all(p.device.type == device.type and p.dtype == dtype for p in trainable(model))
 
 
@@ -72,7 +72,7 @@ def test_forgetting_subtracts_the_stored_rows_on_the_models_device(native, devic
     # The float32 result, rounded once into the parameters' dtype.
     assert_same_bits([p.detach().cpu() for p in trainable(model)], [e.to(dtype) for e in expected], "parameters")
     assert all(p.device.type == device.type and p.dtype == dtype for p in trainable(model))
-    assert store.ledger.fingerprint == pu._model.fingerprint(trainable(model))
+    assert store.ledger.fingerprint == pu.kernels.fingerprint(trainable(model))
     again = pu.amnesiac_forget(model, store, [1000])
     assert again.steps_removed == 0
 
@@ -131,8 +131,8 @@ def test_a_non_finite_update_stops_recording_and_keeps_the_steps_before(device, 
     except NonFiniteUpdateError:  # the writer's error stays: close() reports it again
         raised_at_close = True
     assert raised is not None and "fc2.weight" in str(raised)
-    assert raised_at_close == ops._device_path(device)
-    if ops._device_path(device):
+    assert raised_at_close == backends.backend_for(device).device_path
+    if backends.backend_for(device).device_path:
         assert "step 5" in str(raised)
     store.close()
     reopened = pu.UpdateStore.open(tmp_path / "s.zarr")
@@ -216,7 +216,7 @@ def test_gradient_attribution_records_and_forgets_a_model_on_the_device(device, 
     """The optimizer family's vectors go to the host and are pruned there (a synchronization per
     step on a GPU); the result is the CPU's: forgetting every ID on a dense store gives the
     initial model back to float rounding."""
-    from pyunlearn.testing import recorded_store
+    from tests.support import recorded_store
 
     run = recorded_store(tmp_path / "s.zarr", keep=1.0, value_dtype="float32", attribution="gradient",
                          device=device)
@@ -245,7 +245,7 @@ def test_a_model_on_two_devices_is_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=message.format("label flip")):
         pu.unlearn.label_flip(model, data, classes=3)
     with pytest.raises(ValueError, match=message.format("evaluating")):
-        pu.metrics.accuracy(model, data)
+        pu.evaluation.metrics.accuracy(model, data)
     assert store.steps == 0 and store.ledger.removed_steps.size == 0
     store.close()
     again = pu.UpdateStore.open(tmp_path / "s.zarr")
@@ -286,8 +286,8 @@ def test_evaluate_runs_on_the_models_device(device):
     torch.manual_seed(0)
     model = TinyNet()
     forget, retain, test = (SampleSet(*tiny_data(n, seed=s)) for n, s in ((20, 1), (60, 2), (60, 3)))
-    on_cpu = pu.metrics.evaluate(model, forget=forget, retain=retain, test=test, progress=False)
-    on_device = pu.metrics.evaluate(model.to(device), forget=forget, retain=retain, test=test, progress=False)
+    on_cpu = pu.evaluation.metrics.evaluate(model, forget=forget, retain=retain, test=test, progress=False)
+    on_device = pu.evaluation.metrics.evaluate(model.to(device), forget=forget, retain=retain, test=test, progress=False)
     # The same model on another device: the same predictions up to the device's float rounding.
     assert on_device.gap(on_cpu) <= 2.0
     assert all(p.device.type == device.type for p in model.parameters())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyunlearn.data import SampleSet
-from pyunlearn.experiment import METRICS, ORIGINAL, RETRAIN, RETRAIN_2, Results, Row, Split, run
+from pyunlearn.evaluation.experiment import METRICS, ORIGINAL, RETRAIN, RETRAIN_2, MethodRun, Results, Split, run
 
 
 def _blobs(n, first_id, seed):
@@ -79,7 +79,7 @@ def _row(method, seed, **values):
     base = dict(UA=10.0, RA=90.0, TA=85.0, MIA=20.0, MIA_sd=0.0, membership_gap=-0.1, forget_loss_ks=0.0,
                 forget_kl=0.0, seconds=1.0, retrain_seconds=10.0)
     base.update(values)
-    return Row(method=method, seed=seed, **base)
+    return MethodRun(method=method, seed=seed, **base)
 
 
 def test_the_noise_floor_rule_by_hand():

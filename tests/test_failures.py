@@ -6,7 +6,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
+from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 def _trainable(model):
@@ -20,7 +20,7 @@ def _recorded(path):
 
 def _row(store, model):
     params = [p.detach() for p in store.check_model(model)]
-    return pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
+    return pu.kernels.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
 
 
 def test_a_handle_opened_earlier_does_not_overwrite_newer_commits(tmp_path):
@@ -102,7 +102,7 @@ def test_a_failed_commit_leaves_the_steps_to_be_written_again(tmp_path, monkeypa
     are not committed, so a retry must write and commit them again. The buffer used to count
     them as committed once their data was written: the retried flush did nothing and close()
     released the store without them (flush: silently; append: an IndexError hid the error)."""
-    import pyunlearn.store as store_module
+    import pyunlearn.store.update_store as store_module
 
     model = TinyNet()
     store = pu.UpdateStore.create(tmp_path / "s.zarr", model, steps_per_chunk=4)

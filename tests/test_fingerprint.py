@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyunlearn import _model, _reference
-from pyunlearn._model import Fingerprints, fingerprint, same_model
-from pyunlearn.testing import TinyNet
+from pyunlearn.kernels import fingerprints as _model
+from pyunlearn.kernels import reference as _reference
+from pyunlearn.kernels.fingerprints import Fingerprints, fingerprint, same_model
+from tests.support import TinyNet
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MiB = 2**20
@@ -116,7 +117,7 @@ def test_every_change_shows(native):
 
 _THREADS_SCRIPT = r"""
 import json, numpy as np
-from pyunlearn import _native
+from pyunlearn.kernels import _native
 rng = np.random.default_rng(5)
 buffers = [rng.standard_normal(n).astype(np.float32) for n in (7, 3_000_001, 262_144, 1_500_000)]
 _native._set_fingerprint_tuning(0, True)  # parallel however small

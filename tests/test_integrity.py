@@ -11,7 +11,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from pyunlearn.testing import TinyNet, recorded_store
+from tests.support import TinyNet, recorded_store
 
 
 def _params(model):
@@ -47,7 +47,7 @@ def test_a_missing_sample_ids_chunk_does_not_make_ids_look_unseen(tmp_path):
 
 
 def test_a_missing_chunk_of_the_id_index_does_not_make_ids_look_unseen(tmp_path, monkeypatch):
-    monkeypatch.setattr("pyunlearn._lookup.TAIL_IDS", 16)  # every commit writes a run
+    monkeypatch.setattr("pyunlearn.store.id_index.TAIL_IDS", 16)  # every commit writes a run
     _, path = _recorded(tmp_path)
     store = pu.UpdateStore.open(path, mode="r")
     assert store.steps_for([1000]).missing.size == 0 and store.metadata.lookup_runs
@@ -83,7 +83,7 @@ def test_stored_rows_with_nan_are_refused_before_the_model_changes(tmp_path):
 
 # ------------------------------------------------------------------ create and overwrite
 def test_a_crash_inside_create_leaves_a_folder_that_says_so(tmp_path, monkeypatch):
-    import pyunlearn._arrays as fmt
+    import pyunlearn.store.arrays as fmt
 
     real = fmt.create_arrays
 
@@ -91,10 +91,10 @@ def test_a_crash_inside_create_leaves_a_folder_that_says_so(tmp_path, monkeypatc
         group.create_array("values", shape=(0, 1), dtype="f4")
         raise KeyboardInterrupt  # the process stops midway
 
-    monkeypatch.setattr("pyunlearn._arrays.create_arrays", crash)
+    monkeypatch.setattr("pyunlearn.store.arrays.create_arrays", crash)
     with pytest.raises(KeyboardInterrupt):
         pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet())
-    monkeypatch.setattr("pyunlearn._arrays.create_arrays", real)
+    monkeypatch.setattr("pyunlearn.store.arrays.create_arrays", real)
     with pytest.raises(pu.CorruptStoreError, match="did not finish.*overwrite=True"):
         pu.UpdateStore.open(tmp_path / "s.zarr")
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -221,7 +221,7 @@ def test_cli_forget_writes_the_model_before_the_ledger(tmp_path, monkeypatch, ca
     model = TinyNet()
     model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
     store = pu.UpdateStore.open(path)
-    assert store.ledger.fingerprint == pu._model.fingerprint(store.check_model(model))
+    assert store.ledger.fingerprint == pu.kernels.fingerprint(store.check_model(model))
 
 
 @pytest.mark.parametrize("case", ["store-is-a-file", "id-past-int64", "pickled-object"])
@@ -367,7 +367,7 @@ def test_forgetting_from_a_model_before_later_steps_skips_the_steps_it_never_too
     final_n = TinyNet()
     final_n.load_state_dict(model.state_dict())
     params = [p.detach() for p in store.check_model(model)]
-    row = pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
+    row = pu.kernels.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
     store.append(row, [99999])
     store.flush()
     assert store.final_fingerprint is None and store.final_steps is None
@@ -388,8 +388,8 @@ def test_the_shard_reader_leaves_big_endian_arrays_to_zarr(tmp_path):
     import zarr
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
-    from pyunlearn._location import zarr_store
-    from pyunlearn._shards import read_rows
+    from pyunlearn.store.location import zarr_store
+    from pyunlearn.store.shards import read_rows
 
     group = zarr.open_group(tmp_path / "g.zarr", mode="w")
     arr = group.create_array("a", shape=(8, 3), dtype="float32", chunks=(2, 3), shards=(4, 3),
@@ -405,7 +405,7 @@ def _twin_arrays(tmp_path, dtype, shape, chunks, shards):
     import zarr
     from zarr.storage import LocalStore
 
-    from pyunlearn._format import codecs
+    from pyunlearn.store.metadata import codecs
 
     made = []
     for name in ("by-zarr", "by-pyunlearn"):
@@ -424,7 +424,7 @@ def _shard_files(folder):
 
 @pytest.mark.parametrize("dtype, tail", [("float16", (37,)), ("uint32", (37,)), ("int64", ())])
 def test_appends_written_straight_to_shards_are_the_bytes_zarr_writes(tmp_path, dtype, tail):
-    from pyunlearn._shards import write_rows
+    from pyunlearn.store.shards import write_rows
 
     (zstore_z, by_zarr), (zstore_p, ours) = _twin_arrays(tmp_path, dtype, (40, *tail), (3, *tail), (12, *tail))
     rng = np.random.default_rng(0)
@@ -442,7 +442,7 @@ def test_appends_written_straight_to_shards_are_the_bytes_zarr_writes(tmp_path, 
 
 
 def test_chunk_writes_of_an_unsharded_array_are_the_bytes_zarr_writes(tmp_path):
-    from pyunlearn._shards import write_rows
+    from pyunlearn.store.shards import write_rows
 
     (_, by_zarr), (zstore, ours) = _twin_arrays(tmp_path, "float64", (24, 4), (8, 4), None)
     rng = np.random.default_rng(1)
@@ -458,7 +458,7 @@ def test_the_shard_writer_leaves_other_stores_and_layouts_to_zarr(tmp_path):
     import zarr
     from zarr.storage import MemoryStore
 
-    from pyunlearn._shards import write_rows
+    from pyunlearn.store.shards import write_rows
 
     (_, _), (zstore, arr) = _twin_arrays(tmp_path, "float32", (8, 3), (2, 3), (4, 3))
     rows = np.ones((2, 3), dtype="float32")
@@ -472,7 +472,7 @@ def test_the_shard_writer_leaves_other_stores_and_layouts_to_zarr(tmp_path):
 
 
 def test_an_append_to_a_shard_that_vanished_is_corruption(tmp_path):
-    from pyunlearn._shards import write_rows
+    from pyunlearn.store.shards import write_rows
 
     (_, _), (zstore, arr) = _twin_arrays(tmp_path, "int64", (24,), (4,), (12,))
     assert write_rows(zstore, arr, 0, np.arange(5), "s.zarr")
@@ -487,7 +487,7 @@ def test_attributes_saved_straight_to_a_local_folder_are_the_document_zarr_write
     import zarr
     from zarr.storage import LocalStore
 
-    from pyunlearn._arrays import save_attributes
+    from pyunlearn.store.arrays import save_attributes
 
     groups = {}
     for name in ("by-zarr", "by-pyunlearn"):
@@ -509,7 +509,7 @@ def test_a_reader_sees_one_version_of_a_shard_a_writer_replaces_meanwhile(tmp_pa
     wants), where reading the chunk from the new file at the old offset fails its checksum."""
     import os
 
-    from pyunlearn import _shards
+    from pyunlearn.store import shards as _shards
 
     (_, _), (zstore, arr) = _twin_arrays(tmp_path, "int64", (512,), (64,), (256,))
     first = np.arange(100, 170)
@@ -538,8 +538,8 @@ def test_a_reader_through_zarr_rereads_a_shard_a_writer_replaced_between_its_req
     import zarr
     from zarr.storage import MemoryStore
 
-    from pyunlearn import _shards
-    from pyunlearn._format import codecs
+    from pyunlearn.store import shards as _shards
+    from pyunlearn.store.metadata import codecs
 
     zstore = MemoryStore()
     arr = zarr.open_group(zstore, mode="w").create_array(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pyunlearn.testing import recorded_store
+from tests.support import recorded_store
 
 ARRAYS = ("values", "index", "scales", "sample_ids", "offsets", "step_hyper")
 
@@ -15,7 +15,7 @@ ARRAYS = ("values", "index", "scales", "sample_ids", "offsets", "step_hyper")
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("interop") / "s.zarr"
-    with mock.patch("pyunlearn._lookup.TAIL_IDS", 8):  # so that the ID index has runs
+    with mock.patch("pyunlearn.store.id_index.TAIL_IDS", 8):  # so that the ID index has runs
         run = recorded_store(path, attribution="gradient", close=True)
     group = zarr.open_group(path, mode="r")
     assert run.store.metadata.lookup_runs and group["values"].shards is not None  # runs; sharded rows

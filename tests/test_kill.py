@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn._model import fingerprint
+from pyunlearn.kernels import fingerprint
 
 TRIALS = int(os.environ.get("PYUNLEARN_KILL_TRIALS", "52"))
 PHASES = ("record", "flush", "forget", "cli-forget")
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np, torch
 import pyunlearn as pu
 from pyunlearn.cli import main, _sync_folder, _write_temporary
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from tests.support import TinyNet, tiny_data, tiny_training
 
 folder = Path(sys.argv[1]); start = time.monotonic()
 def phase(name):
@@ -124,7 +124,7 @@ def _check(folder: Path) -> str:
     assert offsets[0] == 0 and offsets[-1] == samples and np.all(np.diff(offsets) == 8)  # batches of 8
     if steps:
         rows = store.read(np.arange(steps))  # every committed chunk exists and decodes
-        pu.ops.subtract_sparse([torch.zeros(layer.shape) for layer in store.layers], rows, store.k)
+        pu.kernels.subtract_sparse([torch.zeros(layer.shape) for layer in store.layers], rows, store.k)
         assert store.steps_for(np.arange(1000, 1160)).steps.size > 0
     ledger = store.ledger
     if ledger.fingerprint is not None or ledger.pending is not None:

@@ -11,7 +11,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from pyunlearn.testing import TinyNet
+from tests.support import TinyNet
 
 SECRET = "a test secret of more than sixteen bytes"
 
@@ -399,7 +399,7 @@ def test_forgetting_through_a_handle_a_recorder_writes_is_refused(tmp_path):
 
 
 def test_a_format_3_store_with_a_deletion_continues_from_the_deletions_model(tmp_path):
-    from pyunlearn._model import fingerprint
+    from pyunlearn.kernels import fingerprint
     from tests._old_formats import as_format_3
 
     year = Year(tmp_path / "s.zarr")

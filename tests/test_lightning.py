@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import tiny_data, tiny_lightning_module
+from tests.support import tiny_data, tiny_lightning_module
 
 lightning = pytest.importorskip("lightning", reason="the Lightning integration is an optional extra")
 from pyunlearn.integrations.lightning import RecordUpdates  # noqa: E402
@@ -150,7 +150,7 @@ import torch, torch.distributed as dist, lightning
 import pyunlearn as pu
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pyunlearn.integrations.lightning import RecordUpdates
-from pyunlearn.testing import tiny_data, tiny_lightning_module
+from tests.support import tiny_data, tiny_lightning_module
 
 class Module(tiny_lightning_module()):
     def train_dataloader(self):  # after the process group exists; Lightning's own sampler would shuffle
@@ -203,7 +203,7 @@ def _single_process_run(tmp_path):
 
 def _dense(store, step):
     out = [torch.zeros(layer.shape) for layer in store.layers]
-    pu.ops.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
+    pu.kernels.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
     return out
 
 

@@ -13,8 +13,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import pyunlearn as pu
-from pyunlearn._location import zarr_store
-from pyunlearn.testing import TinyNet
+from pyunlearn.store.location import zarr_store
+from tests.support import TinyNet
 
 LOCK = "writer.lock"
 
@@ -162,7 +162,7 @@ def test_two_writers_racing_on_s3_exactly_one_wins(s3_server, tmp_path, monkeypa
 def test_a_local_takeover_removes_only_the_stale_lock(tmp_path):
     """Two writers taking over the same stale lock: the slower one must not remove the lock the
     faster one has just written in its place."""
-    from pyunlearn._lock import WriterLock
+    from pyunlearn.store.lock import WriterLock
 
     path = str(tmp_path / "s.zarr")
     _new_store(path)

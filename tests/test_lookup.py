@@ -10,8 +10,8 @@ import pytest
 
 import pyunlearn as pu
 from tests._old_formats import as_format_2
-from pyunlearn._sample_index import SampleIndex
-from pyunlearn.testing import TinyNet
+from pyunlearn.store.id_index import SampleIndex
+from tests.support import TinyNet
 
 
 def _brute_force(store, ids):
@@ -22,14 +22,14 @@ def _brute_force(store, ids):
 
 def _row(store):
     params = [p.detach() for p in store.check_model(TinyNet())]
-    return pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
+    return pu.kernels.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
 
 
 @pytest.mark.parametrize("tail_ids", [1, 7, 40, 1 << 16])
 def test_lookups_match_a_full_scan(tmp_path, monkeypatch, tail_ids):
-    monkeypatch.setattr("pyunlearn._lookup.TAIL_IDS", tail_ids)
-    monkeypatch.setattr("pyunlearn._format.IDS_PER_INNER_CHUNK", 8)  # many inner chunks per run
-    monkeypatch.setattr("pyunlearn._lookup.IDS_PER_INNER_CHUNK", 8)
+    monkeypatch.setattr("pyunlearn.store.id_index.TAIL_IDS", tail_ids)
+    monkeypatch.setattr("pyunlearn.store.metadata.IDS_PER_INNER_CHUNK", 8)  # many inner chunks per run
+    monkeypatch.setattr("pyunlearn.store.id_index.IDS_PER_INNER_CHUNK", 8)
     rng = np.random.default_rng(tail_ids)
     store = pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), steps_per_chunk=3)
     row = _row(store)
@@ -50,7 +50,7 @@ def test_lookups_match_a_full_scan(tmp_path, monkeypatch, tail_ids):
 
 
 def test_runs_stay_few(tmp_path, monkeypatch):
-    monkeypatch.setattr("pyunlearn._lookup.TAIL_IDS", 4)
+    monkeypatch.setattr("pyunlearn.store.id_index.TAIL_IDS", 4)
     store = pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), steps_per_chunk=2)
     row = _row(store)
     for step in range(512):
@@ -66,7 +66,7 @@ def test_runs_stay_few(tmp_path, monkeypatch):
 def test_a_store_without_the_index_is_scanned_then_indexed(tmp_path, monkeypatch):
     """A format-2 store (no index) is searched by its CSR arrays; steps written after an
     upgrade go into runs; both are found."""
-    monkeypatch.setattr("pyunlearn._lookup.TAIL_IDS", 4)
+    monkeypatch.setattr("pyunlearn.store.id_index.TAIL_IDS", 4)
     store = pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), steps_per_chunk=2)
     row = _row(store)
     for step in range(10):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyunlearn.data import SampleSet
-from pyunlearn.testing import TinyNet, tiny_data
+from tests.support import TinyNet, tiny_data
 from pyunlearn.unlearn import LayerwiseMask, fine_tune, gradient_ascent, label_flip
 from pyunlearn.unlearn.label_flip import random_wrong_labels
 
@@ -181,7 +181,7 @@ def _memoriser(train: SampleSet) -> torch.nn.Module:
 
 
 def test_held_out_target_stops_where_the_forget_loss_rose_by_the_generalisation_gap():
-    from pyunlearn.metrics import losses
+    from pyunlearn.evaluation.metrics import losses
 
     data = _random_labels(256, seed=3)
     forget, retain, held_out = (data.subset(torch.arange(a, b)) for a, b in ((0, 32), (32, 192), (192, 256)))
@@ -266,7 +266,7 @@ def test_held_out_target_puts_back_the_last_check_when_the_loss_blows_up():
 
 
 def test_held_out_target_takes_a_gap_measured_once():
-    from pyunlearn.metrics import generalisation_gap
+    from pyunlearn.evaluation.metrics import generalisation_gap
 
     data = _random_labels(256, seed=3)
     forget, retain, held_out = (data.subset(torch.arange(a, b)) for a, b in ((0, 32), (32, 192), (192, 256)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pyunlearn.data import SampleSet
-from pyunlearn.metrics import Evaluation, accuracy, evaluate, mia_efficacy
+from pyunlearn.evaluation.metrics import Evaluation, accuracy, evaluate, mia_efficacy
 
 
 class Oracle(torch.nn.Module):
@@ -102,7 +102,7 @@ def test_bad_inputs():
 # ---------------------------------------------------------------------------- issue 15: signals that can tell
 import numpy as np  # noqa: E402
 
-from pyunlearn.metrics import (compare, ks_statistic, losses, membership_gap, mia_spread,  # noqa: E402
+from pyunlearn.evaluation.metrics import (compare, ks_statistic, losses, membership_gap, mia_spread,  # noqa: E402
                                output_kl)
 
 
@@ -199,7 +199,7 @@ def test_mia_spread_averages_the_attack_seeds():
 
 
 def test_generalisation_gap_by_hand_and_on_a_bounded_draw():
-    from pyunlearn.metrics import generalisation_gap
+    from pyunlearn.evaluation.metrics import generalisation_gap
 
     sure, unsure = Oracle(confident=True), Oracle(confident=False)
 
@@ -230,7 +230,7 @@ def test_generalisation_gap_by_hand_and_on_a_bounded_draw():
 
 
 def test_generalisation_gap_bad_inputs():
-    from pyunlearn.metrics import generalisation_gap
+    from pyunlearn.evaluation.metrics import generalisation_gap
 
     data, model = _set(20), Oracle()
     with pytest.raises(ValueError, match="samples must be a positive int"):

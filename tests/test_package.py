@@ -19,8 +19,47 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_all_names_exist():
     for name in pyunlearn.__all__:
         assert getattr(pyunlearn, name) is not None, name
-    for name in pyunlearn.ops.__all__:
-        assert getattr(pyunlearn.ops, name) is not None, name
+    for package in (pyunlearn.kernels, pyunlearn.store, pyunlearn.recording, pyunlearn.unlearn, pyunlearn.evaluation):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+
+
+@pytest.mark.parametrize("old, new", sorted(__import__("pyunlearn._deprecated").
+                                            _deprecated.MOVED.items()))
+def test_moved_modules_still_import_with_a_deprecation_warning(old, new):
+    """The previous version's import paths, as users wrote them, for one more version."""
+    code = (f"import warnings, importlib; warnings.simplefilter('error'); import pyunlearn\n"
+            f"try:\n    import {old}\nexcept DeprecationWarning as w:\n    print('warned', w)\n"
+            f"warnings.simplefilter('ignore'); import {old} as m; print(m is importlib.import_module({new!r}))\n"
+            f"print(getattr(pyunlearn, {old.split('.')[1]!r}) is m)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == f"warned {old} moved to {new}; the old path goes away in the next version", out
+    assert out[1:3] == ["True", "True"], out
+
+
+def test_the_top_level_is_the_public_face_and_nothing_defines_errors_elsewhere():
+    """At most 12 modules beside the subpackages; every Exception and Warning class in errors.py;
+    no module imports a name another module keeps private."""
+    import ast
+
+    package = ROOT / "pyunlearn"
+    assert len(list(package.glob("*.py"))) <= 12, sorted(p.name for p in package.glob("*.py"))
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and path.name != "errors.py":
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                assert not bases & {"Exception", "Warning", "UserWarning", "RuntimeError", "ValueError",
+                                    "PyunlearnError", "RecorderError", "StoreError"}, f"{path}: {node.name}"
+            if isinstance(node, ast.ImportFrom) and node.module is not None and node.level:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                # importing a private *module* of the same package is fine (from . import _native)
+                modules = {p.stem for p in path.parent.glob("_*.py")} | {"_native", "_native_cuda"}
+                assert not set(private) - modules, f"{path}: from {node.module} imports {private}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = getattr(node.value, "id", "")
+                assert owner not in {"ops", "backends", "reference", "checks", "torch_ops", "store_module"}, \
+                    f"{path}:{node.lineno}: {owner}.{node.attr}"
 
 
 def test_one_version():
@@ -28,7 +67,7 @@ def test_one_version():
 
 
 def test_import_does_not_load_the_extension():
-    code = "import sys, pyunlearn; print('pyunlearn._native' in sys.modules)"
+    code = "import sys, pyunlearn; print('pyunlearn.kernels._native' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -45,9 +84,9 @@ def test_selfcheck_command_reports_native_kernels():
 
 _FALLBACK = r"""
 import sys, warnings
-sys.modules["pyunlearn._native"] = None  # as if the extension had not been built
+sys.modules["pyunlearn.kernels._native"] = None  # as if the extension had not been built
 import torch
-from pyunlearn import ops
+from pyunlearn.kernels import ops
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for _ in range(3):

@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyunlearn import NonFiniteUpdateError, ops
-from pyunlearn._reference import fp16_scale
+from pyunlearn import NonFiniteUpdateError
+from pyunlearn.kernels import ops
+from pyunlearn.kernels.reference import fp16_scale
 
 from .conftest import assert_same_bits, misleading_layer, prune_both, prune_tuning
 from .strategies import step

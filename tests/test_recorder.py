@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn._model import fingerprint
-from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
+from pyunlearn.kernels import fingerprint
+from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
 
 
 def _model(seed=0):
@@ -52,7 +52,7 @@ def test_dense_store_is_exact(tmp_path, device):
     initial = {name: value.cpu() for name, value in run.initial.items()}
     assert store.steps == steps
     total = [torch.zeros(layer.shape) for layer in store.layers]
-    pu.ops.subtract_sparse(total, store.read(np.arange(steps)), store.k, alpha=-1.0)
+    pu.kernels.subtract_sparse(total, store.read(np.arange(steps)), store.k, alpha=-1.0)
     for t, (name, p) in zip(total, ((n, p) for n, p in model.named_parameters() if p.requires_grad)):
         torch.testing.assert_close(t, p.detach().cpu() - initial[name], rtol=0, atol=1e-5)
     report = pu.amnesiac_forget(model, store, run.data[0])
@@ -451,7 +451,7 @@ def test_an_accelerate_style_wrapper_is_unwrapped(tmp_path):
         def zero_grad(self, set_to_none=True):
             self.optimizer.zero_grad(set_to_none)
 
-    from pyunlearn.recorder import unwrap_optimizer
+    from pyunlearn.recording.recorder import unwrap_optimizer
 
     torch.manual_seed(0)
     model = TinyNet()

@@ -136,12 +136,12 @@ def test_repair_brings_back_what_subtraction_took(tmp_path):
     store, batches = _record(tmp_path, model, data)
     forget = data.subset(torch.arange(0, 300, 20))  # 15 samples, in most batches
     retain = data.without(forget.ids)
-    original = pu.metrics.accuracy(model, retain)
+    original = pu.evaluation.metrics.accuracy(model, retain)
     report = pu.amnesiac_forget(model, store, forget.ids)
     assert report.steps_removed > len(batches) // 2
-    subtracted = pu.metrics.accuracy(model, retain)
+    subtracted = pu.evaluation.metrics.accuracy(model, retain)
     repair(model, store, report, retain, lr=0.1)
-    assert subtracted < original - 10 and pu.metrics.accuracy(model, retain) > original - 5
+    assert subtracted < original - 10 and pu.evaluation.metrics.accuracy(model, retain) > original - 5
     store.close()
 
 
@@ -165,7 +165,7 @@ def test_a_step_without_a_known_learning_rate_needs_lr(tmp_path):
     model = torch.nn.Linear(5, 3)
     store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=1.0, value_dtype="float32")
     params = [p.detach() for p in store.check_model(model)]
-    row = pu.ops.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, "float32", refresh=False)
+    row = pu.kernels.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, "float32", refresh=False)
     store.append(row, [100])
     store.append(row, [101], hyper=(0.05,))
     store.mark_final(model)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from tests.support import TinyNet, tiny_data, tiny_training
 
 
 def _trainable(model):
@@ -179,7 +179,7 @@ def test_truncate_keeps_the_resume_point_only_at_its_step(tmp_path):
 
 _KILLED_AFTER_A_FLUSH = r"""
 import sys, torch, pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from tests.support import TinyNet, tiny_data, tiny_training
 path, checkpoint = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 model = TinyNet()

@@ -10,9 +10,9 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn import attribution, errors
-from pyunlearn._format import StoreMetadata, attrs_checksum
+from pyunlearn.store.metadata import StoreMetadata, attrs_checksum
 from pyunlearn.ledger import Ledger
-from pyunlearn.testing import TinyNet, recorded_store
+from tests.support import TinyNet, recorded_store
 from tests._old_formats import as_format_2
 
 

@@ -17,7 +17,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 import pyunlearn as pu
-from pyunlearn.testing import TinyNet, recorded_store, tiny_data, tiny_training
+from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -94,7 +94,7 @@ def test_append_flush_read_round_trip(back_end):
     rows = []
     for step in range(7):
         after = [s + torch.randn(s.shape, generator=gen) for s in snapshot]
-        rows.append(pu.ops.prune_topk(snapshot, after, store.k, "float32"))
+        rows.append(pu.kernels.prune_topk(snapshot, after, store.k, "float32"))
         store.append(rows[-1], [step, 100 + step])
     assert store.steps == 6  # two whole chunks written; the seventh row waits in the buffer
     store.flush()
@@ -167,7 +167,7 @@ def test_one_writer_at_a_time_and_readers_see_the_committed_prefix(back_end):
     model = TinyNet()
     writer = _create(back_end, model, keep=0.5, steps_per_chunk=2)
     second = _open(back_end)  # opening is fine; writing is not
-    row = pu.ops.prune_topk([p.detach().clone() for p in writer.check_model(model)],
+    row = pu.kernels.prune_topk([p.detach().clone() for p in writer.check_model(model)],
                             [p.detach() + 1 for p in writer.check_model(model)], writer.k)
     with pytest.raises(pu.StoreLockedError, match=rf"being written by process {os.getpid()}"):
         second.append(row, [1])
@@ -187,7 +187,7 @@ def test_one_writer_at_a_time_and_readers_see_the_committed_prefix(back_end):
 
 _CRASHING_TRAINER = r"""
 import sys, torch, pyunlearn as pu
-from pyunlearn.testing import TinyNet, tiny_data, tiny_training
+from tests.support import TinyNet, tiny_data, tiny_training
 path, checkpoints = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 model = TinyNet()
@@ -220,7 +220,7 @@ def test_killed_recording_leaves_a_consistent_prefix_and_resumes(tmp_path):
         offsets = store._data.read("offsets", slice(0, committed + 1))
         assert offsets[-1] == store.samples and np.all(np.diff(offsets) > 0)
         rows = store.read(np.arange(committed))
-        pu.ops.subtract_sparse([torch.zeros(layer.shape) for layer in store.layers], rows, store.k)  # decodes
+        pu.kernels.subtract_sparse([torch.zeros(layer.shape) for layer in store.layers], rows, store.k)  # decodes
         resume_at = committed - 1
         store.truncate(resume_at)  # takes over the dead writer's lock
     assert any("no longer runs" in str(w.message) for w in caught)

@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyunlearn import ops
-from pyunlearn.row import Row
+from pyunlearn.kernels import ops
+from pyunlearn.kernels.row import Row
 
 from .conftest import assert_same_bits, stack_rows
 from .strategies import step
@@ -163,7 +163,7 @@ def test_exactness_invariant_general():
 
 _DETERMINISM_SCRIPT = r"""
 import hashlib, json, sys, torch
-from pyunlearn import ops
+from pyunlearn.kernels import ops
 gen = torch.Generator().manual_seed(11)
 shapes = [(3,), (200_000,), (64, 64), (100_000,)]
 before = [torch.randn(s, generator=gen) for s in shapes]

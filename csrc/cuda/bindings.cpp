@@ -1,4 +1,4 @@
-// pyunlearn._native_cuda: the CUDA kernels over raw device pointers and a stream handle, all
+// pyunlearn.kernels._native_cuda: the CUDA kernels over raw device pointers and a stream handle, all
 // given as Python ints (tensor.data_ptr(), torch.cuda.current_stream().cuda_stream). No libtorch
 // and no CUDA header here: the module works with whatever CUDA build of torch is installed, as
 // long as the driver runs this module's CUDA runtime (linked statically).
@@ -185,7 +185,7 @@ py::object subtract(const std::vector<uint64_t>& params, const std::vector<uint6
 PYBIND11_MODULE(PYUNLEARN_CUDA_MODULE_NAME, m) {
     m.doc() =
         "pyunlearn's CUDA kernels over device pointers (Python ints) and a CUDA stream handle; the "
-        "twins of pyunlearn._native's, with the same output bits. Pointers: tensor.data_ptr() of "
+        "twins of pyunlearn.kernels._native's, with the same output bits. Pointers: tensor.data_ptr() of "
         "contiguous tensors on one device; stream: torch.cuda.current_stream().cuda_stream.";
 #if defined(PYUNLEARN_CUDA_EMULATE)
     m.attr("EMULATED") = true;

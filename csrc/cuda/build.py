@@ -1,4 +1,4 @@
-"""How pyunlearn._native_cuda is compiled, in one place for setup.py (the real build),
+"""How pyunlearn.kernels._native_cuda is compiled, in one place for setup.py (the real build),
 tests/test_cuda_build.py (compiles every source with exactly these flags wherever nvcc exists)
 and tests/test_cuda_kernels.py (builds the CPU-emulated twin, see emulate.h).
 
@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent
 SOURCES = ("prune.cu", "subtract.cu", "runtime.cu", "bindings.cpp")
 HEADERS = ("kernels.h", "device.cuh", "emulate.h")
-MODULE = "pyunlearn._native_cuda"
+MODULE = "pyunlearn.kernels._native_cuda"
 DEFAULT_ARCHS = ("80", "90")  # A100, H100/H200; PTX of the newest for later GPUs
 
 

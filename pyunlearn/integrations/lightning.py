@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("pyunlearn.integrations.lightning needs the lightning package: "
                       "pip install 'pyunlearn[lightning]'") from exc
 
-from ..recorder import UpdateRecorder
+from ..recording import UpdateRecorder
 from ..store import UpdateStore
 from ._common import StoreSpec, all_ranks_ready, distributed_rank
 

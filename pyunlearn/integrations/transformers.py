@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "pip install 'pyunlearn[transformers]'") from exc
 
 from ..errors import RecorderError
-from ..recorder import UpdateRecorder
+from ..recording import UpdateRecorder
 from ..store import UpdateStore
 from ._common import StoreSpec, all_ranks_ready, distributed_rank
 

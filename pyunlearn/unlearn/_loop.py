@@ -11,11 +11,12 @@ from typing import Callable
 
 import torch
 
-from .. import ops
-from .._model import one_device, trainable_parameters
 from .._validate import positive_int, positive_number
 from ..data import SampleSet, checked_samples
-from ..metrics import accuracy, mean_loss, measured_gap
+from ..evaluation.metrics import accuracy, mean_loss, measured_gap
+from ..kernels import ops
+from ..kernels.checks import one_device
+from ..store.layers import trainable_parameters
 from .partial import LayerwiseMask, check_keep
 
 

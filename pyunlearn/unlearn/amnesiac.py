@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import __version__, ops
-from .._model import Fingerprints, as_float32_work, fingerprint, one_device
+from .._version import __version__
+from ..kernels import Fingerprints, as_float32_work, fingerprint, ops
+from ..kernels.checks import one_device
 from ..attribution import coefficients
 from ..errors import CorruptStoreError, StoreError
 from ..ledger import Ledger, new_request_id, utc_now

@@ -16,10 +16,7 @@ import torch
 from .._validate import positive_int
 from ._loop import model_device, to_device
 from ..data import SampleSet
-
-
-class StaleBuffersWarning(UserWarning):
-    """A model with BatchNorm running statistics was forgotten without recomputing them."""
+from ..errors import StaleBuffersWarning
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.modules.batchnorm._NormBase]]:

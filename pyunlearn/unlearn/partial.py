@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .._model import trainable_parameters
 from .._validate import ratio
+from ..kernels import ops
+from ..store.layers import trainable_parameters
 
 
 def check_keep(keep) -> float | None:

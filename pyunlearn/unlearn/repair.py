@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .._model import trainable_parameters
-from ._loop import model_device, to_device
 from .._validate import positive_int, positive_number
 from ..data import SampleSet
 from ..store import UpdateStore
+from ..store.layers import trainable_parameters
+from ._loop import model_device, to_device
 from .amnesiac import ForgetReport, amnesiac_forget
 from .buffers import StaleBuffersWarning, recompute_batchnorm
 

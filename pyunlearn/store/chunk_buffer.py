@@ -13,9 +13,9 @@ from typing import NamedTuple
 import numpy as np
 from zarr.core.sync import sync
 
-from ._format import VALUE_DTYPES, StoreMetadata
-from ._shards import write_rows
-from .attribution import HYPER_WIDTH
+from ..attribution import HYPER_WIDTH
+from .metadata import VALUE_DTYPES, StoreMetadata
+from .shards import write_rows
 
 
 class ChunkBuffer:

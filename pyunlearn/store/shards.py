@@ -34,8 +34,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ._location import replace_file
-from .errors import CorruptStoreError
+from ..errors import CorruptStoreError
+from .location import replace_file
 
 _EMPTY = np.uint64(2**64 - 1)
 BYTES_READ_LOCALLY = [0]  # bytes read from local files, past zarr's store (benchmarks count them)

@@ -1,5 +1,7 @@
-"""Shared helpers for tests and benchmarks: parameter-set shapes, random layer sets, a tiny
-model and data set, and a store recorded from training them."""
+"""Shared helpers of the tests (and, through benchmarks/_support.py, the benchmarks): the device
+axis, parameter-set shapes, random layer sets, a tiny model and data set, a store recorded from
+training them, a Lightning module, and S3 on loopback. Not part of the package: pyunlearn ships
+none of this."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +9,7 @@ from typing import Callable
 
 import torch
 
-from .recorder import UpdateRecorder
-from .store import UpdateStore
+from pyunlearn import UpdateRecorder, UpdateStore
 
 DEVICES: list[str] = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 """The devices device-parametrised tests run on: the CPU, plus CUDA where torch sees a GPU."""

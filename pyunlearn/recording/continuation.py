@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._model import Fingerprints
-from .errors import RecorderError
-from .store import UpdateStore
-
-
-class ResumeRefused(RecorderError):
-    """The store has steps and the model is not the one they end with (recoverable: load the
-    checkpoint's recorder state, or truncate the store, and step again)."""
+from ..errors import RecorderError, ResumeRefused
+from ..kernels import Fingerprints
+from ..store import UpdateStore
 
 
 def refuse_forgotten(ids: np.ndarray, forgotten: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import NonFiniteUpdateError
+from ..errors import NonFiniteUpdateError
 
 _VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MAX_LAYER_NUMEL = 2**32 - 1  # indices within a layer are stored as uint32
@@ -29,6 +29,18 @@ def non_finite_update(i: int, names) -> NonFiniteUpdateError:
 # Why a stored row is refused; the native kernel reports the same two reasons.
 REPEATED_INDEX = "repeats an index (a zero gap)"
 INDEX_PAST_END = "decodes to an index past the layer's end"
+
+
+def first_fault(gaps: torch.Tensor, positions: torch.Tensor, numel: int) -> str:
+    """Which fault the native kernel reports for a bad segment: it scans blocks of 64 gaps and
+    checks each block for a zero gap before checking where the block ends."""
+    for start in range(0, gaps.numel(), 64):
+        end = min(start + 64, gaps.numel())
+        if bool((gaps[start:end] == 0).any()):
+            return REPEATED_INDEX
+        if int(positions[end - 1]) >= numel:
+            return INDEX_PAST_END
+    raise AssertionError("the segment has no fault")
 
 
 def bad_stored_row(row: int, layer: int, reason: str, names, steps) -> ValueError:
@@ -208,3 +220,17 @@ def check_subtract_args(params, rows, k, alpha, names, steps):
     k = check_k(k, params, names)
     rows = check_rows(rows, k, device.device)
     return params, rows, k, check_alpha(alpha), names, check_steps(steps, rows[0].shape[0])
+
+
+def one_device(named_params, arg: str, doing: str) -> torch.device:
+    """The one device the (name, parameter) pairs live on, or a ValueError naming two that
+    differ: pyunlearn keeps each model's snapshot, rows and work on one device. The CPU for none."""
+    first = None
+    for name, p in named_params:
+        if first is None:
+            first = (name, p.device)
+        elif p.device != first[1]:
+            raise ValueError(f"{arg}'s parameters are on more than one device ({first[0]} on {first[1]}, {name} on "
+                             f"{p.device}): {doing} needs them all on one device. Move the model there first, e.g. "
+                             f"{arg}.to({str(first[1])!r})")
+    return torch.device("cpu") if first is None else first[1]

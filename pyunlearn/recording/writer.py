@@ -5,9 +5,9 @@ import queue
 import threading
 import time
 
-from ._transfer import PendingRow
-from .errors import NonFiniteUpdateError, RecorderError
-from .store import UpdateStore
+from ..errors import NonFiniteUpdateError, RecorderError
+from ..store import UpdateStore
+from .transfer import PendingRow
 
 
 _STOP = object()

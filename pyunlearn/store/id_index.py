@@ -18,11 +18,36 @@ of the store's checksummed metadata and is committed with the counts.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from ._arrays import open_arrays
-from ._format import IDS_PER_INNER_CHUNK, Run, StoreMetadata, codecs
-from ._sample_index import SampleIndex, StepLookup
+from .arrays import open_arrays
+from .metadata import IDS_PER_INNER_CHUNK, Run, StoreMetadata, codecs
+
+class StepLookup(NamedTuple):
+    steps: np.ndarray  # int64, sorted, unique: the steps whose batches held any of the IDs
+    missing: np.ndarray  # int64, sorted, unique: IDs no committed step used
+
+
+class SampleIndex:
+    """Every (ID, step) pair of a range of steps sorted by ID, built from the store's CSR arrays
+    (sample_ids, offsets): how steps outside the persistent index's runs are searched."""
+
+    def __init__(self, sample_ids: np.ndarray, offsets: np.ndarray, *, first_step: int = 0):
+        """offsets[s] − offsets[0] .. is where step first_step + s starts in sample_ids."""
+        step_of = np.repeat(np.arange(first_step, first_step + len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+        order = np.argsort(sample_ids, kind="stable")
+        self._ids, self._step_of = sample_ids[order], step_of[order]
+
+    def lookup(self, ids: np.ndarray) -> StepLookup:
+        left = np.searchsorted(self._ids, ids, side="left")
+        right = np.searchsorted(self._ids, ids, side="right")
+        counts = right - left
+        # Every position in the [left, right) ranges, without a Python loop.
+        positions = np.repeat(left - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        return StepLookup(np.unique(self._step_of[positions]), np.unique(ids[counts == 0]))
+
 
 GROUP = "lookup"
 TAIL_IDS = 1 << 16  # ~512 KB of IDs: scanning the tail costs a few ms; a run per commit would cost more

@@ -11,23 +11,21 @@ import numpy as np
 import torch
 import zarr
 
-from ._arrays import StoreArrays, create_group, save_attributes
-from ._buffer import ChunkBuffer
-from ._format import DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, StoreMetadata, check_row
-from ._ids import as_ids
-from ._location import zarr_store
-from ._lock import WriterLock
-from ._model import fingerprint, match_layers, trainable_parameters
-from ._lookup import IdLookup, delete_runs, runs_after_commit, runs_after_truncate
-from ._sample_index import StepLookup
-from ._stats import StoreStats
-from ._validate import int_in_range
-from .errors import StoreError, StoreNotFoundError
-from .keys import StoreKeys
-from .ledger import Ledger
-from .row import Row
+from .._validate import int_in_range
+from ..errors import StoreError, StoreNotFoundError
+from ..kernels import Row, fingerprint
+from ..keys import StoreKeys, as_ids
+from ..ledger import Ledger
+from .arrays import StoreArrays, create_group, save_attributes
+from .chunk_buffer import ChunkBuffer
+from .id_index import IdLookup, StepLookup, delete_runs, runs_after_commit, runs_after_truncate
+from .layers import match_layers, trainable_parameters
+from .location import zarr_store
+from .lock import WriterLock
+from .metadata import DEFAULT_COMPRESSION, FORMAT_VERSION, Layer, StoreMetadata, check_row
+from .stats import StoreStats
 
-__all__ = ["UpdateStore", "Layer", "Ledger", "StepLookup", "StoreStats", "StoreMetadata"]
+__all__ = ["UpdateStore"]
 
 
 class UpdateStore:

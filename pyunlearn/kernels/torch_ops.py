@@ -3,7 +3,7 @@ device path where pyunlearn._native_cuda is not built. Same output bits as the n
 (exact top-k by |Δ|, ties to the lower index, sorted gap-coded uint32 indices, float32 values or
 float16 ones with the power-of-two scale); the tests run it on CPU tensors and compare bit for bit.
 
-Unlike pyunlearn._reference (the oracle, written for clarity), this is written for the device:
+Unlike pyunlearn.kernels.reference (the oracle, written for clarity), this is written for the device:
 pruning never waits for it (the status of a non-finite layer stays a device tensor, the snapshot
 refresh is decided on the device), and no op needs uint32 arithmetic, which CUDA builds of torch
 barely support: indices are computed in int64 and stored as int32 bits viewed as uint32.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from .row import Row
 
 _NON_FINITE_KEY = 0x7F800000  # |x| bit patterns at or above this are Inf or NaN
@@ -121,8 +122,6 @@ def first_bad_row(index, k, numels):
     """(row, layer, reason) of the first stored row whose indices repeat or run past a layer (the
     lowest row, then the lowest layer; the reason the CPU kernel gives), or None. On the host:
     `index` is a 2-D uint32 CPU tensor."""
-    from . import _reference  # its fault rule is the CPU kernel's (blocks of 64 gaps)
-
     offsets, start = [], 0
     for ki in k:
         offsets.append(start)
@@ -137,7 +136,7 @@ def first_bad_row(index, k, numels):
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             if worst is None or row < worst[0]:
-                worst = (row, i, _reference._first_fault(gaps[row], positions[row], n))
+                worst = (row, i, checks.first_fault(gaps[row], positions[row], n))
     return worst
 
 

@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 from zarr.core.sync import sync
 
-from .errors import CorruptStoreError
+from ..errors import CorruptStoreError
 
 
 class ChunkPresence:

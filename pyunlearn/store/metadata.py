@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .attribution import HYPER_WIDTH
-from .errors import CorruptStoreError, StoreError, StoreFormatError
-from .ledger import Ledger
-from ._validate import positive_int
+from .._validate import positive_int
+from .._version import __version__
+from ..attribution import HYPER_WIDTH
+from ..errors import CorruptStoreError, StoreError, StoreFormatError
+from ..kernels import fingerprint, k_for
+from ..ledger import Ledger
 
 FORMAT_NAME = "pyunlearn.update-store"
 FORMAT_VERSION = 4  # 4: the ledger's timeline and audit records, keyed sample IDs; 3: checksummed attributes
@@ -140,9 +142,6 @@ class StoreMetadata:
             steps_per_chunk: int | None, compression: str = DEFAULT_COMPRESSION) -> "StoreMetadata":
         """The metadata of a new, empty store of these (name, parameter) pairs: k_i =
         ceil(keep · numel_i), at least 1; errors name the argument that is wrong."""
-        from . import __version__, ops
-        from ._model import fingerprint
-
         if attribution not in ATTRIBUTIONS:
             raise ValueError(f"attribution must be 'update' or 'gradient', got {attribution!r}")
         if not named_params:
@@ -150,7 +149,7 @@ class StoreMetadata:
         if value_dtype not in VALUE_DTYPES:
             raise ValueError(f"value_dtype must be 'float16' (scaled) or 'float32' (lossless), got {value_dtype!r}")
         layers, offset = [], 0
-        for (name, p), k in zip(named_params, ops.k_for([p.numel() for _, p in named_params], keep)):
+        for (name, p), k in zip(named_params, k_for([p.numel() for _, p in named_params], keep)):
             layers.append(Layer(name, tuple(p.shape), p.numel(), k, offset))
             offset += k
         try:
@@ -285,8 +284,6 @@ class StoreMetadata:
     def from_attrs(cls, attrs: dict, where: str) -> "StoreMetadata":
         """The checked metadata of the group at `where`: StoreFormatError if it is not an
         update store of a version this code reads, CorruptStoreError if a field is malformed."""
-        from . import __version__
-
         if attrs.get("format") != FORMAT_NAME:
             raise StoreFormatError(f"{where} is a Zarr group but not a pyunlearn update store "
                                    f"(format {attrs.get('format')!r})")

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ._validate import positive_int
-from .data import SampleSet, checked_samples
+from .._validate import positive_int
+from ..data import SampleSet, checked_samples
 
 
 @dataclass
@@ -52,8 +52,8 @@ class Evaluation:
 def predictions(model: torch.nn.Module, data: SampleSet, batch_size: int = 1024) -> torch.Tensor:
     """Softmax probabilities on the host, in eval mode (the model's mode is restored). The model
     may live on a GPU (all of it on one device); the batches are moved there."""
-    from ._model import one_device
-    from .ops import supports
+    from ..kernels import supports
+    from ..kernels.checks import one_device
 
     device = one_device(model.named_parameters(), "model", "evaluating")
     supports(device)

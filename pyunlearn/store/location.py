@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .errors import StoreNotFoundError
+from ..errors import StoreNotFoundError
 
 
 def zarr_store(path, storage_options, read_only: bool):
@@ -36,7 +36,7 @@ def what_is_there(zstore) -> str:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from ._format import FORMAT_NAME
+    from .metadata import FORMAT_NAME
 
     async def first_key():
         async for key in zstore.list():

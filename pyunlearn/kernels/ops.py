@@ -1,85 +1,33 @@
-"""The kernels' Python face: argument checks, then the kernels for the tensors' device.
+"""The kernels' Python face: argument checks, then the kernels of the tensors' device.
 
     row = prune_topk(before, after, k)            # Δ = after − before, top-k per layer, one flat Row
     subtract_sparse(params, rows, k, alpha=1.0)    # params −= alpha · Δ for every stored row
     supports(device)                               # which kernels run there: native or torch
 
-On the CPU: the native kernels when pyunlearn._native imports, otherwise the torch reference
-(with one warning); PYUNLEARN_REFERENCE=1 forces the reference. On a CUDA device: the native
-CUDA kernels when pyunlearn._native_cuda was built (PYUNLEARN_CUDA=1 at install), otherwise
-per-layer torch ops on the device (pyunlearn._torch_kernels). Every path gives the same bits.
+Which kernels run is the device's backend's choice (pyunlearn.kernels.backends): native ones
+where built, torch ops otherwise; every path gives the same bits.
 """
 from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch.autograd.graph import increment_version
 
-from . import _checks, _reference, _torch_kernels
-from ._validate import ratio
+from .._validate import ratio
+from . import checks, reference, torch_ops
+from .backends import DeviceKernels, backend_for, native_cpu_module, native_cuda_module
 from .row import Row
 
 __all__ = ["Row", "prune_topk", "Pruner", "DevicePruner", "subtract_sparse", "k_for", "decode_row", "backend",
-           "supports", "Support", "prune_topk_reference", "subtract_sparse_reference"]
+           "supports", "Support", "prune_topk_reference", "subtract_sparse_reference", "kernel_ready",
+           "as_float32_work"]
 
-prune_topk_reference = _reference.prune_topk
-subtract_sparse_reference = _reference.subtract_sparse
-
-_native_module = None
-_native_checked = False
-
-
-def _native():
-    """The extension module, or None (with one warning) where it is missing or turned off."""
-    global _native_module, _native_checked
-    if os.environ.get("PYUNLEARN_REFERENCE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return None
-    if not _native_checked:
-        _native_checked = True
-        try:
-            from . import _native as module
-
-            _native_module = module
-        except ImportError as exc:
-            warnings.warn(
-                f"pyunlearn's native kernels are not built ({exc}); using the slow torch reference. "
-                "Reinstall with `pip install -e .` and a C++ compiler to build them.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _native_module
-
-
-_native_cuda_module = None
-_native_cuda_checked = False
-
-#: Tests set this to run CPU tensors through the device path (the torch kernels, reused buffers,
-#: the recorder's asynchronous hand-off with a no-op event), so that everything around the
-#: CUDA-only calls runs here too.
-_DEVICE_PATH_ON_CPU = False
-#: ...and this, to run it through the native CUDA module's calls: the CUDA sources compiled for
-#: the CPU (csrc/cuda/emulate.h), which take CPU pointers. Tests only.
-_EMULATED_CUDA = None
-
-
-def _native_cuda():
-    """pyunlearn._native_cuda, or None where it was not built (imported on first use: a CPU-only
-    user never loads the CUDA runtime)."""
-    global _native_cuda_module, _native_cuda_checked
-    if not _native_cuda_checked:
-        _native_cuda_checked = True
-        try:
-            from . import _native_cuda as module
-
-            _native_cuda_module = module
-        except ImportError:
-            _native_cuda_module = None
-    return _native_cuda_module
+prune_topk_reference = reference.prune_topk
+subtract_sparse_reference = reference.subtract_sparse
 
 
 @dataclass(frozen=True)
@@ -94,46 +42,29 @@ class Support:
 
 def supports(device) -> Support:
     """Which kernels prune and subtract on `device` ('cpu', 'cuda', 'cuda:1', a torch.device):
-    native ones (pyunlearn._native on the CPU, pyunlearn._native_cuda on a GPU) or the torch
-    fallback. ValueError for a device type pyunlearn does not run on."""
+    native ones (pyunlearn.kernels._native on the CPU, pyunlearn.kernels._native_cuda on a GPU) or
+    torch ops. ValueError for a device type pyunlearn does not run on."""
     try:
         device = torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:0'), got {device!r}") from exc
     if device.type == "cpu":
-        if _native() is None:
-            return Support(device, "torch", True, backend())
-        return Support(device, "native", True, "pyunlearn._native, " + backend())
-    if device.type == "cuda":
-        available = torch.cuda.is_available()
-        module = _native_cuda()
-        if module is None:
-            return Support(device, "torch", available,
-                           "per-layer torch.topk on the device: pyunlearn was built without its CUDA kernels "
-                           "(PYUNLEARN_CUDA=1 pip install -e . builds them where nvcc is installed)")
-        return Support(device, "native", available,
-                       f"pyunlearn._native_cuda (CUDA runtime {module.runtime_version()})")
-    raise ValueError(f"pyunlearn runs on 'cpu' and 'cuda' devices, not on {device}: move the model (and its "
-                     "tensors) to one of them with .to(...)")
-
-
-def _device_path(device: torch.device) -> bool:
-    """Whether tensors on `device` take the device path (anything but the CPU, or the CPU when
-    tests force it)."""
-    return device.type != "cpu" or _DEVICE_PATH_ON_CPU
-
-
-def _device_kernels(device: torch.device):
-    """('native', the CUDA module) or ('torch', None) for the device path on `device`."""
-    if device.type == "cpu":  # the device path forced on CPU tensors (tests)
-        return ("torch", None) if _EMULATED_CUDA is None else ("native", _EMULATED_CUDA)
-    kernels = supports(device).kernels
-    return kernels, _native_cuda() if kernels == "native" else None
+        native = native_cpu_module() is not None
+        return Support(device, "native" if native else "torch", True,
+                       ("pyunlearn.kernels._native, " if native else "") + backend())
+    chosen = backend_for(device)  # ValueError for anything but the CPU and CUDA
+    available = torch.cuda.is_available()
+    if chosen.module is None:
+        return Support(device, "torch", available,
+                       "per-layer torch.topk on the device: pyunlearn was built without its CUDA kernels "
+                       "(PYUNLEARN_CUDA=1 pip install -e . builds them where nvcc is installed)")
+    return Support(device, "native", available,
+                   f"pyunlearn.kernels._native_cuda (CUDA runtime {chosen.module.runtime_version()})")
 
 
 def backend() -> str:
     """Which kernels run: 'native (<SIMD level>, <threads> threads)' or 'reference (...)'."""
-    native = _native()
+    native = native_cpu_module()
     if native is None:
         why = "PYUNLEARN_REFERENCE is set" if os.environ.get("PYUNLEARN_REFERENCE") else "extension not built"
         return f"reference (torch; {why})"
@@ -148,27 +79,27 @@ def k_for(numels: Sequence[int], keep: float) -> list[int]:
 
 def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=None) -> Row:
     """Per layer i: Δ = after[i] − before[i]; keep the k[i] entries of largest |Δ| (ties to the
-    lower index); with `refresh`, set before := after. Returns one flat Row (see pyunlearn.row).
+    lower index); with `refresh`, set before := after. Returns one flat Row (see pyunlearn.kernels.row).
 
     `before`/`after`: lists of contiguous float32 tensors of equal sizes, all on one device (on a
     GPU the Row comes back on it); `names`: optional layer names for error messages. value_dtype 'float16' stores Δ/scale with a power-of-two
     scale per layer (relative error ≤ 2^-11); 'float32' is lossless. A layer whose Δ holds NaN or
     Inf raises NonFiniteUpdateError naming it, and `before` is left unchanged.
     """
-    checked = _checks.check_prune_args(before, after, k, value_dtype, refresh, names)
+    checked = checks.check_prune_args(before, after, k, value_dtype, refresh, names)
     device = checked[1][0].device if checked[1] else torch.device("cpu")
-    if _device_path(device):
+    chosen = backend_for(device)
+    if chosen.device_path:
         pruner = DevicePruner(before, after, k, value_dtype, names=names)
         row, status = pruner(after, refresh=refresh)
         bad = int(status)  # waits for the device: this call reports a non-finite layer at once
         if bad >= 0:
-            raise _checks.non_finite_update(bad, names)
+            raise checks.non_finite_update(bad, names)
         return row
-    native = _native()
-    if native is None:
-        return _reference.prune_topk(before, after, k, value_dtype, refresh, names=names)
+    if chosen.module is None:
+        return reference.prune_topk(before, after, k, value_dtype, refresh, names=names)
     before, after, k, value_dtype, names = checked
-    return _prune_native(native, before, [b.detach().numpy() for b in before], [a.detach().numpy() for a in after],
+    return _prune_native(chosen.module, before, [b.detach().numpy() for b in before], [a.detach().numpy() for a in after],
                          k, value_dtype, refresh, names)
 
 
@@ -179,7 +110,7 @@ def _prune_native(native, before, before_views, after_views, k, value_dtype, ref
     bad = native.prune_topk(before_views, after_views, k, row.index.numpy(), row.values.numpy(),
                             row.scales.numpy(), bool(refresh))
     if bad >= 0:
-        raise _checks.non_finite_update(bad, names)
+        raise checks.non_finite_update(bad, names)
     if refresh:
         increment_version(before)
     return row
@@ -197,25 +128,25 @@ class Pruner:
 
     def __init__(self, before, after, k, value_dtype="float16", *, names=None):
         self._args = (before, after, k, value_dtype, names)
-        self._before, self._after, self._k, self._dtype, self._names = _checks.check_prune_args(
+        self._before, self._after, self._k, self._dtype, self._names = checks.check_prune_args(
             before, after, k, value_dtype, True, names)
         # Storage addresses only: replacing a tensor's data (param.data = ...) moves them; an
         # in-place optimizer update does not.
         self._tensors = self._after + self._before
         self._layout = list(map(_data_ptr, self._tensors))
-        native = _native()
+        native = backend_for("cpu").module
         self._plan = None if native is None else native.PrunePlan(
             [b.detach().numpy() for b in self._before], [a.detach().numpy() for a in self._after], self._k,
             "float16" if self._dtype == torch.float16 else "float32")
 
     def __call__(self, refresh: bool = True) -> Row:
         if self._plan is None:
-            return _reference.prune_topk(self._before, self._after, self._k, self._dtype, refresh, names=self._names)
+            return reference.prune_topk(self._before, self._after, self._k, self._dtype, refresh, names=self._names)
         if list(map(_data_ptr, self._tensors)) != self._layout:
             self.__init__(*self._args[:4], names=self._args[4])
         out = self._plan.run(bool(refresh))
         if type(out) is int:
-            raise _checks.non_finite_update(out, self._names)
+            raise checks.non_finite_update(out, self._names)
         if refresh:
             increment_version(self._before)
         index, values, scales = out
@@ -229,16 +160,17 @@ class DevicePruner:
     (status: int64, −1 or the first layer whose Δ holds NaN or Inf; then `before` is unchanged).
     The row is overwritten by the next call, in stream order: copy it out before that.
 
-    kernels: 'native' (pyunlearn._native_cuda) or 'torch' (pyunlearn._torch_kernels); None picks
-    what supports(device) says (for CPU tensors, which only tests give it: 'torch', or the
-    emulated CUDA module where they set one)."""
+    kernels: 'native' (pyunlearn.kernels._native_cuda) or 'torch' (pyunlearn.kernels.torch_ops);
+    None picks the device's backend's (for CPU tensors, which only tests give it: see
+    pyunlearn.kernels.backends.cpu_backend)."""
 
     def __init__(self, before, after, k, value_dtype="float16", *, names=None, kernels=None, module=None):
-        self._before, after, self._k, self._dtype, self._names = _checks.check_prune_args(
+        self._before, after, self._k, self._dtype, self._names = checks.check_prune_args(
             before, after, k, value_dtype, True, names)
         self.device = after[0].device if after else torch.device("cpu")
         if kernels is None:
-            kernels, module = _device_kernels(self.device)
+            chosen = backend_for(self.device)
+            kernels, module = chosen.kernels, chosen.module
         if kernels not in ("native", "torch"):
             raise ValueError(f"kernels must be 'native', 'torch' or None, got {kernels!r}")
         total, layers = sum(self._k), len(self._k)
@@ -247,9 +179,9 @@ class DevicePruner:
                        torch.empty(layers, dtype=torch.float32, device=self.device))
         self._native = None
         if kernels == "native":
-            self._native = module if module is not None else _native_cuda()
+            self._native = module if module is not None else native_cuda_module()
             if self._native is None:
-                raise ValueError("kernels='native' on a GPU needs pyunlearn._native_cuda, which was not built: "
+                raise ValueError("kernels='native' on a GPU needs pyunlearn.kernels._native_cuda, which was not built: "
                                  "reinstall with PYUNLEARN_CUDA=1 pip install -e . (nvcc needed), or use kernels='torch'")
             self._numels = [b.numel() for b in self._before]
             size = self._native.prune_workspace_size(self._numels, self._k)
@@ -260,7 +192,7 @@ class DevicePruner:
             self._out = (self.row.index.data_ptr(), self.row.values.data_ptr(), self.row.scales.data_ptr())
             self._dtype_name = "float16" if self._dtype == torch.float16 else "float32"
         else:
-            self._workspace = _torch_kernels.Workspace(self.device)
+            self._workspace = torch_ops.Workspace(self.device)
         self._last_stream = None
 
     @property
@@ -278,7 +210,7 @@ class DevicePruner:
                 stream.wait_stream(self._last_stream)
             self._last_stream = stream
         if self._native is None:
-            status = _torch_kernels.prune(self._before, after, self._k, self._dtype, refresh, self.row, self._workspace)
+            status = torch_ops.prune(self._before, after, self._k, self._dtype, refresh, self.row, self._workspace)
         else:
             after = [a if a.is_contiguous() else a.contiguous() for a in after]
             stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
@@ -303,34 +235,35 @@ def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> No
     indices repeat or run past a layer raises ValueError naming its step and layer, before
     anything is changed.
     """
-    checked = _checks.check_subtract_args(params, rows, k, alpha, names, steps)
+    checked = checks.check_subtract_args(params, rows, k, alpha, names, steps)
     device = checked[0][0].device if checked[0] else torch.device("cpu")
-    if _device_path(device):
-        return _subtract_on_device(*checked)
-    native = _native()
+    chosen = backend_for(device)
+    if chosen.device_path:
+        return _subtract_on_device(chosen, *checked)
+    native = chosen.module
     if native is None:
-        return _reference.subtract_sparse(params, rows, k, alpha, names=names, steps=steps)
+        return reference.subtract_sparse(params, rows, k, alpha, names=names, steps=steps)
     params, (index, values, scales), k, alpha, names, steps = checked
     bad = native.subtract_sparse(
         [p.detach().numpy() for p in params], k, index.numpy(), values.numpy(), scales.numpy(), alpha
     )
     if bad is not None:
-        raise _checks.bad_stored_row(*bad, names, steps)
+        raise checks.bad_stored_row(*bad, names, steps)
     # The kernel wrote through numpy, behind autograd's back: bump the version counters so a
     # graph that saved these tensors fails loudly instead of using stale values.
     for p in params:
         increment_version(p)
 
 
-def _subtract_on_device(params, rows, k, alpha, names, steps) -> None:
+def _subtract_on_device(chosen: DeviceKernels, params, rows, k, alpha, names, steps) -> None:
     """subtract_sparse for parameters on a device: the native CUDA kernel (which checks and orders
     the rows itself) or the torch kernels, which check the rows and put them in canonical order on
     the host first. Either way a bad row is refused before anything changes. Waits for the device
     once (the verdict on the rows must reach the host before anything is written)."""
     index, values, scales = rows
     device = params[0].device if params else torch.device("cpu")
-    kernels, module = _device_kernels(device)
-    if kernels == "native":
+    module = chosen.module
+    if module is not None:
         index, values, scales = (t.to(device) for t in (index.view(torch.int32), values, scales))
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         bad = module.subtract_sparse(
@@ -338,15 +271,15 @@ def _subtract_on_device(params, rows, k, alpha, names, steps) -> None:
             scales.data_ptr(), index.shape[0], "float16" if values.dtype == torch.float16 else "float32", alpha,
             stream)
         if bad is not None:
-            raise _checks.bad_stored_row(*bad, names, steps)
+            raise checks.bad_stored_row(*bad, names, steps)
     else:
         host = [t.cpu() for t in (index, values, scales)]  # the check and the order need the bytes here
-        bad = _torch_kernels.first_bad_row(host[0], k, [p.numel() for p in params])
+        bad = torch_ops.first_bad_row(host[0], k, [p.numel() for p in params])
         if bad is not None:
-            raise _checks.bad_stored_row(*bad, names, steps)
-        order = torch.tensor(_torch_kernels.canonical_order(*host), dtype=torch.int64)
+            raise checks.bad_stored_row(*bad, names, steps)
+        order = torch.tensor(torch_ops.canonical_order(*host), dtype=torch.int64)
         index, values, scales = (t[order].to(device) for t in (host[0].view(torch.int32), host[1], host[2]))
-        _torch_kernels.subtract(params, index, values, scales, k, alpha)
+        torch_ops.subtract(params, index, values, scales, k, alpha)
     for p in params:
         increment_version(p)
 
@@ -359,6 +292,18 @@ def decode_row(row: Row, k: Sequence[int]) -> list[tuple[torch.Tensor, torch.Ten
     for i, ki in enumerate(k):
         gaps = row.index[start : start + ki]
         delta = row.values[start : start + ki].to(torch.float32) * row.scales[i]
-        out.append((_torch_kernels.gaps_to_positions(gaps), delta))
+        out.append((torch_ops.gaps_to_positions(gaps), delta))
         start += ki
     return out
+
+
+def kernel_ready(param: torch.Tensor) -> bool:
+    """Whether the kernels can read and write `param` in place: contiguous float32 (on its device)."""
+    return param.dtype == torch.float32 and param.is_contiguous()
+
+
+def as_float32_work(param: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels can use for `param`, on its device: itself when it is kernel-ready
+    (so kernels work in place), a contiguous float32 copy otherwise."""
+    p = param.detach()
+    return p if kernel_ready(p) else p.to(dtype=torch.float32, memory_format=torch.contiguous_format)

@@ -33,9 +33,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .._validate import positive_int
+from ..data import SampleSet
 from . import metrics
-from ._validate import positive_int
-from .data import SampleSet
 
 ORIGINAL, RETRAIN, RETRAIN_2 = "Original", "Retrain", "Retrain seed 2"
 METRICS = ("UA", "RA", "TA", "MIA", "membership_gap", "forget_loss_ks", "forget_kl")
@@ -78,7 +78,7 @@ class Context:
 
 
 @dataclass
-class Row:
+class MethodRun:
     """One model at one training seed."""
 
     method: str
@@ -114,7 +114,7 @@ class Summary:
     time_share: float  # mean seconds / the seed's retrain seconds
 
 
-def _distance(row: Row, retrain: Row, metric: str) -> float:
+def _distance(row: MethodRun, retrain: MethodRun, metric: str) -> float:
     if metric in _DISTANCES:
         return float(getattr(row, metric))
     return abs(float(getattr(row, metric)) - float(getattr(retrain, metric)))
@@ -122,13 +122,13 @@ def _distance(row: Row, retrain: Row, metric: str) -> float:
 
 @dataclass
 class Results:
-    rows: list[Row]
+    rows: list[MethodRun]
     config: dict = field(default_factory=dict)
 
     def methods(self) -> list[str]:
         return list(dict.fromkeys(r.method for r in self.rows))
 
-    def _retrain(self, seed: int) -> Row:
+    def _retrain(self, seed: int) -> MethodRun:
         return next(r for r in self.rows if r.method == RETRAIN and r.seed == seed)
 
     def noise_floor(self) -> dict[str, float]:
@@ -229,7 +229,7 @@ def run(*, seeds, prepare: Callable[[int], Split], train: Callable[[SampleSet, i
         if not callable(fn):
             raise TypeError(f"methods[{name!r}] must be callable as fn(model, context), got {type(fn).__name__}")
     say = log or (lambda _: None)
-    rows: list[Row] = []
+    rows: list[MethodRun] = []
     for seed in seeds:
         split = prepare(seed)
         if not isinstance(split, Split):
@@ -249,7 +249,7 @@ def run(*, seeds, prepare: Callable[[int], Split], train: Callable[[SampleSet, i
         def add(name, model, seconds, extra=None):
             values = measure(model, retrained, split, mia_seeds=mia_seeds, mia_samples=mia_samples,
                              mia_protocol=mia_protocol)
-            rows.append(Row(method=name, seed=seed, seconds=seconds, retrain_seconds=retrain_seconds,
+            rows.append(MethodRun(method=name, seed=seed, seconds=seconds, retrain_seconds=retrain_seconds,
                             extra=dict(extra or {}), **values))
             say(f"  {name:<40} TA {values['TA']:6.2f} RA {values['RA']:6.2f} UA {values['UA']:6.2f} "
                 f"MIA {values['MIA']:6.2f}±{values['MIA_sd']:.1f} gap {values['membership_gap']:+.3f} "
@@ -270,3 +270,13 @@ def run(*, seeds, prepare: Callable[[int], Split], train: Callable[[SampleSet, i
                 artifacts.close()
     return Results(rows, dict(config or {}, seeds=seeds, noise_seed_offset=noise_seed_offset,
                               mia_seeds=list(mia_seeds), mia_samples=mia_samples, mia_protocol=mia_protocol))
+
+
+def __getattr__(name: str):  # experiment.Row of earlier versions
+    if name == "Row":
+        import warnings
+
+        warnings.warn("pyunlearn.evaluation.experiment.Row is now MethodRun (the name Row is the kernels' stored "
+                      "row); the old name goes away in the next version", DeprecationWarning, stacklevel=2)
+        return MethodRun
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,25 +36,23 @@ import warnings
 import numpy as np
 import torch
 
-from . import attribution, ops
-from ._background_writer import BackgroundWriter
-from ._continuation import ResumeRefused, deletions_not_applied, refuse_forgotten, seen_on_timeline, settle_pending
-from ._distributed import STATE_MISMATCH, Distributed, FollowerRole
-from ._format import ResumePoint
-from ._model import Fingerprints, one_device, same_model
-from ._row_sources import DeviceUpdateRows, GradientRows, UpdateRows
-from ._validate import positive_int
-from .errors import ModelMismatchError, NonFiniteUpdateError, RecorderError
-from .store import UpdateStore
+from .. import attribution
+from .._validate import positive_int
+from ..errors import ModelMismatchError, NonFiniteUpdateError, RecorderError, ResumeRefused, TrainingChangedError
+from ..kernels import Fingerprints, same_model, supports
+from ..kernels.backends import backend_for
+from ..kernels.checks import one_device
+from ..store import UpdateStore
+from ..store.metadata import ResumePoint
+from .continuation import deletions_not_applied, refuse_forgotten, seen_on_timeline, settle_pending
+from .distributed import STATE_MISMATCH, Distributed, FollowerRole
+from .row_sources import DeviceUpdateRows, GradientRows, UpdateRows
+from .writer import BackgroundWriter
 
-__all__ = ["UpdateRecorder", "RecorderError"]
+__all__ = ["UpdateRecorder", "unwrap_model", "unwrap_optimizer"]
 
 STATE_FORMAT = "pyunlearn.recorder-state"
 STATE_VERSION = 1
-
-
-class _TrainingChanged(RecorderError):
-    """The optimizer's parameters or a parameter's dtype, device or shape changed mid-run."""
 
 
 class UpdateRecorder:
@@ -135,7 +133,7 @@ class UpdateRecorder:
                                 "(state=...), or truncate the store to its step") from self._failed
         try:
             self._role.before_step()
-        except _TrainingChanged as exc:  # the step has not run, but the recorder cannot go on
+        except TrainingChangedError as exc:  # the step has not run, but the recorder cannot go on
             self._failed = exc
             raise
         if not self._pending and not self._allow_unlabeled:
@@ -242,7 +240,7 @@ class _WritingRole:
         frozen = _check_optimizer(optimizer, store, model, params)
         family = attribution.family_for(optimizer) if store.attribution == "gradient" else None
         # One device for the whole model (the snapshot and the pruning live there), one pyunlearn runs on.
-        ops.supports(one_device(_named_parameters(model), "model", "recording"))
+        supports(one_device(_named_parameters(model), "model", "recording"))
         self._session = contextlib.ExitStack()
         with self._session:
             self._session.enter_context(store.writing())  # fail now, not after training steps went unrecorded
@@ -291,7 +289,7 @@ class _WritingRole:
     def _make_rows(self):
         if self._family is not None:
             return GradientRows(self._family(self._optimizer, self._params), self._store, self._names)
-        if ops._device_path(self._params[0].device):
+        if backend_for(self._params[0].device).device_path:
             return DeviceUpdateRows(self._params, self._store, self._names)
         return UpdateRows(self._params, self._store, self._names)
 
@@ -307,14 +305,14 @@ class _WritingRole:
                 raise problem  # before the step: the model and the store are unchanged
             self._deferred = problem  # every rank must reach the gather, where all of them raise it
 
-    def _changed(self) -> "_TrainingChanged | None":
+    def _changed(self) -> "TrainingChangedError | None":
         """What changed since recording started that would make the recorded steps wrong, or
         None. Runs before every step, so it compares only cheap facts."""
         if _optimizer_param_ids(self._optimizer) != self._param_ids:  # ~0.1 µs a parameter in all
             now = _optimizer_param_ids(self._optimizer)
             added, removed = len(set(now) - set(self._param_ids)), len(set(self._param_ids) - set(now))
             what = f"{added} added, {removed} removed" if added or removed else "the same ones, reordered"
-            return _TrainingChanged(
+            return TrainingChangedError(
                 f"the optimizer's parameters changed since recording started ({what}; "
                 "optimizer.add_param_group or an edit of param_groups): a parameter outside the store's layer table "
                 "would change the model unrecorded, one left out would be recorded as unchanged. This step did not "
@@ -325,7 +323,7 @@ class _WritingRole:
                 "created from the model as it is then")
         for (dtype, device, shape), p, name in zip(self._layout, self._params, self._names):
             if p.dtype is not dtype or p.device != device or p.shape != shape:
-                return _TrainingChanged(
+                return TrainingChangedError(
                     f"parameter {name} changed from {dtype} on {device}, shape {tuple(shape)}, to {p.dtype} on "
                     f"{p.device}, shape {tuple(p.shape)}, since recording started (model.half(), model.to(...) or "
                     "param.data = ...): the conversion changes the weights outside any recorded step, so the store "
@@ -335,7 +333,7 @@ class _WritingRole:
                     "model")
         for name, p in self._frozen:
             if p.requires_grad or p.grad is not None:
-                return _TrainingChanged(
+                return TrainingChangedError(
                     f"parameter {name} was frozen (requires_grad=False) when recording started, so the store does "
                     f"not record it, but it now {'requires grad' if p.requires_grad else 'has a gradient'}: this "
                     "step would change it unrecorded. This step did not run; recording stopped and close() will "
@@ -347,7 +345,7 @@ class _WritingRole:
             try:
                 self._family.check(self._optimizer)
             except ValueError as exc:
-                return _TrainingChanged(
+                return TrainingChangedError(
                     f"the optimizer's settings changed since recording started: {exc}. This step did not run; "
                     "recording stopped and close() will not mark a final model")
         return None

@@ -12,9 +12,9 @@ import threading
 
 import torch
 
-from . import _checks
-from .errors import NonFiniteUpdateError
-from .row import Row
+from ..errors import NonFiniteUpdateError
+from ..kernels import Row
+from ..kernels.checks import layer_label
 
 
 class _NoEvent:
@@ -89,7 +89,7 @@ class PendingRow:
         bad = int(slot.status[0])
         if bad >= 0:
             raise NonFiniteUpdateError(
-                f"step {self.step}: the update of {_checks.layer_label('after', bad, self._transfer._names)} holds NaN "
+                f"step {self.step}: the update of {layer_label('after', bad, self._transfer._names)} holds NaN "
                 "or Inf; nothing from this step on was recorded (on a device the check runs in the background, so "
                 "training may have gone on for a few steps before this was raised)")
         return Row(slot.index.view(torch.uint32), slot.values, slot.scales)

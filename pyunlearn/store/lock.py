@@ -28,7 +28,7 @@ import warnings
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .errors import StoreLockedError
+from ..errors import StoreLockedError
 
 LOCK_KEY = "writer.lock"
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from . import _checks
+from . import checks
 from .row import Row
 
 
@@ -22,13 +22,13 @@ def fp16_scale(max_abs: float) -> float:
 
 
 def prune_topk(before, after, k, value_dtype="float16", refresh=True, *, names=None) -> Row:
-    before, after, k, value_dtype, names = _checks.check_prune_args(before, after, k, value_dtype, refresh, names)
+    before, after, k, value_dtype, names = checks.check_prune_args(before, after, k, value_dtype, refresh, names)
 
     deltas = []
     for i, (b, a) in enumerate(zip(before, after)):
         d = (a - b).reshape(-1)
         if not bool(torch.isfinite(d).all()):
-            raise _checks.non_finite_update(i, names)
+            raise checks.non_finite_update(i, names)
         deltas.append(d)
 
     index, values, scales = [], [], []
@@ -61,20 +61,8 @@ def decode_indices(gaps: torch.Tensor) -> torch.Tensor:
     return gaps.to(torch.int64).cumsum(0) - 1
 
 
-def _first_fault(gaps: torch.Tensor, positions: torch.Tensor, numel: int) -> str:
-    """Which fault the native kernel reports for a bad segment: it scans blocks of 64 gaps and
-    checks each block for a zero gap before checking where the block ends."""
-    for start in range(0, gaps.numel(), 64):
-        end = min(start + 64, gaps.numel())
-        if bool((gaps[start:end] == 0).any()):
-            return _checks.REPEATED_INDEX
-        if int(positions[end - 1]) >= numel:
-            return _checks.INDEX_PAST_END
-    raise AssertionError("the segment has no fault")
-
-
 def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> None:
-    params, (index, values, scales), k, alpha, names, steps = _checks.check_subtract_args(
+    params, (index, values, scales), k, alpha, names, steps = checks.check_subtract_args(
         params, rows, k, alpha, names, steps)
     offsets = [0]
     for ki in k:
@@ -88,7 +76,7 @@ def subtract_sparse(params, rows, k, alpha=1.0, *, names=None, steps=None) -> No
             gaps = index[s, offsets[i] : offsets[i + 1]]
             positions = decode_indices(gaps)
             if gaps.numel() and (bool((gaps == 0).any()) or int(positions[-1]) >= p.numel()):
-                raise _checks.bad_stored_row(s, i, _first_fault(gaps, positions, p.numel()), names, steps)
+                raise checks.bad_stored_row(s, i, checks.first_fault(gaps, positions, p.numel()), names, steps)
             per_layer.append(positions)
         decoded.append(per_layer)
 

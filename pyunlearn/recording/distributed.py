@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import keys
-from ._continuation import refuse_forgotten
-from ._model import fingerprint, same_model
-from ._validate import int_in_range
-from .errors import ModelMismatchError, RecorderError
+from .. import keys
+from .._validate import int_in_range
+from ..errors import ModelMismatchError, RecorderError
+from ..kernels import fingerprint, same_model
+from .continuation import refuse_forgotten
 
 STATE_MISMATCH = ("the model is not the one this recorder state was saved with: the state belongs to another "
                    "checkpoint. Load the model (and the optimizer) from the checkpoint the state was saved in, "

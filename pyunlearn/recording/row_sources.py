@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from . import attribution, ops
-from ._model import as_float32_work, kernel_ready
-from ._transfer import RowTransfer
+from .. import attribution
+from ..kernels import ops
+from ..kernels.ops import as_float32_work, kernel_ready
+from .transfer import RowTransfer
 
 
 class UpdateRows:

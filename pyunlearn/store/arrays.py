@@ -1,6 +1,6 @@
 """The store's arrays on disk: making the group of a new store, opening the arrays of an
 existing one, and reading them with every failure turned into CorruptStoreError (a damaged
-chunk, or a missing one: see _chunks.py). The layout is docs/format.md's."""
+chunk, or a missing one: see presence.py). The layout is docs/format.md's."""
 from __future__ import annotations
 
 import asyncio
@@ -13,15 +13,15 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ._chunks import ChunkPresence
-from ._format import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, VALUE_DTYPES, \
+from ..attribution import HYPER_WIDTH
+from ..errors import CorruptStoreError
+from ..kernels import Row
+from .presence import ChunkPresence
+from .metadata import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, VALUE_DTYPES, \
     StoreMetadata, codecs
-from ._location import replace_file, what_is_there
-from ._lock import WriterLock
-from .attribution import HYPER_WIDTH
-from .errors import CorruptStoreError
-from ._shards import read_rows
-from .row import Row
+from .location import replace_file, what_is_there
+from .lock import WriterLock
+from .shards import read_rows
 
 
 def create_group(zstore, where: str, meta: StoreMetadata, *, overwrite: bool):
