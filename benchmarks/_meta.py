@@ -32,9 +32,26 @@ def _version(package: str) -> str | None:
         return None
 
 
+def git_commit() -> dict:
+    """The commit the run's code is at, and whether the working tree differed from it (then the
+    numbers belong to uncommitted code: rerun after committing before citing them)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "pyunlearn", "csrc"],
+                               cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
 def run_metadata(config: dict) -> dict:
-    """Machine, versions, thread setting, UTC time and the given config, as plain JSON values."""
+    """Machine, versions, the code's commit, thread setting, UTC time and the given config, as
+    plain JSON values."""
     return {
+        "code": git_commit(),
         "machine": {
             "processor": platform.processor(),
             "architecture": platform.machine(),

@@ -96,6 +96,16 @@ CheckedLayers check_prune_layers(const std::vector<py::object>& before_objs, con
     return c;
 }
 
+// Thread counts come from Python callers: each thread gets its own scratch (histograms, row
+// buffers), so an absurd count would exhaust memory inside OpenMP instead of failing here.
+constexpr int kMaxThreads = 1024;
+static int checked_threads(int threads) {
+    if (threads < 0 || threads > kMaxThreads)
+        throw py::value_error("threads must be 0 (every available thread) or between 1 and " +
+                              std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
+    return threads;
+}
+
 int64_t prune(const std::vector<py::object>& before_objs, const std::vector<py::object>& after_objs,
               const std::vector<int64_t>& k, const py::object& index_obj, const py::object& values_obj,
               const py::object& scales_obj, bool refresh, int threads) {
@@ -111,7 +121,7 @@ int64_t prune(const std::vector<py::object>& before_objs, const std::vector<py::
                     buffer<void>(values, values.dtype(), "values", -1, true),
                     buffer<float>(scales, f32, "scales", -1, true), enc};
     py::gil_scoped_release release;
-    return prune_topk_cpu(c.layers, out, refresh, threads);
+    return prune_topk_cpu(c.layers, out, refresh, checked_threads(threads));
 }
 
 // prune_topk over a fixed set of arrays, checked once (ops.Pruner, once per optimizer step):
@@ -183,7 +193,7 @@ py::object subtract(const std::vector<py::object>& param_objs, const std::vector
     BadRow bad;
     {
         py::gil_scoped_release release;
-        bad = subtract_sparse_cpu(layers, rows, alpha, threads);
+        bad = subtract_sparse_cpu(layers, rows, alpha, checked_threads(threads));
     }
     if (bad.row < 0) return py::none();
     return py::make_tuple(bad.row, bad.layer, std::string(bad.reason));
@@ -225,7 +235,7 @@ py::bytes fingerprint(const std::vector<py::object>& objs, int threads) {
     Digest128 d;
     {
         py::gil_scoped_release release;
-        d = fingerprint_cpu(parts, threads);
+        d = fingerprint_cpu(parts, checked_threads(threads));
     }
     unsigned char out[16];
     for (int i = 0; i < 8; ++i) {
@@ -280,7 +290,7 @@ PYBIND11_MODULE(_native, m) {
             touch.push_back({buffer<float>(a, py::dtype::of<float>(), "touch", i, true), static_cast<int64_t>(a.size())});
         }
         py::gil_scoped_release release;
-        return stream_floor_cpu(read, touch, threads);
+        return stream_floor_cpu(read, touch, checked_threads(threads));
     }, py::arg("read"), py::arg("touch"), py::arg("threads") = 0,
        "Benchmark floor: reads every byte of `read` once, reads and rewrites every float32 of `touch` once "
        "(unchanged); returns an OR of the bytes read.");

@@ -251,22 +251,27 @@ def coefficient_rule(rule: str, damping: float | None = None):
         _RULE.reset(token)
 
 
-def coefficients(store, steps, rule: str | None = None, damping: float | None = None) -> np.ndarray:
+def coefficients(store, steps, rule: str | None = None, damping: float | None = None, *,
+                 up_to: int | None = None) -> np.ndarray:
     """For each of `steps` of a gradient store, the factor c_t by which its stored (pruned)
     vector is subtracted: under the default rule "first-order", the factor by which it moved the
-    store's final model (see the module docstring). rule=None uses the `coefficient_rule` in
-    force (first-order outside any block); see `coefficient_rule` for the rules."""
+    model that took the steps [0, up_to) (default: the store's final model; a forget passes the
+    steps of the model it starts from, so an older model is not given later steps' momentum).
+    rule=None uses the `coefficient_rule` in force (first-order outside any block); see
+    `coefficient_rule` for the rules."""
     rule, damping = _RULE.get() if rule is None else _check_rule(rule, damping)
     if store.attribution != "gradient":
         raise StoreError(f"{store.path} stores updates (attribution='update'); coefficients need 'gradient'")
-    final = store.final_steps
+    final = store.final_steps if up_to is None else int(up_to)
     if final is None:
         raise StoreError(f"{store.path} has no final model: close the recorder (or call mark_final) first")
+    steps = np.asarray(steps, dtype=np.int64)
+    if steps.size and steps.max() >= final:
+        raise ValueError(f"steps must lie below {final}, the steps the model took")
     if store.optimizer_family is None:
         raise StoreError(f"{store.path} records no optimizer family: no recorder ran on it")
     family = family_named(store.optimizer_family)
     hyper = store.read_step_hyper(final)[:, : len(family.columns)]
-    steps = np.asarray(steps, dtype=np.int64)
     first = family.coefficients(hyper)[steps]
     if rule == "first-order":
         return first

@@ -1,4 +1,9 @@
-"""The `pyunlearn` command: demo, inspect, forget, selfcheck."""
+"""The `pyunlearn` command: demo, inspect, forget, audit verify, selfcheck.
+
+Exit codes: 0 done; 1 an error (one line on standard error); 2 a usage error (argparse);
+3 (`forget`) none of the request's keys or IDs was used by a recorded step, so nothing was
+changed (--record-not-found records it instead); 4 (`audit verify`) a check failed.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +11,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+EXIT_ERROR, EXIT_NOT_FOUND, EXIT_AUDIT_FAILED = 1, 3, 4
 
 
 def _same_bits(xs, ys) -> bool:
@@ -86,8 +93,11 @@ def _inspect(args) -> int:
 
         exported = {}
         for path in paths:
-            ledger = UpdateStore.open(path, mode="r").ledger
-            exported[path] = {"requests": ledger.audit(), "models": [m.to_json() for m in ledger.models]}
+            store = UpdateStore.open(path, mode="r")
+            ledger = store.ledger
+            exported[path] = {"head": store.head, "requests": ledger.audit(),
+                              "records": [r.to_json() for r in ledger.records],
+                              "models": [m.to_json() for m in ledger.models]}
         print(json.dumps(exported if len(paths) > 1 else exported[paths[0]], indent=2))
         return 0
     for i, path in enumerate(paths):
@@ -105,9 +115,8 @@ def _inspect_one(path: str, *, ledger_table: bool) -> None:
     print(store.stats().table())
     print(f"fingerprints: initial {store.initial_fingerprint}, final {store.final_fingerprint}")
     ledger = store.ledger
-    print(f"ledger: {len(ledger.deletions)} deletion requests, {len(ledger.removed_steps)} steps removed, "
-          f"{len(ledger.models)} models on the timeline" +
-          (f", latest deletion's model {ledger.fingerprint}" if ledger.fingerprint else ""))
+    print(f"audit log: {len(ledger)} records, {len(ledger.deletions)} deletion requests, {ledger.state.removed} steps "
+          f"removed; head {store.head}" + (f"; latest deletion's model {ledger.fingerprint}" if ledger.fingerprint else ""))
     if ledger_table:
         _print_audit(ledger)
         return
@@ -117,21 +126,72 @@ def _inspect_one(path: str, *, ledger_table: bool) -> None:
 
 
 def _print_audit(ledger) -> None:
-    print(f"\n{'#':>3} {'time (UTC)':<24} {'request':<24} {'status':<8} {'keys':>6} {'unseen':>6} {'steps':>6} "
-          f"{'applied':>7} {'from model':<40} {'to model':<40} method")
-    for row in ledger.audit():
-        print(f"{row['record']:>3} {row['time'] or '(before format 4)':<24} {row['request']:<24} {row['status']:<8} "
-              f"{row['keys']:>6} {row['missing_keys']:>6} {row['steps_removed']:>6} {row['subtracted']:>7} "
-              f"{row['fingerprint_before']:<40} {row['fingerprint_after']:<40} {row['method']} {row['params']}"
-              + (f"  undone: {row['undo_reason']}" if row["undo_reason"] else ""))
+    """Every record of the log, one line each, in aligned columns: #, time, kind, what it says."""
+    audit = {row["record"]: row for row in ledger.audit()}
+    rows = []
+    for record in ledger.records:
+        f = record.fields
+        if record.kind == "deletion":
+            row = audit[record.index]
+            what = (f"request {f['request']}: {f['keys']} keys ({f['missing']} never seen), {row['steps_removed']} "
+                    f"steps removed, {f['subtracted']} subtracted from record {f['from']}'s model "
+                    f"{f['fingerprint_before']} → {f['fingerprint_after']} ({f['method']})")
+            status = row["status"]
+        elif record.kind == "catch-up":
+            what = (f"record {f['from']}'s model brought up to date: {f['subtracted']} steps subtracted → "
+                    f"{f['fingerprint_after']}")
+            status = ""
+        elif record.kind == "segment":
+            what = f"training segment ended after step {f['steps'] - 1}: model {f['fingerprint']}"
+            status = ""
+        elif record.kind == "truncate":
+            what, status = f"steps from {f['step']} on dropped", ""
+        else:
+            what, status = f"record {f['of']}: {f['reason']}", ""
+        rows.append((str(record.index), record.time or "-", record.kind, status, what))
+    header = ("#", "time (UTC)", "kind", "status", "")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    print()
+    for r in [header] + rows:
+        print(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
 
 
 def _read_keys(path: Path) -> list[str]:
+    """The keys of a --keys file (docs/guide.md: key files): UTF-8 (a byte-order mark is
+    dropped), one key per line (blank lines skipped, spaces around a key dropped), or a JSON list
+    of strings. A line that looks like another format (a comma, a tab, quotes, a bracket) is
+    refused with its line number rather than read as a key no step used."""
+    import json
+
     if not path.exists():
         raise FileNotFoundError(f"--keys {path}: no such file")
-    keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--keys {path}: not UTF-8 text ({exc}); save it as UTF-8, one key per line") from None
+    if text.lstrip().startswith("["):
+        try:
+            keys = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--keys {path}: starts like a JSON list but is not one ({exc})") from None
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"--keys {path}: a JSON key file must be a list of non-empty strings")
+    else:
+        keys = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            key = line.strip()
+            if not key:
+                continue
+            odd = next((c for c in (",", "\t", ";") if c in key), None)
+            quoted = len(key) > 1 and key[0] == key[-1] and key[0] in "\"'"
+            if odd or quoted or key[0] in "[{":
+                what = f"holds {odd!r}" if odd else "is quoted" if quoted else "starts with a bracket"
+                raise ValueError(f"--keys {path}, line {number}: {key[:40]!r} {what}: a key file holds one key per "
+                                 "line, as it is (no separators, no quotes). A key that holds such characters goes in "
+                                 "a JSON list file instead: [\"key one\", \"key, two\"]")
+            keys.append(key)
     if not keys:
-        raise ValueError(f"--keys {path}: the file holds no keys (one per line)")
+        raise ValueError(f"--keys {path}: the file holds no keys (one per line, or a JSON list)")
     return keys
 
 
@@ -141,31 +201,30 @@ def _read_ids(path: Path):
     if not path.exists():
         raise FileNotFoundError(f"--ids {path}: no such file")
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    text = path.read_text().replace(",", " ").split()
-    try:
-        return np.array([int(t) for t in text], dtype=np.int64)
-    except ValueError as exc:
-        raise ValueError(f"--ids {path}: expected integer sample IDs separated by spaces, commas or lines ({exc})") from None
+        ids = np.load(path, allow_pickle=False)
+    else:
+        text = path.read_bytes().decode("utf-8-sig", errors="replace").replace(",", " ").split()
+        try:
+            ids = np.array([int(t) for t in text], dtype=np.int64)
+        except ValueError as exc:
+            raise ValueError(f"--ids {path}: expected integer sample IDs separated by spaces, commas or lines "
+                             f"({exc}); keys (text) go in a --keys file") from None
+    if ids.size == 0:
+        raise ValueError(f"--ids {path}: the file holds no IDs. To bring a checkpoint up to date with the requests "
+                         "since it was made, use --catch-up")
+    return ids
 
 
 def _forget(args) -> int:
-    """Forget with the ledger in two writes around the save: the deletion is recorded as pending,
-    the new checkpoint written atomically, then the deletion committed. A failure or a kill at
-    any point leaves a ledger that matches a model on disk (the input checkpoint, or the output
-    one, also when --out is --checkpoint)."""
+    """Forget with the log written in two steps around the save: the deletion is recorded as
+    pending, the new checkpoint written atomically, then the deletion confirmed (or undone if the
+    save failed). A failure or a kill at any point leaves a log that matches a model on disk (the
+    input checkpoint, or the output one, also when --out is --checkpoint)."""
     from .store.layers import module_for_store
     from .store import UpdateStore
     from .unlearn import amnesiac_forget
 
-    ids = _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
-    if args.keys:
-        from .errors import KeyMappingError
-        from .keys import SECRET_ENV, SECRET_FILE_ENV, KeyHasher
-
-        if KeyHasher.resolve() is None:
-            raise KeyMappingError(f"--keys needs the store's secret: set {SECRET_ENV} (the secret) or "
-                                  f"{SECRET_FILE_ENV} (a file holding it)")
+    ids = [] if args.catch_up else _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
@@ -173,9 +232,11 @@ def _forget(args) -> int:
     store = UpdateStore.open(args.store)
     try:
         weights = _Weights(checkpoint, args.key, args.checkpoint, [layer.name for layer in store.layers])
-        with store.writing():  # one writer from reading the ledger to writing it
+        with store.writing("forgetting"):  # one writer from reading the log to writing it
             module = module_for_store(weights.state, store)
-            report = amnesiac_forget(module, store, ids, request_id=args.request_id, commit=False)
+            report = amnesiac_forget(module, store, ids, request_id=args.request_id, commit=False,
+                                     not_found="record" if args.record_not_found else "raise")
+            pending = report.status == "pending"
             out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
             try:
                 temporary = _write_temporary(out, out_path)
@@ -185,18 +246,42 @@ def _forget(args) -> int:
                     os.unlink(temporary)
                     raise
             except BaseException:  # not renamed: the new model does not exist, neither does its deletion
-                store.record_deletion(report.ledger_before, replacing=report.ledger_pending)
+                if pending:
+                    store.undo(report.record, "its model could not be saved: writing --out failed")
                 raise
             # Renamed: the new model is in place. If making the rename durable fails, the entry stays
-            # pending (both models accepted) and the error is raised; else the deletion is committed.
+            # pending (later forgets and training settle it) and the error is raised; else it is confirmed.
             _sync_folder(out_path.parent)
-            store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
+            if pending:
+                store.confirm(report.record)
+            head = store.head
     finally:
         store.close()
-    print(f"request {report.request_id}: forgot {len(ids)} {'IDs' if args.ids else 'keys'} "
-          f"({len(report.missing_ids)} never seen): {report.steps_removed} new steps, "
-          f"{report.steps_applied} subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}")
+    if report.request_id is None:
+        print(f"{report.status}: {report.steps_applied} steps subtracted to bring this checkpoint up to date; wrote "
+              f"{args.out}; audit head {head}")
+        return 0
+    what = "IDs" if args.ids else "keys"
+    found = f"{report.matched} of {len(ids)} {what} found" + (
+        f", {len(report.missing_ids)} never seen by a recorded step" if len(report.missing_ids) else "")
+    state = "not-found: recorded, nothing removed" if report.matched == 0 else "applied"
+    print(f"request {report.request_id} {state} ({found}): {report.steps_removed} new steps, {report.steps_applied} "
+          f"subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}; audit head {head}")
     return 0
+
+
+def _audit(args) -> int:
+    from .store import UpdateStore
+    from .store.verify import verify
+
+    audit_key = Path(args.audit_key_file).read_bytes().strip() if args.audit_key_file else None
+    store = UpdateStore.open(args.store, mode="r", audit_key=audit_key)
+    findings = verify(store, head=args.head)
+    for finding in findings:
+        print(finding.line())
+    bad = [f for f in findings if not f.ok]
+    print(f"{args.store}: {'sound' if not bad else f'{len(bad)} check(s) FAILED'}")
+    return 0 if not bad else EXIT_AUDIT_FAILED
 
 
 class _Weights:
@@ -382,26 +467,49 @@ def main(argv=None) -> int:
     forget.add_argument("--key", help="the checkpoint's entry holding the state_dict (default: the checkpoint itself "
                                       "if it is one, else 'state_dict', 'model', 'model_state_dict' or 'module')")
     which = forget.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ids", help="file of sample IDs: whitespace/comma separated, or .npy")
-    which.add_argument("--keys", help="file of sample keys, one per line (UTF-8); the store's secret comes from "
-                                      "PYUNLEARN_SECRET or PYUNLEARN_SECRET_FILE")
+    which.add_argument("--keys", help="file of sample keys (a store of keys): one per line, UTF-8, or a JSON list; the "
+                                      "store's secret comes from PYUNLEARN_SECRET or PYUNLEARN_SECRET_FILE")
+    which.add_argument("--ids", help="file of integer sample IDs (a store of integer IDs): whitespace/comma "
+                                     "separated, or .npy")
+    which.add_argument("--catch-up", action="store_true",
+                       help="no request: bring the checkpoint up to date with every request since it was made")
     forget.add_argument("--request-id", type=_request_id,
-                        help="the request's id in the audit trail (default: one is generated)")
+                        help="the request's id in the audit trail (default: one is generated; an id used before is "
+                             "refused)")
+    forget.add_argument("--record-not-found", action="store_true",
+                        help=f"record a request none of whose keys a recorded step used as not-found (exit 0); "
+                             f"without it such a request changes nothing and exits {EXIT_NOT_FOUND}")
     forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's structure)")
     forget.set_defaults(run=_forget)
+
+    audit = commands.add_parser("audit", help="check a store's audit log, forgotten IDs and data (an auditor's check)")
+    audits = audit.add_subparsers(dest="audit_command", required=True)
+    check = audits.add_parser("verify", help="every record's hash chain and MAC, the states, the forgotten IDs, "
+                                             "every step's place-bound digests; with --head, that no record is gone")
+    check.add_argument("store")
+    check.add_argument("--head", help="a head kept from an earlier forget (\"<records>:sha256:<hex>\"): the log must "
+                                      "still hold it")
+    check.add_argument("--audit-key-file", help="a file holding the audit key of a store of integer IDs (a store of "
+                                                "keys takes its secret from PYUNLEARN_SECRET[_FILE])")
+    check.set_defaults(run=_audit)
 
     selfcheck = commands.add_parser("selfcheck", help="say which kernels are native and check them on a tiny model")
     selfcheck.set_defaults(run=_selfcheck)
 
     args = parser.parse_args(argv)
+    from .errors import NotFoundError
+
     try:
         return args.run(args)
+    except NotFoundError as exc:  # a request that matched nothing: not a success, not a crash
+        print(f"pyunlearn {args.command}: not found: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     except _USER_ERRORS as exc:
         # Every pyunlearn error, and what bad files or arguments raise: one line, exit 1.
         # (argparse's own usage errors exit 2.) Anything else is a bug and keeps its traceback.
         message = " ".join(str(exc).split())  # one line, whatever the message holds
         print(f"pyunlearn {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ ValueError` keeps working:
     │   ├── ResumeRefused                   the store's steps do not end with this model (recoverable)
     │   └── TrainingChangedError            the optimizer or a parameter changed mid-run (recording stops)
     ├── KeyMappingError        LookupError  keys cannot be mapped to IDs: no secret, the wrong one, a collision
+    ├── NotFoundError          LookupError  none of a request's keys or IDs was used by a recorded step
     └── StoreError             RuntimeError a store cannot be used as asked
         ├── StoreNotFoundError FileNotFoundError   no store at the path
         ├── StoreFormatError   ValueError          not a pyunlearn store, or an unknown format version
         ├── StoreLockedError                       another writer holds the store
+        ├── StoreAccessError   OSError             a store file cannot be read or written: permission, no
+        │                                          space left, a read-only file system (nothing is damaged)
         └── CorruptStoreError  OSError             stored data or metadata is damaged or missing
 
     StaleBuffersWarning        UserWarning  forgetting left BatchNorm running statistics as trained
@@ -50,6 +53,11 @@ class KeyMappingError(PyunlearnError, LookupError):
     collide (pyunlearn.keys)."""
 
 
+class NotFoundError(PyunlearnError, LookupError):
+    """None of a deletion request's keys or IDs was used by any recorded step: nothing would be
+    removed. Refused before anything changes unless the caller asks to record it as not-found."""
+
+
 class StoreError(PyunlearnError, RuntimeError):
     """An update store cannot be used as asked."""
 
@@ -65,6 +73,12 @@ class StoreFormatError(StoreError, ValueError):
 
 class StoreLockedError(StoreError):
     """Another writer holds the store."""
+
+
+class StoreAccessError(StoreError, OSError):
+    """A file of the store cannot be read or written for a reason outside the store: permission
+    denied, no space left on the device, a read-only file system. The message names the file;
+    nothing was committed, and the store is as it was."""
 
 
 class CorruptStoreError(StoreError, OSError):

@@ -1,96 +1,57 @@
-"""The deletion ledger of an update store: one timeline of models and deletion requests, and
-the one rule that decides which steps a model still needs subtracted.
+"""The timeline of an update store and every rule about it. Pure: no I/O.
 
-A store's history is training segments and deletions in any order: record → forget → record
-more (from the model the deletion produced) → forget again, for samples of any segment. The
-ledger holds two append-only lists:
+A store's history is training segments and deletion requests in any order: record → forget →
+record more (from the model the deletion produced) → forget again, for samples of any segment.
+It is kept as an append-only log of records (pyunlearn/store/audit_log.py writes and reads it;
+docs/format.md specifies it). A record may make a *model*, one a deletion may start from and
+training may go on from, known by its fingerprint:
 
-- **models**: every model a deletion may start from: the end of each training segment
-  (recorder close or store.mark_final) and the result of each deletion. A model knows
-  `steps` (it took the training steps [0, steps), as recorded) and `requests` (how many ledger
-  records came before it: it has every deletion among them applied, as far as it reaches
-  below its `steps`);
-- **records**, hash-chained (each checksum covers the record and the previous checksum): a
-  "deletion" per request (its caller-given or generated id, UTC time, how many keys, a keyed
-  digest of them, the steps it removed that no earlier request had, the model it was applied
-  to and the one it produced, method, parameters, package version); an "undo" for a deletion
-  whose model was not kept (it stays listed, marked undone); a "confirm" for a pending one
-  whose model was saved.
+    segment    a training segment ended (the recorder closed, or store.mark_final): its model
+               took the recorded steps [0, steps) and has the deletions its start model had
+    deletion   a request: its keys' digest, the steps it removed that no earlier request had,
+               the model it started from and the one it produced (made here)
+    catch-up   a model brought up to date with the deletions it had not had (made here)
+    confirm    a pending deletion settled: its model was saved, or a later request applied it
+    undo       a deletion whose model was not kept: its steps count as not removed, its IDs as
+               not forgotten, and its model is refused
+    truncate   steps >= `step` were dropped (training resumed from an earlier checkpoint):
+               the models past that step are refused
 
-The rule: forgetting from model X (found on the list by fingerprint) subtracts every step
-below X.steps that a deletion X has not seen (record index >= X.requests, not undone) removed,
-plus the steps below X.steps that held the requested samples and that no deletion removed yet.
-So a step is never subtracted twice from any model, a model restored from an old checkpoint
-on the list catches up with every request since in one call, and a model not on the list is
-refused. Forgetting a sample of segment 1 after segment 2 trained on top subtracts segment 1's
-recorded updates of the steps that saw it and keeps segment 2's (which were computed from a
-model that had seen it: the usual first-order approximation of amnesiac unlearning).
+A model has *seen* the records before `seen`: every deletion among them (not undone) is applied
+to it as far as it reaches below its `steps`. The rule of forgetting: a forget from model X
+subtracts the steps below X.steps that deletions at or after X.seen removed, and the requested
+samples' steps below X.steps that no deletion removed yet. So a step is never subtracted twice
+from any model, a model restored from an old checkpoint catches up with every request since in
+one call, and a model not on the timeline is refused.
 
-A deletion whose model is saved by the caller goes in two writes, so that the ledger always
-describes a model that exists on disk, whenever the process stops: first a *pending* deletion,
-then — once the model is saved — a confirm (or an undo if the save failed). While one is
-pending, forgetting from the model it produced confirms it; forgetting from any other model on
-the list undoes it (its model was presumably not saved).
+Every question about the timeline is answered here, as one verdict its caller acts on:
 
-Callers must hold the store's writer lock while they read the ledger, subtract and write the
-ledger back (`with store.writing():`), so that two deletions cannot both start from one ledger.
+    plan_forget(timeline, model, steps)        what a forget from this model subtracts, what it settles
+    continue_training(timeline, point, ...)    whether training may go on from this model
+    segment_end(timeline, point, ...)          whether a model may be marked as a segment's end
+    resume_after(point, records)               where training goes on once records are appended
+    truncation(timeline, point, step)          whether steps >= step may be dropped
+    undo_back_to(timeline, point, records)     the undo records that go back to an earlier head
+
+The timeline itself (`Timeline`) is a read-only view: the records (a sequence the store reads
+lazily), the head state after the last one, and a lookup of the removed steps the store keeps
+beside the log. Records are checked values (`Record.parse`); their bytes and authentication are
+the log's business.
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import uuid
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import CorruptStoreError, ModelMismatchError, StoreError
+from .errors import ModelMismatchError, ResumeRefused, StoreError
 
-KINDS = ("deletion", "undo", "confirm")
-MADE_BY = ("training", "deletion")
-
-
-class Model(NamedTuple):
-    """A model a deletion may start from."""
-
-    fingerprint: str
-    steps: int  # it took the recorded training steps [0, steps)
-    requests: int  # the ledger records before it (deletions among them, not undone, are applied)
-    made_by: str  # "training" (a segment's end) or "deletion"
-    record: int | None = None  # made_by "deletion": the index of its deletion record
-
-    def to_json(self) -> dict:
-        return {"fingerprint": self.fingerprint, "steps": self.steps, "requests": self.requests,
-                "made_by": self.made_by, "record": self.record}
-
-
-class Record(NamedTuple):
-    """One entry of the audit trail; see the module docstring for the kinds."""
-
-    kind: str
-    time: str | None  # UTC, ISO 8601; None for deletions made before format 4
-    fields: dict  # the kind's fields (JSON values), see _check_record
-    checksum: str
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "time": self.time, **self.fields, "checksum": self.checksum}
-
-    @property
-    def removed(self) -> np.ndarray:
-        return np.asarray(self.fields.get("steps", ()), dtype=np.int64)
-
-
-class Pending(NamedTuple):
-    steps: np.ndarray  # int64, sorted: the steps the pending deletion removes
-    fingerprint: str  # of the model it produces
-
-
-class DeletionPlan(NamedTuple):
-    subtract: np.ndarray  # steps to subtract from the model passed in, sorted
-    new_steps: np.ndarray  # steps no earlier deletion removed, sorted
-    base: "Ledger"  # the ledger as it stands for this model (a pending deletion settled)
-    start: int  # the index of the model forgotten from in base.models
+KINDS = ("segment", "deletion", "catch-up", "confirm", "undo", "truncate")
+EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # of no bytes
+MAKES_A_MODEL = {"segment": "training", "deletion": "deletion", "catch-up": "catch-up"}
 
 
 def utc_now() -> str:
@@ -101,41 +62,244 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex[:16]
 
 
-class Ledger:
-    """The ledger as one immutable value: `records` and `models` (tuples), plus what they imply."""
+# ---------------------------------------------------------------------------------- values
+@dataclass(frozen=True)
+class Model:
+    """A model on the timeline, known by the record that made it."""
 
-    __hash__ = None  # holds arrays
+    record: int  # the index of the record that made it
+    fingerprint: str
+    steps: int  # it took the recorded training steps [0, steps)
+    seen: int  # the records before this index are applied to it (their deletions, below its steps)
+    made_by: str  # "training" (a segment's end), "deletion" or "catch-up"
 
-    def __init__(self, records=(), models=()):
-        self.records: tuple[Record, ...] = tuple(records)
-        self.models: tuple[Model, ...] = tuple(models)
-        self.undone = {r.fields["of"] for r in self.records if r.kind == "undo"}
-        confirmed = {r.fields["of"] for r in self.records if r.kind == "confirm"}
-        self._deletions = [i for i, r in enumerate(self.records) if r.kind == "deletion" and i not in self.undone]
-        open_ = [i for i in self._deletions if self.records[i].fields["pending"] and i not in confirmed]
-        self._pending = open_[-1] if open_ else None
-        settled = [i for i in self._deletions if i != self._pending]
-        self.removed_steps = _union(self.records[i].removed for i in settled)
-        self._removed_all = _union(self.records[i].removed for i in self._deletions)
+    @property
+    def requests(self) -> int:  # the name of earlier versions
+        return self.seen
+
+    def to_json(self) -> dict:
+        return {"record": self.record, "fingerprint": self.fingerprint, "steps": self.steps, "seen": self.seen,
+                "made_by": self.made_by}
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """forgotten_ids[0:end] are the IDs of every deletion in effect; `chain` hashes its whole
+    blocks and `digest` all of it (docs/format.md: the forgotten-ID digest)."""
+
+    end: int = 0
+    chain: str = ""
+    digest: str = EMPTY_DIGEST
+
+
+@dataclass(frozen=True)
+class State:
+    """The timeline after a record: what every later question needs without reading the log
+    again (its size does not grow with the number of records)."""
+
+    records: int = 0  # how many records there are
+    forgotten: Forgotten = field(default_factory=Forgotten)
+    removed: int = 0  # how many steps deletions in effect removed (pending included)
+    removed_digest: str = EMPTY_DIGEST  # of the removed-step bitmap (docs/format.md)
+    pending: int | None = None  # the record of the pending deletion, if one is
+    segment: int | None = None  # the record of the latest segment's end (the store's final model)
+    reach: int = 0  # no truncation below this step: a deletion in effect names a model or a step there
+
+    def to_json(self) -> dict:
+        return {"records": self.records, "forgotten": {"end": self.forgotten.end, "chain": self.forgotten.chain,
+                                                       "digest": self.forgotten.digest},
+                "removed": self.removed, "removed_digest": self.removed_digest, "pending": self.pending,
+                "segment": self.segment, "reach": self.reach}
 
     @classmethod
-    def empty(cls) -> "Ledger":
-        return cls()
+    def from_json(cls, d) -> "State":
+        f = d["forgotten"]
+        state = cls(records=_count(d["records"]), forgotten=Forgotten(_count(f["end"]), _text(f["chain"]),
+                                                                      _text(f["digest"])),
+                    removed=_count(d["removed"]), removed_digest=_text(d["removed_digest"]),
+                    pending=_optional_count(d["pending"]), segment=_optional_count(d["segment"]),
+                    reach=_count(d["reach"]))
+        if set(d) != set(state.to_json()):
+            raise ValueError(f"state has unknown fields {sorted(set(d) - set(state.to_json()))}")
+        return state
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Ledger) and self.to_attrs() == other.to_attrs()
 
-    def __ne__(self, other) -> bool:
-        return not self == other
+# The fields of each kind: name → type (int, str, list of ints, dict of str, bool, or optional).
+_FIELDS = {
+    "segment": {"fingerprint": str, "steps": int, "seen": int},
+    "deletion": {"request": str, "keys": int, "keys_digest": (str, type(None)), "missing": int, "ids_from": int,
+                 "ids_digest": str, "steps": list, "subtracted": int, "from": int, "fingerprint_before": str,
+                 "fingerprint_after": str, "up_to": int, "method": str, "params": dict, "version": str,
+                 "pending": bool},
+    "catch-up": {"subtracted": int, "from": int, "fingerprint_before": str, "fingerprint_after": str, "up_to": int,
+                 "version": str},
+    "confirm": {"of": int, "reason": str},
+    "undo": {"of": int, "reason": str},
+    "truncate": {"step": int},
+}
 
-    def __repr__(self) -> str:
-        return f"Ledger({len(self.records)} records, {len(self.models)} models, {self.removed_steps.size} steps removed)"
 
-    # ----------------------------------------------------------------- what it says
+@dataclass(frozen=True)
+class Record:
+    """One record of the log, checked (see the module docstring for the kinds)."""
+
+    index: int
+    kind: str
+    time: str | None  # UTC, ISO 8601; None for records carried over from format 4 without one
+    fields: dict
+    state: State  # the timeline after this record
+
     @property
-    def has_deletions(self) -> bool:
-        """Whether any step was removed (by a deletion not undone and not pending)."""
-        return bool(self.removed_steps.size)
+    def model(self) -> Model | None:
+        """The model this record made, if it made one."""
+        f = self.fields
+        if self.kind == "segment":
+            return Model(self.index, f["fingerprint"], f["steps"], f["seen"], "training")
+        if self.kind in ("deletion", "catch-up"):
+            return Model(self.index, f["fingerprint_after"], f["up_to"], self.index + 1, MAKES_A_MODEL[self.kind])
+        return None
+
+    @property
+    def removed(self) -> np.ndarray:
+        """The steps a deletion removed (that no earlier one had), sorted; empty otherwise."""
+        return np.asarray(self.fields.get("steps", ()) if self.kind == "deletion" else (), dtype=np.int64)
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "kind": self.kind, "time": self.time, **self.fields, "state": self.state.to_json()}
+
+    @classmethod
+    def parse(cls, document: dict, index: int) -> "Record":
+        """A record from its JSON document, checked: ValueError or TypeError naming what is wrong."""
+        kind = document.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"record {index} has kind {kind!r}")
+        if document.get("index") != index:
+            raise ValueError(f"record {index} says it is record {document.get('index')!r}")
+        time = document.get("time")
+        if time is not None and not isinstance(time, str):
+            raise TypeError(f"record {index}'s time must be a string or null")
+        fields = {}
+        for name, types in _FIELDS[kind].items():
+            if name not in document:
+                raise ValueError(f"record {index} lacks {name!r}")
+            value = document[name]
+            if not isinstance(value, types) or (types is int and (isinstance(value, bool) or value < 0)):
+                raise TypeError(f"record {index}'s {name} has the wrong type or sign: {value!r}")
+            fields[name] = value
+        known = set(fields) | {"index", "kind", "time", "state"}
+        if set(document) != known:
+            raise ValueError(f"record {index} has unknown fields {sorted(set(document) - known)}")
+        if kind == "deletion":
+            _steps(fields["steps"])
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields["params"].items()):
+                raise TypeError(f"record {index}'s params must map names to strings")
+        if "of" in fields and fields["of"] >= index:
+            raise ValueError(f"record {index} refers to record {fields['of']}, not an earlier one")
+        if "from" in fields and fields["from"] >= index:
+            raise ValueError(f"record {index} starts from record {fields['from']}, not an earlier one")
+        state = State.from_json(document["state"])
+        if state.records != index + 1:
+            raise ValueError(f"record {index}'s state counts {state.records} records")
+        return cls(index, kind, time, fields, state)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The model training may go on from: the one after `steps` committed steps, with
+    fingerprint "" when chosen by hand (after a truncate: the recorder accepts the model it is
+    given); `seen` as for a Model. Kept in the store's metadata with the log length it reflects."""
+
+    steps: int
+    fingerprint: str
+    seen: int = 0
+
+    @property
+    def requests(self) -> int:  # the name of earlier versions
+        return self.seen
+
+
+# ---------------------------------------------------------------------------------- the view
+class Timeline:
+    """The log as the rules read it: `records` (a sequence: len, index, slice; the store reads
+    them lazily), and `removed(steps)` → a bool mask of the steps deletions in effect removed
+    (pending included), which the store keeps beside the log so that a forget need not read it."""
+
+    def __init__(self, records: Sequence[Record], removed: Callable[[np.ndarray], np.ndarray] | None = None,
+                 where: str = "the store"):
+        self.records, self.where = records, where
+        self._removed = removed
+
+    @property
+    def state(self) -> State:
+        return self.records[-1].state if len(self.records) else State()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def removed_mask(self, steps: np.ndarray) -> np.ndarray:
+        if self._removed is not None:
+            return self._removed(steps)
+        return np.isin(steps, self.steps_removed(pending=True))
+
+    # ------------------------------------------------------------------ reading backwards
+    def newest_first(self, stop: int = 0) -> Iterable[Record]:
+        """The records from the newest back to index `stop`, in batches (the store reads a batch
+        at a time)."""
+        end = len(self.records)
+        while end > stop:
+            start = max(stop, end - 256)
+            yield from reversed(self.records[start:end])
+            end = start
+
+    def find_model(self, model, steps: int | None = None) -> Model | None:
+        """The newest model on the timeline (not undone, not past a truncate) whose fingerprint
+        matches `model` (a fingerprint, or pyunlearn.kernels.Fingerprints; None: any) and, if
+        given, whose steps are `steps`."""
+        undone, cut = set(), None
+        for record in self.newest_first():
+            if record.kind == "undo":
+                undone.add(record.fields["of"])
+            elif record.kind == "truncate":
+                cut = record.fields["step"] if cut is None else min(cut, record.fields["step"])
+            made = record.model
+            if made is None or record.index in undone or (cut is not None and made.steps > cut):
+                continue
+            if (steps is None or made.steps == steps) and (model is None or _matches(model, made.fingerprint)):
+                return made
+        return None
+
+    def deletions_since(self, seen: int) -> list[Record]:
+        """The deletions in effect (not undone) at or after record `seen`, pending included."""
+        later = list(self.records[seen:]) if seen < len(self.records) else []
+        undone = {r.fields["of"] for r in later if r.kind == "undo"}
+        if any(of < seen for of in undone):  # an undo of an older deletion: find it among all
+            undone |= {r.fields["of"] for r in self.records[:seen] if r.kind == "undo"}
+        return [r for r in later if r.kind == "deletion" and r.index not in undone]
+
+    def unseen_steps(self, seen: int, steps: int) -> np.ndarray:
+        """The steps below `steps` that deletions at or after record `seen` (in effect) removed:
+        what a model that has seen `seen` records and took `steps` steps still holds."""
+        unseen = _union(r.removed for r in self.deletions_since(seen))
+        return unseen[unseen < steps]
+
+    # ------------------------------------------------------------------ the whole log (audits)
+    def _undone(self) -> set[int]:
+        return {r.fields["of"] for r in self.records if r.kind == "undo"}
+
+    @property
+    def removed_steps(self) -> np.ndarray:
+        """Every step deletions in effect removed (sorted), a pending one's not."""
+        return self.steps_removed(pending=False)
+
+    def steps_removed(self, *, pending: bool) -> np.ndarray:
+        """Every step deletions in effect removed (sorted), the pending one's if asked."""
+        undone, p = self._undone(), self.state.pending
+        return _union(r.removed for r in self.records if r.kind == "deletion" and r.index not in undone
+                      and (pending or r.index != p))
+
+    @property
+    def models(self) -> list[Model]:
+        return [r.model for r in self.records if r.model is not None]
 
     @property
     def deletions(self) -> list[Record]:
@@ -143,334 +307,301 @@ class Ledger:
         return [r for r in self.records if r.kind == "deletion"]
 
     @property
-    def pending(self) -> Pending | None:
-        if self._pending is None:
-            return None
-        record = self.records[self._pending]
-        return Pending(record.removed, record.fields["fingerprint_after"])
+    def has_deletions(self) -> bool:
+        return bool(self.state.removed)
+
+    @property
+    def pending(self) -> Record | None:
+        p = self.state.pending
+        return None if p is None else self.records[p]
 
     @property
     def fingerprint(self) -> str | None:
-        """The model the latest deletion (settled, not undone) produced, if any."""
-        for i in reversed(self._deletions):
-            if i != self._pending:
-                return self.records[i].fields["fingerprint_after"]
+        """The model the latest deletion in effect (not pending) produced, if any."""
+        undone, p = None, self.state.pending
+        for record in self.newest_first():
+            if record.kind == "deletion" and record.index != p:
+                undone = undone if undone is not None else self._undone()
+                if record.index not in undone:
+                    return record.fields["fingerprint_after"]
         return None
 
-    @property
-    def forgotten_end(self) -> int:
-        """Where the next request's IDs go in the store's forgotten_ids array."""
-        return max((r.fields["ids_from"] + r.fields["keys"] for r in self.records if r.kind == "deletion"), default=0)
-
-    def forgotten_ranges(self) -> list[tuple[int, int]]:
-        """[start, stop) in forgotten_ids of the IDs of every deletion in effect (pending included)."""
-        return [(self.records[i].fields["ids_from"], self.records[i].fields["ids_from"] + self.records[i].fields["keys"])
-                for i in self._deletions]
-
-    def valid_models(self) -> list[int]:
-        """Indices of the models a deletion may start from (those of undone deletions excluded)."""
-        return [i for i, m in enumerate(self.models) if m.record is None or m.record not in self.undone]
-
-    def fingerprints_on_chain(self) -> list[str]:
-        return list(dict.fromkeys(self.models[i].fingerprint for i in self.valid_models()))
-
     def status(self, index: int) -> str:
-        """A deletion record's state: "applied", "pending" or "undone"."""
-        if index in self.undone:
+        """A deletion's state: "applied", "not-found" (none of its keys was used by a recorded
+        step), "pending" or "undone"."""
+        record = self.records[index]
+        if record.kind != "deletion":
+            raise ValueError(f"record {index} is a {record.kind}, not a deletion")
+        if index in self._undone():
             return "undone"
-        return "pending" if index == self._pending else "applied"
+        if index == self.state.pending:
+            return "pending"
+        return "not-found" if record.fields["keys"] and record.fields["missing"] == record.fields["keys"] else "applied"
 
     def audit(self) -> list[dict]:
-        """One row per deletion request, in order, with its state ("applied", "pending",
-        "undone" and why): the audit trail as `pyunlearn inspect --ledger/--json` shows it."""
-        reasons = {r.fields["of"]: r.fields["reason"] for r in self.records if r.kind == "undo"}
+        """One row per deletion request, in order, with its status and why it was settled: the
+        audit trail as `pyunlearn inspect --ledger/--json` shows it."""
+        settled = {r.fields["of"]: (r.kind, r.fields["reason"]) for r in self.records if r.kind in ("undo", "confirm")}
         rows = []
-        for i, record in enumerate(self.records):
-            if record.kind != "deletion":
-                continue
+        for record in self.deletions:
             fields = dict(record.fields)
             steps = fields.pop("steps")
             fields.pop("pending")
-            rows.append({"record": i, "time": record.time, "status": self.status(i), **fields,
-                         "steps_removed": len(steps), "steps": steps, "undo_reason": reasons.get(i),
-                         "checksum": record.checksum})
+            how = settled.get(record.index)
+            rows.append({"record": record.index, "time": record.time, "status": self.status(record.index), **fields,
+                         "steps_removed": len(steps), "steps": steps,
+                         "undo_reason": how[1] if how and how[0] == "undo" else None,
+                         "confirmed": how[1] if how and how[0] == "confirm" else None})
         return rows
 
-    def extends(self, older: "Ledger") -> bool:
-        """Whether this ledger is `older` with entries appended (nothing changed or dropped)."""
-        return (self.records[: len(older.records)] == older.records
-                and self.models[: len(older.models)] == older.models)
 
-    # ----------------------------------------------------------------- the rule
-    def settled_for(self, model, *, now: str | None = None) -> "Ledger":
-        """This ledger with its pending deletion settled: confirmed if the model (a fingerprint,
-        or pyunlearn._model.Fingerprints) is the one it produced or one built on it (training
-        went on from it), undone otherwise."""
-        if self._pending is None:
-            return self
-        if self._descends_from_pending(model):
-            return self.confirmed(now=now)
-        return self.undo(self._pending, "its model was not saved: the next deletion started from another model",
-                         now=now)
+# ---------------------------------------------------------------------------------- verdicts
+@dataclass(frozen=True)
+class ForgetPlan:
+    """What a forget from `start` does: subtract `subtract` (sorted), whose `new_steps` no
+    deletion removed yet; first append `settle` (a confirm of the pending deletion, if any)."""
 
-    def settled_for_training(self, model, *, now: str | None = None) -> "Ledger":
-        """The same for a recorder about to continue from `model`: settled only if the model is
-        the pending deletion's result (or built on it) or the model it started from."""
-        if self._pending is None:
-            return self
-        if self._descends_from_pending(model):
-            return self.confirmed(now=now)
-        if _matches(model, self.records[self._pending].fields["fingerprint_before"]):
-            return self.undo(self._pending, "its model was not saved: training continued from the model before it",
-                             now=now)
-        return self
-
-    def _descends_from_pending(self, model) -> bool:
-        record = self.records[self._pending]
-        if _matches(model, record.fields["fingerprint_after"]):
-            return True
-        return any(m.requests > self._pending and _matches(model, m.fingerprint)
-                   for i, m in enumerate(self.models) if i > record.fields["model"])
-
-    def unseen_steps(self, requests: int, steps: int) -> np.ndarray:
-        """Steps below `steps` that deletions at record index >= `requests` (not undone) removed:
-        what a model that has seen `requests` records and took `steps` steps still holds."""
-        unseen = _union(self.records[i].removed for i in self._deletions if i >= requests)
-        return unseen[unseen < steps]
-
-    def built_on(self, index: int) -> bool:
-        """Whether a model after deletion `index`'s own was made from its result (or a later one)."""
-        own = self.records[index].fields["model"]
-        return any(m.requests > index for m in self.models[own + 1:])
-
-    def model_at(self, steps: int) -> Model | None:
-        """The model on the timeline after `steps` steps that has seen the most records (where
-        training may continue at that step), or None."""
-        found = self.latest_match(None, steps)
-        return None if found is None else self.models[found]
-
-    def plan(self, requested_steps: np.ndarray, *, model_fingerprint, where: str, now: str | None = None,
-             **_ignored) -> DeletionPlan:
-        """What forgetting `requested_steps` from the model subtracts, by the rule in the module
-        docstring; ModelMismatchError or StoreError if it may not."""
-        model = model_fingerprint
-        base = self.settled_for(model, now=now)
-        start = base.model_for(model, where)
-        reach = base.models[start]
-        new_steps = np.setdiff1d(requested_steps, base._removed_all).astype(np.int64)
-        subtract = np.union1d(base.unseen_steps(reach.requests, reach.steps), new_steps[new_steps < reach.steps])
-        return DeletionPlan(subtract.astype(np.int64), new_steps, base, start)
-
-    def latest_match(self, model, steps: int | None = None) -> int | None:
-        """The index of the valid model on the list with this fingerprint (any, for None) and, if
-        given, these steps that has seen the most records, or None."""
-        matching = [i for i in self.valid_models() if (steps is None or self.models[i].steps == steps)
-                    and (model is None or _matches(model, self.models[i].fingerprint))]
-        return max(matching, key=lambda i: (self.models[i].requests, i)) if matching else None
-
-    def model_for(self, model, where: str) -> int:
-        """The index of the model on the list with this fingerprint (the one that has seen the
-        most requests), or ModelMismatchError / StoreError."""
-        found = self.latest_match(model)
-        if found is not None:
-            return found
-        if not self.valid_models():
-            raise StoreError(f"{where} knows no model to forget from: recording did not close cleanly. Load the "
-                             "trained model and call store.mark_final(model) first")
-        shown = model.get() if hasattr(model, "get") else model
-        known = self.fingerprints_on_chain()
-        listed = ", ".join(known[-4:]) + (f" and {len(known) - 4} older" if len(known) > 4 else "")
-        raise ModelMismatchError(
-            f"this model ({shown}) is not on the store's timeline: neither the end of a training segment nor a "
-            f"deletion's result (the store knows {listed}). Forget from one of those")
-
-    # ----------------------------------------------------------------- new entries
-    def with_deletion(self, plan: DeletionPlan, *, fingerprint_after: str, request_id: str, keys: int,
-                      keys_digest: str | None, missing_keys: int, method: str, params: dict, version: str,
-                      pending: bool, now: str | None = None, ids_from: int | None = None) -> "Ledger":
-        """plan.base with this deletion appended: its record and the model it produced. Its
-        `keys` IDs are (to be) written at [ids_from, ids_from + keys) of the store's
-        forgotten_ids array (default: after every earlier request's)."""
-        base = plan.base
-        start = base.models[plan.start]
-        index = len(base.records)
-        fields = {"request": request_id, "keys": int(keys), "keys_digest": keys_digest,
-                  "missing_keys": int(missing_keys), "ids_from": self.forgotten_end if ids_from is None else ids_from,
-                  "steps": [int(s) for s in plan.new_steps],
-                  "subtracted": int(plan.subtract.size), "from_model": plan.start,
-                  "fingerprint_before": start.fingerprint, "model": len(base.models),
-                  "fingerprint_after": fingerprint_after, "method": method, "params": dict(params),
-                  "version": version, "pending": bool(pending)}
-        record = _record("deletion", now, fields, base._last_checksum)
-        made = Model(fingerprint_after, start.steps, index + 1, "deletion", index)
-        return Ledger(base.records + (record,), base.models + (made,))
-
-    def confirmed(self, *, now: str | None = None) -> "Ledger":
-        """This ledger with its pending deletion confirmed (its model was saved)."""
-        if self._pending is None:
-            raise StoreError("the ledger has no pending deletion to confirm")
-        return self._append(_record("confirm", now, {"of": self._pending}, self._last_checksum))
-
-    def undo(self, index: int, reason: str, *, now: str | None = None) -> "Ledger":
-        """This ledger with deletion `index` marked undone (its model was not kept)."""
-        if index not in self._deletions:
-            raise StoreError(f"ledger record {index} is not a deletion in effect; nothing to undo")
-        return self._append(_record("undo", now, {"of": int(index), "reason": reason}, self._last_checksum))
-
-    def with_training_end(self, fingerprint: str, steps: int, requests: int) -> "Ledger":
-        """This ledger with a training segment's end model appended (unless it is the last one)."""
-        model = Model(fingerprint, int(steps), int(requests), "training")
-        if self.models and self.models[-1] == model:
-            return self
-        return Ledger(self.records, self.models + (model,))
-
-    def undone_back_to(self, earlier: "Ledger", where: str, *, now: str | None = None) -> "Ledger":
-        """This ledger with every deletion since `earlier` (a state it extends) undone: going back
-        to an earlier state keeps the trail append-only."""
-        if not self.extends(earlier):
-            raise StoreError(f"{where}: the new ledger neither extends the stored one nor is an earlier state of it "
-                             "(the ledger is append-only); nothing was written")
-        ledger = self
-        for index in range(len(earlier.records), len(self.records)):
-            if index in ledger._deletions:
-                if self.built_on(index):
-                    raise StoreError(f"{where}: deletion request {self.records[index].fields['request']!r} can no "
-                                     "longer be undone: a model was made from its result since; nothing was written")
-                ledger = ledger.undo(index, "its model could not be saved", now=now)
-        return ledger
-
-    def truncated(self, step: int, where: str) -> "Ledger":
-        """The ledger once steps >= `step` are dropped (training resumes from an earlier
-        checkpoint): the models past it go, unless a deletion record names one or removed a step
-        past it (StoreError: the ledger would no longer describe them)."""
-        named = max((max(r.fields["from_model"], r.fields["model"]) for r in self.records if r.kind == "deletion"),
-                    default=-1)
-        if any(m.steps > step for m in self.models[: named + 1]) or (self._removed_all.size
-                                                                      and self._removed_all[-1] >= step):
-            raise StoreError(f"{where} has deletions recorded for models or steps past step {step}; truncating "
-                             "would detach them from the models they describe")
-        return Ledger(self.records, [m for i, m in enumerate(self.models) if i <= named or m.steps <= step])
-
-    def _append(self, record: Record) -> "Ledger":
-        return Ledger(self.records + (record,), self.models)
-
-    @property
-    def _last_checksum(self) -> str:
-        return self.records[-1].checksum if self.records else ""
-
-    # ----------------------------------------------------------------- on disk
-    def to_attrs(self) -> dict:
-        return {"records": [r.to_json() for r in self.records], "models": [m.to_json() for m in self.models]}
-
-    @classmethod
-    def from_attrs(cls, attrs, where: str) -> "Ledger":
-        try:
-            previous, records = "", []
-            for i, document in enumerate(attrs["records"]):
-                record = _record_from_json(document, i, previous)
-                records.append(record)
-                previous = record.checksum
-            models = [_model_from_json(d, len(records)) for d in attrs["models"]]
-            ledger = cls(records, models)
-            for i, record in enumerate(records):
-                if record.kind != "deletion":
-                    if not 0 <= record.fields["of"] < i or records[record.fields["of"]].kind != "deletion":
-                        raise ValueError(f"record {i} refers to record {record.fields['of']}, not an earlier deletion")
-                elif not (0 <= record.fields["model"] < len(models) and models[record.fields["model"]].record == i):
-                    raise ValueError(f"record {i}'s model is not on the list")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptStoreError(f"{where}: the deletion ledger in the group attributes is malformed ({exc}); "
-                                    "restore the store's zarr.json from a copy") from None
-        return ledger
-
-    @classmethod
-    def from_format_3(cls, attrs, *, final_fingerprint: str | None, final_steps: int | None, steps: int,
-                      where: str) -> "Ledger":
-        """The ledger of a store written before format 4 (the removed steps, the model they
-        produced, perhaps a pending deletion), as a timeline: the final model, then one deletion
-        record per entry, dated None."""
-        try:
-            removed = _steps(attrs["removed_steps"])
-            fingerprint = attrs["fingerprint"]
-            if fingerprint is not None and not isinstance(fingerprint, str):
-                raise TypeError("fingerprint must be a string or null")
-            pending = attrs.get("pending")
-            if pending is not None and not isinstance(pending.get("fingerprint"), str):
-                raise TypeError("pending.fingerprint must be a string")
-            pending_steps = None if pending is None else _steps(pending["steps"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptStoreError(f"{where}: the deletion ledger in the group attributes is malformed ({exc}); "
-                                    "restore the store's zarr.json from a copy") from None
-        ledger = cls()
-        if final_fingerprint is None:
-            return ledger
-        ledger = ledger.with_training_end(final_fingerprint, steps if final_steps is None else final_steps, 0)
-        for new, after, is_pending in ((removed, fingerprint, False), (pending_steps, pending and pending["fingerprint"], True)):
-            if new is None or after is None or (not is_pending and not new.size):
-                continue
-            plan = DeletionPlan(new, new, ledger, len(ledger.models) - 1)
-            ledger = ledger.with_deletion(plan, fingerprint_after=after, request_id="before-format-4", keys=0,
-                                          keys_digest=None, missing_keys=0, method="amnesiac", params={},
-                                          version="", pending=is_pending, now="")
-        return ledger
+    start: Model
+    subtract: np.ndarray
+    new_steps: np.ndarray
+    settle: tuple[dict, ...] = ()  # {"kind": ..., fields...} records to append before the deletion
 
 
-# ---------------------------------------------------------------------- records on disk
-def _record(kind: str, now: str | None, fields: dict, previous: str) -> Record:
-    time = utc_now() if now is None else (now or None)
-    return Record(kind, time, fields, _checksum(kind, time, fields, previous))
+def plan_forget(timeline: Timeline, model, requested_steps: np.ndarray) -> ForgetPlan:
+    """What forgetting `requested_steps` from `model` subtracts (the rule in the module
+    docstring). A pending deletion is never undone here: forgetting from its model confirms it,
+    and forgetting from a model before it applies its steps too (and confirms it so). Refused
+    (ModelMismatchError, StoreError) when the model is not on the timeline."""
+    start = timeline.find_model(model)
+    if start is None:
+        raise _not_on_timeline(timeline, model)
+    settle = ()
+    pending = timeline.state.pending
+    if pending is not None:
+        reason = "its model was forgotten from" if start.record == pending else \
+            "applied by the next forget, which started from an earlier model"
+        settle = ({"kind": "confirm", "of": pending, "reason": reason},)
+    requested = np.unique(np.asarray(requested_steps, dtype=np.int64))
+    new_steps = requested[~timeline.removed_mask(requested)] if requested.size else requested
+    subtract = np.union1d(timeline.unseen_steps(start.seen, start.steps), new_steps[new_steps < start.steps])
+    return ForgetPlan(start, subtract.astype(np.int64), new_steps.astype(np.int64), settle)
 
 
-def _checksum(kind: str, time, fields: dict, previous: str) -> str:
-    text = json.dumps({"kind": kind, "time": time, **fields, "previous": previous}, sort_keys=True,
-                      separators=(",", ":"), allow_nan=False)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+@dataclass(frozen=True)
+class Verdict:
+    """An answer to "may this happen?": `allowed`, else `refusal` (the error to raise); and
+    what to write when it may: `settle` (records to append first) and `point` (the resume point
+    to record, or None for no change)."""
+
+    allowed: bool
+    refusal: Exception | None = None
+    settle: tuple[dict, ...] = ()
+    point: ResumePoint | None = None
 
 
-_FIELDS = {
-    "deletion": {"request": str, "keys": int, "keys_digest": (str, type(None)), "missing_keys": int,
-                 "ids_from": int, "steps": list,
-                 "subtracted": int, "from_model": int, "fingerprint_before": str, "model": int,
-                 "fingerprint_after": str, "method": str, "params": dict, "version": str, "pending": bool},
-    "undo": {"of": int, "reason": str},
-    "confirm": {"of": int},
-}
+def continue_training(timeline: Timeline, point: ResumePoint | None, *, committed_steps: int,
+                      initial_fingerprint: str, model) -> Verdict:
+    """Whether training may go on from `model` (a fingerprint or Fingerprints), the store
+    holding `committed_steps` steps whose resume point is `point`. Allowed: from the model the
+    steps end with (the resume point, or the final model of a store without one), or from a
+    model of the timeline at that step (an older checkpoint brought up to date). Refused: any
+    other model, and a model that still holds steps a deletion removed (training on would keep
+    the deleted samples' updates). A pending deletion whose model this is, is confirmed."""
+    n, settle = committed_steps, ()
+    pending = timeline.state.pending
+    if pending is not None and _descends_from_pending(timeline, model, pending):
+        settle = ({"kind": "confirm", "of": pending, "reason": "training went on from its model"},)
+    if n == 0:
+        if _matches(model, initial_fingerprint):
+            return Verdict(True, settle=settle)
+        return Verdict(False, _refused(timeline.where, n, point, None, ": the store is empty, and this is not the "
+                                       "model it was created for"))
+    final = timeline.records[timeline.state.segment].model if timeline.state.segment is not None else None
+    accepted = None
+    if point is not None and point.steps == n and (point.fingerprint == "" or _matches(model, point.fingerprint)):
+        accepted = point
+    elif point is None and final is not None and final.steps == n and _matches(model, final.fingerprint):
+        accepted = ResumePoint(n, final.fingerprint, final.seen)
+    else:
+        found = timeline.find_model(model, steps=n)
+        if found is not None:  # a model of the timeline at this step, e.g. an older checkpoint caught up
+            fingerprint = model.get(like=found.fingerprint) if hasattr(model, "get") else model
+            accepted = ResumePoint(n, fingerprint, found.seen)
+    if accepted is None:
+        return Verdict(False, _refused(timeline.where, n, point, final, None))
+    behind = timeline.unseen_steps(accepted.seen, n)
+    if pending is not None and not settle and pending >= accepted.seen:
+        behind = np.union1d(behind, timeline.records[pending].removed[timeline.records[pending].removed < n])
+    if behind.size:
+        return Verdict(False, ResumeRefused(
+            f"{timeline.where}: deletion requests came in after this model was made, and it still holds "
+            f"{behind.size} of the steps they removed; training must not go on from it. Bring it up to date "
+            "first: pyunlearn.amnesiac_forget(model, store, []) (then resume from the model it returns)"))
+    return Verdict(True, settle=settle, point=accepted if accepted != point else None)
 
 
-def _record_from_json(document: dict, index: int, previous: str) -> Record:
-    kind = document["kind"]
-    if kind not in KINDS:
-        raise ValueError(f"record {index} has kind {kind!r}")
-    time = document["time"]
-    if time is not None and not isinstance(time, str):
-        raise TypeError(f"record {index}'s time must be a string or null")
-    fields = {}
-    for name, types in _FIELDS[kind].items():
-        value = document[name]
-        if not isinstance(value, types) or (types is int and isinstance(value, bool)):
-            raise TypeError(f"record {index}'s {name} has the wrong type")
-        fields[name] = value
+def segment_end(timeline: Timeline, point: ResumePoint | None, *, committed_steps: int, fingerprint: str) -> Verdict:
+    """Whether the model with `fingerprint` may be marked as the end of the training segment
+    that committed `committed_steps` steps (a segment record, and the resume point). Refused
+    when the store knows the model after those steps and this is another one: a later forget
+    would subtract steps that model never took, or miss ones it did."""
+    n = committed_steps
+    if point is not None and point.steps == n and point.fingerprint and point.fingerprint != fingerprint:
+        return Verdict(False, ModelMismatchError(
+            f"{timeline.where}: its {n} steps end with model {point.fingerprint} (the resume point a recorder flush "
+            f"or close recorded), not with this model ({fingerprint}): it cannot be marked as their end. Mark the "
+            "model training ended with (after truncate(step) if training went on from an earlier checkpoint)"))
+    found = timeline.find_model(fingerprint, steps=n)
+    seen = found.seen if found is not None else (point.seen if point is not None else 0)
+    new_point = ResumePoint(n, fingerprint, seen)
+    last = timeline.records[timeline.state.segment].model if timeline.state.segment is not None else None
+    if last is not None and (last.fingerprint, last.steps, last.seen) == (fingerprint, n, seen) and \
+            last.record == len(timeline) - 1:
+        return Verdict(True, point=new_point)  # already the last record
+    return Verdict(True, settle=({"kind": "segment", "fingerprint": fingerprint, "steps": n, "seen": seen},),
+                   point=new_point)
+
+
+def resume_after(point: ResumePoint | None, records: Iterable[Record], timeline: Timeline | None = None
+                 ) -> ResumePoint | None:
+    """Where training goes on once `records` are appended: a deletion or catch-up made from
+    the model training would go on from moves the point to the model it produced (the old one
+    holds the deleted samples' updates); a segment's end is the point; undoing a deletion
+    whose model is the point moves it back to the model the deletion started from."""
+    for record in records:
+        if point is None and record.kind != "segment":
+            continue
+        made = record.model
+        if record.kind == "segment":
+            point = ResumePoint(made.steps, made.fingerprint, made.seen)
+        elif made is not None:
+            start_fingerprint = record.fields["fingerprint_before"]
+            if point.fingerprint == start_fingerprint and point.steps == made.steps:
+                point = ResumePoint(point.steps, made.fingerprint, made.seen)
+        elif record.kind == "undo" and timeline is not None:
+            undone = timeline.records[record.fields["of"]]
+            if point.fingerprint == undone.fields["fingerprint_after"]:
+                start = timeline.records[undone.fields["from"]].model
+                point = ResumePoint(point.steps, undone.fields["fingerprint_before"],
+                                    start.seen if start is not None else 0)
+        elif record.kind == "truncate" and point.steps > record.fields["step"]:
+            point = ResumePoint(record.fields["step"], "", point.seen)
+    return point
+
+
+def truncation(timeline: Timeline, point: ResumePoint | None, step: int) -> Verdict:
+    """Whether steps >= `step` may be dropped, and the resume point after: refused where a
+    deletion in effect removed a step at or past it or names a model past it (the log would no
+    longer describe them). The point becomes the timeline's model at `step` with the most
+    deletions applied, else the old point if it is at `step`, else "chosen by hand"."""
+    if timeline.state.reach > step:
+        return Verdict(False, StoreError(
+            f"{timeline.where} has deletions recorded for models or steps past step {step}; truncating would "
+            "detach them from the models they describe"))
+    found = timeline.find_model(None, steps=step)
+    if found is not None:
+        new_point = ResumePoint(step, found.fingerprint, found.seen)
+    elif point is not None and point.steps == step:
+        new_point = point
+    else:
+        new_point = ResumePoint(step, "", point.seen if point is not None else 0)
+    return Verdict(True, settle=({"kind": "truncate", "step": int(step)},), point=new_point)
+
+
+def undo_back_to(timeline: Timeline, point: ResumePoint | None, records: int, reason: str) -> Verdict:
+    """The undo records that take the timeline back to its first `records` records (a
+    deletion whose model could not be saved): every deletion in effect since is undone (they
+    stay listed). Refused where a model that has one of them applied was made since (a later
+    forget or catch-up, a training segment), or training went on from its model."""
+    later = timeline.deletions_since(records)
+    settle = []
+    for record in later:
+        index, request = record.index, record.fields["request"]
+        if any(r.model is not None and r.model.seen > index for r in timeline.records[index + 1:]):
+            return Verdict(False, StoreError(
+                f"{timeline.where}: deletion request {request!r} can no longer be undone: a model that has it "
+                "applied was made since (a later forget, catch-up or training segment); nothing was written"))
+        if point is not None and point.seen > index and point.steps > record.fields["up_to"]:
+            return Verdict(False, StoreError(
+                f"{timeline.where}: deletion request {request!r} can no longer be undone: training went on from its "
+                "model since; nothing was written"))
+        settle.append({"kind": "undo", "of": index, "reason": reason})
+    return Verdict(True, settle=tuple(settle))
+
+
+# ---------------------------------------------------------------------------------- state
+def next_state(timeline: Timeline, kind: str, fields: dict, *, forgotten: Forgotten, removed: int,
+               removed_digest: str) -> State:
+    """The state after appending a record of `kind` with `fields` to `timeline`; the store
+    gives what it computed from its arrays: the forgotten IDs' digest and the removed steps'
+    count and digest after the record."""
+    state, n = timeline.state, len(timeline)
+    pending, segment, reach = state.pending, state.segment, state.reach
     if kind == "deletion":
-        _steps(fields["steps"])
-    if set(document) != set(fields) | {"kind", "time", "checksum"}:
-        raise ValueError(f"record {index} has unknown fields {sorted(set(document) - set(fields))}")
-    checksum = _checksum(kind, time, fields, previous)
-    if document["checksum"] != checksum:
-        raise ValueError(f"record {index} fails its checksum (the audit trail was edited or damaged)")
-    return Record(kind, time, fields, checksum)
+        pending = n if fields["pending"] else pending
+        reach = max(reach, fields["up_to"], (fields["steps"][-1] + 1) if fields["steps"] else 0)
+    elif kind == "catch-up":
+        reach = max(reach, fields["up_to"])
+    elif kind == "segment":
+        segment = n
+    elif kind in ("confirm", "undo") and fields["of"] == pending:
+        pending = None
+    elif kind == "truncate" and segment is not None and timeline.records[segment].fields["steps"] > fields["step"]:
+        segment = None
+    if kind == "undo":  # the deletions still in effect say how far truncation is refused
+        undone = {fields["of"]}
+        reach = 0
+        for record in timeline.records:
+            if record.kind == "undo":
+                undone.add(record.fields["of"])
+        for record in timeline.records:
+            if record.kind in ("deletion", "catch-up") and record.index not in undone:
+                steps = record.fields.get("steps") or []
+                reach = max(reach, record.fields["up_to"], steps[-1] + 1 if steps else 0)
+    return State(records=n + 1, forgotten=forgotten, removed=removed, removed_digest=removed_digest,
+                 pending=pending, segment=segment, reach=reach)
 
 
-def _model_from_json(document: dict, records: int) -> Model:
-    model = Model(document["fingerprint"], document["steps"], document["requests"], document["made_by"],
-                  document["record"])
-    if not isinstance(model.fingerprint, str) or model.made_by not in MADE_BY:
-        raise TypeError("a model on the list is malformed")
-    for value in (model.steps, model.requests):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise TypeError("a model's steps and requests must be non-negative ints")
-    if model.requests > records or (model.made_by == "deletion") != isinstance(model.record, int):
-        raise ValueError("a model on the list refers to records that are not there")
-    return model
+# ---------------------------------------------------------------------------------- helpers
+def _descends_from_pending(timeline: Timeline, model, pending: int) -> bool:
+    record = timeline.records[pending]
+    if _matches(model, record.fields["fingerprint_after"]):
+        return True
+    return any(r.model is not None and r.model.seen > pending and _matches(model, r.model.fingerprint)
+               for r in timeline.records[pending + 1:])
+
+
+def _not_on_timeline(timeline: Timeline, model) -> Exception:
+    known = []
+    for record in timeline.newest_first():
+        if record.model is not None and record.model.fingerprint not in known:
+            known.append(record.model.fingerprint)
+            if len(known) == 4:
+                break
+    if not known:
+        return StoreError(f"{timeline.where} knows no model to forget from: recording did not close cleanly. Load "
+                          "the trained model and call store.mark_final(model) first")
+    shown = model.get() if hasattr(model, "get") else model
+    return ModelMismatchError(
+        f"this model ({shown}) is not on the store's timeline: neither the end of a training segment nor a "
+        f"deletion's result (the newest it knows: {', '.join(known)}). Forget from one of those")
+
+
+def _refused(where: str, n: int, point: ResumePoint | None, final: Model | None, known: str | None) -> ResumeRefused:
+    if known is None:
+        if point is not None and point.steps == n or final is not None and final.steps == n:
+            known = ""
+        elif point is not None:
+            known = (f" (the last model it knows is the one after step {point.steps}; the steps after it were "
+                     "written by a run that neither flushed nor closed its recorder)")
+        else:
+            known = " (it knows no model to continue from: the run that wrote it neither flushed nor closed its recorder)"
+    return ResumeRefused(
+        f"{where} already holds {n} steps, and this model is not the one they end with{known}. Is training "
+        "resuming from an earlier checkpoint? This step did not run. Load the recorder state saved with that "
+        "checkpoint: rec.load_state_dict(ckpt[\"recorder\"]) (or UpdateRecorder(..., state=ckpt[\"recorder\"])), "
+        "which drops the store's steps after the checkpoint's. Without a saved state: store.truncate(step) with "
+        "the checkpoint's step (the later steps belong to the abandoned run), then step again")
 
 
 def _matches(model, stored: str | None) -> bool:
@@ -491,3 +622,24 @@ def _steps(value) -> np.ndarray:
     if steps.size and (np.any(np.diff(steps) <= 0) or steps[0] < 0):
         raise ValueError("steps must be sorted, unique and non-negative")
     return steps
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative int, got {value!r}")
+    return value
+
+
+def _optional_count(value) -> int | None:
+    return None if value is None else _count(value)
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+__all__ = ["Model", "Record", "State", "Forgotten", "ResumePoint", "Timeline", "ForgetPlan", "Verdict", "plan_forget",
+           "continue_training", "segment_end", "resume_after", "truncation", "undo_back_to", "next_state", "KINDS",
+           "utc_now", "new_request_id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+import xxhash
 
 from . import reference
 from .backends import native_cpu_module
@@ -12,33 +13,41 @@ from .backends import native_cpu_module
 __all__ = ["fingerprint", "same_model", "Fingerprints", "fingerprint_algorithm", "FINGERPRINT_ALGORITHM"]
 
 
-#: The algorithm of new fingerprints. Stores keep whichever algorithm wrote each value, so a
-#: comparison with a stored value must hash with that value's algorithm (see same_model).
-FINGERPRINT_ALGORITHM = "xh128"
-_ALGORITHMS = ("xh128", "sha256")
+#: The algorithm of new fingerprints: XXH3-128, a standard hash any reader has (the xxhash
+#: library). Stores keep whichever algorithm wrote each value, so a comparison with a stored
+#: value hashes with that value's algorithm (see same_model): "xh128" (pyunlearn's own, stores of
+#: format 4) and "sha256" (before it) are still computed for them.
+FINGERPRINT_ALGORITHM = "xxh3"
+_ALGORITHMS = ("xxh3", "xh128", "sha256")
 
 
 def fingerprint_algorithm(value: str) -> str:
-    """The algorithm a fingerprint names by its prefix: 'xh128', or 'sha256' (the only one
-    before xh128; stores keep such values); ValueError for anything else."""
+    """The algorithm a fingerprint names by its prefix: 'xxh3', 'xh128' or 'sha256' (stores keep
+    values of each); ValueError for anything else."""
     algorithm, sep, _ = value.partition(":") if isinstance(value, str) else ("", "", "")
     if not sep or algorithm not in _ALGORITHMS:
         raise ValueError(f"not a fingerprint this pyunlearn can compute: {value!r} "
-                         "(expected 'xh128:' or 'sha256:' and 32 hex digits)")
+                         "(expected 'xxh3:', 'xh128:' or 'sha256:' and 32 hex digits)")
     return algorithm
 
 
 def fingerprint(params, like: str | None = None) -> str:
     """A model's identity: "<algorithm>:<32 hex digits>" over its parameters' float32 values in
-    logical (row-major) order, layer after layer (a bfloat16 model and its float32 copy agree).
+    logical (row-major) order, layer after layer, little-endian (a bfloat16 model and its float32
+    copy agree).
 
-    The algorithm is xh128 (csrc/cpu/fingerprint.cpp: a native parallel hash, ~10x faster than
-    sha256), or that of `like`, a stored fingerprint: the result then equals `like` exactly
-    when the values are the ones it was computed from. xh128 identifies models; it is not a
-    security measure (whoever chooses the values can forge a collision; a store's metadata is
-    protected by its checksum, not by this)."""
+    The algorithm is XXH3-128 (seed 0; the 16 digest bytes in canonical big-endian order, as
+    hex), or that of `like`, a stored fingerprint: the result then equals `like` exactly when
+    the values are the ones it was computed from. A fingerprint identifies models; it is not a
+    security measure (whoever chooses the values can forge a collision; the audit log's MACs
+    and the metadata's checksum protect the store, not this)."""
     algorithm = FINGERPRINT_ALGORITHM if like is None else fingerprint_algorithm(like)
     values = [p.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy() for p in params]  # no copy
+    if algorithm == "xxh3":
+        digest = xxhash.xxh3_128()
+        for v in values:
+            digest.update(memoryview(v.astype("<f4", copy=False)).cast("B"))
+        return "xxh3:" + digest.hexdigest()
     if algorithm == "sha256":
         digest = hashlib.sha256()
         for v in values:

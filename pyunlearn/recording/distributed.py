@@ -2,6 +2,8 @@
 the role of a rank that does not write (the writer rank is the recorder's _WritingRole)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import keys
@@ -25,16 +27,22 @@ class FollowerRole:
         self._dist = dist
         self.steps = 0
         self._forgotten = np.empty(0, np.int64)
+        self._keys = keys.StoreKeys()
+        self._store = _KeysOf(None, None, 0)
 
     def share_keys(self, dist: "Distributed") -> None:
         hasher = keys.KeyHasher.resolve()
-        self._forgotten = dist.agree_on_keys(None if hasher is None else hasher.check, None)
+        self._forgotten, store = dist.agree_on_keys(None if hasher is None else hasher.check, None)
+        # The writer's store as far as mapping goes: whether it holds keys, how it maps them.
+        key_check, mapping, steps = store
+        self._store = _KeysOf(key_check, mapping, steps)
 
     def ids_for(self, values) -> np.ndarray:
-        """A batch's IDs; keys mapped with the secret from the environment (every rank needs the
-        same; share_keys checked that as recording started)."""
-        ids = keys.to_ids(values, keys.KeyHasher.resolve() if keys.is_keys(values) else None, None, "this rank")
-        return refuse_forgotten(ids, self._forgotten)
+        """A batch's IDs by the writer's store's rules: keys mapped with the secret from the
+        environment (every rank needs the same; share_keys checked that as recording started),
+        integers on a store of integers."""
+        ids = self._keys.ids(values, self._store, "the store", "this rank's batch", first_keys=True)
+        return refuse_forgotten(np.asarray(ids, dtype=np.int64), self._forgotten)
 
     def before_step(self) -> None:
         pass  # the writer's error reaches this rank through the gather
@@ -59,6 +67,18 @@ class FollowerRole:
 
     def close(self, mark_final: bool) -> None:
         pass
+
+
+class _KeysOf(NamedTuple):
+    """What a rank that holds no store needs of the writer's to map a batch (keys.StoreKeys.ids)."""
+
+    key_check: str | None
+    key_mapping: int | None
+    committed_steps: int
+
+    @property
+    def keyed(self) -> bool:
+        return self.key_check is not None
 
 
 class Distributed:
@@ -89,17 +109,18 @@ class Distributed:
             raise RecorderError(f"recording stopped on the writer rank ({failures[0]}); every rank stops with it")
         return np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in gathered])
 
-    def agree_on_keys(self, key_check: str | None, forgotten: np.ndarray | None) -> np.ndarray:
+    def agree_on_keys(self, key_check: str | None, forgotten: np.ndarray | None, store=None) -> tuple:
         """Once, as recording starts: every rank's secret (its check value) must be the same, or
         every rank raises together; returns the writer's forgotten IDs, which each rank checks
-        its own batches against."""
+        its own batches against, and the writer store's (key_check, key_mapping, steps)."""
         import torch.distributed as dist
 
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (key_check, forgotten))
-        checks = {check for check, _ in gathered if check is not None}
+        dist.all_gather_object(gathered, (key_check, forgotten, store))
+        checks = {check for check, _, _ in gathered if check is not None}
         if len(checks) > 1:
             raise RecorderError("the DDP ranks map keys with different secrets: their samples would be recorded under "
                                 "IDs no lookup finds. Give every rank the store's secret (PYUNLEARN_SECRET or "
                                 "PYUNLEARN_SECRET_FILE)")
-        return gathered[self.writer_rank][1]
+        _, forgotten, store = gathered[self.writer_rank]
+        return forgotten, store

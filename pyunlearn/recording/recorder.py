@@ -36,15 +36,14 @@ import warnings
 import numpy as np
 import torch
 
-from .. import attribution
+from .. import attribution, keys, ledger
 from .._validate import positive_int
 from ..errors import ModelMismatchError, NonFiniteUpdateError, RecorderError, ResumeRefused, TrainingChangedError
 from ..kernels import Fingerprints, same_model, supports
 from ..kernels.backends import backend_for
 from ..kernels.checks import one_device
 from ..store import UpdateStore
-from ..store.metadata import ResumePoint
-from .continuation import deletions_not_applied, refuse_forgotten, seen_on_timeline, settle_pending
+from .continuation import refuse_forgotten
 from .distributed import STATE_MISMATCH, Distributed, FollowerRole
 from .row_sources import DeviceUpdateRows, GradientRows, UpdateRows
 from .writer import BackgroundWriter
@@ -241,16 +240,17 @@ class _WritingRole:
         family = attribution.family_for(optimizer) if store.attribution == "gradient" else None
         # One device for the whole model (the snapshot and the pruning live there), one pyunlearn runs on.
         supports(one_device(_named_parameters(model), "model", "recording"))
+        # The write session is this recorder's until close(): forgetting, marking a final model or
+        # another recorder through this handle is refused meanwhile.
+        self._owner = f"recording (recorder {id(self):x})"
         self._session = contextlib.ExitStack()
         with self._session:
-            self._session.enter_context(store.writing())  # fail now, not after training steps went unrecorded
+            self._session.enter_context(store.writing(self._owner))  # fail now, not after steps went unrecorded
             if store.steps == 0 and not same_model(params, store.initial_fingerprint):
                 raise ModelMismatchError("the model differs from the one the store was created for: create the "
                                          "store from the model as training starts")
             if family is not None:
                 store.set_optimizer_family(family.name)
-            if store.recorder is not None:
-                raise RecorderError(f"another recorder is recording into this handle of {store.path}: close it first")
             self._session = self._session.pop_all()  # the session stays open until close()
         self._model, self._optimizer, self._store, self._dist = model, optimizer, store, dist
         self._params, self._family = params, family
@@ -270,21 +270,25 @@ class _WritingRole:
         self._writer = BackgroundWriter(
             store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size,
             flush_every_s)
-        store.recorder = self  # forgetting and mark_final through this handle wait for close()
 
     def ids_for(self, values) -> np.ndarray:
-        """A batch's IDs, keys mapped with the store's secret; refused if a deletion request asked
-        for any of them (training on them again would undo the deletion)."""
+        """A batch's IDs: keys mapped with the store's secret (the first keys make an empty store
+        a store of keys: UpdateStore.register_keys), integers on a store of integers; refused if
+        a deletion request asked for any of them (training on them again would undo the deletion)."""
+        store = self._store
         if type(values) is torch.Tensor and values.dtype is torch.int64 and values.dim() == 1 and \
-                values.device.type == "cpu" and values.numel():
+                values.device.type == "cpu" and values.numel() and not store.metadata.keyed:
             ids = values.detach().numpy()  # what as_ids makes of it, without ~20 µs of its checks every batch
         else:
-            ids = self._store.ids_for(values, recording=True)
+            if not store.metadata.keyed and store.steps == 0 and keys.is_keys(values):
+                store.register_keys()  # an explicit call: the store records the secret's check value
+            ids = np.asarray(store.ids_for(values), dtype=np.int64)
         return refuse_forgotten(ids, self._forgotten)
 
     def share_keys(self, dist: "Distributed") -> None:
-        check = self._store.metadata.key_check or self._store.keys.check()
-        dist.agree_on_keys(check, self._forgotten)
+        meta = self._store.metadata
+        dist.agree_on_keys(meta.key_check or self._store.keys.check(), self._forgotten,
+                           store=(meta.key_check, meta.key_mapping, meta.committed_steps))
 
     def _make_rows(self):
         if self._family is not None:
@@ -351,49 +355,17 @@ class _WritingRole:
         return None
 
     def _settle_resume(self) -> "ResumeRefused | None":
-        """For a store that had steps when recording started: accepts the model if it is the
-        one they end with (then the recorder starts from it), or says what to do."""
+        """For a store that had steps when recording started: accepts the model if the timeline
+        lets training go on from it (pyunlearn.ledger.continue_training; then the recorder
+        starts from it), or returns the refusal that says what to do."""
         store = self._store
-        n, model = store.steps, Fingerprints(self._params)  # stored values may use an older algorithm
-        if settle_pending(store, model):
-            self._forgotten = store.forgotten_ids()  # an undone deletion's samples are not forgotten
-        point = store.metadata.resume_point
-        if n == 0:
-            accepted = model.matches(store.initial_fingerprint)
-        else:
-            # The final model only where no resume point was recorded (older stores): after a deletion
-            # the resume point is the model it produced, and the final one holds the deleted updates.
-            accepted = (point is not None and point.steps == n and (point.fingerprint == "" or
-                                                                   model.matches(point.fingerprint))) or \
-                (point is None and store.final_steps == n and model.matches(store.final_fingerprint))
-            seen = None if accepted else seen_on_timeline(store, model, n)
-            if seen is not None:  # a model of the timeline at this step, e.g. an older checkpoint caught up
-                behind = deletions_not_applied(store, ResumePoint(n, "", seen))
-                if behind is not None:
-                    return behind
-                store.mark_resume_point(self._model, steps=n)
-                point, accepted = store.metadata.resume_point, True
-        if accepted:
-            behind = deletions_not_applied(store, point)
-            if behind is not None:
-                return behind
-            self._resumed(n)
-            return None
-        if n == 0:
-            known = ": the store is empty, and this is not the model it was created for"
-        elif point is not None and point.steps == n or store.final_steps == n:
-            known = ""
-        elif point is not None:
-            known = (f" (the last model it knows is the one after step {point.steps}; the steps after it were "
-                     "written by a run that neither flushed nor closed its recorder)")
-        else:
-            known = " (it knows no model to continue from: the run that wrote it neither flushed nor closed its recorder)"
-        return ResumeRefused(
-            f"{store.path} already holds {n} steps, and this model is not the one they end with{known}. Is training "
-            "resuming from an earlier checkpoint? This step did not run. Load the recorder state saved with that "
-            "checkpoint: rec.load_state_dict(ckpt[\"recorder\"]) (or UpdateRecorder(..., state=ckpt[\"recorder\"])), "
-            "which drops the store's steps after the checkpoint's. Without a saved state: store.truncate(step) with "
-            "the checkpoint's step (the later steps belong to the abandoned run), then step again")
+        try:
+            store.continue_training(Fingerprints(self._params))  # stored values may use an older algorithm
+        except ResumeRefused as exc:
+            return exc
+        self._forgotten = store.forgotten_ids()
+        self._resumed(store.steps)
+        return None
 
     def _resumed(self, steps: int) -> None:
         """Recording continues from the model as it is now, after `steps` steps."""
@@ -431,13 +403,13 @@ class _WritingRole:
             if refusal is not None:
                 raise refusal
         if mark:
-            point = self._store.metadata.resume_point
+            point = self._store.resume_point
             if point is None or point.steps != self.steps or not point.fingerprint:
                 self._store.mark_resume_point(self._model, steps=self.steps)
         return self.steps
 
     def fingerprint_at(self, steps: int) -> str:
-        point = self._store.metadata.resume_point  # flush() recorded it
+        point = self._store.resume_point  # flush() recorded it
         if point is None or point.steps != steps or not point.fingerprint:
             raise RecorderError(f"{self._store.path} changed while the recorder state was taken: its resume point is "
                                 f"{point}, not the model after step {steps}")
@@ -451,8 +423,6 @@ class _WritingRole:
         model = Fingerprints(self._params)  # one hash per algorithm for every comparison below
         if not model.matches(model_fingerprint):
             raise ModelMismatchError(STATE_MISMATCH)
-        if settle_pending(store, model):
-            self._forgotten = store.forgotten_ids()
         n = store.steps
         if n < steps:
             raise RecorderError(
@@ -461,42 +431,40 @@ class _WritingRole:
                 "checkpoint's recorder state did not come from rec.state_dict(), or the store was truncated or "
                 f"restored from an older copy since). Resume from a checkpoint saved at step {n} or earlier, with "
                 "its recorder state, or record into a new store")
+        point = store.resume_point
         if n == steps:
-            point = store.metadata.resume_point
-            known = {point.fingerprint} if point is not None and point.steps == n and point.fingerprint else set()
-            if point is None and store.final_steps == n and store.final_fingerprint:
-                known.add(store.final_fingerprint)
-            if known and not any(model.matches(f) for f in known):
+            final = store.final_model
+            known = point.fingerprint if point is not None and point.steps == n and point.fingerprint else \
+                (final.fingerprint if point is None and final is not None else None)
+            if known and not model.matches(known) and store.ledger.find_model(model, steps=n) is None:
                 raise RecorderError(
                     f"{store.path} holds {n} steps, as the checkpoint does, but they end with another model: another "
                     "run went on from an earlier checkpoint and replaced the steps this one saw. Resume from a "
                     "checkpoint older than that branch point (with its recorder state), or record into a new store")
         else:
-            point = store.metadata.resume_after_truncate(steps) if steps <= n else None
-            if point is not None and point.fingerprint and not model.matches(point.fingerprint):
+            after = ledger.truncation(store.ledger, point, steps)
+            if after.allowed and after.point.fingerprint and not model.matches(after.point.fingerprint):
                 raise RecorderError(
-                    f"after step {steps} {store.path}'s timeline holds another model ({point.fingerprint}): a deletion "
-                    "was applied to this checkpoint's model since it was saved, and training must go on from the "
-                    "model it produced. Resume from that model's checkpoint, or bring this one up to date first: "
-                    "pyunlearn.amnesiac_forget(model, store, [])")
+                    f"after step {steps} {store.path}'s timeline holds another model ({after.point.fingerprint}): a "
+                    "deletion was applied to this checkpoint's model since it was saved, and training must go on "
+                    "from the model it produced. Resume from that model's checkpoint, or bring this one up to date "
+                    "first: pyunlearn.amnesiac_forget(model, store, [])")
             store.truncate(steps)
-        behind = deletions_not_applied(store, store.metadata.resume_point)
-        if behind is not None:
-            raise behind
+        store.continue_training(model)  # ResumeRefused where a deletion's steps are still in it
+        self._forgotten = store.forgotten_ids()
         store.mark_resume_point(self._model, steps=steps)
         self._resumed(steps)
         return n - steps
 
     def close(self, mark_final: bool) -> None:
         with self._session:  # releases the writer lock at the end if the recorder took it
-            self._store.recorder = None
             self._writer.stop()
             self._writer.raise_error()
             self._store.flush()
             # A model holding an unrecorded update, or one never accepted as the one the
             # store's steps end with, is not the final model.
             if mark_final and (not self._resume_pending or self._settle_resume() is None):
-                self._store.mark_final(self._model)
+                self._store.mark_final(self._model, owner=self._owner)
 
 
 def _learning_rate(optimizer) -> float:

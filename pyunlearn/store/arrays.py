@@ -17,10 +17,12 @@ from ..attribution import HYPER_WIDTH
 from ..errors import CorruptStoreError
 from ..kernels import Row
 from .presence import ChunkPresence
-from .metadata import CHUNK_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, VALUE_DTYPES, \
+from .metadata import CHUNK_BYTES, DIGEST_BYTES, FORMAT_NAME, FORMAT_VERSION, IDS_PER_CHUNK, IDS_PER_INNER_CHUNK, \
+    VALUE_DTYPES, \
     StoreMetadata, codecs
 from .location import replace_file, what_is_there
 from .lock import WriterLock
+from .digests import check_steps, store_id_bytes
 from .shards import read_rows
 
 
@@ -74,19 +76,38 @@ def create_arrays(group, meta: StoreMetadata) -> None:
         # A few bytes a step, always read whole: one chunk per write, not sharded (inner chunks of the
         # rows' size would cost a compression each: writes were 25% slower so).
         add("step_hyper", (0, HYPER_WIDTH), np.float64, C, C, ("step", "hyper"))
+    create_digest_array(group, meta)
 
 
-FORGOTTEN = "forgotten_ids"  # the IDs every deletion request asked for, appended request by request
+def create_digest_array(group, meta: StoreMetadata) -> None:
+    """step_digests (steps, 32) uint8: per step its row's and its IDs' place-bound digests
+    (store/digests.py), one plain chunk per write like step_hyper; a store converted from an
+    older format gets it then, empty before digests_from."""
+    if meta.digests_from is None:
+        return
+    C = meta.steps_per_chunk
+    arr = group.create_array("step_digests", shape=(meta.committed_steps, DIGEST_BYTES), dtype=np.uint8,
+                             fill_value=0, dimension_names=("step", "digest"), chunks=(C, DIGEST_BYTES),
+                             compressors=codecs(1, meta.compression), config={"write_empty_chunks": True},
+                             overwrite=True)
+    if meta.committed_steps:  # every chunk inside the committed range exists (a missing one is damage)
+        arr[:] = np.zeros((meta.committed_steps, DIGEST_BYTES), dtype=np.uint8)
+
+
+FORGOTTEN = "forgotten"  # format 5: the IDs of the deletions in effect, [0, end) (store/deletion_data.py)
+LEGACY_FORGOTTEN = "forgotten_ids"  # format 4: every request's IDs (left in place when a store is converted)
 
 
 def save_attributes(zstore, group, attrs: dict):
-    """group.update_attributes(attrs) (the group, updated): in a local folder written here (the
-    group's zarr.json replaced whole, as zarr does), without zarr's event loop, whose trip cost
-    ~2 ms of every commit (each chunk written, each deletion recorded)."""
+    """The group's attributes replaced by `attrs` (the group, updated): in a local folder written
+    here (the group's zarr.json replaced whole, as zarr does), without zarr's event loop, whose
+    trip cost ~2 ms of every commit (each chunk written, each deletion recorded)."""
     metadata = group.metadata
     if not isinstance(zstore, LocalStore) or metadata.zarr_format != 3 or metadata.consolidated_metadata is not None:
-        return group.update_attributes(attrs)
-    metadata.attributes.update(attrs)  # what zarr's update_attributes does before writing
+        group.attrs.put(attrs)
+        return group
+    metadata.attributes.clear()  # replaced whole: a converted store's older fields must go
+    metadata.attributes.update(attrs)
     # GroupMetadata.to_buffer_dict's document, without its deep copy of the attributes
     # (dataclasses.asdict: ~0.5 ms of a ResNet-18 store's commit), and on one line: zarr's indent
     # sends json through its pure-Python encoder, 0.30 ms a commit for a ResNet-18 store's layer
@@ -111,8 +132,12 @@ class StoreArrays:
 
     def __init__(self, zstore, group, meta: StoreMetadata, where: str):
         self._where, self._check_presence = where, meta.chunks_always_written
+        self.where = where
+        # Place-bound digests (store/digests.py): checked for the steps from digests_from on.
+        self._store_id = None if meta.digests_from is None else store_id_bytes(meta.store_id)
+        self._digests_from, self._hyper = meta.digests_from, meta.records_hyper
         self._group, self._compression = group, meta.compression
-        self._forgotten = None  # forgotten_ids, opened at the first use
+        self._forgotten = None  # `forgotten`, opened at the first use
         try:
             # Chunks equal to the fill value are written too: a missing chunk then always means
             # damage (see _chunks.py), never "all zeros".
@@ -148,57 +173,117 @@ class StoreArrays:
                                     "or missing (its checksum does not match); restore the store from a copy") from exc
 
     def rows(self, steps: np.ndarray) -> Row:
-        """The stored rows of `steps` (in the order given), reading only the chunks they lie in."""
+        """The stored rows of `steps` (in the order given), reading only the chunks they lie in,
+        each checked against its step's place-bound digest where the store keeps one."""
         unique, inverse = np.unique(steps, return_inverse=True)
-        fields = []
+        fields = {}
         for name in ("index", "values", "scales"):
             arr = self.arrays[name]
             if not unique.size:
                 data = np.empty((0, arr.shape[1]), dtype=arr.dtype)
             else:  # straight from the shards where the layout allows, else through zarr
                 data = read_rows(self._zstore, arr, unique, self._where)
-                data = (self.read(name, rows=unique) if data is None else data)[inverse]
-            fields.append(torch.from_numpy(np.ascontiguousarray(data)))
-        return Row(*fields)
+                data = self.read(name, rows=unique) if data is None else data
+            fields[name] = data
+        checked = unique >= self._digests_from if self._store_id is not None else np.zeros(unique.size, dtype=bool)
+        if checked.any():
+            steps_checked = unique[checked]
+            chosen = {name: data[checked] for name, data in fields.items()}
+            if self._hyper:
+                chosen["step_hyper"] = self.read("step_hyper", rows=steps_checked)
+            bad = check_steps(self._store_id, steps_checked, self.read("step_digests", rows=steps_checked), chosen, None)
+            if bad is not None:
+                raise self._misplaced(bad, ("index", "values", "scales", "step_hyper"), "row")
+        return Row(*(torch.from_numpy(np.ascontiguousarray(fields[name][inverse])) for name in ("index", "values", "scales")))
+
+    def check_step_ids(self, steps: np.ndarray, ids: list[np.ndarray]) -> None:
+        """CorruptStoreError if the sample IDs read for `steps` are not the ones written there."""
+        if self._store_id is None:
+            return
+        steps = np.asarray(steps, dtype=np.int64)
+        keep = np.flatnonzero(steps >= self._digests_from)
+        if not keep.size:
+            return
+        chosen = steps[keep]
+        stored = self.read("step_digests", slice(int(chosen[0]), int(chosen[-1]) + 1))[chosen - chosen[0]] \
+            if np.all(np.diff(chosen) == 1) else self.read("step_digests", rows=chosen)
+        bad = check_steps(self._store_id, chosen, stored, None, [ids[i] for i in keep])
+        if bad is not None:
+            raise self._misplaced(bad, ("sample_ids", "offsets"), "sample IDs")
+
+    def _misplaced(self, step: int, names, what: str) -> CorruptStoreError:
+        """The error for a step whose stored data is not the data written for it there."""
+        shards = []
+        for name in names:
+            if name not in self.arrays:
+                continue
+            arr = self.arrays[name]
+            position = step if name not in ("sample_ids",) else None
+            if position is None:
+                continue
+            grid = (arr.shards or arr.chunks)[0]
+            shards.append(f"{arr.path}/{arr.metadata.encode_chunk_key((position // grid,) + (0,) * (arr.ndim - 1))}")
+        return CorruptStoreError(
+            f"{self._where}: the stored {what} of step {step} is not the one written for that step in this store (its "
+            f"place-bound digest differs): a shard was swapped with another, moved, or copied from another store "
+            f"(the step lies in {', '.join(shards) or 'the sample_ids shard its offsets point to'}). Nothing was "
+            "changed; restore the store from a copy")
 
     def step_ids(self, steps: np.ndarray) -> list[np.ndarray]:
         """The sample IDs of each of `steps` (committed steps, in the order given): the offsets and
-        IDs of the span from the first to the last of them, cut per step."""
+        IDs of the span from the first to the last of them, cut per step, checked against the
+        steps' digests."""
         if not steps.size:
             return []
         first, last = int(steps.min()), int(steps.max()) + 1
         offsets = self.read("offsets", slice(first, last + 1)).astype(np.int64)
         ids = self.read("sample_ids", slice(int(offsets[0]), int(offsets[-1])))
         offsets -= offsets[0]
-        return [ids[offsets[s - first] : offsets[s - first + 1]] for s in steps.tolist()]
+        out = [ids[offsets[s - first] : offsets[s - first + 1]] for s in steps.tolist()]
+        self.check_step_ids(steps, out)
+        return out
 
     def write_forgotten(self, start: int, ids: np.ndarray) -> None:
-        """Writes a request's IDs at [start, start + len(ids)) of forgotten_ids (made at the first
-        request), before the ledger record that points there is committed. The array grows by
-        doubling, so most requests write one chunk and no metadata; its extent is the ledger's."""
-        if self._forgotten is None:
-            if FORGOTTEN not in self._group:
-                self._group.create_array(FORGOTTEN, shape=(IDS_PER_INNER_CHUNK,), dtype=np.int64,
-                                         chunks=(IDS_PER_INNER_CHUNK,), fill_value=0, dimension_names=("id",),
-                                         compressors=codecs(8, self._compression))
-            self._forgotten = self._group[FORGOTTEN].with_config({"write_empty_chunks": True})
-        arr = self._forgotten
+        """Writes a request's IDs at [start, start + len(ids)) of `forgotten` (made at the first
+        request), before the log record that points there is created. The array grows by
+        doubling, so most requests write one chunk and no metadata; its extent is the log's."""
+        arr = self._forgotten_array(create=True)
         if start + ids.size > arr.shape[0]:
             arr.resize((max(2 * arr.shape[0], start + ids.size),))
         if ids.size:
             arr[start:start + ids.size] = ids
 
-    def forgotten(self, ranges: list[tuple[int, int]]) -> np.ndarray:
-        """The sorted unique IDs in `ranges` of forgotten_ids."""
-        ranges = [(a, b) for a, b in ranges if b > a]
-        if not ranges:
+    def forgotten_slice(self, start: int, stop: int) -> np.ndarray:
+        """forgotten[start:stop] (int64), read with the store's checks."""
+        if stop <= start:
+            return np.empty(0, np.int64)
+        arr = self._forgotten_array(create=False)
+        if arr is None or arr.shape[0] < stop:
+            raise CorruptStoreError(f"{self._where}: the audit log counts {stop} forgotten IDs but the array "
+                                    f"{FORGOTTEN} holds {0 if arr is None else arr.shape[0]}; restore the store from a copy")
+        return self.read_array(arr, slice(start, stop))
+
+    def legacy_forgotten(self, stop: int) -> np.ndarray:
+        """forgotten_ids[0:stop] of a store before format 5."""
+        if stop == 0:
             return np.empty(0, np.int64)
         try:
-            arr = self._forgotten if self._forgotten is not None else self._group[FORGOTTEN]
+            arr = self._group[LEGACY_FORGOTTEN]
         except KeyError:
             raise CorruptStoreError(f"{self._where}: the ledger lists deletion requests but the array "
-                                    f"{FORGOTTEN} is missing; restore the store from a copy") from None
-        return np.unique(np.concatenate([self.read_array(arr, slice(a, b)) for a, b in ranges]))
+                                    f"{LEGACY_FORGOTTEN} is missing; restore the store from a copy") from None
+        return self.read_array(arr, slice(0, stop))
+
+    def _forgotten_array(self, *, create: bool):
+        if self._forgotten is None:
+            if FORGOTTEN not in self._group:
+                if not create:
+                    return None
+                self._group.create_array(FORGOTTEN, shape=(IDS_PER_INNER_CHUNK,), dtype=np.int64,
+                                         chunks=(IDS_PER_INNER_CHUNK,), fill_value=0, dimension_names=("id",),
+                                         compressors=codecs(8, self._compression))
+            self._forgotten = self._group[FORGOTTEN].with_config({"write_empty_chunks": True})
+        return self._forgotten
 
     def bytes_stored(self) -> dict[str, int]:
         return {name: int(arr.nbytes_stored()) for name, arr in self.arrays.items()}

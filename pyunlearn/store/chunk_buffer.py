@@ -14,7 +14,8 @@ import numpy as np
 from zarr.core.sync import sync
 
 from ..attribution import HYPER_WIDTH
-from .metadata import VALUE_DTYPES, StoreMetadata
+from .digests import ids_digest, row_digest, store_id_bytes
+from .metadata import DIGEST_BYTES, VALUE_DTYPES, StoreMetadata
 from .shards import write_rows
 
 
@@ -34,6 +35,10 @@ class ChunkBuffer:
         }
         if "step_hyper" in self._names:
             self._data["step_hyper"] = np.zeros((C, HYPER_WIDTH), dtype=np.float64)
+        self._store_id = None
+        if "step_digests" in self._names:  # each step's place-bound digests (store/digests.py)
+            self._data["step_digests"] = np.zeros((C, DIGEST_BYTES), dtype=np.uint8)
+            self._store_id = store_id_bytes(meta.store_id)
         if self.rows:
             for name in self._names:
                 self._data[name][: self.rows] = read_rows(name, slice(self.start, meta.committed_steps))
@@ -51,6 +56,11 @@ class ChunkBuffer:
         r = self.rows
         for name, value in fields.items():
             self._data[name][r] = value
+        if self._store_id is not None:
+            step = self.start + r
+            digest = row_digest(self._store_id, step, fields["index"], fields["values"], fields["scales"],
+                                fields.get("step_hyper"))
+            self._data["step_digests"][r] = np.frombuffer(digest + ids_digest(self._store_id, step, ids), np.uint8)
         self._pending_ids.append(ids)
         self.rows = r + 1
 

@@ -17,7 +17,6 @@ user removes it with `UpdateStore.break_lock`.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -29,6 +28,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import StoreLockedError
+from .location import create_if_absent
 
 LOCK_KEY = "writer.lock"
 
@@ -48,60 +48,6 @@ def _is_local(store) -> bool:
     from zarr.storage import LocalStore
 
     return isinstance(store, LocalStore)
-
-
-def _s3_path(store) -> tuple[object, str] | None:
-    """(s3fs file system, the lock's bucket/key) when the store is an FsspecStore over S3."""
-    from zarr.storage import FsspecStore
-
-    if not isinstance(store, FsspecStore):
-        return None
-    try:
-        from s3fs import S3FileSystem
-    except ImportError:  # pragma: no cover - an S3 store cannot exist without s3fs
-        return None
-    if not isinstance(store.fs, S3FileSystem):
-        return None
-    return store.fs, f"{store.path.rstrip('/')}/{LOCK_KEY}"
-
-
-def _s3_code(exc: BaseException) -> str | None:
-    """The S3 error code behind an error s3fs translated (its cause is botocore's ClientError)."""
-    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
-    return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
-
-
-async def _create_if_absent(store, data: bytes) -> None:
-    """Writes the lock key unless it exists; never overwrites one that another writer created
-    first where the back-end can enforce it (see the module's docstring)."""
-    s3 = _s3_path(store)
-    if s3 is None:
-        await store.set_if_not_exists(LOCK_KEY, default_buffer_prototype().buffer.from_bytes(data))
-        return
-    fs, path = s3
-    try:  # a fresh HEAD (not s3fs's listing cache): the common case, and all that a service
-        await fs._info(path, refresh=True)  # ignoring the condition gets
-        return
-    except FileNotFoundError:
-        pass
-    for attempt in range(5):
-        try:
-            await fs._pipe_file(path, data, mode="create")  # PutObject with If-None-Match: *
-            return
-        except FileExistsError:  # 412 PreconditionFailed: another writer's lock is there
-            return
-        except OSError as exc:
-            code = _s3_code(exc)
-            if code == "PreconditionFailed":
-                return
-            if code == "ConditionalRequestConflict" and attempt < 4:  # 409: a concurrent put; retry
-                await asyncio.sleep(0.05 * 2**attempt)
-                continue
-            if code in ("NotImplemented", "InvalidArgument", "InvalidRequest"):  # pragma: no cover
-                break
-            raise
-    # The service rejects the condition: check-then-put, as on other back-ends.
-    await store.set_if_not_exists(LOCK_KEY, default_buffer_prototype().buffer.from_bytes(data))
 
 
 def _pid_alive(holder: dict) -> bool | None:
@@ -148,7 +94,7 @@ class WriterLock:
                          "since": time.time()}).encode()
         holder = None
         for _ in range(3):
-            sync(_create_if_absent(self._store, me))
+            sync(create_if_absent(self._store, LOCK_KEY, me))
             holder = _read(self._store)
             if holder is None:  # released (or broken) between the put and the read: try again
                 continue

@@ -1,15 +1,17 @@
-"""The update store's on-disk format: its metadata as one checked value, and its arrays.
+"""The update store's metadata (its group attributes) as one checked value.
 
 docs/format.md is the contract other Zarr readers rely on; this module is its only writer.
-The group attributes are read into a frozen StoreMetadata (every field checked, older format
-versions upgraded in `from_attrs`, the one place that knows them) and written back whole
-with `to_attrs`, so that no field is ever read from a raw dict elsewhere.
+The group attributes are parsed into a frozen StoreMetadata (every field checked, older format
+versions recognised in `from_attrs`, the one place that knows them) and written back whole with
+`to_checked_attrs`, so that no field is ever read from a raw dict elsewhere. It is a value: what
+a change to the timeline means is pyunlearn.ledger's to say; the store puts the answer here.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,11 +22,15 @@ from .._version import __version__
 from ..attribution import HYPER_WIDTH
 from ..errors import CorruptStoreError, StoreError, StoreFormatError
 from ..kernels import fingerprint, k_for
-from ..ledger import Ledger
+from ..ledger import ResumePoint
 
 FORMAT_NAME = "pyunlearn.update-store"
-FORMAT_VERSION = 4  # 4: the ledger's timeline and audit records, keyed sample IDs; 3: checksummed attributes
-READABLE_VERSIONS = (1, 2, 3, 4)  # 2 (0.2.0): attribution, optimizer, step_hyper; 1 (0.1.0): update attribution only
+# 5: the audit log outside zarr.json, place-bound step digests, canonical keys; 4: the ledger's timeline and
+# audit records, keyed sample IDs; 3: checksummed attributes; 2 (0.2.0): attribution, optimizer, step_hyper;
+# 1 (0.1.0): update attribution only
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+KEY_MAPPINGS = (1, 2)  # how keys become IDs (pyunlearn.keys): 1 the key's bytes as given (format 4), 2 canonical
 CHUNK_BYTES = 4 << 20  # ~4 MB per written chunk (a shard): zarr's per-object cost stays small beside the data
 MAX_STEPS_PER_CHUNK = 16384  # a tiny model would otherwise buffer ~1M steps before writing
 IDS_PER_CHUNK = CHUNK_BYTES // 8
@@ -37,6 +43,7 @@ DEFAULT_COMPRESSION = "zstd:1"  # chosen by measurement: benchmarks/bench_store.
 VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
 ATTRIBUTIONS = ("update", "gradient")
 ROW_ARRAYS = ("values", "index", "scales")  # one row per step; gradient (and format-4 update) stores add step_hyper
+DIGEST_BYTES = 32  # step_digests: per step, the XXH3-128 of its row, then of its sample IDs (pyunlearn/store/digests.py)
 
 
 @dataclass(frozen=True)
@@ -56,41 +63,28 @@ class Layer:
 
 
 @dataclass(frozen=True)
-class ResumePoint:
-    steps: int
-    fingerprint: str
-    # The ledger records the model training continues from had seen (pyunlearn/ledger.py): the
-    # model a training segment ends with has those deletions applied, and no later ones.
-    requests: int = 0
-
-    def to_json(self) -> dict:
-        return {"steps": self.steps, "fingerprint": self.fingerprint, "requests": self.requests}
-
-    @classmethod
-    def from_json(cls, d) -> "ResumePoint | None":
-        if d is None:
-            return None
-        return cls(_count(d["steps"]), _optional(d["fingerprint"], str) or "", _count(d.get("requests", 0)))
-
-
-@dataclass(frozen=True)
 class Run:
-    """One run of the persistent ID index (pyunlearn/_lookup.py)."""
+    """One run of the persistent ID index (pyunlearn/store/id_index.py)."""
 
     name: str
     step_from: int  # the run holds the pairs of steps [step_from, step_to)
     step_to: int
     pairs: int
+    # Version 5: the SHA-256 of the run's attributes (fences and chunk digests) as canonical JSON,
+    # so that the table in the checksummed metadata pins what the run array's own zarr.json says.
+    attributes: str | None = None
 
     def to_json(self) -> list:
-        return [self.name, self.step_from, self.step_to, self.pairs]
+        base = [self.name, self.step_from, self.step_to, self.pairs]
+        return base if self.attributes is None else base + [self.attributes]
 
     @classmethod
     def from_json(cls, d) -> "Run":
-        name, step_from, step_to, pairs = d
-        if not isinstance(name, str) or not all(isinstance(v, int) and v >= 0 for v in (step_from, step_to, pairs)):
+        name, step_from, step_to, pairs, *rest = d
+        if not isinstance(name, str) or not all(isinstance(v, int) and v >= 0 for v in (step_from, step_to, pairs)) \
+                or len(rest) > 1 or (rest and not isinstance(rest[0], str)):
             raise ValueError(f"malformed lookup run {d!r}")
-        return cls(name, step_from, step_to, pairs)
+        return cls(name, step_from, step_to, pairs, rest[0] if rest else None)
 
 
 @dataclass(frozen=True)
@@ -109,12 +103,10 @@ class StoreMetadata:
     committed_steps: int
     committed_samples: int
     fingerprint_initial: str
-    fingerprint_final: str | None
-    final_steps: int | None
-    ledger: Ledger
-    # The model as it was after `steps` committed steps (set by recorder.flush() and by
-    # mark_final): a recorder may continue this store only from that model.
+    # The model training may go on from (pyunlearn.ledger.ResumePoint), as of the first
+    # `log_length` records of the audit log (a record appended since moves it: ledger.resume_after).
     resume_point: ResumePoint | None = None
+    log_length: int = 0
     # Stores created since format 3 write every chunk, even one of zeros, so a missing chunk is
     # damage. Older stores may lack chunks of zeros: there a missing chunk cannot be told apart.
     chunks_always_written: bool = False
@@ -122,7 +114,7 @@ class StoreMetadata:
     # for unsharded arrays and older stores), and the blosc compressor and level of new arrays.
     inner_steps: int = 0
     compression: str = "zstd:5"
-    # Version 3: the persistent ID index (pyunlearn/_lookup.py): its runs cover steps from
+    # Version 3: the persistent ID index (pyunlearn/store/id_index.py): its runs cover steps from
     # lookup_from on, contiguously; steps before them and after them are found by scanning.
     lookup_from: int = 0
     lookup_runs: tuple = ()
@@ -132,6 +124,16 @@ class StoreMetadata:
     # Version 4: update stores record each step's learning rate too (step_hyper column 0, NaN
     # where unknown), so that pyunlearn.unlearn.repair can replay a removed step at its rate.
     update_hyper: bool = False
+    # Version 5: the store's identity (32 hex digits, random), which every step digest covers;
+    # the first step with a digest (steps before it were written by an older version); how keys
+    # become IDs (KEY_MAPPINGS; None while the store has no keys); the check value of the key
+    # that authenticates the audit log (None: its records carry no MAC).
+    store_id: str | None = None
+    digests_from: int | None = None
+    key_mapping: int | None = None
+    audit_key_check: str | None = None
+    # Before version 5: the ledger as stored in the attributes (converted by store/legacy.py).
+    legacy: dict | None = None
 
     def __post_init__(self):
         if self.inner_steps == 0:  # older stores: one chunk per write
@@ -162,14 +164,20 @@ class StoreMetadata:
             format_version=FORMAT_VERSION, written_by=f"pyunlearn {__version__}", layers=tuple(layers),
             keep=float(keep), value_dtype=value_dtype, attribution=attribution, optimizer=None, row_length=offset,
             steps_per_chunk=chunk, committed_steps=0, committed_samples=0,
-            fingerprint_initial=fingerprint([p for _, p in named_params]), fingerprint_final=None,
-            final_steps=None, ledger=Ledger.empty(), chunks_always_written=True,
+            fingerprint_initial=fingerprint([p for _, p in named_params]), chunks_always_written=True,
             inner_steps=inner_steps_for(offset, chunk), compression=compression,
-            update_hyper=attribution == "update")
+            update_hyper=attribution == "update", store_id=uuid.uuid4().hex, digests_from=0)
 
     @property
     def row_arrays(self) -> tuple[str, ...]:
-        return ROW_ARRAYS + ("step_hyper",) if self.records_hyper else ROW_ARRAYS
+        """The arrays with one row per step: the row, then step_hyper and step_digests where kept."""
+        return ROW_ARRAYS + (("step_hyper",) if self.records_hyper else ()) + \
+            (("step_digests",) if self.digests_from is not None else ())
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the store's samples are keys mapped to IDs with a secret (pyunlearn.keys)."""
+        return self.key_check is not None
 
     @property
     def records_hyper(self) -> bool:
@@ -181,75 +189,17 @@ class StoreMetadata:
     def array_names(self) -> tuple[str, ...]:
         return self.row_arrays + ("sample_ids", "offsets")
 
-    def new_steps(self, steps: int, samples: int, runs: tuple) -> dict:
-        """The changes a commit of new steps makes: the counts, the ID index's runs, and the final
-        model dropped once steps go past it (it did not take them: forgetting them from it would
-        subtract updates it never had)."""
-        changes = dict(committed_steps=steps, committed_samples=samples, lookup_runs=runs)
-        if self.final_steps is not None and steps > self.final_steps:
-            changes.update(fingerprint_final=None, final_steps=None)
-        return changes
-
-    def resume_at(self, steps: int, fingerprint: str) -> "ResumePoint":
-        """The resume point of the model after `steps` steps ("" : chosen by hand, model unknown):
-        a model on the ledger's timeline at that step has seen what it says; any other model, a
-        step of the current training segment, what the segment's start had seen."""
-        found = self.ledger.latest_match(fingerprint, steps) if fingerprint else None
-        if found is not None:
-            return ResumePoint(steps, fingerprint, self.ledger.models[found].requests)
-        return ResumePoint(steps, fingerprint, 0 if self.resume_point is None else self.resume_point.requests)
-
-    def truncated(self, step: int, samples: int, where: str) -> dict:
-        """The changes dropping steps >= step: the counts, no final model, the resume point kept if
-        it was at `step` (else "chosen by hand"), the ledger without models past it (StoreError
-        if a deletion reaches past it)."""
-        ledger = self.ledger.truncated(step, where)
-        return dict(committed_steps=step, committed_samples=samples, fingerprint_final=None, final_steps=None,
-                    resume_point=self.resume_after_truncate(step), ledger=ledger)
-
-    def resume_after_truncate(self, step: int) -> "ResumePoint":
-        """Where training may continue once steps >= step are dropped: the model the timeline
-        holds at `step` with the most deletions applied, else the resume point if it is at
-        `step`, else "chosen by hand" (the recorder accepts the model it is given)."""
-        model = self.ledger.model_at(step)
-        if model is not None:
-            return ResumePoint(step, model.fingerprint, model.requests)
-        if self.resume_point is not None and self.resume_point.steps == step:
-            return self.resume_point
-        return self.resume_at(step, "")
-
-    def final_model(self, fingerprint: str) -> dict:
-        """The changes marking the model after the committed steps as a training segment's end:
-        the final model, the resume point, and a model on the ledger's timeline that has seen
-        the deletions the model this segment started from had seen."""
-        point = self.resume_at(self.committed_steps, fingerprint)
-        return dict(fingerprint_final=fingerprint, final_steps=point.steps, resume_point=point,
-                    ledger=self.ledger.with_training_end(fingerprint, point.steps, point.requests))
-
-    def deletion_changes(self, ledger: Ledger, replacing: Ledger, where: str) -> dict:
-        """The changes replacing the ledger `replacing` (which must be the stored one) by
-        `ledger`, or by the undo events that go back to it; the resume point follows."""
-        if self.ledger != replacing:
-            raise StoreError(f"{where}: the deletion ledger changed since this deletion read it "
-                             "(another deletion was recorded meanwhile); nothing was written")
-        if not ledger.extends(replacing):
-            ledger = replacing.undone_back_to(ledger, where)
-            point = self.resume_point
-            for record in ledger.records[len(replacing.records):]:  # training must not have gone on from it
-                undone = ledger.records[record.fields["of"]].fields
-                if point is not None and point.requests > record.fields["of"] and (
-                        point.fingerprint, point.steps) != (undone["fingerprint_after"], ledger.models[undone["model"]].steps):
-                    raise StoreError(f"{where}: deletion request {undone['request']!r} can no longer be undone: "
-                                     "training went on from its model since; nothing was written")
-        return dict(ledger=ledger, resume_point=resume_point_after(self.resume_point, replacing, ledger))
-
     def replace(self, **changes) -> "StoreMetadata":
         return dataclasses.replace(self, **changes)
 
     def to_attrs(self) -> dict:
+        """The attributes of format 5, without the checksum (a store of an older format is
+        converted before anything is written to it: `legacy` must be None)."""
+        if self.legacy is not None:
+            raise StoreError("a store of an older format is written only once its ledger was converted")
         return {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "written_by": self.written_by,
             "layers": [layer.to_json() for layer in self.layers],
             "keep": self.keep,
@@ -261,16 +211,20 @@ class StoreMetadata:
             "committed_steps": self.committed_steps,
             "committed_samples": self.committed_samples,
             "fingerprint_initial": self.fingerprint_initial,
-            "fingerprint_final": self.fingerprint_final,
-            "final_steps": self.final_steps,
-            "ledger": self.ledger.to_attrs(),
-            "resume_point": None if self.resume_point is None else self.resume_point.to_json(),
+            "timeline": {"log": self.log_length,
+                         "resume_point": None if self.resume_point is None else {
+                             "steps": self.resume_point.steps, "fingerprint": self.resume_point.fingerprint,
+                             "seen": self.resume_point.seen}},
             "chunks_always_written": self.chunks_always_written,
             "inner_steps": self.inner_steps,
             "compression": self.compression,
             "lookup": {"from": self.lookup_from, "runs": [run.to_json() for run in self.lookup_runs]},
             "key_check": self.key_check,
+            "key_mapping": self.key_mapping,
             "update_hyper": self.update_hyper,
+            "store_id": self.store_id,
+            "digests_from": self.digests_from,
+            "audit_key_check": self.audit_key_check,
             "creation_complete": True,
         }
 
@@ -283,32 +237,39 @@ class StoreMetadata:
     @classmethod
     def from_attrs(cls, attrs: dict, where: str) -> "StoreMetadata":
         """The checked metadata of the group at `where`: StoreFormatError if it is not an
-        update store of a version this code reads, CorruptStoreError if a field is malformed."""
-        if attrs.get("format") != FORMAT_NAME:
+        update store of a version this code reads, CorruptStoreError if a field is malformed,
+        unknown, or belongs to a later version than the one claimed (docs/format.md: versions)."""
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise StoreFormatError(f"{where} is a Zarr group but not a pyunlearn update store "
-                                   f"(format {attrs.get('format')!r})")
+                                   f"(format {attrs.get('format') if isinstance(attrs, dict) else None!r})")
         version = attrs.get("format_version")
-        if version not in READABLE_VERSIONS:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise StoreFormatError(f"{where} has update-store format version {version!r}; this pyunlearn "
                                    f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         if attrs.get("creation_complete") is False:
             raise CorruptStoreError(f"{where}: creating this store did not finish (the process stopped midway); "
                                     "create it again with UpdateStore.create(..., overwrite=True)")
-        if version < 3 and any(key in attrs for key in _SINCE_3):
-            raise CorruptStoreError(f"{where}: the group attributes claim format version {version} but hold fields "
-                                    "of version 3: zarr.json was edited. Restore it from a copy")
         if "checksum" in attrs or version >= 3:  # a flipped bit must not pass for another valid value
             expected = attrs_checksum({k: v for k, v in attrs.items() if k != "checksum"})
             if attrs.get("checksum") != expected:
-                raise CorruptStoreError(f"{where}: the store's group attributes (ledger, committed counts, "
-                                        "fingerprints) fail their checksum: zarr.json was damaged or edited. "
+                raise CorruptStoreError(f"{where}: the store's group attributes (committed counts, fingerprints, "
+                                        "the timeline's mark) fail their checksum: zarr.json was damaged or edited. "
                                         "Restore it from a copy")
-        if version < 4 and any(key in attrs for key in _SINCE_4):
-            raise CorruptStoreError(f"{where}: the group attributes claim format version {version} but hold fields "
-                                    "of version 4: zarr.json was edited. Restore it from a copy")
+        known = set(_FIELDS_OF[version]) | {"checksum"}
+        later = [key for key in attrs if key not in known and any(key in _FIELDS_OF[v] for v in _FIELDS_OF if v > version)]
+        if later:
+            raise CorruptStoreError(f"{where}: the group attributes claim format version {version} but hold fields of a "
+                                    f"later version ({', '.join(sorted(later))}): zarr.json was edited (a store is never "
+                                    "relabelled with an older version). Restore it from a copy")
+        unknown = sorted(set(attrs) - known - {"checksum"})
+        if unknown:
+            raise CorruptStoreError(f"{where}: the group attributes hold fields format version {version} does not "
+                                    f"define ({', '.join(unknown)}): zarr.json was edited, or written by a later "
+                                    "pyunlearn. Restore it from a copy, or upgrade pyunlearn")
         attrs = _upgrade(dict(attrs), version)
         try:
-            ledger = _ledger(attrs, version, where)
+            mark = attrs.get("timeline") or {}
+            point = mark.get("resume_point")
             meta = cls(
                 format_version=int(version),
                 written_by=str(attrs.get("written_by", "")),
@@ -322,10 +283,9 @@ class StoreMetadata:
                 committed_steps=_count(attrs["committed_steps"]),
                 committed_samples=_count(attrs["committed_samples"]),
                 fingerprint_initial=_optional(attrs["fingerprint_initial"], str),
-                fingerprint_final=_optional(attrs["fingerprint_final"], str),
-                final_steps=_optional(attrs["final_steps"], int),
-                ledger=ledger,
-                resume_point=_resume_point(attrs, version, ledger),
+                resume_point=None if point is None else ResumePoint(
+                    _count(point["steps"]), _optional(point["fingerprint"], str) or "", _count(point["seen"])),
+                log_length=_count(mark.get("log", 0)),
                 chunks_always_written=attrs.get("chunks_always_written", False) is True,
                 inner_steps=_count(attrs.get("inner_steps", 0)),
                 compression=_compression(attrs.get("compression", "zstd:5")),
@@ -333,13 +293,27 @@ class StoreMetadata:
                 lookup_from=_count(attrs["lookup"]["from"]) if "lookup" in attrs else _count(attrs["committed_steps"]),
                 lookup_runs=tuple(Run.from_json(r) for r in attrs["lookup"]["runs"]) if "lookup" in attrs else (),
                 key_check=_optional(attrs.get("key_check"), str),
+                key_mapping=_optional(attrs.get("key_mapping"), int) if version >= 5 else
+                (1 if attrs.get("key_check") is not None else None),
                 update_hyper=attrs.get("update_hyper", False) is True,
+                store_id=_optional(attrs.get("store_id"), str),
+                digests_from=_optional(attrs.get("digests_from"), int),
+                audit_key_check=_optional(attrs.get("audit_key_check"), str),
+                legacy=None if version >= 5 else {key: attrs.get(key) for key in _LEGACY},
             )
             covered = [meta.lookup_from] + [b for run in meta.lookup_runs for b in (run.step_from, run.step_to)]
             if covered[-1] > meta.committed_steps or any(a != b for a, b in zip(covered[::2], covered[1::2])):
                 raise ValueError("the ID index's runs do not cover the committed steps in order")
             if meta.inner_steps < 1 or meta.steps_per_chunk % meta.inner_steps:
                 raise ValueError(f"inner_steps {meta.inner_steps} does not divide steps_per_chunk {meta.steps_per_chunk}")
+            if version >= 5:
+                if not (isinstance(meta.store_id, str) and len(meta.store_id) == 32 and
+                        all(c in "0123456789abcdef" for c in meta.store_id)):
+                    raise ValueError(f"store_id {meta.store_id!r} is not 32 lower-case hex digits")
+                if meta.key_mapping not in (None, *KEY_MAPPINGS) or (meta.key_mapping is None) != (meta.key_check is None):
+                    raise ValueError(f"key_mapping {meta.key_mapping!r} does not go with key_check {meta.key_check!r}")
+                if meta.digests_from is not None and meta.digests_from > meta.committed_steps:
+                    raise ValueError(f"digests_from {meta.digests_from} is past the committed steps")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CorruptStoreError(f"{where}: the store's group attributes are malformed ({what}); "
@@ -350,55 +324,24 @@ class StoreMetadata:
         return meta
 
 
-# Written only since version 3: a document holding any of them and claiming an older version has
-# been edited to skip the checksum.
-_SINCE_3 = ("checksum", "resume_point", "chunks_always_written", "creation_complete", "inner_steps", "compression",
-            "lookup")
-
-
-# Written only since version 4 (the ledger's form changed too: pyunlearn/ledger.py reads both).
-_SINCE_4 = ("key_check", "update_hyper")
-
-
-def resume_point_after(point: "ResumePoint | None", old: Ledger, new: Ledger) -> "ResumePoint | None":
-    """Where training may continue once the ledger goes from `old` to `new`: a deletion applied to
-    the model training would continue from moves the resume point to the model it produced (the
-    old one holds the deleted samples' updates); undoing it moves the point back."""
-    for record in new.records[len(old.records):]:
-        if point is None:
-            return None
-        fields = record.fields
-        if record.kind == "undo":
-            undone = new.records[fields["of"]].fields
-            if point.fingerprint == undone["fingerprint_after"]:
-                start = new.models[undone["from_model"]]
-                point = ResumePoint(point.steps, start.fingerprint, start.requests)
-        elif record.kind == "deletion":
-            start = new.models[fields["from_model"]]
-            if point.fingerprint == start.fingerprint and point.steps == start.steps:
-                point = ResumePoint(point.steps, fields["fingerprint_after"], new.models[fields["model"]].requests)
-    return point
-
-
-def _resume_point(attrs: dict, version: int, ledger: Ledger) -> "ResumePoint | None":
-    """The resume point; before format 4 a deletion did not move it off the final model, so it
-    is moved here as format 4 would have (training continues from the deletion's result)."""
-    point = ResumePoint.from_json(attrs.get("resume_point"))
-    return point if version >= 4 else resume_point_after(point, Ledger.empty(), ledger)
-
-
-def _ledger(attrs: dict, version: int, where: str) -> Ledger:
-    if version >= 4:
-        return Ledger.from_attrs(attrs["ledger"], where)
-    return Ledger.from_format_3(attrs["ledger"], final_fingerprint=_optional(attrs["fingerprint_final"], str),
-                                final_steps=_optional(attrs["final_steps"], int),
-                                steps=_count(attrs["committed_steps"]), where=where)
+# The attributes each format version writes (docs/format.md): a document claiming a version may
+# hold only that version's fields (an older label on newer fields means zarr.json was edited).
+_V1 = ("format", "format_version", "written_by", "layers", "keep", "value_dtype", "row_length", "steps_per_chunk",
+       "committed_steps", "committed_samples", "fingerprint_initial", "fingerprint_final", "final_steps", "ledger")
+_V2 = _V1 + ("attribution", "optimizer")
+_V3 = _V2 + ("resume_point", "chunks_always_written", "creation_complete", "inner_steps", "compression", "lookup")
+_V4 = _V3 + ("key_check", "update_hyper")
+_V5 = tuple(k for k in _V4 if k not in ("fingerprint_final", "final_steps", "ledger", "resume_point")) + (
+    "timeline", "key_mapping", "store_id", "digests_from", "audit_key_check")
+_FIELDS_OF = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
+_LEGACY = ("ledger", "fingerprint_final", "final_steps", "resume_point")  # before format 5: converted by store/legacy.py
 
 
 def attrs_checksum(attrs: dict) -> str:
-    """sha256 of the attributes as canonical JSON (sorted keys, no spaces)."""
-    text = json.dumps(attrs, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    """SHA-256 of the attributes as canonical JSON (docs/format.md: keys sorted, separators ","
+    and ":", non-ASCII as \\uXXXX escapes, numbers as Python's json writes them)."""
+    text = json.dumps(attrs, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _upgrade(attrs: dict, version: int) -> dict:

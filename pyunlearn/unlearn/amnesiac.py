@@ -12,124 +12,186 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import ledger
 from .._version import __version__
-from ..kernels import Fingerprints, as_float32_work, fingerprint, ops
-from ..kernels.checks import one_device
 from ..attribution import coefficients
-from ..errors import CorruptStoreError, StoreError
-from ..ledger import Ledger, new_request_id, utc_now
+from ..errors import CorruptStoreError, NotFoundError, StoreError
+from ..kernels import Fingerprints, fingerprint, ops
+from ..kernels.checks import one_device
 from ..store import StepLookup, UpdateStore
 from .buffers import warn_stale_buffers
 
 
 READ_BATCH_BYTES = 256 << 20
+NOT_FOUND = ("raise", "record")
 
 
 @dataclass
 class ForgetReport:
-    request_id: str  # the request's id in the store's audit trail (caller-given or generated)
-    steps_removed: int  # steps newly subtracted for this request
-    steps_applied: int  # steps subtracted from the model passed in (more when it was the original)
+    request_id: str | None  # the request's id in the store's audit trail (caller-given or generated); None: no request
+    status: str  # "applied", "not-found" (recorded, nothing of it matched), "pending" (commit=False),
+    #              "caught-up" (no request; the model was brought up to date) or "up-to-date" (nothing done)
+    steps_removed: int  # steps newly removed for this request
+    steps_applied: int  # steps subtracted from the model passed in (more when it was behind)
     missing_ids: np.ndarray  # requested IDs no recorded step used
     seconds: float
     change_norm: float  # L2 norm of the change to the parameters
-    ledger_steps: int  # steps the ledger lists as removed after this request
-    ledger_before: Ledger  # the store's ledger before this request
-    ledger_after: Ledger  # the ledger that describes the model this request produced
-    ledger_pending: Ledger | None  # commit=False: what was written (ledger_before with this deletion pending)
-    committed: bool  # whether ledger_after was written (commit=True)
+    ledger_steps: int  # steps the timeline lists as removed after this call (a pending deletion's included)
+    record: int | None  # the index of the deletion (or catch-up) record written, if one was
+    head: str  # the audit log's head after this call: keep it outside the store (pyunlearn audit verify --head)
+    committed: bool  # False for commit=False: the deletion is pending until store.confirm(record)
     subtracted: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # the steps applied
+    matched: int = 0  # requested IDs some recorded step used
 
 
 def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_id: str | None = None,
-                    commit: bool = True) -> ForgetReport:
-    """Forgets `ids` (int64 sample IDs, or str/bytes/UUID keys on a store of keys) from `model`
-    in place and records the request in the store's ledger (its audit trail; `request_id`:
-    yours, e.g. the ticket number, or one generated).
+                    commit: bool = True, not_found: str = "raise") -> ForgetReport:
+    """Forgets `ids` (keys on a store of keys; int64 sample IDs on a store of integer IDs) from
+    `model` in place and records the request in the store's audit log (`request_id`: yours, e.g.
+    the ticket number, or one generated; an id used before is refused).
 
     `model` must be on the store's timeline (pyunlearn.ledger): the end of a training segment
     or a deletion's result, e.g. last week's deployed checkpoint. It is brought to the current
-    deletion state: the steps below its own that earlier requests removed and it has not seen
+    deletion state: the steps below its own that earlier requests removed and it has not had
     are subtracted too, then those of this request; a step is never subtracted twice, and a
-    model not on the timeline is refused. Pass no ids (`[]`) to only catch up. Stored rows
-    holding NaN or Inf, or damaged or missing chunks, are refused and the model is left as it was.
-    The model may live on a GPU (all of it on one device): the rows are read on the host and
-    subtracted there, with the same bits as on the CPU; half-precision parameters are worked on
-    in float32 and rounded back.
+    model not on the timeline is refused. Pass no ids (`[]`) to only catch up: that is a
+    catch-up record (or nothing, if the model is up to date), not a request.
 
-    The ledger must describe a model that exists, whenever the process stops. With commit=True
-    (default) the ledger is written once the model changed (if that write fails, the model is
-    put back); save the model next, and if saving fails undo the entry with
-    store.record_deletion(report.ledger_before, replacing=report.ledger_after). For a save
-    that may be interrupted, use commit=False: the deletion is written as *pending* (both the
-    model before and the model after it are then accepted); save the model (atomically: a
-    temporary file renamed over the target), then
-    store.record_deletion(report.ledger_after, replacing=report.ledger_pending), or on failure
-    store.record_deletion(report.ledger_before, replacing=report.ledger_pending). That is what
-    `pyunlearn forget` does. The call runs in a write session: it holds the store's writer
-    lock from reading the ledger to writing it.
+    A request none of whose keys a recorded step used removes nothing: NotFoundError before
+    anything changes (not_found="raise", the default), or recorded with status "not-found"
+    (not_found="record"). A request partly found is applied; `missing_ids` says which were not.
+    Everything that can refuse — the keys without their secret, integer IDs on a store of keys,
+    stored rows that are damaged, moved (their place-bound digests) or hold NaN — refuses
+    before the model changes, or puts it back.
+
+    The log must describe a model that exists whenever the process stops. With commit=True
+    (default) the record is written once the model changed (if that write fails, the model is
+    put back); save the model next (if saving fails, store.undo(report.record)). For a save that
+    may be interrupted, commit=False writes the deletion as *pending*; save the model
+    (atomically), then store.confirm(report.record), or store.undo(report.record) if the save
+    failed. A pending deletion is never undone implicitly: forgetting from its model or
+    training from it confirms it, and forgetting from an earlier model applies it too. That is
+    what `pyunlearn forget` does. The call holds the store's writer lock from reading the
+    timeline to writing it. Half-precision parameters are worked on in float32 and rounded
+    back; float64 ones in float64. The model may live on a GPU (all of it on one device).
     """
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
         raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
     if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
         raise ValueError(f"request_id must be a non-empty string of at most 200 characters, got {request_id!r}")
-    if store.recorder is not None:
-        raise StoreError(f"a recorder is recording into {store.path} through this handle: close it (rec.close()) "
-                         "before forgetting, and continue training with a new recorder from the model forgetting returns")
+    if not_found not in NOT_FOUND:
+        raise ValueError(f"not_found must be 'raise' (refuse a request nothing of which was recorded) or 'record' "
+                         f"(record it as not-found), got {not_found!r}")
     if isinstance(model, torch.nn.Module):  # (check_model says what is wrong with anything else)
         ops.supports(one_device(model.named_parameters(), "model", "forgetting"))
-    with store.writing():  # the lock first: the ledger read below must be current
+    with store.writing("forgetting"):  # the lock first: the timeline read below must be current
         params = store.check_model(model)
-        wanted = np.unique(store.ids_for(ids, allow_empty=True))
-        lookup = store.steps_for(wanted) if wanted.size else StepLookup(np.empty(0, np.int64), wanted)
-        ledger, now = store.ledger, utc_now()
-        plan = ledger.plan(lookup.steps, model_fingerprint=Fingerprints(params), where=store.path, now=now)
-        work = [as_float32_work(p) for p in params]
+        wanted = np.unique(np.asarray(store.ids_for(ids, allow_empty=True), dtype=np.int64))
+        requested = wanted.size > 0
+        lookup = store.lookup(wanted) if requested else StepLookup(np.empty(0, np.int64), wanted)
+        matched = int(wanted.size - lookup.missing.size)
+        if requested and not matched and not_found == "raise":
+            raise NotFoundError(
+                f"none of the {wanted.size} {'keys' if store.metadata.keyed else 'IDs'} of this request was used by a "
+                f"recorded step of {store.path}: nothing would be removed, and nothing was changed. Check their "
+                "spelling (and that they are this store's); pass not_found='record' (pyunlearn forget "
+                "--record-not-found) to record the request as not-found")
+        keys_digest = store.keys.digest(wanted, store.metadata) if requested else None  # needs the secret: now
+        if requested and request_id is not None:
+            _refuse_duplicate(store, request_id)
+        timeline = store.ledger
+        plan = ledger.plan_forget(timeline, Fingerprints(params), lookup.steps)
+        work = [_work(p) for p in params]
         rollback = _Rollback(work, store, plan.subtract.size)
         with torch.no_grad():
             try:
-                _subtract(work, store, plan.subtract, rollback)
+                _subtract(work, store, plan.subtract, rollback, up_to=plan.start.steps)
             except BaseException:
                 rollback.restore()
                 raise
-            for p, w in zip(params, work):
-                if w is not p and w.data_ptr() != p.data_ptr():
-                    p.copy_(w.view_as(p))
+            _copy_back(params, work)
             result = fingerprint(params)
-            change = rollback.change_norm()  # before the ledger write: once it is written, nothing may fail
-            request_id = request_id or new_request_id()
-            written = plan.base.with_deletion(
-                plan, fingerprint_after=result, request_id=request_id, keys=wanted.size,
-                keys_digest=store.keys.digest(wanted, store.metadata.key_check), missing_keys=lookup.missing.size, method="amnesiac",
-                params={"keep": store.keep, "value_dtype": store.value_dtype, "attribution": store.attribution},
-                version=__version__, pending=not commit, now=now)
-            ledger_after = written if commit else written.confirmed(now=now)
+            change = rollback.change_norm()  # before the log is written: once it is, nothing may fail
+            head_before = store.head
+            documents = list(plan.settle)
+            if requested:
+                request_id = request_id or ledger.new_request_id()
+                documents.append({"kind": "deletion", "request": request_id, "keys": int(wanted.size),
+                                  "keys_digest": keys_digest, "missing": int(lookup.missing.size),
+                                  "steps": [int(s) for s in plan.new_steps], "subtracted": int(plan.subtract.size),
+                                  "from": plan.start.record, "fingerprint_before": plan.start.fingerprint,
+                                  "fingerprint_after": result, "up_to": plan.start.steps, "method": "amnesiac",
+                                  "params": {"keep": repr(store.keep), "value_dtype": store.value_dtype,
+                                             "attribution": store.attribution},
+                                  "version": __version__, "pending": not commit})
+            elif plan.subtract.size:
+                documents.append({"kind": "catch-up", "subtracted": int(plan.subtract.size), "from": plan.start.record,
+                                  "fingerprint_before": plan.start.fingerprint, "fingerprint_after": result,
+                                  "up_to": plan.start.steps, "version": __version__})
             try:
-                store.record_deletion(written, replacing=ledger, forgotten_ids=wanted)
+                records = store.record(documents, forgotten_ids=wanted)
             except BaseException:
                 rollback.restore()
-                for p, w in zip(params, work):
-                    if w is not p and w.data_ptr() != p.data_ptr():
-                        p.copy_(w.view_as(p))
+                _copy_back(params, work)
                 raise
     warn_stale_buffers(model, "amnesiac_forget")
+    made = next((r for r in reversed(records) if r.kind in ("deletion", "catch-up")), None)
+    if requested:
+        status = "pending" if not commit else ("not-found" if not matched else "applied")
+    else:
+        status = "caught-up" if plan.subtract.size else "up-to-date"
     return ForgetReport(
-        request_id=request_id, steps_removed=int(plan.new_steps.size), steps_applied=int(plan.subtract.size), missing_ids=lookup.missing,
-        seconds=time.perf_counter() - start, change_norm=change, ledger_steps=int(ledger_after.removed_steps.size),
-        ledger_before=ledger, ledger_after=ledger_after, ledger_pending=None if commit else written,
-        committed=bool(commit), subtracted=plan.subtract,
-    )
+        request_id=request_id if requested else None, status=status, steps_removed=int(plan.new_steps.size),
+        steps_applied=int(plan.subtract.size), missing_ids=lookup.missing, seconds=time.perf_counter() - start,
+        change_norm=change, ledger_steps=int(store.ledger.state.removed), record=None if made is None else made.index,
+        head=store.head, committed=bool(commit) or not requested, subtracted=plan.subtract, matched=matched)
 
 
-def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray, rollback: "_Rollback") -> None:
-    """work −= the stored rows of `steps` (times their coefficients on a gradient store), read
-    in batches of ~256 MB so that a long run's matched steps need not fit in memory."""
+def _refuse_duplicate(store: UpdateStore, request_id: str) -> None:
+    earlier = store.request_record(request_id)
+    if earlier is None:
+        return
+    status = store.ledger.status(earlier.index)
+    advice = ("it is still pending: its output may not have been saved. Forget from the model you have (the saved "
+              "output, or the input) with no keys (pyunlearn forget --catch-up) to settle it"
+              if status == "pending" else "give this request another id")
+    raise StoreError(f"request id {request_id!r} was already used by record {earlier.index} of {store.path} "
+                     f"({status}, {earlier.time}); nothing was changed: {advice}")
+
+
+def _work(param: torch.Tensor) -> torch.Tensor:
+    """The tensor a forget changes for `param`: itself when it is float32 or float64 and
+    contiguous (in place; float64 is subtracted in float64), a contiguous float32 copy otherwise
+    (half precision: rounded back once at the end)."""
+    p = param.detach()
+    if p.dtype == torch.float64 and p.is_contiguous():
+        return p
+    return ops.as_float32_work(p)
+
+
+def _copy_back(params, work) -> None:
+    for p, w in zip(params, work):
+        if w is not p and w.data_ptr() != p.data_ptr():
+            p.copy_(w.view_as(p))
+
+
+def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray, rollback: "_Rollback", *,
+              up_to: int) -> None:
+    """work −= the stored rows of `steps` (times their coefficients on a gradient store, over the
+    steps [0, up_to) the model forgotten from took), read in batches of ~256 MB so that a long
+    run's matched steps need not fit in memory. float64 layers are subtracted in float64, the
+    others by the kernels in float32."""
     row_bytes = store.row_length * (4 + np.dtype(store.value_dtype).itemsize) + 4 * len(store.layers)
     per_batch = max(1, READ_BATCH_BYTES // row_bytes)
     # The batch moved the weights by −c_t·g_t; undoing it subtracts −c_t·g_t.
-    factors = -coefficients(store, steps).astype(np.float32) if store.attribution == "gradient" else None
+    factors = -coefficients(store, steps, up_to=up_to).astype(np.float32) if store.attribution == "gradient" else None
     names = [layer.name for layer in store.layers]
+    wide = [i for i, w in enumerate(work) if w.dtype == torch.float64]
+    # The kernels take float32 layers only: a float64 layer's place in the call is a scratch
+    # buffer (the kernel still checks its rows), and its own update is applied below in float64.
+    kernel_work = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) if i in wide else w
+                   for i, w in enumerate(work)]
     for first in range(0, steps.size, per_batch):
         batch = steps[first : first + per_batch]
         rows = store.read(batch)
@@ -137,7 +199,23 @@ def _subtract(work: list[torch.Tensor], store: UpdateStore, steps: np.ndarray, r
             rows = rows._replace(scales=rows.scales * torch.from_numpy(factors[first : first + per_batch])[:, None])
         _refuse_non_finite(rows, batch, store)
         rollback.save(rows)
-        ops.subtract_sparse(work, rows, store.k, names=names, steps=batch)
+        ops.subtract_sparse(kernel_work, rows, store.k, names=names, steps=batch)
+        if wide:
+            _subtract_float64(work, wide, rows, store.k)
+
+
+def _subtract_float64(work: list[torch.Tensor], layers: list[int], rows, k: list[int]) -> None:
+    """work[i] −= each row's Δ for the float64 layers i: Δ = values · scale rounded to float32 as
+    the kernels compute it, subtracted in float64, rows in the kernels' canonical order."""
+    from ..kernels.torch_ops import canonical_order
+
+    index, values, scales = rows
+    for s in canonical_order(index, values, scales):
+        decoded = ops.decode_row(ops.Row(index[s], values[s], scales[s]), k)
+        for i in layers:
+            positions, delta = decoded[i]
+            flat = work[i].view(-1)
+            flat[positions.to(flat.device)] -= delta.to(device=flat.device, dtype=torch.float64)
 
 
 def _refuse_non_finite(rows, steps: np.ndarray, store: UpdateStore) -> None:
