@@ -130,7 +130,7 @@ _FIELDS = {
     "deletion": {"request": str, "keys": int, "keys_digest": (str, type(None)), "missing": int, "ids_from": int,
                  "ids_digest": str, "steps": list, "subtracted": int, "from": int, "fingerprint_before": str,
                  "fingerprint_after": str, "up_to": int, "method": str, "params": dict, "version": str,
-                 "pending": bool},
+                 "pending": bool, "guard": (dict, type(None)), "evidence": (dict, type(None))},
     "catch-up": {"subtracted": int, "from": int, "fingerprint_before": str, "fingerprint_after": str, "up_to": int,
                  "version": str},
     "confirm": {"of": int, "reason": str},
@@ -191,8 +191,10 @@ class Record:
             raise ValueError(f"record {index} has unknown fields {sorted(set(document) - known)}")
         if kind == "deletion":
             _steps(fields["steps"])
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields["params"].items()):
-                raise TypeError(f"record {index}'s params must map names to strings")
+            for name in ("params", "guard", "evidence"):
+                if fields[name] is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in fields[name].items()):
+                    raise TypeError(f"record {index}'s {name} must map names to strings")
         if "of" in fields and fields["of"] >= index:
             raise ValueError(f"record {index} refers to record {fields['of']}, not an earlier one")
         if "from" in fields and fields["from"] >= index:
@@ -243,13 +245,14 @@ class Timeline:
 
     # ------------------------------------------------------------------ reading backwards
     def newest_first(self, stop: int = 0) -> Iterable[Record]:
-        """The records from the newest back to index `stop`, in batches (the store reads a batch
-        at a time)."""
-        end = len(self.records)
+        """The records from the newest back to index `stop`, read in batches that grow (4, 16,
+        64, 256): the model a forget starts from is nearly always among the newest, so a search
+        reads a few records however long the log is."""
+        end, batch = len(self.records), 4
         while end > stop:
-            start = max(stop, end - 256)
+            start = max(stop, end - batch)
             yield from reversed(self.records[start:end])
-            end = start
+            end, batch = start, min(batch * 4, 256)
 
     def find_model(self, model, steps: int | None = None) -> Model | None:
         """The newest model on the timeline (not undone, not past a truncate) whose fingerprint

@@ -131,14 +131,19 @@ class RecordLog(Sequence[Record]):
         return self._proofs[index][:2]
 
     # ------------------------------------------------------------------ appending
+    def check_writable(self) -> None:
+        """KeyMappingError if the store's log is authenticated and this handle lacks the key:
+        asked before a change starts, so that nothing is changed."""
+        if self._authenticated and self._key is None:
+            raise KeyMappingError(f"{self._where}'s audit log is authenticated with a key this handle does not hold: "
+                                  "open the store with its secret (secret=, PYUNLEARN_SECRET) or its audit key "
+                                  "(audit_key=, PYUNLEARN_AUDIT_KEY); nothing was changed")
+
     def append(self, kind: str, fields: dict, time: str | None, state: State) -> Record:
         """Writes the next record (the caller holds the writer lock and computed `state`);
         StoreError if the object is there already (another writer), KeyMappingError if the
         store's log is authenticated and no key was given."""
-        if self._authenticated and self._key is None:
-            raise KeyMappingError(f"{self._where}'s audit log is authenticated with a key this handle does not hold: "
-                                  "open the store with its secret (secret=, PYUNLEARN_SECRET) or its audit key "
-                                  "(audit_key=, PYUNLEARN_AUDIT_KEY); nothing was written")
+        self.check_writable()
         index = self._length
         previous = self.hash_of(index - 1) if index else ""
         document = {"index": index, "kind": kind, "time": time, "previous": previous, **fields,

@@ -63,6 +63,8 @@ class History:
         A deletion's `ids_from` and `ids_digest` are filled in here, from `forgotten_ids` (its
         request's IDs, sorted and unique) written where they go."""
         written = []
+        if documents and self.meta.legacy is None:
+            self.log.check_writable()
         for document in documents:
             fields = dict(document)
             kind = fields.pop("kind")
@@ -97,6 +99,11 @@ class History:
             self.point = ledger.resume_after(self.point, [record], timeline)
             written.append(record)
         return written
+
+    def check_writable(self) -> None:
+        """Refuses (before anything changes) a handle that could not append to the log."""
+        if self.meta.legacy is None:
+            self.log.check_writable()
 
     # ------------------------------------------------------------------ request ids
     def request_record(self, request_id: str) -> Record | None:

@@ -286,7 +286,7 @@ def read(attrs: dict, version: int, steps: int, where: str) -> Converted:
                           "fingerprint_before": f["fingerprint_before"], "fingerprint_after": f["fingerprint_after"],
                           "up_to": ledger.models[f["model"]].steps, "method": f["method"],
                           "params": {k: str(v) for k, v in f["params"].items()}, "version": f["version"],
-                          "pending": f["pending"]}
+                          "pending": f["pending"], "guard": None, "evidence": None}
                 events.append(("deletion", record.time, fields, (f["ids_from"], f["ids_from"] + f["keys"])))
             else:
                 reason = f["reason"] if record.kind == "undo" else "its model was saved"

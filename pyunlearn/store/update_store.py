@@ -284,6 +284,11 @@ class UpdateStore:
                 self._commit()
             return records
 
+    def check_can_record(self) -> None:
+        """KeyMappingError, before anything changes, if this handle cannot append to the store's
+        audit log (it is authenticated and the handle lacks the secret or audit key)."""
+        self._history.check_writable()
+
     def request_record(self, request_id: str) -> Record | None:
         """The deletion record that used `request_id`, if one did."""
         return self._history.request_record(request_id)

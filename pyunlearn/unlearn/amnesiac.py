@@ -98,6 +98,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
                 "spelling (and that they are this store's); pass not_found='record' (pyunlearn forget "
                 "--record-not-found) to record the request as not-found")
         keys_digest = store.keys.digest(wanted, store.metadata) if requested else None  # needs the secret: now
+        store.check_can_record()  # the audit key too: every refusal comes before the model changes
         if requested and request_id is not None:
             _refuse_duplicate(store, request_id)
         timeline = store.ledger
@@ -124,7 +125,7 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
                                   "fingerprint_after": result, "up_to": plan.start.steps, "method": "amnesiac",
                                   "params": {"keep": repr(store.keep), "value_dtype": store.value_dtype,
                                              "attribution": store.attribution},
-                                  "version": __version__, "pending": not commit})
+                                  "version": __version__, "pending": not commit, "guard": None, "evidence": None})
             elif plan.subtract.size:
                 documents.append({"kind": "catch-up", "subtracted": int(plan.subtract.size), "from": plan.start.record,
                                   "fingerprint_before": plan.start.fingerprint, "fingerprint_after": result,
@@ -283,7 +284,7 @@ class _Rollback:
             diff = buffer[: w.numel()]
             positions = [pos.to(w.device) for pos in positions]
             for pos, val in zip(reversed(positions), reversed(values)):  # the earliest saved value wins
-                diff[pos] = w.view(-1)[pos] - val
+                diff[pos] = (w.view(-1)[pos] - val).to(diff.dtype)
             total += float(torch.linalg.vector_norm(diff)) ** 2
             for pos in positions:
                 diff[pos] = 0.0
