@@ -10,19 +10,20 @@ loads on the first kernel call.
 """
 from ._version import __version__  # noqa: I001 (first: the store's metadata reads it)
 from . import _deprecated, data, evaluation, kernels, keys, unlearn
-from .errors import (CorruptStoreError, KeyMappingError, ModelMismatchError, NonFiniteUpdateError, PyunlearnError,
-                     RecorderError, StoreError, StoreFormatError, StoreLockedError)
+from .errors import (CorruptStoreError, GuardFailedError, KeyMappingError, ModelMismatchError, NonFiniteUpdateError,
+                     NotFoundError, PyunlearnError, RecorderError, StoreError, StoreFormatError, StoreLockedError)
 from .kernels import Row
 from .recording import UpdateRecorder
 from .store import UpdateStore
-from .unlearn import ForgetReport, amnesiac_forget
+from .unlearn import ForgetReport, Tolerance, amnesiac_forget, forget
 
 _deprecated.install()
 
 __all__ = [
     "__version__", "kernels", "data", "keys", "evaluation", "unlearn", "Row", "UpdateStore", "UpdateRecorder",
-    "amnesiac_forget", "ForgetReport", "PyunlearnError", "NonFiniteUpdateError", "StoreError", "StoreFormatError",
-    "StoreLockedError", "CorruptStoreError", "ModelMismatchError", "RecorderError", "KeyMappingError",
+    "forget", "Tolerance", "amnesiac_forget", "ForgetReport", "PyunlearnError", "NonFiniteUpdateError", "StoreError", "StoreFormatError",
+    "StoreLockedError", "CorruptStoreError", "ModelMismatchError", "RecorderError", "KeyMappingError", "NotFoundError",
+    "GuardFailedError",
 ]
 
 

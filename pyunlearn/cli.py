@@ -233,11 +233,24 @@ def _forget(args) -> int:
     try:
         weights = _Weights(checkpoint, args.key, args.checkpoint, [layer.name for layer in store.layers])
         with store.writing("forgetting"):  # one writer from reading the log to writing it
-            module = module_for_store(weights.state, store)
-            report = amnesiac_forget(module, store, ids, request_id=args.request_id, commit=False,
-                                     not_found="record" if args.record_not_found else "raise")
+            not_found = "record" if args.record_not_found else "raise"
+            if args.probe is None:
+                module = module_for_store(weights.state, store)
+                report = amnesiac_forget(module, store, ids, request_id=args.request_id, commit=False,
+                                         not_found=not_found)
+                out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
+            else:  # guarded: the model's own code runs the probe
+                from .unlearn import forget
+
+                module = _built_model(args.model, weights)
+                guarded = forget(module, store, ids, probe=_samples("--probe", args.probe),
+                                 retain_data=None if args.retain is None else _samples("--retain", args.retain),
+                                 budget=args.budget, request_id=args.request_id, commit=False, not_found=not_found)
+                report = guarded.forget
+                print(f"guard: {'; '.join(guarded.actions)}; probe {guarded.before.to_text()} before, "
+                      f"{guarded.final.to_text()} after ({guarded.retrain_share:.3f} of a retrain)")
+                out = weights.replaced({name: t.detach().clone() for name, t in module.state_dict().items()})
             pending = report.status == "pending"
-            out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
             try:
                 temporary = _write_temporary(out, out_path)
                 try:
@@ -268,6 +281,38 @@ def _forget(args) -> int:
     print(f"request {report.request_id} {state} ({found}): {report.steps_removed} new steps, {report.steps_applied} "
           f"subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}; audit head {head}")
     return 0
+
+
+def _built_model(factory: str | None, weights) -> "torch.nn.Module":
+    """The model --model names (`package.module:function`, called with no arguments), with the
+    checkpoint's weights loaded (strict: every parameter and buffer)."""
+    import importlib
+
+    if not factory or ":" not in factory:
+        raise ValueError("--probe needs the model's code to measure it: --model package.module:function (a function "
+                         "returning the untrained model)")
+    module_name, _, name = factory.partition(":")
+    try:
+        make = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--model {factory}: cannot import it ({exc})") from None
+    model = make()
+    prefix = weights.prefix
+    model.load_state_dict({k[len(prefix):]: v for k, v in weights.entry.items() if k.startswith(prefix)}, strict=True)
+    return model
+
+
+def _samples(arg: str, path: str):
+    """A SampleSet saved with torch.save({"ids": ..., "x": ..., "y": ...}) (loaded weights_only)."""
+    import torch
+
+    from .data import SampleSet
+
+    saved = _load_checkpoint(path)
+    if not isinstance(saved, dict) or not {"ids", "x", "y"} <= saved.keys():
+        raise ValueError(f"{arg} {path}: expected a dict of tensors 'ids', 'x', 'y' (torch.save of a SampleSet's "
+                         "fields)")
+    return SampleSet(torch.as_tensor(saved["ids"], dtype=torch.int64), saved["x"], torch.as_tensor(saved["y"]).long())
 
 
 def _audit(args) -> int:
@@ -424,6 +469,16 @@ def _request_id(text: str) -> str:
     return text
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -480,6 +535,14 @@ def main(argv=None) -> int:
                         help=f"record a request none of whose keys a recorded step used as not-found (exit 0); "
                              f"without it such a request changes nothing and exits {EXIT_NOT_FOUND}")
     forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's structure)")
+    guard = forget.add_argument_group("guarded forgetting (pyunlearn.forget): measure a probe, repair within a budget")
+    guard.add_argument("--probe", help="a validation probe: torch.save({'ids', 'x', 'y'}) of retained or held-out "
+                                       "samples; the result must stay within the tolerance on it, or nothing changes")
+    guard.add_argument("--model", help="package.module:function returning the untrained model (the probe needs "
+                                       "the model's code)")
+    guard.add_argument("--retain", help="retained training data to repair with, as --probe")
+    guard.add_argument("--budget", type=_positive_float, default=0.3,
+                       help="the repairs' cost as a share of a retrain (default 0.3)")
     forget.set_defaults(run=_forget)
 
     audit = commands.add_parser("audit", help="check a store's audit log, forgotten IDs and data (an auditor's check)")

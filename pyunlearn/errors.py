@@ -10,6 +10,7 @@ ValueError` keeps working:
     │   └── TrainingChangedError            the optimizer or a parameter changed mid-run (recording stops)
     ├── KeyMappingError        LookupError  keys cannot be mapped to IDs: no secret, the wrong one, a collision
     ├── NotFoundError          LookupError  none of a request's keys or IDs was used by a recorded step
+    ├── GuardFailedError       RuntimeError a guarded forget could not keep the model within its tolerance
     └── StoreError             RuntimeError a store cannot be used as asked
         ├── StoreNotFoundError FileNotFoundError   no store at the path
         ├── StoreFormatError   ValueError          not a pyunlearn store, or an unknown format version
@@ -56,6 +57,11 @@ class KeyMappingError(PyunlearnError, LookupError):
 class NotFoundError(PyunlearnError, LookupError):
     """None of a deletion request's keys or IDs was used by any recorded step: nothing would be
     removed. Refused before anything changes unless the caller asks to record it as not-found."""
+
+
+class GuardFailedError(PyunlearnError, RuntimeError):
+    """A guarded forget (pyunlearn.forget) left the model below its tolerance on the probe even
+    after the repairs its budget allowed: the model was restored and nothing was recorded."""
 
 
 class StoreError(PyunlearnError, RuntimeError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +76,59 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
     timeline to writing it. Half-precision parameters are worked on in float32 and rounded
     back; float64 ones in float64. The model may live on a GPU (all of it on one device).
     """
+    with forgetting(model, store, ids, request_id=request_id, commit=commit, not_found=not_found) as deletion:
+        pass
+    return deletion.report
+
+
+class Deletion:
+    """A forget in progress (see `forgetting`): the steps subtracted, the request's facts, and
+    what the caller notes before it is recorded."""
+
+    def __init__(self, store: UpdateStore, plan, wanted: np.ndarray, lookup: StepLookup, request_id: str | None):
+        self.store, self.plan, self.ids, self.lookup, self.request_id = store, plan, wanted, lookup, request_id
+        self.method, self.params = "amnesiac", {"keep": repr(store.keep), "value_dtype": store.value_dtype,
+                                                "attribution": store.attribution}
+        self.guard: dict[str, str] | None = None
+        self.evidence: dict[str, str] | None = None
+        self.change_norm = 0.0
+        self.report: ForgetReport | None = None  # once recorded
+
+    @property
+    def subtracted(self) -> np.ndarray:
+        """The steps subtracted from the model (those earlier requests removed that it had not
+        had, and this request's new ones)."""
+        return self.plan.subtract
+
+    @property
+    def requested(self) -> bool:
+        return self.ids.size > 0
+
+    def note(self, *, method: str | None = None, params: dict | None = None, guard: dict | None = None,
+             evidence: dict | None = None) -> None:
+        """What the deletion's record says beside the subtraction: the method as a whole (e.g.
+        "amnesiac+repair"), its parameters, what a guard measured and did, a membership check at
+        deletion time (names → values, written as strings)."""
+        if method is not None:
+            self.method = str(method)
+        if params is not None:
+            self.params.update({str(k): str(v) for k, v in params.items()})
+        if guard is not None:
+            self.guard = {str(k): str(v) for k, v in guard.items()}
+        if evidence is not None:
+            self.evidence = {str(k): str(v) for k, v in evidence.items()}
+
+
+@contextmanager
+def forgetting(model: torch.nn.Module, store: UpdateStore, ids, *, request_id: str | None = None,
+               commit: bool = True, not_found: str = "raise", keep_copy: bool = False):
+    """amnesiac_forget in two halves, for a caller that changes the model further before the
+    deletion is recorded (a repair, a fine-tune: pyunlearn.unlearn.forget does). On entering,
+    the stored updates are subtracted (every refusal of amnesiac_forget comes first); the block
+    may change the model and call deletion.note(...); on leaving, the deletion is recorded with
+    the model's fingerprint as it is then, and deletion.report is set. If the block raises, the
+    model is put back as it was before the forget (keep_copy=True keeps a whole copy for that,
+    needed when the block changes more than the subtracted entries) and nothing is recorded."""
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
         raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}")
@@ -101,10 +155,21 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
         store.check_can_record()  # the audit key too: every refusal comes before the model changes
         if requested and request_id is not None:
             _refuse_duplicate(store, request_id)
-        timeline = store.ledger
-        plan = ledger.plan_forget(timeline, Fingerprints(params), lookup.steps)
+        plan = ledger.plan_forget(store.ledger, Fingerprints(params), lookup.steps)
+        copy = [p.detach().clone() for p in params] if keep_copy else None
         work = [_work(p) for p in params]
         rollback = _Rollback(work, store, plan.subtract.size)
+        deletion = Deletion(store, plan, wanted, lookup, request_id)
+
+        def put_back() -> None:
+            with torch.no_grad():
+                if copy is not None:
+                    for p, c in zip(params, copy):
+                        p.copy_(c)
+                    return
+                rollback.restore()
+                _copy_back(params, work)
+
         with torch.no_grad():
             try:
                 _subtract(work, store, plan.subtract, rollback, up_to=plan.start.steps)
@@ -112,41 +177,40 @@ def amnesiac_forget(model: torch.nn.Module, store: UpdateStore, ids, *, request_
                 rollback.restore()
                 raise
             _copy_back(params, work)
-            result = fingerprint(params)
-            change = rollback.change_norm()  # before the log is written: once it is, nothing may fail
-            head_before = store.head
+            deletion.change_norm = rollback.change_norm()
+        try:
+            yield deletion
+            result = fingerprint(params)  # the model as the block left it
             documents = list(plan.settle)
             if requested:
-                request_id = request_id or ledger.new_request_id()
+                deletion.request_id = request_id = request_id or ledger.new_request_id()
                 documents.append({"kind": "deletion", "request": request_id, "keys": int(wanted.size),
                                   "keys_digest": keys_digest, "missing": int(lookup.missing.size),
                                   "steps": [int(s) for s in plan.new_steps], "subtracted": int(plan.subtract.size),
                                   "from": plan.start.record, "fingerprint_before": plan.start.fingerprint,
-                                  "fingerprint_after": result, "up_to": plan.start.steps, "method": "amnesiac",
-                                  "params": {"keep": repr(store.keep), "value_dtype": store.value_dtype,
-                                             "attribution": store.attribution},
-                                  "version": __version__, "pending": not commit, "guard": None, "evidence": None})
-            elif plan.subtract.size:
+                                  "fingerprint_after": result, "up_to": plan.start.steps, "method": deletion.method,
+                                  "params": dict(deletion.params), "version": __version__, "pending": not commit,
+                                  "guard": deletion.guard, "evidence": deletion.evidence})
+            elif plan.subtract.size or result != plan.start.fingerprint:
                 documents.append({"kind": "catch-up", "subtracted": int(plan.subtract.size), "from": plan.start.record,
                                   "fingerprint_before": plan.start.fingerprint, "fingerprint_after": result,
                                   "up_to": plan.start.steps, "version": __version__})
-            try:
-                records = store.record(documents, forgotten_ids=wanted)
-            except BaseException:
-                rollback.restore()
-                _copy_back(params, work)
-                raise
+            records = store.record(documents, forgotten_ids=wanted)
+        except BaseException:
+            put_back()
+            raise
     warn_stale_buffers(model, "amnesiac_forget")
     made = next((r for r in reversed(records) if r.kind in ("deletion", "catch-up")), None)
     if requested:
         status = "pending" if not commit else ("not-found" if not matched else "applied")
     else:
-        status = "caught-up" if plan.subtract.size else "up-to-date"
-    return ForgetReport(
+        status = "caught-up" if made is not None else "up-to-date"
+    deletion.report = ForgetReport(
         request_id=request_id if requested else None, status=status, steps_removed=int(plan.new_steps.size),
         steps_applied=int(plan.subtract.size), missing_ids=lookup.missing, seconds=time.perf_counter() - start,
-        change_norm=change, ledger_steps=int(store.ledger.state.removed), record=None if made is None else made.index,
-        head=store.head, committed=bool(commit) or not requested, subtracted=plan.subtract, matched=matched)
+        change_norm=deletion.change_norm, ledger_steps=int(store.ledger.state.removed),
+        record=None if made is None else made.index, head=store.head, committed=bool(commit) or not requested,
+        subtracted=plan.subtract, matched=matched)
 
 
 def _refuse_duplicate(store: UpdateStore, request_id: str) -> None:

@@ -1,0 +1,294 @@
+"""The recommended way to honour a deletion request: `forget`, guarded subtraction.
+
+    report = pu.forget(model, store, keys, probe=probe, retain_data=retained)
+
+It subtracts the updates of the steps that saw the samples (amnesiac unlearning: what the store
+is for, and what the audit log records), then measures a small validation probe — overall and
+per class — against the model before the request. Subtraction alone can cost a model many points
+under random batching (a step removed takes its retained batch-mates' learning with it), so when
+the probe has fallen by more than the tolerance, it repairs within a budget (a share of a
+retrain): it fine-tunes on retained data in small increments, measuring after each (or first
+replays the removed steps' retained samples, if asked). If the probe is back
+within the tolerance, the deletion is recorded with what was measured and done (the record's
+`guard`), and with a membership check if the forgotten samples and held-out ones are given (its
+`evidence`); if not, the model is restored and GuardFailedError says what was measured. A forget
+never reports success on a model that lost more than the tolerance on its probe.
+
+The decision rule and its measurements are in docs/guide.md ("Forgetting safely"); the building
+blocks (amnesiac_forget, forgetting, repair, fine_tune) stay public.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .._validate import positive_number, ratio
+from ..data import SampleSet, checked_samples
+from ..errors import GuardFailedError
+from ..store import UpdateStore
+from ._loop import model_device, to_device
+from .amnesiac import ForgetReport, forgetting
+from .finetune import fine_tune
+from .repair import repair, step_learning_rates
+
+STRATEGIES = ("auto", "subtract", "replay", "fine-tune")
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    """A model on the probe: overall accuracy and mean loss, and per class (accuracy, count)."""
+
+    samples: int
+    accuracy: float
+    loss: float
+    per_class: dict[int, tuple[float, int]]
+
+    def to_text(self) -> str:
+        worst = min(self.per_class.items(), key=lambda kv: kv[1][0])
+        return f"accuracy {self.accuracy:.4f}, loss {self.loss:.4f}, worst class {worst[0]} {worst[1][0]:.4f}"
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, probe: SampleSet, batch_size: int = 512) -> ProbeScore:
+    """The model's accuracy and loss on `probe`, overall and per class, in eval mode (its mode
+    is restored)."""
+    device = model_device(model, "score")
+    was_training = model.training
+    model.eval()
+    try:
+        losses, correct = [], []
+        for _, x, y in probe.batches(batch_size, shuffle=False):
+            x, y = to_device((x, y), device)
+            logits = model(x)
+            losses.append(F.cross_entropy(logits, y, reduction="none").float().cpu())
+            correct.append((logits.argmax(1) == y).cpu())
+    finally:
+        model.train(was_training)
+    loss, hit, labels = torch.cat(losses), torch.cat(correct), probe.y
+    per_class = {int(c): (float(hit[labels == c].float().mean()), int((labels == c).sum())) for c in labels.unique()}
+    return ProbeScore(len(probe), float(hit.float().mean()), float(loss.mean()), per_class)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far the probe may fall below the model before the request: `overall` accuracy, and
+    each class's accuracy by `per_class` — or by twice that class's binomial standard error on
+    the probe, if larger (a probe of 60 samples of a class cannot tell 3 points from noise).
+    Classes the request removes most of (over half of their training samples, when the
+    retained data shows it) are not held to it: forgetting them is the point."""
+
+    overall: float = 0.01
+    per_class: float = 0.03
+
+    def __post_init__(self):
+        for name in ("overall", "per_class"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"Tolerance.{name} must be a share of accuracy in [0, 1), got {value!r}")
+
+    def problems(self, before: ProbeScore, after: ProbeScore, exempt: set[int] = frozenset()) -> list[str]:
+        """What fell too far, one line each (empty: within the tolerance)."""
+        out = []
+        if after.accuracy < before.accuracy - self.overall:
+            out.append(f"accuracy {before.accuracy:.4f} → {after.accuracy:.4f}")
+        for c, (acc, n) in before.per_class.items():
+            if c in exempt or c not in after.per_class:
+                continue
+            allowed = max(self.per_class, 2 * math.sqrt(max(acc * (1 - acc), 1.0 / n) / n))
+            if after.per_class[c][0] < acc - allowed:
+                out.append(f"class {c} {acc:.4f} → {after.per_class[c][0]:.4f} (allowed {allowed:.4f})")
+        return out
+
+
+@dataclass
+class GuardedReport:
+    """What `forget` did: the deletion (forget.status, .record, .head ...), the probe before
+    the request, after the subtraction and at the end, the repairs in order with their cost,
+    the cost of the whole as a share of a retrain, and the membership evidence if measured."""
+
+    forget: ForgetReport
+    before: ProbeScore
+    after_subtraction: ProbeScore
+    final: ProbeScore
+    actions: list[str] = field(default_factory=list)
+    retrain_share: float = 0.0  # samples processed by the repairs over the samples the recording trained on
+    evidence: dict[str, str] | None = None
+    seconds: float = 0.0
+
+
+def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet, retain_data: SampleSet | None = None,
+           forget_data: SampleSet | None = None, held_out: SampleSet | None = None, tolerance: Tolerance = Tolerance(),
+           budget: float = 0.3, strategy: str = "auto", lr: float | None = None, batch_size: int | None = None,
+           step_epochs: float = 0.05, request_id: str | None = None, commit: bool = True, not_found: str = "raise",
+           seed: int = 0) -> GuardedReport:
+    """Forgets `ids` from `model` (in place), guarded by `probe` (see the module docstring).
+
+    probe: a small validation set (retained training samples or held-out ones; 1,000–2,000
+    samples is enough) on which the result must stay within `tolerance` of the model before.
+    retain_data: the retained training data (with their IDs): what repairs replay and fine-tune
+    on; without it only subtraction is possible, and a probe that falls is GuardFailedError.
+    forget_data and held_out: the forgotten samples and samples never trained on; given both,
+    the record carries a membership check (the forgotten samples' losses against the held-out
+    ones: AUC and a Mann–Whitney p-value, before and after). budget: the repairs' cost as a
+    share of a retrain (samples processed / samples the recording trained on). strategy:
+    "auto" (subtraction, then fine-tuning in small increments until the probe is back: in our
+    measurements the cheapest repair by far, see docs/guide.md), "subtract" (no repair: refuse
+    if the probe falls), "replay" (replay the removed steps' retained samples first, then
+    fine-tune), "fine-tune" (the same as auto). lr: the repairs' learning rate (default: the median learning rate the store
+    recorded). batch_size: the repairs' batch size (default: the store's mean batch, so a repair
+    takes steps of the size training took). step_epochs: a fine-tuning increment between two
+    measurements, as a share of an epoch of retain_data. request_id, commit, not_found: as amnesiac_forget.
+    """
+    start = time.perf_counter()
+    probe = checked_samples("probe", probe, when_empty="a guard needs samples to measure the model on")
+    if retain_data is not None:
+        retain_data = checked_samples("retain_data", retain_data, when_empty="repairs need retained samples")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy in ("replay", "fine-tune") and retain_data is None:
+        raise ValueError(f"strategy={strategy!r} repairs on retained data: pass retain_data")
+    budget = positive_number("budget", budget)
+    if batch_size is None:
+        batch_size = max(1, round(store.samples / max(1, store.steps)))
+    step_epochs = ratio("step_epochs", step_epochs)
+    if not isinstance(tolerance, Tolerance):
+        raise TypeError(f"tolerance must be a pyunlearn.unlearn.Tolerance, got {type(tolerance).__name__}")
+    if (forget_data is None) != (held_out is None):
+        raise ValueError("forget_data and held_out go together (the membership check compares them); pass both or "
+                         "neither")
+    before = score(model, probe)
+    evidence_before = _membership(model, forget_data, held_out) if forget_data is not None else None
+    exempt = _classes_forgotten(forget_data, retain_data)
+    with forgetting(model, store, ids, request_id=request_id, commit=commit, not_found=not_found,
+                    keep_copy=True) as deletion:
+        after = score(model, probe)
+        actions = [f"subtracted {deletion.subtracted.size} steps"]
+        spent, current = 0.0, after
+        problems = tolerance.problems(before, current, exempt)
+        if problems and strategy != "subtract" and retain_data is not None:
+            rate = lr if lr is not None else _recorded_rate(store)
+            if strategy == "replay":
+                    replayed = repair(model, store, deletion.subtracted, retain_data, lr=lr, batch_size=batch_size,
+                                      recompute_buffers=False, seed=seed)
+                    spent += replayed.retrain_share
+                    actions.append(f"replayed {replayed.steps_replayed} steps ({replayed.samples_replayed} retained "
+                                   f"samples, {replayed.retrain_share:.4f} of a retrain)")
+                    current = score(model, probe)
+                    problems = tolerance.problems(before, current, exempt)
+            if problems:
+                increment = max(1, math.ceil(step_epochs * len(retain_data) / batch_size))
+                tuned = 0
+                while problems and spent + increment * batch_size / max(1, store.samples) <= budget:
+                    fine_tune(model, retain_data, epochs=1, lr=rate, batch_size=batch_size, seed=seed + tuned,
+                              max_steps=increment)
+                    tuned += increment
+                    spent += increment * batch_size / max(1, store.samples)
+                    current = score(model, probe)
+                    problems = tolerance.problems(before, current, exempt)
+                if tuned:
+                    actions.append(f"fine-tuned {tuned} steps of {batch_size} retained samples at lr {rate:g}")
+        if problems:
+            raise GuardFailedError(
+                f"after {'; '.join(actions)}, the probe ({len(probe)} samples) is not within the tolerance of the "
+                f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
+                "The model was restored and nothing was recorded. Give retained data to repair with, a larger "
+                "budget, or a store that keeps more of each update (keep)")
+        evidence = None
+        if evidence_before is not None:
+            evidence_after = _membership(model, forget_data, held_out)
+            evidence = {"test": "per-sample cross-entropy, forgotten vs held-out: AUC = P(forgotten loss < held-out "
+                                "loss), Mann-Whitney U two-sided p", "forgotten": str(len(forget_data)),
+                        "held_out": str(len(held_out)), "auc_before": f"{evidence_before[0]:.4f}",
+                        "p_before": f"{evidence_before[1]:.3g}", "auc_after": f"{evidence_after[0]:.4f}",
+                        "p_after": f"{evidence_after[1]:.3g}"}
+        deletion.note(method="amnesiac+guard", params={"strategy": strategy, "budget": budget},
+                      guard={"probe": str(len(probe)), "tolerance": f"overall {tolerance.overall}, per class "
+                                                                    f"{tolerance.per_class}",
+                             "before": before.to_text(), "after_subtraction": after.to_text(),
+                             "final": current.to_text(), "actions": "; ".join(actions),
+                             "retrain_share": f"{spent:.4f}"},
+                      evidence=evidence)
+    return GuardedReport(deletion.report, before, after, current, actions, spent, evidence, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _recorded_rate(store: UpdateStore) -> float:
+    """The median learning rate the store recorded (update stores since format 4, gradient stores)."""
+    rates = step_learning_rates(store, np.arange(store.steps))
+    finite = rates[np.isfinite(rates)] if rates is not None else np.empty(0)
+    if not finite.size:
+        raise ValueError(f"lr: {store.path} records no learning rate; pass the training learning rate (lr=)")
+    return float(np.median(finite))
+
+
+def _replay_cost(store: UpdateStore, steps: np.ndarray, retain_data: SampleSet) -> float:
+    """What replaying `steps` would cost: their retained samples over the samples trained on."""
+    if not steps.size:
+        return 0.0
+    retained = set(retain_data.ids.tolist())
+    samples = sum(sum(1 for i in ids.tolist() if i in retained) for ids in store.step_ids(steps))
+    return samples / max(1, store.samples)
+
+
+def _classes_forgotten(forget_data: SampleSet | None, retain_data: SampleSet | None) -> set[int]:
+    """Classes of which the request removes over half of the training samples (their accuracy
+    is meant to fall): known when both the forgotten and the retained samples are given."""
+    if forget_data is None or retain_data is None:
+        return set()
+    out = set()
+    for c in forget_data.y.unique().tolist():
+        gone, kept = int((forget_data.y == c).sum()), int((retain_data.y == c).sum())
+        if gone > kept:
+            out.add(int(c))
+    return out
+
+
+@torch.no_grad()
+def _losses(model, data: SampleSet, batch_size: int = 512) -> np.ndarray:
+    device = model_device(model, "membership check")
+    was_training = model.training
+    model.eval()
+    try:
+        out = [F.cross_entropy(model(to_device(x, device)), to_device(y, device), reduction="none").float().cpu()
+               for _, x, y in data.batches(batch_size, shuffle=False)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def _membership(model, forget_data: SampleSet, held_out: SampleSet) -> tuple[float, float]:
+    """(AUC, p): the probability that a forgotten sample's loss is below a held-out sample's (0.5
+    when they look alike; members sit lower), and the two-sided Mann–Whitney U p-value (normal
+    approximation with tie correction)."""
+    a, b = _losses(model, forget_data), _losses(model, held_out)
+    n, m = a.size, b.size
+    ranks = _ranks(np.concatenate([a, b]))
+    u = ranks[:n].sum() - n * (n + 1) / 2  # how often a forgotten loss exceeds a held-out one
+    auc = 1.0 - u / (n * m)
+    _, counts = np.unique(np.concatenate([a, b]), return_counts=True)
+    tie = (counts ** 3 - counts).sum() / ((n + m) * (n + m - 1)) if n + m > 1 else 0.0
+    sigma = math.sqrt(n * m / 12.0 * ((n + m + 1) - tie))
+    z = (u - n * m / 2.0) / sigma if sigma > 0 else 0.0
+    return float(auc), float(math.erfc(abs(z) / math.sqrt(2.0)))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their mean rank."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.arange(1, values.size + 1)
+    sorted_values = values[order]
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], values.size]
+    for s, e in zip(starts, ends):
+        if e - s > 1:
+            ranks[order[s:e]] = (s + 1 + e) / 2.0
+    return ranks
+
+
+__all__ = ["forget", "GuardedReport", "ProbeScore", "Tolerance", "score", "STRATEGIES"]

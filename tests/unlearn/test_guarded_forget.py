@@ -1,0 +1,147 @@
+"""pyunlearn.forget, the guarded entry point (issue 25): it never reports success on a model that
+lost more than its tolerance on the probe; it repairs within a budget and says what it did and
+what it cost; it records a membership check when asked."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pyunlearn as pu
+from pyunlearn import data
+from pyunlearn.cli import main
+from pyunlearn.models import DigitsCNN, train
+from pyunlearn.unlearn.guarded import Tolerance, _membership, score
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """DigitsCNN trained 6 epochs on 80% of the digits, recorded at keep 0.1; the split and a
+    10% random forget set. Read-only for the tests: each copies the model."""
+    folder = tmp_path_factory.mktemp("guarded")
+    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    store = pu.UpdateStore.create(folder / "s.zarr", model, keep=0.1)
+    train(model, train_set, epochs=6, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    store.close()
+    forget_ids = train_set.ids[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1))[:144]]
+    return folder, model.state_dict(), train_set, test_set, forget_ids
+
+
+def _setup(digits_run, tmp_path):
+    import shutil
+
+    folder, state, train_set, test_set, forget_ids = digits_run
+    shutil.copytree(folder / "s.zarr", tmp_path / "s.zarr")
+    model = DigitsCNN()
+    model.load_state_dict(state)
+    return model, pu.UpdateStore.open(tmp_path / "s.zarr"), train_set, test_set, forget_ids
+
+
+def test_without_retained_data_a_collapsed_probe_is_refused_and_the_model_restored(digits_run, tmp_path):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(pu.GuardFailedError, match="not within the tolerance.*restored and nothing was recorded"):
+        pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert len(store.ledger) == 1 and store.forgotten_ids().size == 0
+
+
+def test_repairs_bring_the_probe_back_and_the_record_says_what_was_done(digits_run, tmp_path):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    probe, forget_ids = test_set.draw(300, seed=0), forget_ids[:40]  # 3% at random: most steps subtracted
+    report = pu.forget(model, store, forget_ids, probe=probe, retain_data=train_set.without(forget_ids), budget=0.6,
+                       request_id="R-1")
+    assert report.forget.status == "applied" and report.forget.request_id == "R-1"
+    assert not Tolerance().problems(report.before, report.final)
+    assert not Tolerance().problems(report.before, score(model, probe))  # the model returned is the one measured
+    assert Tolerance().problems(report.before, report.after_subtraction)  # subtraction alone had fallen
+    assert 0 < report.retrain_share <= 0.6 and len(report.actions) >= 2
+    (row,) = store.ledger.audit()
+    assert row["method"] == "amnesiac+guard" and row["guard"]["retrain_share"] == f"{report.retrain_share:.4f}"
+    assert row["fingerprint_after"] == pu.kernels.fingerprint(store.check_model(model))
+
+
+def test_a_harmless_subtraction_is_not_repaired(digits_run, tmp_path):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    report = pu.forget(model, store, forget_ids[:1], probe=test_set.draw(300, seed=0),
+                       tolerance=Tolerance(overall=0.05, per_class=0.2), strategy="subtract")
+    assert report.actions == [f"subtracted {report.forget.steps_applied} steps"] and report.retrain_share == 0
+
+
+def test_replay_first_when_asked(digits_run, tmp_path):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    forget_ids = forget_ids[:14]
+    report = pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0), strategy="replay",
+                       retain_data=train_set.without(forget_ids), budget=0.6)
+    assert report.actions[1].startswith(f"replayed {report.forget.steps_applied} steps")
+
+
+def test_the_membership_check_is_recorded_as_evidence(digits_run, tmp_path):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    forget_ids = forget_ids[:40]
+    forget_data = train_set.with_ids(forget_ids)
+    report = pu.forget(model, store, forget_ids, probe=test_set.draw(200, seed=0),
+                       retain_data=train_set.without(forget_ids), forget_data=forget_data,
+                       held_out=test_set.draw(150, seed=1), budget=0.6)
+    evidence = store.ledger.audit()[0]["evidence"]
+    assert evidence == report.evidence and 0 <= float(evidence["auc_after"]) <= 1 and 0 <= float(evidence["p_after"]) <= 1
+    assert evidence["forgotten"] == "40" and evidence["held_out"] == "150"
+
+
+def test_the_membership_check_is_a_mann_whitney_test():
+    """Against scipy's (the tests' reference; the library has its own few lines)."""
+    from scipy.stats import mannwhitneyu
+
+    class Fixed(torch.nn.Module):  # logits that give chosen losses: label 0, logit margin m
+        def forward(self, x):
+            return torch.cat([x, torch.zeros_like(x)], dim=1)
+
+    gen = torch.Generator().manual_seed(0)
+    members = pu.data.SampleSet(torch.arange(40), torch.randn(40, 1, generator=gen) + 1.0, torch.zeros(40, dtype=torch.long))
+    others = pu.data.SampleSet(torch.arange(40, 100), torch.randn(60, 1, generator=gen), torch.zeros(60, dtype=torch.long))
+    auc, p = _membership(Fixed(), members, others)
+    losses = lambda s: torch.nn.functional.cross_entropy(Fixed()(s.x), s.y, reduction="none").numpy()  # noqa: E731
+    reference = mannwhitneyu(losses(members), losses(others), alternative="two-sided", method="asymptotic",
+                             use_continuity=False)
+    assert p == pytest.approx(reference.pvalue, rel=1e-5)
+    assert auc == pytest.approx(1 - reference.statistic / (40 * 60)) and auc > 0.5  # members sit lower
+
+
+def test_the_tolerance_allows_a_small_probes_noise_and_exempts_forgotten_classes():
+    before = pu.unlearn.ProbeScore(100, 0.95, 0.2, {0: (1.0, 10), 1: (0.9, 90)})
+    after = pu.unlearn.ProbeScore(100, 0.95, 0.2, {0: (0.9, 10), 1: (0.85, 90)})
+    tolerance = Tolerance(overall=0.01, per_class=0.03)
+    # class 0: 10 samples, so one sample is 10 points: allowed 2·sqrt(1/10/10) ≈ 0.2; class 1: allowed 0.063
+    assert tolerance.problems(before, after) == []
+    worse = pu.unlearn.ProbeScore(100, 0.9, 0.3, {0: (0.9, 10), 1: (0.7, 90)})
+    assert [p.split()[0] + " " + p.split()[1] for p in tolerance.problems(before, worse)] == ["accuracy 0.9500", "class 1"]
+    assert tolerance.problems(before, worse, exempt={1}) == ["accuracy 0.9500 → 0.9000"]
+    with pytest.raises(ValueError, match="Tolerance.per_class"):
+        Tolerance(per_class=1.5)
+
+
+def test_guarded_forget_on_the_command_line(digits_run, tmp_path, capsys):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    store.close()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    probe = test_set.draw(300, seed=0)
+    torch.save({"ids": probe.ids, "x": probe.x, "y": probe.y}, tmp_path / "probe.pt")
+    forget_ids = forget_ids[:40]
+    retain = train_set.without(forget_ids)
+    torch.save({"ids": retain.ids, "x": retain.x, "y": retain.y}, tmp_path / "retain.pt")
+    np.save(tmp_path / "ids.npy", forget_ids.numpy())
+    args = ["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
+            "--ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "out.pt"), "--probe", str(tmp_path / "probe.pt"),
+            "--model", "pyunlearn.models:DigitsCNN"]
+    assert main(args) == 1  # no retained data to repair with: refused, nothing written
+    assert "not within the tolerance" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+    assert main(args + ["--retain", str(tmp_path / "retain.pt"), "--budget", "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("guard: subtracted") and "applied" in out
+    repaired = DigitsCNN()
+    repaired.load_state_dict(torch.load(tmp_path / "out.pt"))
+    reader = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    assert [r.kind for r in reader.ledger.records] == ["segment", "deletion", "confirm"]
+    assert reader.ledger.records[1].fields["fingerprint_after"] == pu.kernels.fingerprint(reader.check_model(repaired))
