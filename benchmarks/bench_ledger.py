@@ -3,14 +3,15 @@ size of zarr.json at the 1st, 10th, 100th, 1,000th and 10,000th request on one s
 
     python benchmarks/bench_ledger.py [--requests 10000] [--out benchmarks/results/ledger.json]
 
-One store of a small model (TinyNet, keep 0.25) records `requests` + 100 steps of batch size 1,
-so that every request forgets one sample whose step no earlier request removed: each request
-does the same work (find its step, subtract one row, append a record), whatever its number.
-Requests come one after another from the model the previous one produced, as in a service.
-At each checkpoint count the script times, interleaved and repeated: the next few requests
-(forget: amnesiac_forget from call to return), opening the store in a fresh handle and reading
-what a forget needs of its timeline (open: UpdateStore.open + the head state + the resume
-point), and rec.flush() after one more training step (the recorder's checkpoint cost). The goal
+A small model (TinyNet, keep 0.25) records `requests` + a few hundred steps of batch size 1, so
+that every request forgets one sample whose step no earlier request removed: each request does
+the same work (find its step, subtract one row, append a record), whatever its number. For each
+count c (1, 10, 100, 1,000, 10,000) a copy of that store gets c − 1 requests, one after another
+from the model the previous one produced, as in a service. Then, in interleaved rounds (a slow
+spell of the shared machine hits every count alike), each copy times request c (and in later
+rounds c + 1, ...: amnesiac_forget from call to return) and an open (UpdateStore.open in a fresh
+handle + what a forget reads first: the head state, the resume point); finally rec.flush() after
+one more training step (the recorder's checkpoint cost). The goal
 (issue 24): request 10,000 at most 1.5x request 10, zarr.json the same size throughout
 (but for its counters' digits).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,19 +40,19 @@ CHECKPOINTS = (1, 10, 100, 1000, 10000)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=5, help="requests (and opens) timed at each checkpoint")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ledger.json"))
     args = parser.parse_args(argv)
     from _meta import command_line, run_metadata
 
     checkpoints = [c for c in CHECKPOINTS if c <= args.requests]
-    n = args.requests + args.repeats * len(checkpoints) + 100
+    n = args.requests + 2 * args.rounds + 100  # every request and every timed one forgets a sample of its own
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "s.zarr"
+        base = Path(folder) / "base.zarr"
         torch.manual_seed(0)
         model = TinyNet()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-        store = pu.UpdateStore.create(path, model, keep=0.25)
+        store = pu.UpdateStore.create(base, model, keep=0.25)
         x, y = torch.randn(n + 1, 8), torch.randint(0, 3, (n + 1,))
         with pu.UpdateRecorder(model, optimizer, store) as rec:
             for i in range(n):  # batch size 1: sample i is step i's only sample
@@ -58,33 +60,45 @@ def main(argv=None) -> int:
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
                 optimizer.step()
-        done, rows = 0, []
-        for checkpoint in checkpoints:
-            while done < checkpoint - 1:  # requests 1 .. checkpoint-1, untimed
-                pu.amnesiac_forget(model, store, [done])
-                done += 1
-            forget, opens = [], []
-            for _ in range(args.repeats):  # request `checkpoint` and the next few, each timed
+        store.close()
+        trained = {k: v.clone() for k, v in model.state_dict().items()}
+        runs = {}
+        for checkpoint in checkpoints:  # one store per count, the requests before it applied
+            path = Path(folder) / f"s{checkpoint}.zarr"
+            shutil.copytree(base, path)
+            model = TinyNet()
+            model.load_state_dict(trained)
+            store = pu.UpdateStore.open(path)
+            for i in range(checkpoint - 1):
+                pu.amnesiac_forget(model, store, [i])
+            runs[checkpoint] = (path, model, store, [checkpoint - 1])
+            print(f"prepared {checkpoint - 1} requests", flush=True)
+        forget = {c: [] for c in checkpoints}
+        opens = {c: [] for c in checkpoints}
+        for _ in range(args.rounds):  # interleaved: a slow spell of the machine hits every count alike
+            for checkpoint in checkpoints:
+                path, model, store, next_id = runs[checkpoint]
                 start = time.perf_counter()
-                pu.amnesiac_forget(model, store, [done])
-                forget.append(time.perf_counter() - start)
-                done += 1
+                pu.amnesiac_forget(model, store, [next_id[0]])  # request number `checkpoint`, then the next
+                forget[checkpoint].append(time.perf_counter() - start)
+                next_id[0] += 1 if next_id[0] >= args.requests else args.requests  # fresh samples past the prepared ones
                 start = time.perf_counter()
                 reader = pu.UpdateStore.open(path, mode="r")
                 reader.ledger.state, reader.resume_point  # noqa: B018  what a forget reads first
-                opens.append(time.perf_counter() - start)
-            flush = _flush_time(model, optimizer, store, x, y, n)
-            n += 1
-            size = (path / "zarr.json").stat().st_size
-            rows.append({"request": checkpoint, "records": len(store.ledger), "forget_ms_median": _ms(forget),
-                         "forget_ms_best": round(min(forget) * 1e3, 2), "open_ms_median": _ms(opens),
-                         "open_ms_best": round(min(opens) * 1e3, 2), "flush_ms": round(flush * 1e3, 2),
-                         "zarr_json_bytes": size})
-            print(f"request {checkpoint:>6}: forget {rows[-1]['forget_ms_median']:7.2f} ms (best "
-                  f"{rows[-1]['forget_ms_best']:.2f}), open {rows[-1]['open_ms_median']:6.2f} ms, rec.flush "
-                  f"{rows[-1]['flush_ms']:6.2f} ms, zarr.json {size:,} bytes, {rows[-1]['records']} records",
-                  flush=True)
-        store.close()
+                opens[checkpoint].append(time.perf_counter() - start)
+        rows = []
+        for checkpoint in checkpoints:
+            path, model, store, _ = runs[checkpoint]
+            flush = _flush_time(model, store, x, y, n)
+            rows.append({"request": checkpoint, "records": len(store.ledger),
+                         "forget_ms_median": _ms(forget[checkpoint]), "forget_ms_best": _ms([min(forget[checkpoint])]),
+                         "open_ms_median": _ms(opens[checkpoint]), "open_ms_best": _ms([min(opens[checkpoint])]),
+                         "flush_ms": round(flush * 1e3, 2), "zarr_json_bytes": (path / "zarr.json").stat().st_size})
+            store.close()
+            r = rows[-1]
+            print(f"request {checkpoint:>6}: forget {r['forget_ms_median']:7.2f} ms (best {r['forget_ms_best']:.2f}), "
+                  f"open {r['open_ms_median']:6.2f} ms, rec.flush {r['flush_ms']:6.2f} ms, zarr.json "
+                  f"{r['zarr_json_bytes']:,} bytes, {r['records']} records", flush=True)
     by = {r["request"]: r for r in rows}
     summary = {}
     if 10 in by and args.requests in by:
@@ -102,8 +116,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _flush_time(model, optimizer, store, x, y, i) -> float:
+def _flush_time(model, store, x, y, i) -> float:
     """rec.flush() after one more step (recording resumes from the model the last request made)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     with pu.UpdateRecorder(model, optimizer, store) as rec:
         rec.batch([i])
         optimizer.zero_grad()
