@@ -260,8 +260,12 @@ class UpdateStore:
 
     def _commit_meta(self, meta: StoreMetadata) -> None:
         self._group = save_attributes(self._zstore, self._group, meta.to_checked_attrs())
-        self._meta = meta
-        self._ids = IdLookup(self._group, meta, self._data)
+        old, self._meta = self._meta, meta
+        # The ID index changes only with the steps (or the store's identity): a commit of the
+        # timeline alone keeps the index it had, and its scans (a forget rebuilt them every time).
+        if (old.committed_steps, old.committed_samples, old.lookup_from, old.lookup_runs, old.digests_from) != \
+                (meta.committed_steps, meta.committed_samples, meta.lookup_from, meta.lookup_runs, meta.digests_from):
+            self._ids = IdLookup(self._group, meta, self._data)
         self._history.meta = meta
         self._history.point = meta.resume_point
 
