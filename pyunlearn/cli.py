@@ -217,73 +217,75 @@ def _read_ids(path: Path):
 
 def _forget(args) -> int:
     """Forget with the log written in two steps around the save: the deletion is recorded as
-    pending, the new checkpoint written atomically, then the deletion confirmed (or undone if the
-    save failed). A failure or a kill at any point leaves a log that matches a model on disk (the
-    input checkpoint, or the output one, also when --out is --checkpoint)."""
-    from .store.layers import module_for_store
+    pending, the new checkpoint written atomically in the input's format, then the deletion
+    confirmed (or undone if the save failed). A failure or a kill at any point leaves a log that
+    matches a model on disk (the input checkpoint, or the output one, also when --out is
+    --checkpoint)."""
+    from .integrations.checkpoints import Checkpoint
+    from .kernels import fingerprint
     from .store import UpdateStore
+    from .store.layers import module_for_store
     from .unlearn import amnesiac_forget
 
     ids = [] if args.catch_up else _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
-    checkpoint = _load_checkpoint(args.checkpoint)
     store = UpdateStore.open(args.store)
     try:
-        weights = _Weights(checkpoint, args.key, args.checkpoint, [layer.name for layer in store.layers])
+        checkpoint = Checkpoint.load(args.checkpoint, args.key, [layer.name for layer in store.layers])
         with store.writing("forgetting"):  # one writer from reading the log to writing it
             not_found = "record" if args.record_not_found else "raise"
             if args.probe is None:
-                module = module_for_store(weights.state, store)
+                module = module_for_store(checkpoint.state, store)
                 report = amnesiac_forget(module, store, ids, request_id=args.request_id, commit=False,
                                          not_found=not_found)
-                out = weights.replaced({name: p.detach().clone() for name, p in module.named_parameters()})
+                checkpoint.replace({name: p for name, p in module.named_parameters()})
             else:  # guarded: the model's own code runs the probe
                 from .unlearn import forget
 
-                module = _built_model(args.model, weights)
+                module = _built_model(args.model, checkpoint)
                 guarded = forget(module, store, ids, probe=_samples("--probe", args.probe),
                                  retain_data=None if args.retain is None else _samples("--retain", args.retain),
                                  budget=args.budget, request_id=args.request_id, commit=False, not_found=not_found)
                 report = guarded.forget
                 print(f"guard: {'; '.join(guarded.actions)}; probe {guarded.before.to_text()} before, "
                       f"{guarded.final.to_text()} after ({guarded.retrain_share:.3f} of a retrain)")
-                out = weights.replaced({name: t.detach().clone() for name, t in module.state_dict().items()})
+                checkpoint.replace(module.state_dict())
             pending = report.status == "pending"
+            states = checkpoint.update_recorder_state(fingerprint(store.check_model(module)))
+            if args.reset_optimizer:
+                checkpoint.reset_optimizer()
             try:
-                temporary = _write_temporary(out, out_path)
-                try:
-                    os.replace(temporary, out_path)
-                except BaseException:
-                    os.unlink(temporary)
-                    raise
-            except BaseException:  # not renamed: the new model does not exist, neither does its deletion
+                checkpoint.save(out_path)
+            except BaseException:  # not in place: the new model does not exist, neither does its deletion
                 if pending:
                     store.undo(report.record, "its model could not be saved: writing --out failed")
                 raise
-            # Renamed: the new model is in place. If making the rename durable fails, the entry stays
-            # pending (later forgets and training settle it) and the error is raised; else it is confirmed.
+            # In place: if making the rename durable fails, the entry stays pending (later forgets
+            # and training settle it) and the error is raised; else it is confirmed.
             _sync_folder(out_path.parent)
             if pending:
                 store.confirm(report.record)
             head = store.head
     finally:
         store.close()
+    also = (f"; {states} recorder state{'s' if states != 1 else ''} updated (training resumes from it)" if states else "") + \
+        ("; optimizer state emptied" if args.reset_optimizer else "")
     if report.request_id is None:
         print(f"{report.status}: {report.steps_applied} steps subtracted to bring this checkpoint up to date; wrote "
-              f"{args.out}; audit head {head}")
+              f"{args.out}{also}; audit head {head}")
         return 0
     what = "IDs" if args.ids else "keys"
     found = f"{report.matched} of {len(ids)} {what} found" + (
         f", {len(report.missing_ids)} never seen by a recorded step" if len(report.missing_ids) else "")
     state = "not-found: recorded, nothing removed" if report.matched == 0 else "applied"
     print(f"request {report.request_id} {state} ({found}): {report.steps_removed} new steps, {report.steps_applied} "
-          f"subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}; audit head {head}")
+          f"subtracted from this checkpoint, {report.seconds * 1e3:.1f} ms; wrote {args.out}{also}; audit head {head}")
     return 0
 
 
-def _built_model(factory: str | None, weights) -> "torch.nn.Module":
+def _built_model(factory: str | None, checkpoint) -> "torch.nn.Module":
     """The model --model names (`package.module:function`, called with no arguments), with the
     checkpoint's weights loaded (strict: every parameter and buffer)."""
     import importlib
@@ -297,8 +299,7 @@ def _built_model(factory: str | None, weights) -> "torch.nn.Module":
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"--model {factory}: cannot import it ({exc})") from None
     model = make()
-    prefix = weights.prefix
-    model.load_state_dict({k[len(prefix):]: v for k, v in weights.entry.items() if k.startswith(prefix)}, strict=True)
+    model.load_state_dict(checkpoint.model_state(), strict=True)
     return model
 
 
@@ -308,7 +309,9 @@ def _samples(arg: str, path: str):
 
     from .data import SampleSet
 
-    saved = _load_checkpoint(path)
+    from .integrations.checkpoints import load_torch
+
+    saved = load_torch(path)
     if not isinstance(saved, dict) or not {"ids", "x", "y"} <= saved.keys():
         raise ValueError(f"{arg} {path}: expected a dict of tensors 'ids', 'x', 'y' (torch.save of a SampleSet's "
                          "fields)")
@@ -327,110 +330,6 @@ def _audit(args) -> int:
     bad = [f for f in findings if not f.ok]
     print(f"{args.store}: {'sound' if not bad else f'{len(bad)} check(s) FAILED'}")
     return 0 if not bad else EXIT_AUDIT_FAILED
-
-
-class _Weights:
-    """The state_dict inside a checkpoint: the checkpoint itself (a dict of tensors), its entry
-    `key`, or the entry of a known wrapper: "state_dict" (Lightning checkpoints, and others),
-    "model", "model_state_dict", "module". Its keys may carry a prefix before the store's layer
-    names (a store created from `net` and a checkpoint of a module holding it as `self.net`:
-    "net."); `state` has the store's names, and replaced() puts new values back in place,
-    keeping everything else of the checkpoint (a Lightning checkpoint stays one)."""
-
-    WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
-
-    def __init__(self, checkpoint, key: str | None, path: str, names: list[str]):
-        self.checkpoint, self.key = checkpoint, key
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"--checkpoint {path}: expected a state_dict (a dict of tensors) or a dict holding one, "
-                             f"got {type(checkpoint).__name__}")
-        if key is not None:
-            if key not in checkpoint:
-                raise ValueError(f"--key {key}: {path} has no entry {key!r}; it has {_some(checkpoint)}")
-            entry = checkpoint[key]
-        elif _is_state_dict(checkpoint):
-            entry = checkpoint
-        else:
-            self.key = next((k for k in self.WRAPPERS if _is_state_dict(checkpoint.get(k))), None)
-            if self.key is None:
-                raise ValueError(f"--checkpoint {path}: neither a state_dict (a dict of tensors) nor a checkpoint "
-                                 f"with one under {', '.join(repr(k) for k in self.WRAPPERS)}; it has "
-                                 f"{_some(checkpoint)}: name the entry with --key")
-            entry = checkpoint[self.key]
-        if not isinstance(entry, dict):
-            raise ValueError(f"--key {key}: the entry is a {type(entry).__name__}, not a state_dict")
-        self.entry = entry
-        self.prefix = _prefix(entry, names)
-        self.state = {name: entry[self.prefix + name] for name in names if self.prefix + name in entry} \
-            if self.prefix else entry
-
-    def replaced(self, values: dict) -> dict:
-        entry = dict(self.entry)
-        for name, value in values.items():
-            entry[self.prefix + name] = value
-        if self.key is None:
-            return entry
-        out = dict(self.checkpoint)
-        out[self.key] = entry
-        return out
-
-
-def _is_state_dict(value) -> bool:
-    import torch
-
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-
-def _some(mapping: dict) -> str:
-    keys = [repr(k) for k in list(mapping)[:8]]
-    return ", ".join(keys) + (", ..." if len(mapping) > 8 else "") if keys else "no entries"
-
-
-def _prefix(entry: dict, names: list[str]) -> str:
-    """"" if the store's names are keys of `entry`, else the one prefix in front of all of them
-    ("net.", "model.", "module.", ...), else "" (module_for_store then names what is missing)."""
-    if not names or names[0] in entry:
-        return ""
-    for key in entry:
-        if isinstance(key, str) and key.endswith("." + names[0]):
-            prefix = key[: -len(names[0])]
-            if all(prefix + name in entry for name in names):
-                return prefix
-    return ""
-
-
-def _load_checkpoint(path: str):
-    """torch.load with weights_only=True (a checkpoint may come from anywhere: never run its
-    pickled code), its refusal as one line."""
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--checkpoint {path}: holds objects other than tensors, which are not loaded "
-                         f"(weights_only); save model.state_dict() instead ({first})") from None
-
-
-def _write_temporary(state: dict, path: Path) -> str:
-    """torch.save into a temporary file beside `path`, fsynced: renamed over `path` next, readers
-    see the old file or the new one, never a partial one (also when `path` is the input)."""
-    import tempfile
-
-    import torch
-
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return temporary
 
 
 def _sync_folder(folder: Path) -> None:
@@ -517,8 +416,9 @@ def main(argv=None) -> int:
     forget = commands.add_parser("forget", help="forget sample IDs from a saved checkpoint")
     forget.add_argument("--store", required=True)
     forget.add_argument("--checkpoint", required=True,
-                        help="a state_dict saved with torch.save, a dict holding one ('state_dict', 'model', ...), or "
-                             "a Lightning .ckpt (loaded weights_only)")
+                        help="a state_dict saved with torch.save, a dict holding one ('state_dict', 'model', ...), a "
+                             "Lightning .ckpt (loaded weights_only), a .safetensors file, or a Hugging Face Trainer "
+                             "checkpoint folder; the output is written in the same format")
     forget.add_argument("--key", help="the checkpoint's entry holding the state_dict (default: the checkpoint itself "
                                       "if it is one, else 'state_dict', 'model', 'model_state_dict' or 'module')")
     which = forget.add_mutually_exclusive_group(required=True)
@@ -534,7 +434,11 @@ def main(argv=None) -> int:
     forget.add_argument("--record-not-found", action="store_true",
                         help=f"record a request none of whose keys a recorded step used as not-found (exit 0); "
                              f"without it such a request changes nothing and exits {EXIT_NOT_FOUND}")
-    forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's structure)")
+    forget.add_argument("--out", required=True, help="where to write the new checkpoint (the input's format and "
+                                                       "structure; a recorder state in it names the new model)")
+    forget.add_argument("--reset-optimizer", action="store_true",
+                        help="empty the optimizer state saved in the checkpoint (momentum, Adam's moments: they still "
+                             "carry the forgotten samples' gradients); its settings stay")
     guard = forget.add_argument_group("guarded forgetting (pyunlearn.forget): measure a probe, repair within a budget")
     guard.add_argument("--probe", help="a validation probe: torch.save({'ids', 'x', 'y'}) of retained or held-out "
                                        "samples; the result must stay within the tolerance on it, or nothing changes")

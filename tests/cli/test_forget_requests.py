@@ -127,12 +127,12 @@ def test_a_failed_save_names_the_file_and_undoes_the_pending_deletion(tmp_path, 
     recorded = recorded_store(tmp_path / "s.zarr", close=True)
     torch.save(recorded.model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "ids.txt").write_text("1003\n")
-    import pyunlearn.cli as cli
+    from pyunlearn.integrations.checkpoints import Checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cli, "_write_temporary", full)
+    monkeypatch.setattr(Checkpoint, "save", full)
     assert main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
                  "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "out.pt")]) == 1
     assert "No space left on device" in capsys.readouterr().err
