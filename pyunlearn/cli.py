@@ -285,7 +285,7 @@ def _forget(args) -> int:
     return 0
 
 
-def _built_model(factory: str | None, checkpoint) -> "torch.nn.Module":
+def _built_model(factory: str | None, checkpoint):
     """The model --model names (`package.module:function`, called with no arguments), with the
     checkpoint's weights loaded (strict: every parameter and buffer)."""
     import importlib

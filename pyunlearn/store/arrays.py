@@ -3,14 +3,12 @@ existing one, and reading them with every failure turned into CorruptStoreError 
 chunk, or a missing one: see presence.py). The layout is docs/format.md's."""
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ..attribution import HYPER_WIDTH
@@ -23,6 +21,7 @@ from .metadata import CHUNK_BYTES, DIGEST_BYTES, FORMAT_NAME, FORMAT_VERSION, ID
 from .location import replace_file, what_is_there
 from .lock import WriterLock
 from .digests import check_steps, store_id_bytes
+from .zarr_io import open_arrays
 from .shards import read_rows
 
 
@@ -116,15 +115,6 @@ def save_attributes(zstore, group, attrs: dict):
     text = json.dumps({"attributes": metadata.attributes, "zarr_format": 3, "node_type": "group"}, allow_nan=True)
     replace_file(Path(zstore.root) / group.store_path.path / "zarr.json", [text.encode()])
     return group
-
-
-def open_arrays(group, names) -> list:
-    """group[name] for each name, in one concurrent batch: one trip through zarr's event loop
-    instead of one per array (~0.5 ms each when a store is opened). KeyError for a missing one."""
-    async def open_all():
-        return await asyncio.gather(*(group._async_group.getitem(name) for name in names))
-
-    return [zarr.Array(a) for a in sync(open_all())]
 
 
 class StoreArrays:

@@ -22,17 +22,14 @@ batches, so every record read is chained to the head.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 from typing import Sequence
 
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-
 from ..errors import CorruptStoreError, KeyMappingError, StoreError
 from ..ledger import Record, State
+from . import zarr_io
 from .location import create_if_absent
 
 PREFIX = "log/"
@@ -154,9 +151,8 @@ class RecordLog(Sequence[Record]):
         mac = self._key.mac(body) if self._key is not None else None
         data = body + b"\n" + canonical({"hash": digest, "mac": mac}) + b"\n"
         key = record_key(index)
-        sync(create_if_absent(self._zstore, key, data))
-        there = sync(self._zstore.get(key, default_buffer_prototype()))
-        if there is None or there.to_bytes() != data:
+        zarr_io.run(create_if_absent(self._zstore, key, data))
+        if zarr_io.get(self._zstore, key) != data:
             raise StoreError(f"{self._where}: log record {index} was written by another writer at the same time "
                              f"({key}); nothing of this change was committed. Check that one writer at a time holds "
                              "the store's lock")
@@ -168,7 +164,7 @@ class RecordLog(Sequence[Record]):
     def _probe(self, hint: int) -> int:
         """The log's length: the first index from `hint` on with no record (exponential, then
         binary search); CorruptStoreError if record hint − 1 is gone (the log was cut back)."""
-        exists = lambda i: sync(self._zstore.exists(record_key(i)))  # noqa: E731
+        exists = lambda i: zarr_io.exists(self._zstore, record_key(i))  # noqa: E731
         if hint and not exists(hint - 1):
             raise CorruptStoreError(
                 f"{self._where}: audit log record {hint - 1} ({record_key(hint - 1)}) is missing, though the store's "
@@ -191,15 +187,14 @@ class RecordLog(Sequence[Record]):
     def _fetch(self, indices: list[int]) -> None:
         if not indices:
             return
-        prototype = default_buffer_prototype()
         for start in range(0, len(indices), _BATCH):
             batch = indices[start:start + _BATCH]
-            for index, buf in zip(batch, sync(_gather(self._zstore, batch, prototype))):
-                if buf is None:
+            for index, data in zip(batch, zarr_io.get_many(self._zstore, [(record_key(i), None) for i in batch])):
+                if data is None:
                     raise CorruptStoreError(
                         f"{self._where}: audit log record {index} ({record_key(index)}) is missing, though later "
                         "records exist: the log was edited. Restore the log/ folder from a copy")
-                self._parse(index, buf.to_bytes())
+                self._parse(index, data)
         for index in sorted(indices):  # each link to the records on either side read so far
             for earlier, later in ((index - 1, index), (index, index + 1)):
                 if earlier in self._proofs and later in self._proofs and \
@@ -235,14 +230,10 @@ class RecordLog(Sequence[Record]):
 
     def raw(self, index: int) -> bytes:
         """A record's object as stored (for `pyunlearn audit verify`)."""
-        buf = sync(self._zstore.get(record_key(index), default_buffer_prototype()))
-        if buf is None:
+        data = zarr_io.get(self._zstore, record_key(index))
+        if data is None:
             raise CorruptStoreError(f"{self._where}: audit log record {index} ({record_key(index)}) is missing")
-        return buf.to_bytes()
-
-
-async def _gather(zstore, indices, prototype):
-    return await asyncio.gather(*(zstore.get(record_key(i), prototype) for i in indices))
+        return data
 
 
 class MemoryLog(list):

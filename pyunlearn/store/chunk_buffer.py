@@ -7,14 +7,13 @@ to commit. Committing them (after the data) is the store's job.
 """
 from __future__ import annotations
 
-import asyncio
 from typing import NamedTuple
 
 import numpy as np
-from zarr.core.sync import sync
 
 from ..attribution import HYPER_WIDTH
 from .digests import ids_digest, row_digest, store_id_bytes
+from . import zarr_io
 from .metadata import DIGEST_BYTES, VALUE_DTYPES, StoreMetadata
 from .shards import write_rows
 
@@ -88,7 +87,7 @@ class ChunkBuffer:
             writes.append((arrays["sample_ids"], slice(first_sample, last_sample), ids))
         _grow(arrays["offsets"], end + 1)
         writes.append((arrays["offsets"], slice(self._committed_steps + 1, end + 1), first_sample + np.cumsum(counts)))
-        _write_together([w for w in writes if not write_rows(zstore, w[0], w[1].start, w[2], where)])
+        zarr_io.write_together([w for w in writes if not write_rows(zstore, w[0], w[1].start, w[2], where)])
         return Written(end, last_sample)
 
     def committed(self, written: "Written") -> None:
@@ -101,17 +100,6 @@ class ChunkBuffer:
 class Written(NamedTuple):
     committed_steps: int
     committed_samples: int
-
-
-def _write_together(writes: list) -> None:
-    """arr[selection] = values for each (arr, selection, values), in one concurrent batch: one trip
-    through zarr's event loop for the chunk's arrays instead of one each (the commit that makes
-    them visible comes after this returns, so their order does not matter)."""
-    async def write_all():
-        await asyncio.gather(*(arr.async_array.setitem(selection, values) for arr, selection, values in writes))
-
-    if writes:  # the trip costs about a millisecond even with nothing to write
-        sync(write_all())
 
 
 def _grow(arr, length: int) -> None:

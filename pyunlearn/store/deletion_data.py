@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-
 from ..ledger import Forgotten, Timeline
+from . import zarr_io
 
 BLOCK_IDS = 8192
 REMOVED_KEY = "log/removed-steps"
@@ -132,12 +130,12 @@ class RemovedSteps:
         self._bitmap, self._for = bitmap, records
 
     def _read(self) -> np.ndarray:
-        buf = sync(self._zstore.get(REMOVED_KEY, default_buffer_prototype()))
-        if buf is None:
+        data = zarr_io.get(self._zstore, REMOVED_KEY)
+        if data is None:
             return np.zeros(0, dtype=bool)
-        return np.unpackbits(np.frombuffer(buf.to_bytes(), dtype=np.uint8)).astype(bool)
+        return np.unpackbits(np.frombuffer(data, dtype=np.uint8)).astype(bool)
 
     def _write(self, bitmap: np.ndarray) -> None:
         set_steps = np.flatnonzero(bitmap)
         packed = np.packbits(bitmap[: set_steps[-1] + 1] if set_steps.size else bitmap[:0])
-        sync(self._zstore.set(REMOVED_KEY, default_buffer_prototype().buffer.from_bytes(packed.tobytes())))
+        zarr_io.put(self._zstore, REMOVED_KEY, packed.tobytes())

@@ -19,13 +19,11 @@ import hashlib
 import json
 
 import numpy as np
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from .. import ledger
 from ..errors import CorruptStoreError
 from ..ledger import Record, ResumePoint, Timeline
-from . import legacy
+from . import legacy, zarr_io
 from .audit_log import AuditKey, MemoryLog, RecordLog
 from .deletion_data import BLOCK_IDS, RemovedSteps, forgotten_after_append, forgotten_after_cut, forgotten_of, \
     removed_digest
@@ -112,11 +110,11 @@ class History:
         log. A marker whose record is not that request's (a crash between the two) is ignored."""
         if self.meta.legacy is not None:
             return next((r for r in self.log if r.kind == "deletion" and r.fields["request"] == request_id), None)
-        buf = sync(self._zstore.get(_request_key(request_id), default_buffer_prototype()))
-        if buf is None:
+        data = zarr_io.get(self._zstore, _request_key(request_id))
+        if data is None:
             return None
         try:
-            index = int(json.loads(buf.to_bytes())["record"])
+            index = int(json.loads(data)["record"])
         except (ValueError, KeyError, TypeError):
             return None
         if not 0 <= index < len(self.log):
@@ -128,7 +126,7 @@ class History:
         """Writes the marker of `request_id` for record `index` (before the record: a marker
         without its record is ignored)."""
         data = json.dumps({"request": request_id, "record": index}).encode()
-        sync(self._zstore.set(_request_key(request_id), default_buffer_prototype().buffer.from_bytes(data)))
+        zarr_io.put(self._zstore, _request_key(request_id), data)
 
     def forgotten_written(self) -> np.ndarray:
         if self.meta.legacy is not None:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CorruptStoreError
-from .arrays import open_arrays
+from .zarr_io import open_arrays
 from .digests import run_chunk_digest, store_id_bytes
 from .metadata import IDS_PER_INNER_CHUNK, Run, StoreMetadata, codecs
 

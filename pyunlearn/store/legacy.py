@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import CorruptStoreError, ModelMismatchError, StoreError
+from ..errors import CorruptStoreError
 from ..ledger import ResumePoint
 
 

@@ -8,9 +8,8 @@ import os
 import uuid
 from pathlib import Path
 
-from zarr.core.buffer import default_buffer_prototype
-
 from ..errors import StoreAccessError, StoreNotFoundError
+from . import zarr_io
 
 
 def zarr_store(path, storage_options, read_only: bool):
@@ -37,26 +36,18 @@ def zarr_store(path, storage_options, read_only: bool):
 def what_is_there(zstore) -> str:
     """'nothing' (no keys), 'pyunlearn' (a group whose attributes name the update-store format,
     finished or not) or 'other' (anything else: other files, another Zarr hierarchy)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     from .metadata import FORMAT_NAME
 
-    async def first_key():
-        async for key in zstore.list():
-            return key
-        return None
-
     try:
-        if sync(first_key()) is None:
+        if zarr_io.first_key(zstore) is None:
             return "nothing"
     except FileNotFoundError:
         return "nothing"
-    buf = sync(zstore.get("zarr.json", default_buffer_prototype()))
-    if buf is None:
+    data = zarr_io.get(zstore, "zarr.json")
+    if data is None:
         return "other"
     try:
-        attrs = json.loads(buf.to_bytes()).get("attributes", {})
+        attrs = json.loads(data).get("attributes", {})
     except (ValueError, AttributeError):
         return "other"
     return "pyunlearn" if isinstance(attrs, dict) and attrs.get("format") == FORMAT_NAME else "other"
@@ -126,7 +117,7 @@ async def create_if_absent(store, key: str, data: bytes) -> None:
     key back to learn whether its bytes are the ones there."""
     s3 = _s3_path(store, key)
     if s3 is None:
-        await store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data))
+        await store.set_if_not_exists(key, zarr_io.buffer(data))
         return
     fs, path = s3
     try:  # a fresh HEAD (not s3fs's listing cache): the common case, and all that a service
@@ -151,4 +142,4 @@ async def create_if_absent(store, key: str, data: bytes) -> None:
                 break
             raise
     # The service rejects the condition: check-then-put, as on other back-ends.
-    await store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data))
+    await store.set_if_not_exists(key, zarr_io.buffer(data))

@@ -24,21 +24,19 @@ import time
 import uuid
 import warnings
 
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-
 from ..errors import StoreLockedError
+from . import zarr_io
 from .location import create_if_absent
 
 LOCK_KEY = "writer.lock"
 
 
 def _read(store) -> dict | None:
-    buf = sync(store.get(LOCK_KEY, default_buffer_prototype()))
-    if buf is None:
+    data = zarr_io.get(store, LOCK_KEY)
+    if data is None:
         return None
     try:
-        holder = json.loads(buf.to_bytes())
+        holder = json.loads(data)
     except ValueError:
         return {"unreadable": True}
     return holder if isinstance(holder, dict) else {"unreadable": True}
@@ -94,7 +92,7 @@ class WriterLock:
                          "since": time.time()}).encode()
         holder = None
         for _ in range(3):
-            sync(create_if_absent(self._store, LOCK_KEY, me))
+            zarr_io.run(create_if_absent(self._store, LOCK_KEY, me))
             holder = _read(self._store)
             if holder is None:  # released (or broken) between the put and the read: try again
                 continue
@@ -142,7 +140,7 @@ class WriterLock:
             return
         holder = _read(self._store)
         if holder is not None and holder.get("token") == self._token:
-            sync(self._store.delete(LOCK_KEY))
+            zarr_io.delete(self._store, LOCK_KEY)
         self._token = None
 
     @staticmethod
@@ -159,5 +157,5 @@ class WriterLock:
                 "that writer (or stop its process); break_lock(..., force=True) removes the lock anyway, and "
                 "two writers then corrupt the store"
             )
-        sync(store.delete(LOCK_KEY))
+        zarr_io.delete(store, LOCK_KEY)
         return True

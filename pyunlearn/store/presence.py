@@ -3,12 +3,10 @@ let a deleted or never-synced chunk pass for data — a forget that subtracts no
 IDs that look never seen. Every chunk a read touches inside the committed range must exist."""
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
-from zarr.core.sync import sync
 
 from ..errors import CorruptStoreError
+from . import zarr_io
 
 
 class ChunkPresence:
@@ -33,10 +31,7 @@ class ChunkPresence:
         if not unseen:
             return
 
-        async def exist():
-            return await asyncio.gather(*(self._zstore.exists(key) for key in unseen))
-
-        for key, present in zip(unseen, sync(exist())):
+        for key, present in zip(unseen, zarr_io.exist_many(self._zstore, unseen)):
             if not present:
                 raise CorruptStoreError(
                     f"{self._where}: chunk {key} of array {arr.path!r} is missing, though it lies inside the "

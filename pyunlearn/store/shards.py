@@ -21,7 +21,6 @@ one), with the bytes zarr would write (tests compare them).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -30,11 +29,10 @@ import numpy as np
 from numcodecs import blosc
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError
+from . import zarr_io
 from .location import replace_file
 
 _EMPTY = np.uint64(2**64 - 1)
@@ -266,9 +264,4 @@ def _shard_index(data: bytes, key: str, where: str) -> np.ndarray:
 def _fetch(zstore, requests: list[tuple[str, object]]) -> list[bytes | None]:
     """The bytes of each (key, byte range request) through the zarr store, in one concurrent
     batch; None where the key is absent."""
-    prototype = default_buffer_prototype()
-
-    async def fetch_all():
-        return await asyncio.gather(*(zstore.get(key, prototype, byte_range) for key, byte_range in requests))
-
-    return [None if buf is None else buf.to_bytes() for buf in sync(fetch_all())]
+    return zarr_io.get_many(zstore, requests)
