@@ -128,18 +128,16 @@ def forget_latency(model, store, candidates: np.ndarray, counts=(1, 10, 100), re
     out = {}
     rng = np.random.default_rng(0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    # Each trial starts from the store as recording left it: its metadata (with an empty
-    # ledger) is put back on disk between trials, so no trial subtracts another's steps.
-    pristine = (Path(store.path) / "zarr.json").read_bytes()
+    # Each trial starts from the store as recording left it: the trial's deletion is undone after
+    # it (store.undo: its steps count as not removed again), so no trial subtracts another's steps.
     for n in counts:
         times, steps = [], []
         for _ in range(repeats):
-            model.load_state_dict(state)  # the original final model: accepted, ledger applies
-            (Path(store.path) / "zarr.json").write_bytes(pristine)
-            store.refresh()
+            model.load_state_dict(state)  # the original final model: on the timeline, nothing in effect
             report = pu.amnesiac_forget(model, store, rng.choice(candidates, n, replace=False))
             times.append(report.seconds)
             steps.append(report.steps_removed)
+            store.undo(report.record, "a benchmark trial")
         out[n] = {"median_s": round(statistics.median(times), 4), "steps_removed": int(np.median(steps))}
     model.load_state_dict(state)
     return out
