@@ -154,6 +154,13 @@ class UpdateRecorder:
             return
         self._pending.append(declared)
 
+    def _refuse_next_step(self, error: BaseException) -> None:
+        """For the framework callbacks: the coming step must not run, because of `error` (a batch
+        without IDs, say). Raised at the next optimizer.step(), before it runs; under
+        torch.distributed by every rank."""
+        self._check_open()
+        self._refused = self._refused or error
+
     def loader(self, loader, *, key=None):
         """The batches of `loader` (a torch DataLoader, also one Accelerate prepared), unchanged,
         each declared to this recorder as it is yielded: `for x, y in rec.loader(loader, key=...)`.
@@ -206,6 +213,8 @@ class UpdateRecorder:
         problem, stops = self._problem()
         if self._dist is None:
             if problem is not None:  # refused before the step runs, so the model is unchanged
+                if problem is self._refused:
+                    self._refused = None  # raised once
                 if isinstance(problem, TrainingChangedError):
                     self._failed = problem  # the step has not run, but the recorder cannot go on
                 raise problem
