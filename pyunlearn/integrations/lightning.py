@@ -8,7 +8,7 @@ Lightning checkpoints' state_dict). `store` may also be an UpdateStore created f
 (`UpdateStore.create("updates.zarr", lit_module, keep=0.01)`) in a single process.
 
 Batch convention: a tuple or list whose first element holds the batch's int64 sample IDs or
-its keys (the default collate makes a list of str of a dataset's str keys), or a dict with an
+its keys (the default collate makes a sequence of str of a dataset's str keys), or a dict with an
 "ids" entry; pass ids_of=callable(batch) -> IDs for anything else. Keys are mapped with
 `secret=` (or PYUNLEARN_SECRET / PYUNLEARN_SECRET_FILE) on every rank. Needs the
 `lightning` package (pip install 'pyunlearn[lightning]'); a single optimizer. With
