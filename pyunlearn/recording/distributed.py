@@ -169,17 +169,15 @@ class Distributed:
         every rank must have started (the writer's store opened and checked, a recorder state
         loaded), or every rank raises together; returns the writer's forgotten IDs, which each
         rank checks its own batches against, and the writer store's (key_check, key_mapping,
-        steps). A rank that failed re-raises its own error."""
+        steps)."""
         import torch.distributed as dist
 
         gathered: list = [None] * self.world
         failure = None if error is None else Refusal.of(error, self.rank, stops=True)
         dist.all_gather_object(gathered, (key_check, forgotten, store, failure))
         failed = [f for *_, f in gathered if f is not None]
-        if error is not None:
-            raise error
-        if failed:
-            raise failed[0].error(self.world, "recording could not start there; every rank stops")
+        if failed:  # the same error on every rank (on a failed one, raised from its own)
+            raise failed[0].error(self.world, "recording could not start there; every rank stops") from error
         checks = {check for check, *_ in gathered if check is not None}
         if len(checks) > 1:
             raise RecorderError(
