@@ -287,10 +287,25 @@ def _saved_state(state, name: str) -> dict | None:
     return (saved.get("attributes") or {}).get("recorder")
 
 
+def _inspected(model):
+    """The module whose forward signature the Trainer reads to choose the columns it keeps: the
+    model, or a PEFT model's base model (whose forward the PEFT model calls with the batch's
+    other keyword arguments, the ID column among them)."""
+    if type(model).__module__.split(".")[0] == "peft":
+        if hasattr(model, "get_base_model"):
+            return model.get_base_model()
+        inner = getattr(getattr(model, "base_model", None), "model", None)  # PeftMixedModel
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return model
+
+
 def _accept_ids(model, callback: RecordUpdates) -> None:
-    """Gives `model` an instance `forward` that also takes the ID column as a keyword argument
-    (so the Trainer, which reads forward's signature, keeps the column), drops it, declares the
-    IDs to `callback` in training mode, and calls the model's own forward."""
+    """Gives the module whose forward the Trainer inspects (the model, or a PEFT model's base
+    model) an instance `forward` that also takes the ID column as a keyword argument (so the
+    Trainer keeps the column), drops it, declares the IDs to `callback` in training mode, and
+    calls the module's own forward."""
+    model = _inspected(model)
     column = callback.ids_column
     current = model.__dict__.get("forward")
     if current is not None and getattr(current, "_pyunlearn_ids", None) is not None:
