@@ -101,6 +101,7 @@ def test_trainer_with_string_keys_accumulation_resume_and_forget_by_key(tmp_path
     trainer, callback = _trainer(tmp_path / "run", path, data_kind, save_strategy="steps", save_steps=2)
     trainer.train()  # 6 steps, checkpoints after 2, 4 and 6
     assert callback.store.metadata.keyed
+    assert callback.recorder.key_check == callback.store.metadata.key_check == pu.keys.KeyHasher(SECRET).check
     checkpoint = tmp_path / "run" / "checkpoint-2"
 
     resumed, _ = _trainer(tmp_path / "run", path, data_kind, save_strategy="steps", save_steps=2)

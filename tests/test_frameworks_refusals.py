@@ -52,6 +52,9 @@ def worker(rank, path, port, mode):
     rec = None
     try:
         rec = pu.UpdateRecorder(ddp, optimizer, store, secret=secret)
+        if mode == "wrong state on rank 1" and rank == 1:  # the recorder state of another checkpoint
+            assert rec.load_state_dict({"format": "pyunlearn.recorder-state", "version": 1, "steps": 1,
+                                        "fingerprint": "xxh3:" + "0" * 32}) == 0  # raised at the step
         for step in range(3):
             users = [f"user{rank}-{step}"]
             if mode == "forgotten" and rank == 1 and step == 1:
@@ -69,7 +72,7 @@ def worker(rank, path, port, mode):
     except Exception as exc:
         message = str(exc).replace(chr(10), " ")
         say(f"rank {rank} raised {type(exc).__name__}: {message}")
-        if mode in ("forgotten", "no secret on rank 1"):
+        if mode in ("forgotten", "no secret on rank 1", "wrong state on rank 1"):
             say(f"rank {rank} model unchanged by the refused step: {unchanged}")
         if rec is not None:
             rec.close()
@@ -119,7 +122,8 @@ def _raised(stdout: str) -> dict[int, str]:
     return {int(rank): error for rank, error in re.findall(r"rank (\d) raised (.*)", stdout)}
 
 
-@pytest.mark.parametrize("mode", ["forgotten", "no secret on rank 1", "other secret", "store locked"])
+@pytest.mark.parametrize("mode", ["forgotten", "no secret on rank 1", "wrong state on rank 1", "other secret",
+                                  "store locked"])
 def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(tmp_path, mode):
     path = tmp_path / "store.zarr"
     _store_with_a_deletion(path)
@@ -137,6 +141,8 @@ def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(tmp_path, mode):
     expected = {"forgotten": ("RecorderError", "rank 1 of 2: this batch holds 1 sample(s) whose deletion was requested"),
                 "no secret on rank 1": ("KeyMappingError", "rank 1 of 2: this rank's batch are keys, which need "
                                                            "the store's secret"),
+                "wrong state on rank 1": ("ModelMismatchError", "rank 1 of 2: the model is not the one this "
+                                                                "recorder state was saved with"),
                 "other secret": ("RecorderError", "the ranks map keys with different secrets"),
                 "store locked": ("StoreLockedError", "rank 0 of 2:")}[mode]
     assert kinds == {expected[0]}, raised
@@ -144,9 +150,9 @@ def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(tmp_path, mode):
     if mode == "forgotten":  # raised at step 1, before it ran, on both ranks
         assert "rank 0 stepped 0" in out.stdout and "rank 1 stepped 0" in out.stdout
         assert "stepped 1" not in out.stdout
-    else:  # rank 1's first batch (no secret: its keys cannot be mapped), or as recording started
+    else:  # rank 1's first batch or state, or as recording started
         assert "stepped" not in out.stdout
-    if mode in ("forgotten", "no secret on rank 1"):
+    if mode in ("forgotten", "no secret on rank 1", "wrong state on rank 1"):
         assert out.stdout.count("model unchanged by the refused step: True") == 2, out.stdout
     store = pu.UpdateStore.open(path, mode="r", secret=SECRET)
     assert store.steps == (2 if mode == "forgotten" else 1)  # the steps before it

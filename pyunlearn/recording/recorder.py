@@ -192,6 +192,8 @@ class UpdateRecorder:
 
     def _problem(self) -> tuple[BaseException | None, bool]:
         """What refuses the coming step, if anything, and whether recording stops with it."""
+        if self._unreported is not None:  # under torch.distributed: raised on no rank yet, so as it was
+            return self._unreported, True
         if self._failed is not None:
             stopped = RecorderError(f"recording stopped ({self._failed}); the store holds the steps before it. Reload "
                                     "a good checkpoint and start a new recorder with the recorder state saved with "
