@@ -138,7 +138,8 @@ def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(tmp_path, mode):
     raised = _raised(out.stdout)
     assert set(raised) == {0, 1}, out.stdout[-2000:] + out.stderr[-3000:]
     kinds = {error.split(":")[0] for error in raised.values()}
-    expected = {"forgotten": ("RecorderError", "rank 1 of 2: this batch holds 1 sample(s) whose deletion was requested"),
+    expected = {"forgotten": ("RecorderError", "rank 1 of 2: this batch holds 1 sample(s) whose deletion was "
+                                               "requested"),
                 "no secret on rank 1": ("KeyMappingError", "rank 1 of 2: this rank's batch are keys, which need "
                                                            "the store's secret"),
                 "wrong state on rank 1": ("ModelMismatchError", "rank 1 of 2: the model is not the one this "

@@ -259,7 +259,8 @@ class _MappedKeys(torch.utils.data.Dataset):
     """A map-style dataset of dicts whose items get the ID of their key as they are read."""
 
     def __init__(self, dataset, column, ids_column, to_ids, remove):
-        self.dataset, self.column, self.ids_column, self._to_ids, self.remove = dataset, column, ids_column, to_ids, remove
+        self.dataset, self.column, self.ids_column = dataset, column, ids_column
+        self._to_ids, self.remove = to_ids, remove
 
     def __len__(self):
         return len(self.dataset)

@@ -23,9 +23,10 @@ steps end with (resume rules: `load_state_dict`). A refused step has not run.
 
 Parts: UpdateRecorder (the hooks and the IDs declared per step) delegates each step to a role:
 _WritingRole (prunes a row, hands it to a BackgroundWriter) or, on a DDP rank that does not
-write, FollowerRole (only takes part in gathering the IDs). A row comes from UpdateRows (Δθ
-against a snapshot, on the CPU), DeviceUpdateRows (the same on a device) or GradientRows (the
-optimizer family's vectors, pyunlearn.attribution).
+write, FollowerRole (maps its batches and takes part in the gather of each step's IDs, which
+runs before the step and carries every rank's refusal: pyunlearn.recording.distributed). A row
+comes from UpdateRows (Δθ against a snapshot, on the CPU), DeviceUpdateRows (the same on a
+device) or GradientRows (the optimizer family's vectors, pyunlearn.attribution).
 """
 from __future__ import annotations
 
@@ -61,10 +62,11 @@ class UpdateRecorder:
 
     model: the module the store was created from, or the same module wrapped by DDP or
     torch.compile, or sharded by FSDP2's fully_shard (pyunlearn.recording.sharded); on the CPU or
-    on one CUDA device (a model spread over devices is refused). optimizer: a torch optimizer, or one wrapped by Accelerate
-    (AcceleratedOptimizer) or Lightning (its step hooks go on the wrapped one); it must update
-    exactly the model's trainable parameters (those in the store's layer table), and may also
-    hold frozen ones (requires_grad=False: not recorded, and refused if they start to train).
+    on one CUDA device (a model spread over devices is refused). optimizer: a torch optimizer, or
+    one wrapped by Accelerate (AcceleratedOptimizer) or Lightning (its step hooks go on the
+    wrapped one); it must update exactly the model's trainable parameters (those in the store's
+    layer table), and may also hold frozen ones (requires_grad=False: not recorded, and refused if
+    they start to train).
     allow_unlabeled_steps: record steps with no declared sample IDs instead of
     refusing them. rows_per_handoff: rows passed to the writer at once (default: ~1 MB of rows,
     at most 64; one thread wake-up per step would cost a small model more than the pruning).
@@ -360,9 +362,9 @@ class _WritingRole:
         family = attribution.family_for(optimizer) if store.attribution == "gradient" else None
         if sharded is not None:
             if family is not None:
-                raise RecorderError("gradient attribution reads each step's gradient and optimizer state, which a sharded "
-                                    "model spreads over the ranks: record a sharded model with update attribution "
-                                    "(UpdateStore.create(..., attribution=\"update\"))")
+                raise RecorderError("gradient attribution reads each step's gradient and optimizer state, which a "
+                                    "sharded model spreads over the ranks: record a sharded model with update "
+                                    "attribution (UpdateStore.create(..., attribution=\"update\"))")
             model = sharded.view  # the gathered copy: what the store's rows and fingerprints are of
         params = store.check_model(model)
         # One device for the whole model (the snapshot and the pruning live there), one pyunlearn runs on.
