@@ -134,8 +134,8 @@ def test_a_store_path_with_create_options_records_the_same(tmp_path):
     for a, b in zip(by_path.read(range(12)), store.read(range(12))):
         assert torch.equal(a, b)
     assert by_path.final_fingerprint == store.final_fingerprint
-    with pytest.raises(FileExistsError):  # create= on a store that exists, outside a resume: refused
-        _trainer(tmp_path, [RecordUpdates(tmp_path / "path.zarr", create=dict(keep=0.3))],
+    with pytest.raises(FileExistsError):  # exist_ok=False: create= on a store that exists is refused
+        _trainer(tmp_path, [RecordUpdates(tmp_path / "path.zarr", create=dict(keep=0.3), exist_ok=False)],
                  enable_checkpointing=False).fit(Module(), _loader())
 
 

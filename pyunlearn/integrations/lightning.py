@@ -7,8 +7,10 @@ The store names the parameters as in the LightningModule (e.g. "net.fc1.weight",
 Lightning checkpoints' state_dict). `store` may also be an UpdateStore created from the module
 (`UpdateStore.create("updates.zarr", lit_module, keep=0.01)`) in a single process.
 
-Batch convention: a tuple or list whose first element holds the batch's int64 sample IDs, or
-a dict with an "ids" entry; pass ids_of=callable(batch) -> IDs for anything else. Needs the
+Batch convention: a tuple or list whose first element holds the batch's int64 sample IDs or
+its keys (the default collate makes a sequence of str of a dataset's str keys), or a dict with an
+"ids" entry; pass ids_of=callable(batch) -> IDs for anything else. Keys are mapped with
+`secret=` (or PYUNLEARN_SECRET / PYUNLEARN_SECRET_FILE) on every rank. Needs the
 `lightning` package (pip install 'pyunlearn[lightning]'); a single optimizer. With
 accumulate_grad_batches every micro-batch's IDs go into the optimizer step they feed.
 
@@ -17,7 +19,8 @@ writer rank (`writer_rank`, default 0) creates the store from the module (with `
 dict of UpdateStore.create options) or opens it (without `create`, or when resuming from a
 checkpoint); the other ranks hold no store and only take part in gathering each step's IDs
 from every rank, so the stored step holds the global batch. If the writer rank cannot create
-or open the store, every rank raises at the start of training.
+or open the store, every rank raises at the start of training; a batch one rank refuses (a
+forgotten sample, a key it cannot map) makes every rank raise before that optimizer step runs.
 
 Checkpoints: saving one flushes the recorder and stores its state (the committed step and the
 model's fingerprint) in the checkpoint's callback states; `trainer.fit(..., ckpt_path=...)`
@@ -54,14 +57,21 @@ class RecordUpdates(Callback):
 
     store: an UpdateStore created from the LightningModule, or a path (str or os.PathLike, or an
     fsspec URL with storage_options) that the writer rank creates with `create` (a dict of
-    UpdateStore.create options) or, without `create` or when resuming, opens. Other keyword
-    arguments go to UpdateRecorder (writer_rank, flush_every_s, allow_unlabeled_steps, ...).
-    After training `callback.store` is the store written (None on the ranks that do not write);
-    a store the callback opened from a path is closed when training ends."""
+    UpdateStore.create options) or, without `create` or when resuming, opens. exist_ok: a path
+    that already holds a store of this module's layer table (and of the keep, value_dtype and
+    attribution `create` names) is opened instead of created, so a re-run goes on with it (the
+    recorder's resume rules then decide whether this model may continue it); False: refuse it
+    (FileExistsError). secret: the secret mapping the batches' keys (str, bytes, UUID) to sample
+    IDs on every rank (default: PYUNLEARN_SECRET or PYUNLEARN_SECRET_FILE); a new store created
+    with it is a store of keys. Other keyword arguments go to UpdateRecorder (writer_rank,
+    flush_every_s, allow_unlabeled_steps, ...). After training `callback.store` is the store
+    written (None on the ranks that do not write); a store the callback opened from a path is
+    closed when training ends."""
 
     def __init__(self, store: UpdateStore | str | Any, *, ids_of: Callable[[Any], Any] | None = None,
-                 create: dict | None = None, storage_options=None, **recorder_options):
-        self._spec = StoreSpec(store, create, storage_options)
+                 create: dict | None = None, storage_options=None, secret=None, exist_ok: bool = True,
+                 **recorder_options):
+        self._spec = StoreSpec(store, create, storage_options, secret=secret, exist_ok=exist_ok)
         self.store: UpdateStore | None = store if isinstance(store, UpdateStore) else None
         self.ids_of = ids_of or default_ids
         self.recorder_options = recorder_options
@@ -72,23 +82,31 @@ class RecordUpdates(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"RecordUpdates supports one optimizer, the module configures {len(trainer.optimizers)}")
         state, self._pending_state = self._pending_state, None
+        rank = distributed_rank()
+        writes = rank is None or rank[0] == self.recorder_options.get("writer_rank", 0)
         error = None
         try:
-            rank = distributed_rank()
-            writes = rank is None or rank[0] == self.recorder_options.get("writer_rank", 0)
             if self._spec.owned:
                 resuming = state is not None or getattr(trainer, "ckpt_path", None) is not None
                 self.store = self._spec.resolve(pl_module, writes=writes, resuming=resuming)
-            # Lightning restored the checkpoint's model and optimizer before this hook, so the
-            # state can be checked against them here.
-            self.recorder = UpdateRecorder(pl_module, trainer.optimizers[0], self.store if writes else None,
-                                           state=state, **self.recorder_options)
         except BaseException as exc:  # noqa: BLE001 - re-raised on this rank, reported to the others
             error = exc
         all_ranks_ready(error)
+        # Lightning restored the checkpoint's model and optimizer before this hook, so the state
+        # can be checked against them here. Under DDP the recorder starts on every rank or
+        # raises on every rank.
+        self.recorder = UpdateRecorder(pl_module, trainer.optimizers[0], self.store if writes else None,
+                                       state=state, secret=self._spec.secret, **self.recorder_options)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.recorder.batch(self.ids_of(batch))
+        try:
+            ids = self.ids_of(batch)
+        except Exception as exc:  # noqa: BLE001 - under DDP raised by every rank at the step
+            if distributed_rank() is None:
+                raise
+            self.recorder._refuse_next_step(exc)
+            return
+        self.recorder.batch(ids)
 
     # Lightning asks for state_dict(), then calls on_save_checkpoint, whenever it saves a checkpoint.
     def state_dict(self) -> dict[str, Any]:

@@ -23,9 +23,10 @@ steps end with (resume rules: `load_state_dict`). A refused step has not run.
 
 Parts: UpdateRecorder (the hooks and the IDs declared per step) delegates each step to a role:
 _WritingRole (prunes a row, hands it to a BackgroundWriter) or, on a DDP rank that does not
-write, FollowerRole (only takes part in gathering the IDs). A row comes from UpdateRows (Δθ
-against a snapshot, on the CPU), DeviceUpdateRows (the same on a device) or GradientRows (the
-optimizer family's vectors, pyunlearn.attribution).
+write, FollowerRole (maps its batches and takes part in the gather of each step's IDs, which
+runs before the step and carries every rank's refusal: pyunlearn.recording.distributed). A row
+comes from UpdateRows (Δθ against a snapshot, on the CPU), DeviceUpdateRows (the same on a
+device) or GradientRows (the optimizer family's vectors, pyunlearn.attribution).
 """
 from __future__ import annotations
 
@@ -38,14 +39,16 @@ import torch
 
 from .. import attribution, keys, ledger
 from .._validate import positive_int
-from ..errors import ModelMismatchError, NonFiniteUpdateError, RecorderError, ResumeRefused, TrainingChangedError
+from ..errors import (KeyMappingError, ModelMismatchError, NonFiniteUpdateError, RecorderError, ResumeRefused,
+                      TrainingChangedError)
 from ..kernels import Fingerprints, same_model, supports
 from ..kernels.backends import backend_for
 from ..kernels.checks import one_device
 from ..store import UpdateStore
 from .continuation import refuse_forgotten
-from .distributed import STATE_MISMATCH, Distributed, FollowerRole
+from .distributed import STATE_MISMATCH, Distributed, FollowerRole, Refusal
 from .row_sources import DeviceUpdateRows, GradientRows, UpdateRows
+from .sharded import ShardedModel
 from .writer import BackgroundWriter
 
 __all__ = ["UpdateRecorder", "unwrap_model", "unwrap_optimizer"]
@@ -58,10 +61,12 @@ class UpdateRecorder:
     """Records every optimizer step of `model` into `store`.
 
     model: the module the store was created from, or the same module wrapped by DDP or
-    torch.compile; on the CPU or on one CUDA device (a model spread over devices is refused). optimizer: a torch optimizer, or one wrapped by Accelerate
-    (AcceleratedOptimizer) or Lightning (its step hooks go on the wrapped one); it must update
-    exactly the model's trainable parameters (those in the store's layer table), and may also
-    hold frozen ones (requires_grad=False: not recorded, and refused if they start to train).
+    torch.compile, or sharded by FSDP2's fully_shard (pyunlearn.recording.sharded); on the CPU or
+    on one CUDA device (a model spread over devices is refused). optimizer: a torch optimizer, or
+    one wrapped by Accelerate (AcceleratedOptimizer) or Lightning (its step hooks go on the
+    wrapped one); it must update exactly the model's trainable parameters (those in the store's
+    layer table), and may also hold frozen ones (requires_grad=False: not recorded, and refused if
+    they start to train).
     allow_unlabeled_steps: record steps with no declared sample IDs instead of
     refusing them. rows_per_handoff: rows passed to the writer at once (default: ~1 MB of rows,
     at most 64; one thread wake-up per step would cost a small model more than the pruning).
@@ -72,45 +77,101 @@ class UpdateRecorder:
     training; None: only full chunks, rec.flush() and close() write. state: a recorder state
     saved with the checkpoint training resumes from (load_state_dict). The recorder holds the
     store's writer lock while it records (a write session, released at close if it took it).
+
+    Under torch.distributed (DDP, FSDP2) every rank creates a recorder with the same arguments,
+    `store` on the writer rank (writer_rank) and None elsewhere. secret: the secret that maps a
+    batch's keys on a rank that holds no store (default: PYUNLEARN_SECRET or
+    PYUNLEARN_SECRET_FILE); on the writer rank the store maps keys with its own secret
+    (UpdateStore.create/open(secret=)), and a different one here is refused. A refusal on any
+    rank — a forgotten sample or an unmappable key in its batch, the writer's checks, a failed
+    writer — is raised by every rank at the next optimizer.step(), before it runs
+    (pyunlearn.recording.distributed).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, store: UpdateStore | None, *,
                  allow_unlabeled_steps: bool = False, rows_per_handoff: int | None = None, queue_size: int = 8,
-                 writer_rank: int = 0, flush_every_s: float | None = 60.0, state: dict | None = None):
+                 writer_rank: int = 0, flush_every_s: float | None = 60.0, state: dict | None = None,
+                 secret=None):
         flush_every_s = _seconds_or_none("flush_every_s", flush_every_s)
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's and Lightning's wrappers: hook the torch optimizer
         model = unwrap_model(model)  # DDP, torch.compile: the store names the module's own parameters
         dist = Distributed.current(writer_rank)
-        if dist is not None and not dist.writes:
-            self._role = FollowerRole(model, dist)
-        else:
-            self._role = _WritingRole(model, optimizer, store, dist, rows_per_handoff=rows_per_handoff,
-                                      queue_size=queue_size, flush_every_s=flush_every_s)
+        self._dist = dist
         self._allow_unlabeled = bool(allow_unlabeled_steps)
         self._pending: list[np.ndarray] = []
         self._failed: BaseException | None = None
+        self._refused: BaseException | None = None  # under torch.distributed: a batch refused, raised at the step
+        self._unreported: BaseException | None = None  # a failure after a step, not yet raised on every rank
+        self._step_ids: np.ndarray | None = None  # under torch.distributed: the global batch, gathered before the step
         self._closed = False
-        if dist is not None:
-            self._role.share_keys(dist)
+        self._role = None
+        error = None
+        try:
+            sharded = ShardedModel.detect(model, dist, names=_named_parameters(model))
+            if sharded is not None:
+                sharded.gather()  # every rank, before any may fail alone: the writer's copy to check and record
+            if dist is not None and not dist.writes:
+                self._role = FollowerRole(model, dist, secret=secret, sharded=sharded)
+            else:
+                self._role = _WritingRole(model, optimizer, store, dist, rows_per_handoff=rows_per_handoff,
+                                          queue_size=queue_size, flush_every_s=flush_every_s, secret=secret,
+                                          sharded=sharded)
+            if state is not None:
+                self._load_state(state, stacklevel=3)
+        except BaseException as exc:
+            error = exc
+        try:
+            if dist is not None:  # every rank starts, or every rank raises
+                if self._role is None:
+                    dist.agree_on_keys(None, None, error=error)
+                else:
+                    self._role.share_keys(dist, error)
+            elif error is not None:
+                raise error
+        except BaseException:
+            self._failed = RecorderError("recording could not start")
+            if self._role is not None:
+                self._closed = True
+                with contextlib.suppress(Exception):
+                    self._role.close(mark_final=False)
+            raise
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
-        if state is not None:
-            try:
-                self._load_state(state, stacklevel=3)
-            except BaseException:
-                self._failed = RecorderError("the recorder state could not be loaded")
-                with contextlib.suppress(Exception):
-                    self.remove()
-                raise
 
     # ----------------------------------------------------------------- the training side
     def batch(self, ids) -> None:
-        """Declares the sample IDs used since the last step (several calls add up, as with
-        gradient accumulation)."""
+        """Declares the sample IDs (or keys) used since the last step (several calls add up, as
+        with gradient accumulation). A batch holding a forgotten sample, or keys that cannot be
+        mapped, is refused: here in one process; under torch.distributed at the next
+        optimizer.step(), on every rank at once (the batch is not declared either way)."""
         self._check_open()
-        # A copy: the IDs may be a view of the caller's tensor or array, which a loop may refill
-        # for the next micro-batch before the step (as_ids and the int64 fast path both return views).
-        self._pending.append(self._role.ids_for(ids).copy())
+        try:
+            # A copy: the IDs may be a view of the caller's tensor or array, which a loop may refill
+            # for the next micro-batch before the step (as_ids and the int64 fast path both return views).
+            declared = self._role.ids_for(ids).copy()
+        except Exception as exc:
+            if self._dist is None:
+                raise
+            self._refused = self._refused or exc  # raised by every rank before the next step runs
+            return
+        self._pending.append(declared)
+
+    def _refuse_next_step(self, error: BaseException) -> None:
+        """For the framework callbacks: the coming step must not run, because of `error` (a batch
+        without IDs, say). Raised at the next optimizer.step(), before it runs; under
+        torch.distributed by every rank."""
+        self._check_open()
+        self._refused = self._refused or error
+
+    def loader(self, loader, *, key=None):
+        """The batches of `loader` (a torch DataLoader, also one Accelerate prepared), unchanged,
+        each declared to this recorder as it is yielded: `for x, y in rec.loader(loader, key=...)`.
+        key: a function of a sample's index in the loader's dataset (through Subset wrappers)
+        returning its int ID or its key (str, bytes, UUID); default: the index itself as the ID.
+        See pyunlearn.recording.loader."""
+        from .loader import DeclaredBatches
+
+        return DeclaredBatches(self, loader, key=key)
 
     @property
     def steps(self) -> int:
@@ -120,35 +181,77 @@ class UpdateRecorder:
         return self._role.steps
 
     @property
+    def key_check(self) -> str | None:
+        """The check value of the secret the store maps keys with (for keys.mapped: IDs mapped
+        once, in a data set column, that this recorder takes as keys), or None for a store of
+        integer IDs. On a rank that holds no store: the writer's store's, as recording started."""
+        return self._role.key_check
+
+    @property
     def closed(self) -> bool:
         """Whether close() (or remove()) was called."""
         return self._closed
 
+    def _problem(self) -> tuple[BaseException | None, bool]:
+        """What refuses the coming step, if anything, and whether recording stops with it."""
+        if self._unreported is not None:  # under torch.distributed: raised on no rank yet, so as it was
+            return self._unreported, True
+        if self._failed is not None:
+            stopped = RecorderError(f"recording stopped ({self._failed}); the store holds the steps before it. Reload "
+                                    "a good checkpoint and start a new recorder with the recorder state saved with "
+                                    "it (state=...), or truncate the store to its step")
+            stopped.__cause__ = self._failed
+            return stopped, True
+        if self._refused is not None:
+            return self._refused, False
+        problem = self._role.before_step()
+        if problem is not None:
+            return problem, not isinstance(problem, ResumeRefused)
+        if not self._pending and not self._allow_unlabeled:
+            return RecorderError("optimizer.step() with no sample IDs declared since the last step: call "
+                                 "rec.batch(ids) for each batch, or pass allow_unlabeled_steps=True"), False
+        return None, False
+
     def _before_step(self, optimizer, args, kwargs):
         self._check_open()
-        if self._failed is not None:
-            raise RecorderError(f"recording stopped ({self._failed}); the store holds the steps before it. Reload "
-                                "a good checkpoint and start a new recorder with the recorder state saved with it "
-                                "(state=...), or truncate the store to its step") from self._failed
-        try:
-            self._role.before_step()
-        except TrainingChangedError as exc:  # the step has not run, but the recorder cannot go on
-            self._failed = exc
-            raise
-        if not self._pending and not self._allow_unlabeled:
-            # Refused before the step runs, so the model is unchanged.
-            raise RecorderError("optimizer.step() with no sample IDs declared since the last step: call "
-                                "rec.batch(ids) for each batch, or pass allow_unlabeled_steps=True")
+        problem, stops = self._problem()
+        if self._dist is None:
+            if problem is not None:  # refused before the step runs, so the model is unchanged
+                if problem is self._refused:
+                    self._refused = None  # raised once
+                if isinstance(problem, TrainingChangedError):
+                    self._failed = problem  # the step has not run, but the recorder cannot go on
+                raise problem
+            return
+        # One collective a step, before it runs: the global batch, and every rank's refusal.
+        refusal = None if problem is None else Refusal.of(problem, self._dist.rank, stops=stops)
+        self._step_ids, agreed = self._dist.gather(self._declared(), refusal)
+        if agreed is None:
+            return
+        self._refused = self._unreported = None  # raised now, on every rank
+        error = agreed.error(self._dist.world)
+        if agreed.stops and self._failed is None:
+            self._failed = error
+        raise error from (problem if agreed.rank == self._dist.rank else None)
+
+    def _declared(self) -> np.ndarray:
+        pending = self._pending
+        # batch() keeps its own copies, so a single batch's array is used as it is.
+        return pending[0] if len(pending) == 1 else np.concatenate(pending) if pending else np.empty(0, np.int64)
 
     def _after_step(self, optimizer, args, kwargs):
-        pending, self._pending = self._pending, []  # this step's IDs; the next step starts empty
-        # batch() keeps its own copies, so a single batch's array is used as it is.
-        ids = pending[0] if len(pending) == 1 else np.concatenate(pending) if pending else np.empty(0, np.int64)
+        ids = self._declared() if self._dist is None else self._step_ids
+        self._pending, self._step_ids = [], None  # the next step starts empty
         try:
             recorded = self._role.after_step(ids)
         except (NonFiniteUpdateError, RecorderError) as exc:
             self._failed = exc  # the snapshot no longer matches any recorded state: stop
-            raise
+            if self._dist is None:
+                raise
+            # One rank raising alone would leave the others in DDP's next all-reduce: every rank
+            # raises it before the next step (close() raises it here if none comes).
+            self._unreported = exc
+            return
         self._role.steps += 1  # counted before the hand-off, which may block while the writer is behind
         self._role.hand_off(recorded)
 
@@ -172,7 +275,9 @@ class UpdateRecorder:
     def state_dict(self) -> dict:
         """The recorder's part of a checkpoint (flushes first): the committed step count and
         the model's fingerprint at that step. Save it with the model and the optimizer, and
-        give it to load_state_dict (or UpdateRecorder(..., state=...)) when resuming."""
+        give it to load_state_dict (or UpdateRecorder(..., state=...)) when resuming. The
+        recorder can be registered as it is wherever a framework checkpoints objects with
+        state_dict / load_state_dict (Accelerate's register_for_checkpointing)."""
         steps = self.flush()
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "steps": steps,
                 "fingerprint": self._role.fingerprint_at(steps)}
@@ -183,8 +288,17 @@ class UpdateRecorder:
         state describes (ModelMismatchError otherwise). If the store holds more steps than the
         state (an abandoned run went on after the checkpoint) they are dropped, with a
         RuntimeWarning saying how many; returns that number. A store holding fewer steps than
-        the state is refused (RecorderError): it lost steps the checkpoint had."""
-        return self._load_state(state, stacklevel=3)
+        the state is refused (RecorderError): it lost steps the checkpoint had. Under
+        torch.distributed call it on every rank; a refusal is then raised by every rank at the
+        next optimizer.step(), before it runs (and this returns 0)."""
+        try:
+            return self._load_state(state, stacklevel=3)
+        except Exception as exc:
+            if self._dist is None:
+                raise
+            self._failed = self._failed or exc
+            self._unreported = exc
+            return 0
 
     def _load_state(self, state, *, stacklevel: int) -> int:
         self._check_open()
@@ -204,13 +318,20 @@ class UpdateRecorder:
         records the model as the store's final model (unless recording failed, or the model was
         never accepted as the one the store's steps end with). Raises the writer's error, if any.
         Under DDP it involves no collective: the other ranks just remove their hooks, and a
-        failure while closing is raised on the writer rank only."""
+        failure while closing (or one after the last step) is raised on its rank only."""
         if self._closed:
             return
         for hook in self._hooks:
             hook.remove()
         self._closed = True
         self._role.close(mark_final=self._failed is None)
+        unreported, self._unreported = self._unreported, None
+        if unreported is not None:
+            raise RecorderError(f"recording stopped after the last step ({unreported})") from unreported
+        if self._refused is not None:
+            refused, self._refused = self._refused, None
+            raise RecorderError(f"a batch was refused after the last step ({refused}): no step followed, so it "
+                                "was never raised on every rank") from refused
 
     close = remove
 
@@ -226,7 +347,8 @@ class _WritingRole:
     """The rank that records: checks the model, optimizer and store once, re-checks them
     cheaply before every step, prunes a row after it and hands it to the background writer."""
 
-    def __init__(self, model, optimizer, store, dist, *, rows_per_handoff, queue_size, flush_every_s):
+    def __init__(self, model, optimizer, store, dist, *, rows_per_handoff, queue_size, flush_every_s, secret=None,
+                 sharded: ShardedModel | None = None):
         if not isinstance(store, UpdateStore):
             raise TypeError(f"store must be an UpdateStore, got {type(store).__name__}"
                             + ("" if dist is None else " (on the writer rank; other ranks may pass None)"))
@@ -235,11 +357,19 @@ class _WritingRole:
         queue_size = positive_int("queue_size", queue_size)
         if rows_per_handoff is not None:
             rows_per_handoff = positive_int("rows_per_handoff", rows_per_handoff)
-        params = store.check_model(model)
-        frozen = _check_optimizer(optimizer, store, model, params)
+        trained = store.check_model(model)  # the parameters the optimizer updates
+        frozen = _check_optimizer(optimizer, store, model, trained)
         family = attribution.family_for(optimizer) if store.attribution == "gradient" else None
+        if sharded is not None:
+            if family is not None:
+                raise RecorderError("gradient attribution reads each step's gradient and optimizer state, which a "
+                                    "sharded model spreads over the ranks: record a sharded model with update "
+                                    "attribution (UpdateStore.create(..., attribution=\"update\"))")
+            model = sharded.view  # the gathered copy: what the store's rows and fingerprints are of
+        params = store.check_model(model)
         # One device for the whole model (the snapshot and the pruning live there), one pyunlearn runs on.
         supports(one_device(_named_parameters(model), "model", "recording"))
+        _check_secret(secret, store)
         # The write session is this recorder's until close(): forgetting, marking a final model or
         # another recorder through this handle is refused meanwhile.
         self._owner = f"recording (recorder {id(self):x})"
@@ -253,11 +383,12 @@ class _WritingRole:
                 store.set_optimizer_family(family.name)
             self._session = self._session.pop_all()  # the session stays open until close()
         self._model, self._optimizer, self._store, self._dist = model, optimizer, store, dist
-        self._params, self._family = params, family
+        self._params, self._family, self._sharded = params, family, sharded
+        self._trained = trained
         self._names = [layer.name for layer in store.layers]
         # What the per-step checks compare against (_changed): cheap to read back every step.
         self._param_ids = _optimizer_param_ids(optimizer)
-        self._layout = [(p.dtype, p.device, p.shape) for p in params]
+        self._layout = [(p.dtype, p.device, p.shape) for p in trained]
         self._frozen = frozen  # (name, parameter): in the optimizer, not recorded, must stay frozen
         self.steps = store.steps
         self._records_lr = store.metadata.records_hyper and family is None  # update stores since format 4
@@ -265,7 +396,6 @@ class _WritingRole:
         # A store that already has steps continues only from the model they end with; checked
         # at the first step (or settled by load_state), when the checkpoint's model is loaded.
         self._resume_pending = store.steps > 0
-        self._deferred: RecorderError | None = None  # under DDP: a refusal raised through the gather
         self._rows = self._make_rows()
         self._writer = BackgroundWriter(
             store, rows_per_handoff or max(1, min(64, (1 << 20) // max(1, store.row_length * 6))), queue_size,
@@ -285,10 +415,18 @@ class _WritingRole:
             ids = np.asarray(store.ids_for(values), dtype=np.int64)
         return refuse_forgotten(ids, self._forgotten)
 
-    def share_keys(self, dist: "Distributed") -> None:
-        meta = self._store.metadata
-        dist.agree_on_keys(meta.key_check or self._store.keys.check(), self._forgotten,
-                           store=(meta.key_check, meta.key_mapping, meta.committed_steps))
+    @property
+    def key_check(self) -> str | None:
+        return self._store.metadata.key_check
+
+    def share_keys(self, dist: "Distributed", error: BaseException | None = None) -> None:
+        meta, check = self._store.metadata, None
+        try:
+            check = meta.key_check or self._store.keys.check()
+        except (OSError, TypeError, ValueError) as exc:  # a secret file that is missing, a secret too short
+            error = error or exc
+        dist.agree_on_keys(check, self._forgotten, store=(meta.key_check, meta.key_mapping, meta.committed_steps),
+                           error=error)
 
     def _make_rows(self):
         if self._family is not None:
@@ -298,16 +436,14 @@ class _WritingRole:
         return UpdateRows(self._params, self._store, self._names)
 
     # ----------------------------------------------------------------- per step
-    def before_step(self) -> None:
-        if self._dist is None:  # under DDP the writer's error reaches every rank through the gather
-            self._writer.raise_error()
-        problem = self._changed()
+    def before_step(self) -> "RecorderError | None":
+        """What refuses the coming step, if anything (the recorder raises it, under
+        torch.distributed on every rank): the writer thread's failure, a change since recording
+        started, a model the store's steps do not end with."""
+        problem = self._writer.failure() or self._changed()
         if problem is None and self._resume_pending:
             problem = self._settle_resume()
-        if problem is not None:
-            if self._dist is None:
-                raise problem  # before the step: the model and the store are unchanged
-            self._deferred = problem  # every rank must reach the gather, where all of them raise it
+        return problem
 
     def _changed(self) -> "TrainingChangedError | None":
         """What changed since recording started that would make the recorded steps wrong, or
@@ -325,7 +461,7 @@ class _WritingRole:
                 "parameters that were trainable when it was created: to train others too (an unfrozen layer), "
                 "close the recorder before changing the optimizer and record the rest of training into a new store "
                 "created from the model as it is then")
-        for (dtype, device, shape), p, name in zip(self._layout, self._params, self._names):
+        for (dtype, device, shape), p, name in zip(self._layout, self._trained, self._names):
             if p.dtype is not dtype or p.device != device or p.shape != shape:
                 return TrainingChangedError(
                     f"parameter {name} changed from {dtype} on {device}, shape {tuple(shape)}, to {p.dtype} on "
@@ -375,19 +511,11 @@ class _WritingRole:
 
     def after_step(self, ids: np.ndarray) -> tuple:
         """This step's (row, global batch IDs, hyper-parameters)."""
-        row, hyper, failure = None, None, self._deferred
-        self._deferred = None
-        if failure is None:
-            try:
-                row, hyper = self._rows(self.steps)
-            except NonFiniteUpdateError as exc:
-                failure = exc
-            if hyper is None and self._records_lr:
-                hyper = (_learning_rate(self._optimizer),)
-        if self._dist is not None:  # the global batch: every rank's IDs; a failure stops all ranks
-            ids = self._dist.gather(ids, failure or self._writer.error)
-        if failure is not None:
-            raise failure
+        if self._sharded is not None:
+            self._sharded.gather()  # a collective: before anything here may fail
+        row, hyper = self._rows(self.steps)
+        if hyper is None and self._records_lr:
+            hyper = (_learning_rate(self._optimizer),)
         return row, ids, hyper
 
     def hand_off(self, recorded: tuple) -> None:
@@ -465,6 +593,21 @@ class _WritingRole:
             # store's steps end with, is not the final model.
             if mark_final and (not self._resume_pending or self._settle_resume() is None):
                 self._store.mark_final(self._model, owner=self._owner)
+
+
+def _check_secret(secret, store) -> None:
+    """The recorder's secret= on the writer rank must be the store's: the store maps the keys."""
+    if secret is None:
+        return
+    given = keys.KeyHasher.resolve(secret).check
+    have = store.metadata.key_check or store.keys.check()
+    if have is None:
+        raise KeyMappingError(f"secret= was given to the recorder, but {store.path} has no secret: give it to the store "
+                              "(UpdateStore.create/open(..., secret=...)), which maps the keys on the writer rank; the "
+                              "recorder's secret= maps them on ranks that hold no store")
+    if have != given:
+        raise KeyMappingError(f"the recorder's secret= is not the secret {store.path} maps keys with: give every rank, "
+                              "and the store, the same secret")
 
 
 def _learning_rate(optimizer) -> float:

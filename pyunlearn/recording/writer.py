@@ -79,9 +79,19 @@ class BackgroundWriter:
             self._queue.put(_STOP)
             self._thread.join()
 
-    def raise_error(self) -> None:
+    def failure(self) -> "NonFiniteUpdateError | RecorderError | None":
+        """The error raise_error() would raise, or None: the recorder checks it before each step."""
+        if self.error is None:
+            return None
         if isinstance(self.error, NonFiniteUpdateError):  # found in the background on a device
-            raise NonFiniteUpdateError(f"recording stopped: {self.error}") from self.error
-        if self.error is not None:
-            raise RecorderError(f"writing to {self._store.path} failed: {self.error!r}; "
-                                "steps since the last flush are lost") from self.error
+            failure = NonFiniteUpdateError(f"recording stopped: {self.error}")
+        else:
+            failure = RecorderError(f"writing to {self._store.path} failed: {self.error!r}; "
+                                    "steps since the last flush are lost")
+        failure.__cause__ = self.error
+        return failure
+
+    def raise_error(self) -> None:
+        failure = self.failure()
+        if failure is not None:
+            raise failure
