@@ -104,7 +104,7 @@ class RecordUpdates(Callback):
         except Exception as exc:  # noqa: BLE001 - under DDP raised by every rank at the step
             if distributed_rank() is None:
                 raise
-            self.recorder._refuse_next_step(exc)
+            self.recorder.refuse_next_step(exc)
             return
         self.recorder.batch(ids)
 

@@ -201,7 +201,7 @@ class RecordUpdates(TrainerCallback, ExportableState):
                 "...), or make one of a key column with callback.map_keys(dataset, column=...)). The step did not run")
             if distributed_rank() is None:
                 raise error
-            self.recorder._refuse_next_step(error)  # every rank raises it before the step runs
+            self.recorder.refuse_next_step(error)  # every rank raises it before the step runs
         self._declared = False
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -156,8 +156,8 @@ class UpdateRecorder:
             return
         self._pending.append(declared)
 
-    def _refuse_next_step(self, error: BaseException) -> None:
-        """For the framework callbacks: the coming step must not run, because of `error` (a batch
+    def refuse_next_step(self, error: BaseException) -> None:
+        """The coming step must not run, because of `error` (for a framework callback: a batch
         without IDs, say). Raised at the next optimizer.step(), before it runs; under
         torch.distributed by every rank."""
         self._check_open()
