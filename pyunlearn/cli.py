@@ -402,7 +402,8 @@ def main(argv=None) -> int:
                                                                  "(default 0.01)")
     demo.add_argument("--forget", type=_positive_int, default=10, help="how many training samples to forget (default 10)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--store", help="where to keep the update stores (default: a temporary folder)")
+    demo.add_argument("--store", default="pyunlearn-demo",
+                      help="the folder for the stores, the trained model and an ID file (default ./pyunlearn-demo)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="progress bars (default: when standard error is a terminal)")
     demo.set_defaults(run=_demo)

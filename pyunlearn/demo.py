@@ -1,10 +1,11 @@
 """The main job: train a small CNN on the bundled digits with the recorder on, forget some
-training samples by partial amnesiac unlearning, and show what changed."""
+training samples by partial amnesiac unlearning, and show what changed. It leaves the stores, the
+trained model's checkpoint and a file of more IDs in its folder (default ./pyunlearn-demo), and
+prints the `pyunlearn forget` command that forgets those from the checkpoint."""
 from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ class DemoConfig:
     keep: float = 0.01
     forget: int = 10
     seed: int = 0
-    store: str | None = None  # default: a temporary folder
+    store: str = "pyunlearn-demo"  # the folder it leaves its stores, checkpoint and ID file in
     progress: bool | None = None  # progress bars; None: when standard error is a terminal
 
 
@@ -83,27 +84,30 @@ def run(config: DemoConfig, out=print) -> dict:
     forget_ids = np.sort(rng.choice(train_set.ids.numpy(), size=config.forget, replace=False))
     parts = {"forgotten": train_set.with_ids(forget_ids), "retained": train_set.without(forget_ids), "test": test_set}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(config.store) if config.store else Path(tmp)
-        model = DigitsCNN()
-        partial = UpdateStore.create(root / "partial.zarr", model, keep=config.keep, overwrite=True)
-        dense = UpdateStore.create(root / "dense.zarr", model, keep=1.0, value_dtype="float32", overwrite=True)
-        started = time.perf_counter()
-        train(model, train_set, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-              seed=config.seed, stores=(partial, dense), progress=progress)
-        train_seconds = time.perf_counter() - started
-        results = {"trained": ([accuracy(model, s) for s in parts.values()], None, None)}
-        methods = ((f"partial amnesiac (keep={config.keep})", partial), ("dense amnesiac (keep=1)", dense))
-        if progress:
-            from tqdm import tqdm
+    root = Path(config.store)
+    root.mkdir(parents=True, exist_ok=True)
+    model = DigitsCNN()
+    partial = UpdateStore.create(root / "partial.zarr", model, keep=config.keep, overwrite=True)
+    dense = UpdateStore.create(root / "dense.zarr", model, keep=1.0, value_dtype="float32", overwrite=True)
+    started = time.perf_counter()
+    train(model, train_set, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+          seed=config.seed, stores=(partial, dense), progress=progress)
+    train_seconds = time.perf_counter() - started
+    results = {"trained": ([accuracy(model, s) for s in parts.values()], None, None)}
+    methods = ((f"partial amnesiac (keep={config.keep})", partial), ("dense amnesiac (keep=1)", dense))
+    if progress:
+        from tqdm import tqdm
 
-            methods = tqdm(methods, desc="forgetting (each store)", unit="store")
-        for name, store in methods:
-            copy = DigitsCNN()
-            copy.load_state_dict(model.state_dict())
-            report = amnesiac_forget(copy, store, forget_ids)
-            results[name] = ([accuracy(copy, s) for s in parts.values()], report, store.stats())
-            store.close()
+        methods = tqdm(methods, desc="forgetting (each store)", unit="store")
+    for name, store in methods:
+        copy = DigitsCNN()
+        copy.load_state_dict(model.state_dict())
+        report = amnesiac_forget(copy, store, forget_ids)
+        results[name] = ([accuracy(copy, s) for s in parts.values()], report, store.stats())
+        store.close()
+    torch.save(model.state_dict(), root / "model.pt")  # the trained model: on both stores' timelines
+    more = np.setdiff1d(train_set.ids.numpy(), forget_ids)[rng.permutation(len(train_set) - len(forget_ids))[:3]]
+    (root / "more-ids.txt").write_text("".join(f"{i}\n" for i in np.sort(more)))
     # The goal: what a model trained without the forgotten samples would do (same seed, epochs).
     torch.manual_seed(config.seed)
     retained_steps = config.epochs * -(-len(parts["retained"]) // config.batch_size)
@@ -126,4 +130,9 @@ def run(config: DemoConfig, out=print) -> dict:
         "share forgotten); steps: subtracted; ms: to forget")
     stats = results[f"partial amnesiac (keep={config.keep})"][2]
     out(f"\nThe pruned store is {stats.ratio:.0f}x smaller than dense float32 updates ({stats.dense_bytes:,} bytes).")
+    out(f"\nThe stores, the trained model and three more IDs are in {root}/. Forget those from the checkpoint "
+        "(the demo's request is applied too, as a catch-up), then look at the audit log:\n"
+        f"  pyunlearn forget --store {root / 'partial.zarr'} --checkpoint {root / 'model.pt'} "
+        f"--ids {root / 'more-ids.txt'} --out {root / 'forgotten.pt'}\n"
+        f"  pyunlearn inspect {root / 'partial.zarr'} --ledger")
     return results

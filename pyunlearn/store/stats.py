@@ -34,9 +34,9 @@ class StoreStats:
 
     def table(self) -> str:
         lines = [f"steps {self.steps}, sample IDs {self.samples}"]
-        lines += [f"  {name:<11} {size:>14,} bytes" for name, size in self.bytes_on_disk.items()]
+        lines += [f"  {name:<12} {size:>14,} bytes" for name, size in self.bytes_on_disk.items()]
         lines += [
-            f"  {'total':<11} {self.total_bytes:>14,} bytes",
+            f"  {'total':<12} {self.total_bytes:>14,} bytes",
             f"  dense float32 equivalent {self.dense_bytes:,} bytes: {self.ratio:.1f}x smaller",
             f"  index {self.index_bits_per_entry:.2f} bits per kept entry (entropy floor "
             + (f"{self.index_floor_bits_per_entry:.2f}, {self.index_bits_per_entry / self.index_floor_bits_per_entry:.3f}x)"
