@@ -16,8 +16,7 @@ from pyunlearn.data import SampleSet
 from pyunlearn.errors import NonFiniteUpdateError
 from tests.support import TinyNet, tiny_data, tiny_training
 
-from .conftest import assert_same_bits
-from .test_device_kernels import native_prune, native_subtract
+from tests.support.kernels import assert_same_bits, native_prune, native_subtract
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

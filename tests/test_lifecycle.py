@@ -400,7 +400,7 @@ def test_forgetting_through_a_handle_a_recorder_writes_is_refused(tmp_path):
 
 def test_a_format_3_store_with_a_deletion_continues_from_the_deletions_model(tmp_path):
     from pyunlearn.kernels import fingerprint
-    from tests._old_formats import as_format_3
+    from tests.support.old_formats import as_format_3
 
     year = Year(tmp_path / "s.zarr")
     trained = year.train(list(range(8)), seed=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pyunlearn as pu
-from tests._old_formats import as_format_2
+from tests.support.old_formats import as_format_2
 from pyunlearn.store.id_index import SampleIndex
 from tests.support import TinyNet
 

@@ -82,24 +82,6 @@ def test_selfcheck_command_reports_native_kernels():
         "cuda: no GPU visible to torch" in out.stdout
 
 
-_FALLBACK = r"""
-import sys, warnings
-sys.modules["pyunlearn.kernels._native"] = None  # as if the extension had not been built
-import torch
-from pyunlearn.kernels import ops
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    for _ in range(3):
-        row = ops.prune_topk([torch.zeros(8)], [torch.arange(8.0)], [2], "float32", refresh=False)
-print(len([w for w in caught if "not built" in str(w.message)]), row.index.tolist(), ops.backend())
-"""
-
-
-def test_missing_extension_falls_back_with_one_warning():
-    out = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1 [7, 1] reference (torch; extension not built)"
-
-
 def test_env_variable_forces_the_reference():
     env = dict(os.environ, PYUNLEARN_REFERENCE="1")
     out = subprocess.run([sys.executable, "-m", "pyunlearn.cli", "selfcheck"], capture_output=True, text=True, env=env)

@@ -13,7 +13,7 @@ from pyunlearn import attribution, errors
 from pyunlearn.store.metadata import StoreMetadata, attrs_checksum
 from pyunlearn.ledger import Ledger
 from tests.support import TinyNet, recorded_store
-from tests._old_formats import as_format_2
+from tests.support.old_formats import as_format_2
 
 
 @pytest.mark.parametrize("error, builtin", [

@@ -16,28 +16,12 @@ from pyunlearn.kernels import backends, ops
 from pyunlearn.errors import NonFiniteUpdateError
 from pyunlearn.kernels.row import Row
 
-from .conftest import assert_same_bits
-from .strategies import DENORMAL, step
-from .test_cuda_kernels import _crafted_corruptions, _good_stack, overlapping_rows
+from tests.support.kernels import assert_same_bits, native_prune, native_subtract, overlapping_rows
+from tests.support.kernels import crafted_corruptions as _crafted_corruptions
+from tests.support.kernels import good_stack as _good_stack
+from tests.support.strategies import DENORMAL, step
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def native_prune(native, before, after, k, value_dtype, refresh=True):
-    """The native CPU kernel on copies: (row, before afterwards)."""
-    before = [b.clone() for b in before]
-    dtype = torch.float16 if value_dtype == "float16" else torch.float32
-    with backends.cpu_backend(backends.CpuNative(native)):
-        row = ops.prune_topk(before, [a.contiguous() for a in after], list(k), dtype, refresh)
-    return row, before
-
-
-def native_subtract(native, params, rows, k, alpha=1.0):
-    index, values, scales = (f if f.dim() == 2 else f[None] for f in rows)
-    params = [p.clone() for p in params]
-    verdict = native.subtract_sparse([p.numpy() for p in params], list(k), index.contiguous().numpy(),
-                                     values.contiguous().numpy(), scales.contiguous().numpy(), alpha)
-    return verdict, params
 
 
 def device_prune(device, before, after, k, value_dtype, refresh=True):
@@ -239,39 +223,8 @@ def test_subtract_refuses_mixed_devices(device_path):
         ops.prune_topk([torch.zeros(10, device="meta")], [torch.zeros(10, device=device_path)], [1])
 
 
-def test_a_device_pyunlearn_does_not_run_on_is_refused():
-    meta = [torch.zeros(10, device="meta")]
-    with pytest.raises(ValueError, match="pyunlearn runs on 'cpu' and 'cuda' devices, not on meta"):
-        ops.prune_topk([torch.zeros(10, device="meta")], meta, [1])
-    with pytest.raises(ValueError, match="pyunlearn runs on 'cpu' and 'cuda' devices, not on meta"):
-        ops.subtract_sparse(meta, Row(torch.ones(1, dtype=torch.uint32), torch.ones(1), torch.ones(1)), [1])
-
-
 def test_stored_rows_on_another_device_are_refused():
     rows = Row(torch.ones(1, dtype=torch.uint32), torch.ones(1, device="meta"), torch.ones(1))
     with pytest.raises(ValueError, match=r"rows.values is on meta: stored rows must be on the CPU or on the "
                                          r"parameters' device \(cpu\)"):
         ops.subtract_sparse([torch.zeros(3)], rows, [1])
-
-
-# ---- what runs where -----------------------------------------------------------------------------
-
-def test_supports_says_which_kernels_run(native):
-    cpu = ops.supports("cpu")
-    assert (cpu.kernels, cpu.available, cpu.device) == ("native", True, torch.device("cpu"))
-    cuda = ops.supports(torch.device("cuda", 0))
-    assert cuda.available == torch.cuda.is_available()
-    built = backends.native_cuda_module() is not None
-    assert cuda.kernels == ("native" if built else "torch")
-    if not built:
-        assert "PYUNLEARN_CUDA=1" in cuda.detail
-    for bad in ("meta", "mps"):
-        with pytest.raises(ValueError, match=f"pyunlearn runs on 'cpu' and 'cuda' devices, not on {bad}"):
-            ops.supports(bad)
-    with pytest.raises(ValueError, match="device must name a torch device"):
-        ops.supports("gpu-please")
-
-
-def test_supports_on_the_cpu_without_the_extension(monkeypatch):
-    monkeypatch.setenv("PYUNLEARN_REFERENCE", "1")
-    assert ops.supports("cpu").kernels == "torch"

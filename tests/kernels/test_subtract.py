@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pyunlearn.kernels import ops
 from pyunlearn.kernels.row import Row
 
-from .conftest import assert_same_bits, stack_rows
-from .strategies import step
+from tests.support.kernels import assert_same_bits, stack_rows
+from tests.support.strategies import step
 
 
 @contextlib.contextmanager

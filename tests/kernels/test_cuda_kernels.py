@@ -13,7 +13,6 @@ Every test runs on two backends:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +23,11 @@ from hypothesis import strategies as st
 from pyunlearn.kernels import ops
 from pyunlearn.kernels.row import Row
 from tests.support import resnet18_cifar_shapes
-
-from .conftest import assert_same_bits, misleading_layer
-from .strategies import step
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.kernels import assert_same_bits, misleading_layer, overlapping_rows
+from tests.support.kernels import crafted_corruptions as _crafted_corruptions
+from tests.support.kernels import good_stack as _good_stack
+from tests.support.kernels import native_subtract as cpu_subtract
+from tests.support.strategies import step
 
 
 @dataclass
@@ -105,26 +104,6 @@ def cuda_subtract(backend, params, rows, k, alpha=1.0):
         backend.stream())
     backend.sync()
     return verdict, [p.cpu() for p in params_d]
-
-
-def cpu_subtract(native, params, rows, k, alpha=1.0):
-    index, values, scales = (f if f.dim() == 2 else f[None] for f in rows)
-    params = [p.clone() for p in params]
-    verdict = native.subtract_sparse([p.numpy() for p in params], list(k), index.contiguous().numpy(),
-                                     values.contiguous().numpy(), scales.contiguous().numpy(), alpha)
-    return verdict, params
-
-
-def overlapping_rows(before, after, k, value_dtype, count, seed):
-    """`count` rows pruned on the CPU from updates that overlap, so the order rows are applied in
-    changes the rounding (as tests/test_subtract.py builds them)."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(count):
-        noisy = [a + torch.randn(a.shape, generator=gen) * float(a.abs().amax() + 1 if a.numel() else 1) * 1e-3
-                 for a in after]
-        rows.append(ops.prune_topk([b.clone() for b in before], noisy, k, value_dtype, refresh=False))
-    return Row(*(torch.stack(f) for f in zip(*rows)))
 
 
 def random_layers(shapes, seed, *, step_size=1e-3):
@@ -345,32 +324,6 @@ def test_subtract_is_deterministic_across_runs(backend):
     for _ in range(3 if backend.large else 1):
         _, again = cuda_subtract(backend, after, rows, k, 0.5)
         assert_same_bits(again, first, "params")
-
-
-def _good_stack():
-    """Four valid rows over layers of 10_000, 300 and 50_000 entries (segments over several chunks of
-    2048 entries and blocks of 64 gaps)."""
-    gen = torch.Generator().manual_seed(3)
-    shapes, k = [10_000, 300, 50_000], [3000, 100, 6000]
-    rows = [ops.prune_topk([torch.zeros(n) for n in shapes], [torch.randn(n, generator=gen) for n in shapes], k,
-                           "float32", refresh=False) for _ in range(4)]
-    return shapes, k, Row(*(torch.stack(f) for f in zip(*rows)))
-
-
-def _crafted_corruptions(k):
-    """(name, [(row, entry, new gap)]) with known verdicts, the CPU's 64-gap blocks in mind."""
-    l2 = k[0] + k[1]  # first entry of layer 2
-    return [
-        ("zero-gap", [(0, 5, 0)]),
-        ("past-end", [(0, k[0] - 1, 60_000)]),
-        ("zero-after-overflow-same-block", [(1, l2 + 130, 2**31), (1, l2 + 140, 0)]),  # CPU: "repeats"
-        ("overflow-block-before-zero", [(1, l2 + 60, 2**31), (1, l2 + 200, 0)]),  # CPU: "past end"
-        ("zero-block-before-overflow", [(2, l2 + 60, 0), (2, l2 + 3000, 2**31)]),
-        ("max-gap", [(3, k[0], 2**32 - 1)]),
-        ("later-chunk", [(0, l2 + 5000, 50_000)]),
-        ("lowest-row-wins", [(3, 0, 0), (2, l2 + 10, 0), (2, k[0] + 3, 0)]),
-        ("lowest-layer-wins", [(1, l2 + 1, 0), (1, k[0] + 50, 400)]),
-    ]
 
 
 def test_subtract_bad_rows_get_the_cpu_verdict_and_change_nothing(backend, native):

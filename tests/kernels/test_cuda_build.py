@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cuda_build_helpers
+from tests.support.kernels import cuda_build_helpers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_cuda_source_is_built():

@@ -20,7 +20,7 @@ from pyunlearn.kernels import reference as _reference
 from pyunlearn.kernels.fingerprints import Fingerprints, fingerprint, same_model
 from tests.support import TinyNet
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 MiB = 2**20
 
 

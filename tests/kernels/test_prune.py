@@ -14,8 +14,8 @@ from pyunlearn import NonFiniteUpdateError
 from pyunlearn.kernels import ops
 from pyunlearn.kernels.reference import fp16_scale
 
-from .conftest import assert_same_bits, misleading_layer, prune_both, prune_tuning
-from .strategies import step
+from tests.support.kernels import assert_same_bits, misleading_layer, prune_both, prune_tuning
+from tests.support.strategies import step
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
