@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import pyunlearn as pu
+from pyunlearn import attribution
 from pyunlearn.attribution import coefficients
 from pyunlearn.data import CohortBatchSampler
+from tests.support import TinyNet, recorded_store
 
 
 # ---------------------------------------------------------------------------- the sampler
@@ -371,3 +373,30 @@ def test_amnesiac_forget_follows_the_rule(tmp_path):
         assert torch.allclose(m.w.detach(), expected, atol=1e-6)
     assert coefficients(store, [0], "own-step")[0] == pytest.approx(LRS[0])
     store.close()
+
+
+# ------------------------------------------------------------------ the optimizer families
+@pytest.mark.parametrize("make, family", [
+    (lambda p: torch.optim.SGD(p, lr=0.1), attribution.SGDMomentum),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), attribution.SGDMomentum),
+    (lambda p: torch.optim.Adam(p), attribution.AdamFamily),
+    (lambda p: torch.optim.AdamW(p), attribution.AdamFamily),
+])
+def test_family_lookup(make, family):
+    assert attribution.family_for(make(TinyNet().fc1.parameters())) is family
+    assert attribution.family_named(family.name) is family
+
+
+def test_unknown_family_name_is_a_clear_error():
+    with pytest.raises(pu.StoreError, match="optimizer family 'lion'"):
+        attribution.family_named("lion")
+
+
+def test_coefficients_need_a_gradient_store_with_a_final_model(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr").store
+    with pytest.raises(pu.StoreError, match="attribution='update'"):
+        attribution.coefficients(store, [0])
+    model = TinyNet()
+    grad_store = pu.UpdateStore.create(tmp_path / "g.zarr", model, attribution="gradient")
+    with pytest.raises(pu.StoreError, match="no final model"):
+        attribution.coefficients(grad_store, [0])

@@ -122,8 +122,8 @@ def test_device_pruner_reuses_its_buffers_and_does_not_wait(native, device_path)
     gen = torch.Generator().manual_seed(5)
     snapshot = [torch.randn(n, generator=gen) for n in shapes]
     k = ops.k_for(shapes, 0.05)
-    pruner = ops.DevicePruner([s.clone().to(device_path) for s in snapshot], [s.to(device_path) for s in snapshot],
-                              k, "float16")
+    kept = [s.clone().to(device_path) for s in snapshot]  # the pruner's snapshot, refreshed in place
+    pruner = ops.DevicePruner(kept, [s.to(device_path) for s in snapshot], k, "float16")
     assert pruner.kernels == backends.backend_for(device_path).kernels
     reference = [s.clone() for s in snapshot]
     addresses = None
@@ -144,7 +144,7 @@ def test_device_pruner_reuses_its_buffers_and_does_not_wait(native, device_path)
         else:
             assert int(status) == 3
         snapshot = live
-    assert_same_bits([b.cpu() for b in pruner._before], reference, "snapshot after a non-finite step")
+    assert_same_bits([b.cpu() for b in kept], reference, "snapshot after a non-finite step")
 
 
 # ---- subtract_sparse -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The persistent sample-ID index (pyunlearn/_lookup.py) finds exactly what a scan of every
-stored ID finds: across runs, merges, the unindexed tail, truncation and stores written before
-it existed."""
+"""The sample-ID index (pyunlearn/store/id_index.py) finds exactly what a scan of every stored
+ID finds: across runs, merges, the unindexed tail, truncation, stores written before it
+existed, and on every back-end."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 
 import pyunlearn as pu
-from tests.support.old_formats import as_format_2
 from pyunlearn.store.id_index import SampleIndex
 from tests.support import TinyNet
+from tests.support.old_formats import as_format_2
+from tests.support.stores import record_on as _record
+from tests.support.stores import stored_ids
 
 
 def _brute_force(store, ids):
-    offsets = store._data.read("offsets", slice(0, store.steps + 1))
-    found = SampleIndex(store._data.read("sample_ids", slice(0, store.samples)), offsets).lookup(np.unique(ids))
+    stored, offsets = stored_ids(store)
+    found = SampleIndex(stored, offsets).lookup(np.unique(ids))
     return found.steps.tolist(), found.missing.tolist()
 
 
@@ -86,3 +88,14 @@ def test_a_store_without_the_index_is_scanned_then_indexed(tmp_path, monkeypatch
     again = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
     got = again.steps_for([3, 25, 99])
     assert got.steps.tolist() == [3, 25] and got.missing.tolist() == [99]
+
+
+def test_steps_for_matches_brute_force(back_end):
+    _, store = _record(back_end, epochs=3)
+    ids, offsets = stored_ids(store)
+    rng = np.random.default_rng(0)
+    query = np.concatenate([rng.choice(ids, 7), [5, -3, 10**12]])
+    expected = sorted({s for s in range(store.steps) for i in ids[offsets[s]:offsets[s + 1]] if i in set(query)})
+    lookup = store.steps_for(query)
+    assert lookup.steps.tolist() == expected
+    assert lookup.missing.tolist() == [-3, 5, 10**12]

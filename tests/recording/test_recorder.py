@@ -11,6 +11,12 @@ import torch
 import pyunlearn as pu
 from pyunlearn.kernels import fingerprint
 from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
+from tests.support.stores import small_recorded_run as _recorded
+from tests.support.stores import stored_ids
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _model(seed=0):
@@ -248,9 +254,8 @@ def test_store_flush_from_the_training_thread_while_the_recorder_writes(tmp_path
     flushed = _record_tiny(tmp_path / "flushed.zarr", after_step=lambda store, step: store.flush())
     assert flushed.steps == reference.steps == 300
     assert flushed.samples == reference.samples
-    for name in ("offsets", "sample_ids"):
-        n = reference.steps + 1 if name == "offsets" else reference.samples
-        assert np.array_equal(flushed._data.read(name, slice(0, n)), reference._data.read(name, slice(0, n)))
+    for flushed_array, reference_array in zip(stored_ids(flushed), stored_ids(reference)):  # sample IDs, offsets
+        assert np.array_equal(flushed_array, reference_array)
     for a, b in zip(flushed.read(np.arange(300)), reference.read(np.arange(300))):
         assert torch.equal(a, b)
 
@@ -462,3 +467,35 @@ def test_an_accelerate_style_wrapper_is_unwrapped(tmp_path):
     with pu.UpdateRecorder(model, wrapped, store) as rec:
         assert tiny_training(model, wrapped, tiny_data(32), epochs=1, recorder=rec) == 2
     assert store.steps == 2
+
+
+# ------------------------------------------------------------------ a read-only store, a non-finite step
+def test_recorder_refuses_a_read_only_store_up_front(tmp_path):
+    _recorded(tmp_path / "s.zarr")
+    model = TinyNet()
+    with pytest.raises(pu.StoreError, match="read-only"):
+        pu.UpdateRecorder(model, torch.optim.SGD(_trainable(model), lr=0.1),
+                          pu.UpdateStore.open(tmp_path / "s.zarr", mode="r"))
+
+
+def test_a_non_finite_step_stops_recording_cleanly(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD(_trainable(model), lr=0.1)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.3)
+    rec = pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=1)
+    ids, x, y = tiny_data(8)
+    rec.batch(ids[:4])
+    torch.nn.functional.cross_entropy(model(x[:4]), y[:4]).backward()
+    optimizer.step()
+    rec.batch([777])
+    for p in _trainable(model):
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(pu.NonFiniteUpdateError):
+        optimizer.step()
+    rec.batch([778])
+    with pytest.raises(pu.RecorderError, match="NaN or Inf"):
+        optimizer.step()
+    rec.close()
+    assert store.steps == 1 and store.final_fingerprint is None
+    assert store.steps_for([777, 778]).missing.tolist() == [777, 778]

@@ -12,6 +12,7 @@ import torch
 import pyunlearn as pu
 from pyunlearn.cli import main
 from tests.support import TinyNet
+from tests.support.stores import small_recorded_run as _recorded
 
 SECRET = "a test secret of more than sixteen bytes"
 
@@ -429,3 +430,25 @@ def test_a_format_3_store_with_a_deletion_continues_from_the_deletions_model(tmp
     old = _model(trained)  # format 3's final model: both deletions are subtracted
     pu.amnesiac_forget(old, store, [])
     assert _close(old, year.expected(4))
+
+
+def test_training_continues_only_from_the_model_a_deletion_produced(tmp_path):
+    model, optimizer = _recorded(tmp_path / "s.zarr")
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    store = pu.UpdateStore.open(tmp_path / "s.zarr")
+    pu.amnesiac_forget(model, store, [1000])
+    stale = TinyNet()
+    stale.load_state_dict(final)  # still holds the deleted sample's updates
+    stale_optimizer = torch.optim.SGD(stale.parameters(), lr=0.1)
+    rec = pu.UpdateRecorder(stale, stale_optimizer, store)
+    rec.batch([1])
+    stale(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(pu.RecorderError, match="deletion requests came in after this model was made"):
+        stale_optimizer.step()
+    rec.remove()
+    rec = pu.UpdateRecorder(model, optimizer, store)  # the model after the deletion: recording goes on
+    rec.batch([1])
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    rec.close()
+    assert store.steps == store.ledger.models[-1].steps and store.ledger.models[-1].made_by == "training"

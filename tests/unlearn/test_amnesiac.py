@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 import pyunlearn as pu
 from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
+from tests.support.stores import params_copy
+from tests.support.stores import recorded_path as _recorded
+from tests.support.stores import same_tensors as _same
+from tests.support.stores import small_recorded_run
 
 
 @pytest.fixture
@@ -141,3 +146,88 @@ def test_non_contiguous_and_half_parameters(tmp_path):
     pu.amnesiac_forget(model, store, ids)
     for got, want in zip(_params(model), initial):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ rollback, change norm, models before later steps, fresh handles
+@pytest.mark.parametrize("whole_copy", [False, True])
+def test_a_failure_after_some_batches_puts_every_entry_back(tmp_path, monkeypatch, whole_copy):
+    """Rows are subtracted a batch at a time; a failure in a later batch restores the entries
+    the earlier ones changed (saved per batch, or a whole copy when the rows touch more entries
+    than the model holds)."""
+    import zarr
+
+    import pyunlearn.unlearn.amnesiac as amnesiac
+
+    model, path = _recorded(tmp_path, value_dtype="float32")
+    store = pu.UpdateStore.open(path)
+    steps = store.steps_for([1000, 1001, 1002, 1003]).steps
+    assert steps.size >= 3
+    zarr.open_array(path / "values", mode="r+")[int(steps[-1]), 0] = np.nan
+    monkeypatch.setattr(amnesiac, "READ_BATCH_BYTES", 1)  # one row per batch
+    if whole_copy:
+        monkeypatch.setattr(amnesiac._Rollback, "__init__", _always_copy(amnesiac._Rollback.__init__))
+    before = params_copy(model)
+    with pytest.raises(pu.CorruptStoreError, match="NaN"):
+        pu.amnesiac_forget(model, store, [1000, 1001, 1002, 1003])
+    assert _same(params_copy(model), before)
+
+
+def _always_copy(init):
+    def patched(self, work, store, rows):
+        init(self, work, store, rows)
+        self._copy = [w.clone() for w in work]
+    return patched
+
+
+def test_change_norm_counts_each_entry_once(tmp_path):
+    model, path = _recorded(tmp_path, value_dtype="float32")
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
+    report = pu.amnesiac_forget(model, pu.UpdateStore.open(path), [1000, 1001, 1002, 1003])
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    assert report.change_norm == pytest.approx(float(torch.linalg.vector_norm(after - before)), rel=1e-6)
+
+
+@pytest.mark.parametrize("numel", [40, 100_000])  # dense buffer path, unique path
+def test_rollback_change_norm_counts_an_entry_once_with_its_earliest_value(numel):
+    from pyunlearn.unlearn.amnesiac import _Rollback
+
+    class Store:  # what _Rollback reads of a store
+        k, row_length = [3], 3
+
+    work = [torch.zeros(numel)]
+    rollback = _Rollback(work, Store(), rows=1)
+    gaps = torch.tensor([[1, 2, 3]], dtype=torch.uint32)  # positions 0, 2, 5
+    rollback.save(pu.Row(gaps, torch.ones(1, 3), torch.ones(1, 1)))
+    work[0][[0, 2, 5]] -= 1.0
+    rollback.save(pu.Row(torch.tensor([[3, 1, 2]], dtype=torch.uint32), torch.ones(1, 3), torch.ones(1, 1)))  # 2, 3, 5
+    work[0][[2, 3, 5]] -= 2.0
+    original = torch.zeros(numel)
+    assert rollback.change_norm() == pytest.approx(float(torch.linalg.vector_norm(work[0] - original)))
+    rollback.restore()
+    assert torch.equal(work[0], original)
+
+
+def test_forgetting_from_a_model_before_later_steps_skips_the_steps_it_never_took(tmp_path):
+    """A model marked final at step N, then more steps recorded and flushed without a new final
+    (a crash before close): forgetting from the step-N model must not subtract steps it never
+    took."""
+    model, path = _recorded(tmp_path)
+    store = pu.UpdateStore.open(path)
+    final_n = TinyNet()
+    final_n.load_state_dict(model.state_dict())
+    params = [p.detach() for p in store.check_model(model)]
+    row = pu.kernels.prune_topk([p.clone() for p in params], [p + 1 for p in params], store.k, refresh=False)
+    store.append(row, [99999])
+    store.flush()
+    assert store.final_fingerprint is None and store.final_steps is None
+    before = [p.detach().clone() for p in final_n.parameters()]
+    report = pu.amnesiac_forget(final_n, store, [99999])
+    assert report.steps_removed == 1 and report.steps_applied == 0  # step N is removed, but not from this model
+    assert all(torch.equal(a, b) for a, b in zip(before, final_n.parameters()))
+
+
+def test_forgetting_twice_with_fresh_handles(tmp_path):
+    model, _ = small_recorded_run(tmp_path / "s.zarr")
+    pu.amnesiac_forget(model, pu.UpdateStore.open(tmp_path / "s.zarr"), [1000])
+    report = pu.amnesiac_forget(model, pu.UpdateStore.open(tmp_path / "s.zarr"), [1001])  # the lock was given back
+    assert report.ledger_steps >= 1

@@ -1,4 +1,6 @@
-"""The writer lock: who may break it, who takes a stale one over, and conditional puts on S3."""
+"""One writer at a time: the writer lock (who may break it, who takes a stale one over,
+conditional puts on S3), write sessions, overwriting a store in use, and a handle that saw an
+older commit."""
 from __future__ import annotations
 
 import json
@@ -14,19 +16,15 @@ from zarr.core.sync import sync
 
 import pyunlearn as pu
 from pyunlearn.store.location import zarr_store
-from tests.support import TinyNet
+from tests.support import TinyNet, recorded_store, tiny_data, tiny_training
+from tests.support.stores import plus_one_row as _row
+from tests.support.stores import small_recorded_run as _recorded
+
+
+# ------------------------------------------------------------------ the lock
+
 
 LOCK = "writer.lock"
-
-
-@pytest.fixture(params=["local", "fsspec-memory", "s3"])
-def back_end(request, tmp_path):
-    """(path, storage_options) of a store on each back-end."""
-    if request.param == "local":
-        return str(tmp_path / "s.zarr"), None
-    if request.param == "fsspec-memory":
-        return f"memory://pyunlearn-lock-tests/{tmp_path.name}/s.zarr", None
-    return f"s3://pyunlearn-tests/lock-{tmp_path.name}/s.zarr", request.getfixturevalue("s3_server")
 
 
 def _new_store(path, options=None):
@@ -145,6 +143,7 @@ def test_two_writers_racing_on_s3_exactly_one_wins(s3_server, tmp_path, monkeypa
         return out
 
     with first.writing():
+        held = _lock_of(path, s3_server)  # the first writer's lock
         with monkeypatch.context() as race:
             race.setattr(second._zstore, "exists", sees_nothing)
             race.setattr(fs, "_info", info)
@@ -152,7 +151,7 @@ def test_two_writers_racing_on_s3_exactly_one_wins(s3_server, tmp_path, monkeypa
             with pytest.raises(pu.StoreLockedError, match=f"process {os.getpid()}"):
                 with second.writing():
                     pass
-        assert json.loads(_lock_of(path, s3_server))["token"] == first._lock._token
+        assert json.loads(_lock_of(path, s3_server))["token"] == json.loads(held)["token"]
     assert (LOCK, "create", FileExistsError) in puts  # refused by the server, not by a check
     with second.writing():  # free again
         pass
@@ -173,3 +172,63 @@ def test_a_local_takeover_removes_only_the_stale_lock(tmp_path):
     assert slower._take_over(stale) is False
     assert _lock_of(path) == fresh
     assert sorted(p.name for p in (tmp_path / "s.zarr").iterdir() if "lock" in p.name) == [LOCK]
+
+
+def test_overwrite_refuses_a_store_in_use(tmp_path):
+    writer = pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet())
+    with pytest.raises(pu.StoreLockedError):
+        pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), overwrite=True)
+    writer.close()
+    pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), overwrite=True).close()
+
+
+# ------------------------------------------------------------------ the write session
+
+
+def test_a_write_session_releases_only_the_lock_it_took(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr", close=True).store
+    other = pu.UpdateStore.open(tmp_path / "s.zarr")
+    with store.writing():
+        with pytest.raises(pu.StoreLockedError):
+            with other.writing():
+                pass
+        with store.writing():  # nested: already held, so not released at its end
+            pass
+        with pytest.raises(pu.StoreLockedError):
+            other.truncate(1)
+    with other.writing():  # released at the end of the outer session
+        other.truncate(10)
+    with store.writing():  # a session starts from what is on disk, not from its stale copy
+        assert store.steps == 10
+
+
+def test_a_failing_session_still_releases_its_lock(tmp_path):
+    store = recorded_store(tmp_path / "s.zarr", close=True).store
+    with pytest.raises(ZeroDivisionError):
+        with store.writing():
+            1 / 0
+    with pu.UpdateStore.open(tmp_path / "s.zarr").writing():
+        pass
+
+
+def test_a_read_only_store_refuses_a_session(tmp_path):
+    recorded_store(tmp_path / "s.zarr", close=True)
+    with pytest.raises(pu.StoreError, match="read-only"):
+        with pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").writing():
+            pass
+
+
+def test_a_handle_opened_earlier_does_not_overwrite_newer_commits(tmp_path):
+    model, optimizer = _recorded(tmp_path / "s.zarr")
+    early = pu.UpdateStore.open(tmp_path / "s.zarr")
+    other = pu.UpdateStore.open(tmp_path / "s.zarr")
+    other.truncate(4)
+    with pu.UpdateRecorder(model, optimizer, other) as rec:
+        tiny_training(model, optimizer, tiny_data(32, first_id=5000), epochs=1, recorder=rec)
+    other.close()
+    assert early.steps == 4  # its view is old...
+    early.append(_row(early, model), [9999])
+    early.flush()  # ...but writing starts from what is on disk
+    fresh = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    assert fresh.steps == 7
+    assert fresh.steps_for([5000, 9999]).missing.size == 0
