@@ -1,47 +1,22 @@
-"""Recording, forgetting, the partial methods, fine-tuning and the metrics with the model on each
-device of the `device` axis ("cpu", "cpu-device-path": CPU tensors through the device path,
-"cuda": skipped without a GPU), and with float32, bfloat16 and float16 parameters.
+"""Recording with the model on each device of the `device` axis ("cpu", "cpu-device-path": CPU
+tensors through the device path, "cpu-emulated-cuda": the same with the CUDA module's calls
+emulated, "cuda": skipped without a GPU), and with float32, bfloat16 and float16 parameters.
 
 The expectations are computed independently of the path under test: the rows a step should
-give come from the native CPU kernel applied to the parameters captured after each step, and a
-forget is compared with the native CPU subtraction of the stored rows."""
+give come from the native CPU kernel applied to the parameters captured after each step.
+(Forgetting on each device: tests/unlearn/test_devices.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.kernels import backends, ops
 from pyunlearn.data import SampleSet
 from pyunlearn.errors import NonFiniteUpdateError
+from pyunlearn.kernels import backends
 from tests.support import TinyNet, tiny_data, tiny_training
-
-from tests.support.kernels import assert_same_bits, native_prune, native_subtract
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def host_float32(model):
-    return [p.detach().to("cpu", torch.float32).clone() for p in trainable(model)]
-
-
-def record(path, device, dtype=torch.float32, *, keep=0.25, value_dtype="float16", epochs=2, **recorder_args):
-    """TinyNet on `device` in `dtype`, trained with SGD + momentum while recorded; returns
-    (model, store, the float32 host copies of the parameters before and after every step)."""
-    torch.manual_seed(0)
-    model = TinyNet().to(device=device, dtype=dtype)
-    opt = torch.optim.SGD(trainable(model), lr=0.1, momentum=0.9)
-    store = pu.UpdateStore.create(path, model, keep=keep, value_dtype=value_dtype)
-    ids, x, y = tiny_data(96)
-    trajectory = [host_float32(model)]
-    with pu.UpdateRecorder(model, opt, store, **recorder_args) as rec:
-        tiny_training(model, opt, (ids, x.to(device, dtype), y.to(device)), epochs=epochs, recorder=rec,
-                      after_step=lambda _: trajectory.append(host_float32(model)))
-    return model, store, trajectory
+from tests.support.devices import DTYPES, host_float32, record, trainable
+from tests.support.kernels import assert_same_bits, native_prune
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -57,48 +32,6 @@ def test_recording_stores_the_pruned_update_of_every_step(native, device, tmp_pa
         assert_same_bits([rows.index[t], rows.values[t], rows.scales[t]], expected, f"step {t}")
     assert store.final_fingerprint == pu.kernels.fingerprint(trajectory[-1])
     assert all(p.device.type == device.type and p.dtype == dtype for p in trainable(model))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forgetting_subtracts_the_stored_rows_on_the_models_device(native, device, tmp_path, dtype):
-    model, store, trajectory = record(tmp_path / "s.zarr", device, dtype)
-    steps = store.steps_for([1000, 1050]).steps
-    assert steps.size > 0
-    verdict, expected = native_subtract(native, host_float32(model), store.read(steps), store.k)
-    assert verdict is None
-    report = pu.amnesiac_forget(model, store, [1000, 1050])
-    assert report.steps_removed == steps.size
-    # The float32 result, rounded once into the parameters' dtype.
-    assert_same_bits([p.detach().cpu() for p in trainable(model)], [e.to(dtype) for e in expected], "parameters")
-    assert all(p.device.type == device.type and p.dtype == dtype for p in trainable(model))
-    assert store.ledger.fingerprint == pu.kernels.fingerprint(trainable(model))
-    again = pu.amnesiac_forget(model, store, [1000])
-    assert again.steps_removed == 0
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dense_forgetting_of_every_step_restores_the_initial_model(device, tmp_path, dtype):
-    """keep=1.0 with float32 values: every step's Δ, computed in float32, subtracted in float32,
-    then rounded once into the parameters' dtype (the README's exactness note)."""
-    model, store, trajectory = record(tmp_path / "s.zarr", device, dtype, keep=1.0, value_dtype="float32")
-    pu.amnesiac_forget(model, store, torch.arange(1000, 1096))
-    initial, got = trajectory[0], host_float32(model)
-    assert all(bool((t.abs() < 1).all()) for step in trajectory for t in step)  # the premise below
-    if dtype == torch.float16:
-        # A float16 value below 1 is a multiple of 2^-24 below 1, which float32 holds exactly; so
-        # are the steps' differences and the subtraction's partial sums while they stay below 1
-        # (small steps, as here): no float32 operation rounds, and the result is exact.
-        assert_same_bits(got, initial, "parameters")
-    elif dtype == torch.bfloat16:
-        # bfloat16 values need not share a grid float32 holds: at most one bfloat16 rounding.
-        for g, w in zip(got, initial):
-            ulp = torch.nextafter(w.to(dtype), torch.full_like(w, float("inf")).to(dtype)).float() - w
-            assert bool(((g - w).abs() <= ulp).all())
-    else:
-        # Two float32 roundings (Δ, then its subtraction) per step of values below 1.
-        bound = 2 * (len(trajectory) - 1) * 2.0**-24
-        for g, w in zip(got, initial):
-            assert float((g - w).abs().max()) <= bound
 
 
 def test_a_non_finite_update_stops_recording_and_keeps_the_steps_before(device, tmp_path):
@@ -226,7 +159,8 @@ def test_gradient_attribution_records_and_forgets_a_model_on_the_device(device, 
             torch.testing.assert_close(p.detach().cpu(), run.initial[name].cpu(), rtol=0, atol=1e-5)
 
 
-# ---- refusals ------------------------------------------------------------------------------------
+# ---- refusals --------------------------------------------------------------------------------
+
 
 def test_a_model_on_two_devices_is_refused_naming_them(tmp_path):
     torch.manual_seed(0)
@@ -251,42 +185,3 @@ def test_a_model_on_two_devices_is_refused_naming_them(tmp_path):
     with again.writing():  # no writer lock was left behind
         pass
     again.close()
-
-
-# ---- the other methods and the metrics -----------------------------------------------------------
-
-@pytest.mark.parametrize("method, keep", [("label_flip", None), ("label_flip", 0.2), ("gradient_ascent", None),
-                                          ("gradient_ascent", 0.2), ("fine_tune", None)])
-def test_the_optimisation_methods_run_on_the_models_device(device, method, keep):
-    """The data stays on the host; the model's device does the work, and the partial methods
-    change only each layer's top-k entries by |gradient| (on that device)."""
-    torch.manual_seed(0)
-    model = TinyNet().to(device)
-    before = host_float32(model)
-    data = SampleSet(*tiny_data(64))
-    args = dict(epochs=1, batch_size=64)  # one step: the partial mask's effect is exact
-    if method == "fine_tune":
-        report = pu.unlearn.fine_tune(model, data, lr=0.1, **args)
-    elif method == "label_flip":
-        report = pu.unlearn.label_flip(model, data, keep, lr=0.1, **args)
-    else:
-        report = pu.unlearn.gradient_ascent(model, data, keep, lr=0.1, **args)
-    assert report.steps == 1
-    changed = [int((a != b).sum()) for a, b in zip(host_float32(model), before)]
-    assert all(p.device.type == device.type for p in trainable(model))
-    if keep is None:
-        assert sum(changed) > 0.5 * sum(p.numel() for p in before)
-    else:
-        limits = ops.k_for([p.numel() for p in before], keep)
-        assert all(0 < c <= k for c, k in zip(changed, limits)), (changed, limits)
-
-
-def test_evaluate_runs_on_the_models_device(device):
-    torch.manual_seed(0)
-    model = TinyNet()
-    forget, retain, test = (SampleSet(*tiny_data(n, seed=s)) for n, s in ((20, 1), (60, 2), (60, 3)))
-    on_cpu = pu.evaluation.metrics.evaluate(model, forget=forget, retain=retain, test=test, progress=False)
-    on_device = pu.evaluation.metrics.evaluate(model.to(device), forget=forget, retain=retain, test=test, progress=False)
-    # The same model on another device: the same predictions up to the device's float rounding.
-    assert on_device.gap(on_cpu) <= 2.0
-    assert all(p.device.type == device.type for p in model.parameters())

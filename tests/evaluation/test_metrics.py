@@ -1,11 +1,14 @@
-"""Metrics on hand-made cases: a perfect model and a random one."""
+"""Metrics on hand-made cases (a perfect model, a random one, memorisers), the signals that can
+tell (KS, KL, membership and generalisation gaps, MIA over seeds), and on the model's device."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import pyunlearn as pu
 from pyunlearn.data import SampleSet
 from pyunlearn.evaluation.metrics import Evaluation, accuracy, evaluate, mia_efficacy
+from tests.support import TinyNet, tiny_data
 
 
 class Oracle(torch.nn.Module):
@@ -253,3 +256,14 @@ def test_generalisation_gap_bad_inputs():
 
     with pytest.raises(ValueError, match="not finite"):
         generalisation_gap(Broken(), retain=data, held_out=data)
+
+
+def test_evaluate_runs_on_the_models_device(device):
+    torch.manual_seed(0)
+    model = TinyNet()
+    forget, retain, test = (SampleSet(*tiny_data(n, seed=s)) for n, s in ((20, 1), (60, 2), (60, 3)))
+    on_cpu = pu.evaluation.metrics.evaluate(model, forget=forget, retain=retain, test=test, progress=False)
+    on_device = pu.evaluation.metrics.evaluate(model.to(device), forget=forget, retain=retain, test=test, progress=False)
+    # The same model on another device: the same predictions up to the device's float rounding.
+    assert on_device.gap(on_cpu) <= 2.0
+    assert all(p.device.type == device.type for p in model.parameters())
