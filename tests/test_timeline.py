@@ -1,86 +1,20 @@
-"""A store's life: training segments and deletion requests by key in any order, forgetting from
-the latest model and from older checkpoints on the timeline, and the audit trail after each."""
+"""A store's life, its timeline: training segments and deletion requests by key in any order,
+forgetting from the latest model and from older checkpoints on the timeline, the audit trail
+after each, and training after a deletion only from a model that has it. (Keys and the secret:
+tests/test_keys.py; forgetting by keys on the command line: tests/cli/test_forget.py.)"""
 from __future__ import annotations
 
 import json
-import uuid
 
-import numpy as np
 import pytest
 import torch
 
 import pyunlearn as pu
-from pyunlearn.cli import main
 from tests.support import TinyNet
 from tests.support.stores import small_recorded_run as _recorded
-
-SECRET = "a test secret of more than sixteen bytes"
-
-
-def _sample(key) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed (x, y) per key (or int ID), whatever the order keys come in."""
-    g = torch.Generator().manual_seed(int.from_bytes(str(key).encode()[-6:], "little"))
-    return torch.randn(8, generator=g), torch.randint(0, 3, (), generator=g)
-
-
-class Year:
-    """Trains TinyNet with plain SGD into a keep=1.0 float32 store, segment by segment, and keeps
-    its own account (independent of the ledger) of every step's update and batch, so the
-    expected weights of any model are a sum the test computes itself."""
-
-    def __init__(self, path):
-        torch.manual_seed(0)
-        self.model = TinyNet()
-        self.initial = [p.detach().clone() for p in self.model.parameters()]
-        self.store = pu.UpdateStore.create(path, self.model, keep=1.0, value_dtype="float32", secret=SECRET)
-        self.updates: list[list[torch.Tensor]] = []  # per step, per parameter
-        self.batches: list[set[str]] = []  # per step, its keys
-        self.removed: set[int] = set()  # steps that held a key a request asked for
-
-    def train(self, keys: list[str], *, seed: int) -> dict:
-        """One segment: two epochs over `keys` in batches of 4; returns the model's state at its end."""
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
-        rng = np.random.default_rng(seed)
-        with pu.UpdateRecorder(self.model, optimizer, self.store) as rec:
-            for _ in range(2):
-                order = rng.permutation(len(keys))
-                for first in range(0, len(keys), 4):
-                    self.step([keys[i] for i in order[first:first + 4]], optimizer, rec)
-        return {k: v.clone() for k, v in self.model.state_dict().items()}
-
-    def step(self, keys: list, optimizer, rec) -> None:
-        """One recorded step on `keys`, its update and batch kept."""
-        x = torch.stack([_sample(k)[0] for k in keys])
-        y = torch.stack([_sample(k)[1] for k in keys])
-        before = [p.detach().clone() for p in self.model.parameters()]
-        rec.batch(keys)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(self.model(x), y).backward()
-        optimizer.step()
-        self.updates.append([p.detach() - b for p, b in zip(self.model.parameters(), before)])
-        self.batches.append(set(keys))
-
-    def request(self, keys: list[str]) -> None:
-        self.removed |= {s for s, batch in enumerate(self.batches) if batch & set(keys)}
-
-    def expected(self, steps: int) -> list[torch.Tensor]:
-        """θ0 plus every update of a step below `steps` that no request removed."""
-        out = [p.clone().double() for p in self.initial]
-        for s in range(steps):
-            if s not in self.removed:
-                for o, u in zip(out, self.updates[s]):
-                    o += u.double()
-        return [o.float() for o in out]
-
-
-def _close(model, expected, atol=2e-5) -> bool:
-    return all(torch.allclose(p.detach(), e, atol=atol, rtol=0) for p, e in zip(model.parameters(), expected))
-
-
-def _model(state: dict) -> TinyNet:
-    model = TinyNet()
-    model.load_state_dict(state)
-    return model
+from tests.support.timeline import SECRET, Year
+from tests.support.timeline import close as _close
+from tests.support.timeline import model_from as _model
 
 
 def test_a_year_in_miniature(tmp_path):
@@ -188,87 +122,7 @@ def test_an_undone_deletion_stays_in_the_audit_trail(tmp_path):
     assert [(r["request"], r["status"]) for r in year.store.ledger.audit()] == [("R1", "undone"), ("R1-retry", "applied")]
 
 
-# ---------------------------------------------------------------------- keys and the secret
-def test_keys_map_to_stable_ids_and_need_the_right_secret(tmp_path, monkeypatch):
-    year = Year(tmp_path / "s.zarr")
-    year.train(["alice@example.com", "bob@example.com", str(uuid.UUID(int=7)), "carol"], seed=0)
-    store_ids = year.store.ids_for(["alice@example.com", b"alice@example.com"])
-    assert store_ids[0] == store_ids[1] and store_ids.dtype == np.int64 and store_ids[0] >= 0
-    assert year.store.ids_for([uuid.UUID(int=7)])[0] == year.store.ids_for([str(uuid.UUID(int=7))])[0]
-    year.store.close()
-
-    monkeypatch.delenv(pu.keys.SECRET_ENV, raising=False)
-    monkeypatch.delenv(pu.keys.SECRET_FILE_ENV, raising=False)
-    no_secret = pu.UpdateStore.open(tmp_path / "s.zarr")
-    with pytest.raises(pu.KeyMappingError, match="need the store's secret"):
-        pu.amnesiac_forget(year.model, no_secret, ["alice@example.com"])
-    wrong = pu.UpdateStore.open(tmp_path / "s.zarr", secret="another secret, also long enough")
-    with pytest.raises(pu.KeyMappingError, match="not the one .* keys were mapped with"):
-        pu.amnesiac_forget(year.model, wrong, ["alice@example.com"])
-    (tmp_path / "secret").write_text(SECRET + "\n")
-    monkeypatch.setenv(pu.keys.SECRET_FILE_ENV, str(tmp_path / "secret"))
-    from_file = pu.UpdateStore.open(tmp_path / "s.zarr")
-    assert pu.amnesiac_forget(year.model, from_file, ["alice@example.com"]).steps_removed > 0
-    assert from_file.ledger.audit()[0]["keys_digest"] == pu.keys.KeyHasher(SECRET).digest(
-        from_file.ids_for(["alice@example.com"]))
-    with pytest.raises(ValueError, match="at least 16 bytes"):
-        pu.keys.KeyHasher("short")
-
-
-def test_keys_on_a_store_of_integer_ids_are_refused(tmp_path):
-    year = Year(tmp_path / "s.zarr")
-    optimizer = torch.optim.SGD(year.model.parameters(), lr=0.05)
-    with pu.UpdateRecorder(year.model, optimizer, year.store) as rec:
-        rec.batch([1, 2])
-        torch.nn.functional.cross_entropy(year.model(torch.randn(2, 8)), torch.tensor([0, 1])).backward()
-        optimizer.step()
-    with pytest.raises(TypeError, match="recorded its samples by integer ID"):
-        pu.amnesiac_forget(year.model, year.store, ["alice"])
-
-
-def test_colliding_keys_are_refused(monkeypatch):
-    hasher = pu.keys.KeyHasher(SECRET)
-    monkeypatch.setattr(pu.keys, "_ID_MASK", 0)  # every key maps to ID 0: a forced collision
-    with pytest.raises(pu.KeyMappingError, match="map to the same sample ID"):
-        hasher.ids(["alice", "bob"])
-    assert hasher.ids(["alice", b"alice"]).tolist() == [0, 0]  # the same key twice is no collision
-
-
-def test_id_dataset_keys_survive_subsets_and_reshuffling():
-    base = [(torch.full((2,), float(i)), i % 3) for i in range(10)]
-    keyed = pu.data.IdDataset(base, key=lambda i: f"row-{i}")
-    subset = torch.utils.data.Subset(torch.utils.data.Subset(base, [9, 7, 5, 3]), [2, 0])
-    assert [pu.data.IdDataset(subset, key=lambda i: f"row-{i}")[j][0] for j in range(2)] == ["row-5", "row-9"]
-    keys, x, _ = next(iter(torch.utils.data.DataLoader(keyed, batch_size=3)))
-    assert list(keys) == ["row-0", "row-1", "row-2"] and x[:, 0].tolist() == [0.0, 1.0, 2.0]
-    ints = pu.data.IdDataset(subset, key=lambda i: 1000 + i)
-    assert ints[0][0].dtype == torch.int64 and int(ints[0][0]) == 1005
-    with pytest.raises(TypeError, match="key must be a function"):
-        pu.data.IdDataset(base, key="row")
-
-
-# ---------------------------------------------------------------------- the command line
-def test_forget_by_keys_on_the_command_line_and_the_ledger_export(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(pu.keys.SECRET_ENV, SECRET)
-    year = Year(tmp_path / "s.zarr")
-    year.train([f"user{i}@example.com" for i in range(8)], seed=0)
-    year.store.close()
-    torch.save(year.model.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "keys.txt").write_text("user1@example.com\nuser5@example.com\nnobody@example.com\n")
-    assert main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
-                 "--keys", str(tmp_path / "keys.txt"), "--request-id", "TICKET-42",
-                 "--out", str(tmp_path / "model.pt")]) == 0
-    assert "request TICKET-42: forgot 3 keys (1 never seen)" in capsys.readouterr().out
-    assert main(["inspect", str(tmp_path / "s.zarr"), "--ledger"]) == 0
-    table = capsys.readouterr().out
-    assert "TICKET-42" in table and "applied" in table and "1 deletion requests" in table
-    assert main(["inspect", str(tmp_path / "s.zarr"), "--json"]) == 0
-    exported = json.loads(capsys.readouterr().out)
-    (request,) = exported["requests"]
-    assert request["request"] == "TICKET-42" and request["status"] == "applied" and request["keys"] == 3
-    assert request["missing_keys"] == 1 and request["version"] == pu.__version__ and request["time"].endswith("+00:00")
-    assert [m["made_by"] for m in exported["models"]] == ["training", "deletion"]
-    assert "example.com" not in json.dumps(exported)
+# ---------------------------------------------------------------------- training after a deletion
 
 
 def test_training_on_a_forgotten_sample_again_is_refused(tmp_path):
@@ -287,6 +141,8 @@ def test_training_on_a_forgotten_sample_again_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- the red team's cases
+
+
 def test_training_on_from_a_pending_deletion_confirms_it(tmp_path):
     year = Year(tmp_path / "s.zarr")
     year.train([f"u{i}" for i in range(8)], seed=0)

@@ -1,108 +1,97 @@
-"""`pyunlearn forget`: the model written before the ledger (atomically, also over --checkpoint),
-bad input as one line, chaining checkpoints."""
+"""`pyunlearn forget`: the checkpoint it writes equals the library's result, whatever wraps the
+state_dict (Lightning checkpoints, --key), chains over its own outputs (bfloat16 too), and
+forgets by keys with the request in the audit trail that `inspect --ledger/--json` exports."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
+import re
 
+import numpy as np
 import pytest
 import torch
 
 import pyunlearn as pu
 from pyunlearn.cli import main
-from tests.support import TinyNet
-from tests.support.stores import recorded_path as _recorded
+from tests.support import TinyNet, recorded_store
 from tests.support.stores import small_recorded_run
+from tests.support.timeline import SECRET, Year
 
 
-def _cli_setup(tmp_path):
-    model, path = _recorded(tmp_path)
+def _recorded_checkpoint(tmp_path):
+    model = recorded_store(tmp_path / "s.zarr", keep=0.3, momentum=0.0, close=True).model
     torch.save(model.state_dict(), tmp_path / "final.pt")
-    (tmp_path / "ids.txt").write_text("1000")
-    return path
+    return model
 
 
-def _forget(tmp_path, out, checkpoint="final.pt", ids="ids.txt", store="s.zarr"):
-    return subprocess.run([sys.executable, "-m", "pyunlearn.cli", "forget", "--store", str(tmp_path / store),
-                           "--checkpoint", str(tmp_path / checkpoint), "--ids", str(tmp_path / ids),
-                           "--out", str(out)], capture_output=True, text=True)
+def test_forget_on_a_checkpoint_matches_the_library(tmp_path, capsys):
+    model = _recorded_checkpoint(tmp_path)
+    (tmp_path / "ids.txt").write_text("1000\n1001, 1002\n424242\n")
+    code = main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "final.pt"),
+                 "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "forgot.pt")])
+    assert code == 0
+    assert "(1 never seen)" in capsys.readouterr().out
+    got = torch.load(tmp_path / "forgot.pt", weights_only=True)
+    assert set(got) == set(model.state_dict())
+    expected = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    store = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    pu.kernels.subtract_sparse_reference(expected, store.read(store.steps_for([1000, 1001, 1002]).steps), store.k)
+    for layer, want in zip(store.layers, expected):
+        assert torch.equal(got[layer.name], want)
+    assert torch.equal(got["frozen"], model.frozen)
+    # Forgetting more from the output checkpoint continues the ledger.
+    np.save(tmp_path / "more.npy", np.array([1003]))
+    assert main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "forgot.pt"),
+                 "--ids", str(tmp_path / "more.npy"), "--out", str(tmp_path / "forgot2.pt")]) == 0
 
 
-def test_cli_forget_with_a_bad_out_leaves_the_ledger_alone(tmp_path):
-    path = _cli_setup(tmp_path)
-    out = _forget(tmp_path, tmp_path / "no-such-folder" / "o.pt")
-    assert out.returncode == 1 and "Traceback" not in out.stderr and "--out" in out.stderr
-    assert not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
-    assert _forget(tmp_path, tmp_path / "o.pt").returncode == 0  # the next request is not refused
+def _forget_cli(tmp_path, checkpoint, *extra):
+    (tmp_path / "ids.txt").write_text("1000 1001")
+    return main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(checkpoint),
+                 "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "out.pt"), *extra])
 
 
-def test_cli_forget_writes_the_model_before_the_ledger(tmp_path, monkeypatch, capsys):
-    """A save that fails midway (full disk, kill) leaves the input checkpoint intact and the
-    ledger describing it, also when --out is --checkpoint."""
-    path = _cli_setup(tmp_path)
-    original = (tmp_path / "final.pt").read_bytes()
-    real_save = torch.save
-
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"partial")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    args = ["forget", "--store", str(path), "--checkpoint", str(tmp_path / "final.pt"),
-            "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "final.pt")]
-    assert main(args) == 1
-    assert "No space left" in capsys.readouterr().err
-    assert (tmp_path / "final.pt").read_bytes() == original
-    assert not pu.UpdateStore.open(path, mode="r").ledger.has_deletions
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".final")) == []  # no temp left
-    monkeypatch.setattr(torch, "save", real_save)
-    assert main(args) == 0  # in place, atomically: the ledger now describes the new file
-    model = TinyNet()
-    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
-    store = pu.UpdateStore.open(path)
-    assert store.ledger.fingerprint == pu.kernels.fingerprint(store.check_model(model))
+def _expected_after_forgetting(tmp_path, model):
+    expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    store = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
+    tensors = list(expected.values())
+    pu.kernels.subtract_sparse_reference(tensors, store.read(store.steps_for([1000, 1001]).steps), store.k)
+    return dict(zip(expected, tensors))
 
 
-@pytest.mark.parametrize("case", ["store-is-a-file", "id-past-int64", "pickled-object"])
-def test_cli_bad_input_is_one_line(tmp_path, case):
-    _cli_setup(tmp_path)
-    kwargs = {}
-    if case == "store-is-a-file":
-        (tmp_path / "file.zarr").write_text("x")
-        kwargs["store"] = "file.zarr"
-    elif case == "id-past-int64":
-        (tmp_path / "big.txt").write_text(str(2**63))
-        kwargs["ids"] = "big.txt"
-    else:
-        torch.save({"fc1.weight": torch.zeros(1), "extra": pu.ForgetReport}, tmp_path / "pickled.pt")
-        kwargs["checkpoint"] = "pickled.pt"
-    out = _forget(tmp_path, tmp_path / "o.pt", **kwargs)
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("pyunlearn forget: error: ")
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", "model_state_dict"])
+def test_forget_a_checkpoint_that_wraps_the_state_dict(tmp_path, wrapper):
+    model = _recorded_checkpoint(tmp_path)
+    torch.save({wrapper: model.state_dict(), "epoch": 3, "note": "kept as it is"}, tmp_path / "wrapped.pt")
+    assert _forget_cli(tmp_path, tmp_path / "wrapped.pt") == 0
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["epoch"] == 3 and got["note"] == "kept as it is" and set(got[wrapper]) == set(model.state_dict())
+    for name, want in _expected_after_forgetting(tmp_path, model).items():
+        assert torch.equal(got[wrapper][name], want)
 
 
-def test_cli_a_failed_folder_sync_after_the_rename_leaves_the_deletion_pending(tmp_path, monkeypatch, capsys):
-    """Once the new checkpoint is renamed into place the deletion must not be rolled back: if
-    making the rename durable fails, the entry stays pending, so the model on disk is accepted."""
-    import os
+def test_forget_a_lightning_checkpoint_with_a_prefix_and_a_key(tmp_path, capsys):
+    """A Lightning checkpoint holds the LightningModule's state_dict under "state_dict"; a store
+    created from the module's inner network ("net" here) has the names without "net.", which the
+    command finds. --key picks an entry by hand."""
+    model = _recorded_checkpoint(tmp_path)
+    lightning_like = {"epoch": 1, "global_step": 14, "pytorch-lightning_version": "2.6.6",
+                      "state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+                      "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
+    torch.save(lightning_like, tmp_path / "last.ckpt")
+    assert _forget_cli(tmp_path, tmp_path / "last.ckpt") == 0
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["pytorch-lightning_version"] == "2.6.6" and set(got["state_dict"]) == set(lightning_like["state_dict"])
+    for name, want in _expected_after_forgetting(tmp_path, model).items():
+        assert torch.equal(got["state_dict"][f"net.{name}"], want)
 
-    import pyunlearn.cli as cli
-
-    path = _cli_setup(tmp_path)
-
-    def failing_sync(folder):
-        raise OSError(5, "EIO on directory fsync")
-
-    monkeypatch.setattr(cli, "_sync_folder", failing_sync)
-    args = ["forget", "--store", str(path), "--checkpoint", str(tmp_path / "final.pt"),
-            "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "final.pt")]
-    assert main(args) == 1 and "EIO" in capsys.readouterr().err
-    store = pu.UpdateStore.open(path)
-    assert store.ledger.pending is not None
-    model = TinyNet()
-    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))  # the new model, on disk
-    pu.amnesiac_forget(model, store, [1001])  # accepted: settles the pending entry
-    assert os.path.exists(tmp_path / "final.pt")
+    torch.save({"ema": model.state_dict(), "weights": model.state_dict()}, tmp_path / "two.pt")
+    capsys.readouterr()
+    assert _forget_cli(tmp_path, tmp_path / "two.pt") == 1
+    assert "it has 'ema', 'weights': name the entry with --key" in capsys.readouterr().err
+    assert _forget_cli(tmp_path, tmp_path / "two.pt", "--key", "nope") == 1
+    assert re.search(r"--key nope: .* has no entry 'nope'; it has 'ema', 'weights'", capsys.readouterr().err)
+    assert _forget_cli(tmp_path, tmp_path / "two.pt", "--key", "ema") == 0
+    assert set(torch.load(tmp_path / "out.pt", weights_only=True)) == {"ema", "weights"}
 
 
 def test_cli_forget_chains_on_a_bfloat16_checkpoint(tmp_path):
@@ -126,3 +115,26 @@ def _bf16_model(state):
     model = TinyNet().to(torch.bfloat16)
     model.load_state_dict(state)
     return model
+
+
+def test_forget_by_keys_on_the_command_line_and_the_ledger_export(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(pu.keys.SECRET_ENV, SECRET)
+    year = Year(tmp_path / "s.zarr")
+    year.train([f"user{i}@example.com" for i in range(8)], seed=0)
+    year.store.close()
+    torch.save(year.model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "keys.txt").write_text("user1@example.com\nuser5@example.com\nnobody@example.com\n")
+    assert main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
+                 "--keys", str(tmp_path / "keys.txt"), "--request-id", "TICKET-42",
+                 "--out", str(tmp_path / "model.pt")]) == 0
+    assert "request TICKET-42: forgot 3 keys (1 never seen)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "s.zarr"), "--ledger"]) == 0
+    table = capsys.readouterr().out
+    assert "TICKET-42" in table and "applied" in table and "1 deletion requests" in table
+    assert main(["inspect", str(tmp_path / "s.zarr"), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    (request,) = exported["requests"]
+    assert request["request"] == "TICKET-42" and request["status"] == "applied" and request["keys"] == 3
+    assert request["missing_keys"] == 1 and request["version"] == pu.__version__ and request["time"].endswith("+00:00")
+    assert [m["made_by"] for m in exported["models"]] == ["training", "deletion"]
+    assert "example.com" not in json.dumps(exported)

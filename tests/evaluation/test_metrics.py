@@ -267,3 +267,17 @@ def test_evaluate_runs_on_the_models_device(device):
     # The same model on another device: the same predictions up to the device's float rounding.
     assert on_device.gap(on_cpu) <= 2.0
     assert all(p.device.type == device.type for p in model.parameters())
+
+
+def test_evaluate_progress_is_off_unless_asked(capsys):
+    from pyunlearn import data
+    from pyunlearn.evaluation import metrics
+    from pyunlearn.models import DigitsCNN
+
+    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
+    forget = train_set.subset(torch.arange(10))
+    retain = train_set.without(forget.ids)
+    metrics.evaluate(DigitsCNN(), forget=forget, retain=retain, test=test_set, mia_samples=50)
+    assert "evaluating" not in capsys.readouterr().err  # standard error is not a terminal here
+    metrics.evaluate(DigitsCNN(), forget=forget, retain=retain, test=test_set, mia_samples=50, progress=True)
+    assert "evaluating: 100%" in capsys.readouterr().err
