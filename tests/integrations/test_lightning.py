@@ -2,6 +2,7 @@
 DDP (two CPU processes, gloo) and across fit(ckpt_path=...)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 import pyunlearn as pu
 from tests.support import tiny_data, tiny_lightning_module
+from tests.support.stores import stored_ids
 
 lightning = pytest.importorskip("lightning", reason="the Lightning integration is an optional extra")
 from pyunlearn.integrations.lightning import RecordUpdates  # noqa: E402
@@ -98,9 +100,9 @@ def test_fit_from_a_checkpoint_continues_the_store_from_its_step(tmp_path):
     reference = pu.UpdateStore.create(tmp_path / "straight.zarr", straight, keep=0.3)
     _trainer(tmp_path, [RecordUpdates(reference)], enable_checkpointing=False).fit(straight, _loader())
     assert store.steps == reference.steps == 12 and store.samples == reference.samples
-    assert np.array_equal(store._data.read("offsets", slice(0, 13)), reference._data.read("offsets", slice(0, 13)))
-    assert np.array_equal(store._data.read("sample_ids", slice(0, store.samples)),
-                          reference._data.read("sample_ids", slice(0, reference.samples)))
+    (store_ids, store_offsets), (reference_ids, reference_offsets) = stored_ids(store), stored_ids(reference)
+    assert np.array_equal(store_offsets, reference_offsets)
+    assert np.array_equal(store_ids, reference_ids)
     for a, b in zip(store.read(range(12)), reference.read(range(12))):
         assert torch.equal(a, b)
     assert store.final_fingerprint == reference.final_fingerprint
@@ -216,13 +218,21 @@ def _assert_equals_single_process(ddp, single):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_ddp_records_the_global_batches_on_the_writer_rank(tmp_path):
-    _ddp_fit(tmp_path, "fresh")
-    _assert_equals_single_process(pu.UpdateStore.open(tmp_path / "ddp.zarr", mode="r"), _single_process_run(tmp_path))
+@pytest.fixture(scope="module")
+def ddp_fresh(tmp_path_factory):
+    """The folder of one fresh two-process fit (its store, ddp.zarr: 12 steps; checkpoints after
+    4, 8 and 12): the tests below read it, or copy it before they change it."""
+    root = tmp_path_factory.mktemp("lightning-ddp")
+    _ddp_fit(root, "fresh")
+    return root
 
 
-def test_ddp_fit_from_a_checkpoint_continues_the_store(tmp_path):
-    _ddp_fit(tmp_path, "fresh")  # 12 steps, checkpoints after 4, 8 and 12
+def test_ddp_records_the_global_batches_on_the_writer_rank(tmp_path, ddp_fresh):
+    _assert_equals_single_process(pu.UpdateStore.open(ddp_fresh / "ddp.zarr", mode="r"), _single_process_run(tmp_path))
+
+
+def test_ddp_fit_from_a_checkpoint_continues_the_store(tmp_path, ddp_fresh):
+    shutil.copytree(ddp_fresh, tmp_path, dirs_exist_ok=True)  # 12 steps, checkpoints after 4, 8 and 12
     assert torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=True)[
         "callbacks"]["RecordUpdates"]["recorder"]["steps"] == 4
     out = _ddp_fit(tmp_path, "resume")  # from step 4: the writer drops the 8 later steps

@@ -13,11 +13,10 @@ import pyunlearn as pu
 transformers = pytest.importorskip("transformers", reason="the Trainer integration needs transformers")
 accelerate = pytest.importorskip("accelerate", reason="the Trainer integration needs accelerate")
 from pyunlearn.integrations.transformers import RecordUpdates  # noqa: E402
-
-N, BATCH, ACCUMULATE, EPOCHS = 24, 4, 2, 2
-STEPS = EPOCHS * N // (BATCH * ACCUMULATE)  # 6 optimizer steps
-IDS = list(range(500, 500 + N))
-
+from tests.support.huggingface import ACCUMULATE, BATCH, EPOCHS, IDS, STEPS  # noqa: E402
+from tests.support.huggingface import args as _args  # noqa: E402
+from tests.support.huggingface import dataset as _dataset  # noqa: E402
+from tests.support.huggingface import model as _model  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
@@ -30,32 +29,6 @@ def _fresh_accelerate_state():
     yield
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state()
-
-
-def _model():
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=2)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config)
-
-
-def _dataset():
-    """A list of feature dicts: a torch-style dataset, which the Trainer strips of the columns
-    forward() does not name in its collator wrapper (remove_unused_columns=True, the default)."""
-    gen = torch.Generator().manual_seed(1)
-    rows = []
-    for i in IDS:
-        tokens = torch.randint(1, 40, (8,), generator=gen)
-        rows.append({"input_ids": tokens.tolist(), "attention_mask": [1] * 8, "labels": int(tokens[0] % 2),
-                     "ids": i})
-    return rows
-
-
-def _args(root, **options):
-    base = dict(output_dir=str(root), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
-                num_train_epochs=EPOCHS, learning_rate=1e-3, seed=0, use_cpu=True, report_to="none",
-                disable_tqdm=True, logging_strategy="no", save_strategy="no")
-    return transformers.TrainingArguments(**{**base, **options})
 
 
 class _HandWired(transformers.Trainer):
@@ -216,8 +189,7 @@ def test_a_plain_accelerate_loop_with_gradient_accumulation(tmp_path):
 _TORCHRUN_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist, transformers
 from pyunlearn.integrations.transformers import RecordUpdates
-sys.path.insert(0, sys.argv[2])
-from test_transformers import _args, _dataset, _model
+from tests.support.huggingface import args as _args, dataset as _dataset, model as _model
 
 root = sys.argv[1]
 callback = RecordUpdates(os.path.join(root, "ddp.zarr"), create=dict(keep=1.0, value_dtype="float32"))
@@ -236,7 +208,6 @@ def test_trainer_under_torchrun_with_two_processes(tmp_path):
     import socket
     import subprocess
     import sys
-    from pathlib import Path
 
     script = tmp_path / "hf_ddp.py"
     script.write_text(_TORCHRUN_SCRIPT)
@@ -247,8 +218,8 @@ def test_trainer_under_torchrun_with_two_processes(tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(root),
-                              str(Path(__file__).parent)], capture_output=True, text=True, timeout=300, cwd=root)
+                              "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(root)],
+                             capture_output=True, text=True, timeout=300, cwd=root)
         if out.returncode == 0 or (root / "ddp.zarr").exists():
             break
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
