@@ -1,17 +1,18 @@
 """SIGKILL at random moments across recording, recorder flushes, forgetting (in the documented
 order: model saved atomically, then the ledger) and the CLI's forget: every store must reopen
-consistent, and every ledger must describe a model that exists on disk.
+consistent, and every ledger must describe a model on disk.
 
 A calibration run records when each phase starts; each trial then kills a fresh run at a random
-moment inside one phase (phases taken in turn), so every phase gets kill points."""
+moment inside one phase (phases taken in turn), so every phase gets kill points. Each run is a
+process of its own (tests/support/kill.py), forked from a server that imported torch and
+pyunlearn once, and is killed with SIGKILL."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,90 +20,67 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import pyunlearn as pu
 from pyunlearn.kernels import fingerprint
+from tests.support.kill import PRELOAD, scenario
 
 TRIALS = int(os.environ.get("PYUNLEARN_KILL_TRIALS", "52"))
 PHASES = ("record", "flush", "forget", "cli-forget")
 
-# One run: records (with recorder flushes at "checkpoints"), then forgets with the API in the
-# documented order, then with the CLI. Prints "<phase> <seconds since start>" as each phase begins.
-_RUN = r"""
-import sys, time, os
-from pathlib import Path
-import numpy as np, torch
-import pyunlearn as pu
-from pyunlearn.cli import main, _sync_folder, _write_temporary
-from tests.support import TinyNet, tiny_data, tiny_training
 
-folder = Path(sys.argv[1]); start = time.monotonic()
-def phase(name):
-    print("PHASE", name, round(time.monotonic() - start, 3), flush=True)
-
-torch.manual_seed(0)
-model = TinyNet()
-trainable = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
-store = pu.UpdateStore.create(folder / "s.zarr", model, keep=0.3, steps_per_chunk=5)
-phase("record")
-data = tiny_data(160)
-with pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=2) as rec:
-    def checkpoint(step):
-        if step % 7 == 0:
-            if step == 7:
-                phase("flush")
-            rec.flush()
-    tiny_training(model, optimizer, data, epochs=3, batch_size=8, recorder=rec, after_step=checkpoint)
-store.close()
-torch.save(model.state_dict(), folder / "model-final.pt")  # before any ledger names another model
-phase("forget")
-store = pu.UpdateStore.open(folder / "s.zarr")
-for i in range(6):
-    report = pu.amnesiac_forget(model, store, [1000 + 3 * i], commit=False)
-    target = folder / f"model-api-{i}.pt"  # saved atomically: temporary file, rename, folder sync
-    os.replace(_write_temporary(model.state_dict(), target), target)
-    _sync_folder(folder)
-    store.record_deletion(report.ledger_after, replacing=report.ledger_pending)
-store.close()
-phase("cli-forget")
-for i in range(4):
-    (folder / "ids.txt").write_text(str(1100 + i))
-    code = main(["forget", "--store", str(folder / "s.zarr"), "--checkpoint", str(folder / "model-latest.pt"
-                 if i else folder / f"model-api-5.pt"), "--ids", str(folder / "ids.txt"),
-                 "--out", str(folder / "model-latest.pt")])
-    assert code == 0
-phase("done")
-"""
+def _victims():
+    """Processes forked from a server that imported everything a run needs, and nothing else."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _run(folder: Path, kill: tuple[str, float] | None) -> dict[str, float]:
-    """Runs the scenario in a child. kill=(phase, delay): SIGKILL it `delay` seconds after it
-    reports that phase; None: let it finish. Returns the phases it reported."""
+    """Runs the scenario in a process of its own. kill=(phase, delay): SIGKILL it `delay` seconds
+    after it reports that phase; None: let it finish. Returns the phases it reported."""
     folder.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(folder)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    context = _victims()
+    receiver, sender = context.Pipe(duplex=False)
+    proc = context.Process(target=scenario, args=(str(folder), sender), daemon=True)
+    proc.start()
+    sender.close()  # the victim holds the only writing end: its death ends the stream
     phases: dict[str, float] = {}
+    errors: list[str] = []
 
-    def note(line: str) -> str | None:
-        if line.startswith("PHASE "):
-            _, name, at = line.split()
-            phases[name] = float(at)
-            return name
-        return None
+    def note(message) -> str:
+        name, value = message
+        if name == "error":
+            errors.append(value)
+        else:
+            phases[name] = value
+        return name
 
-    if kill is None:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-    else:
-        for line in proc.stdout:
-            if note(line) == kill[0]:
-                break
-        time.sleep(kill[1])
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
-    for line in out.splitlines():
-        note(line)
+    try:
+        if kill is None:
+            while True:
+                try:
+                    note(receiver.recv())
+                except EOFError:
+                    break
+            proc.join(300)
+            assert proc.exitcode == 0, errors
+        else:
+            while note(receiver.recv()) != kill[0]:
+                pass
+            time.sleep(kill[1])
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(60)
+            assert proc.exitcode is not None, "the killed run did not end"
+            while True:  # what it reported before it died
+                try:
+                    note(receiver.recv())
+                except EOFError:
+                    break
+    finally:
+        receiver.close()
+    assert not errors, errors[0]
     return phases
 
 
@@ -120,11 +98,12 @@ def _check(folder: Path) -> str:
         return "no store yet"
     store = pu.UpdateStore.open(folder / "s.zarr", mode="r")  # checksummed metadata, every field checked
     steps, samples = store.steps, store.samples
-    offsets = store._data.read("offsets", slice(0, steps + 1))
+    offsets = zarr.open_array(folder / "s.zarr" / "offsets", mode="r")[: steps + 1]  # docs/format.md's array
     assert offsets[0] == 0 and offsets[-1] == samples and np.all(np.diff(offsets) == 8)  # batches of 8
     if steps:
         rows = store.read(np.arange(steps))  # every committed chunk exists and decodes
         pu.kernels.subtract_sparse([torch.zeros(layer.shape) for layer in store.layers], rows, store.k)
+        assert [len(ids) for ids in store.step_ids(np.arange(steps))] == [8] * steps  # and the IDs' chunks
         assert store.steps_for(np.arange(1000, 1160)).steps.size > 0
     ledger = store.ledger
     if ledger.fingerprint is not None or ledger.pending is not None:
@@ -156,7 +135,7 @@ def test_sigkill_at_random_points_leaves_consistent_stores_and_true_ledgers(tmp_
         reached = _run(folder, (phase, at))
         return trial, phase, at, max(reached, key=reached.get), _check(folder)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two children at a time on two cores
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two runs at a time on two cores
         results = list(pool.map(one, plan))
     reached = {phase: sum(1 for r in results if r[3] == phase) for phase in PHASES}
     print(json.dumps({"trials": len(results), "killed in phase": reached}))
