@@ -154,7 +154,6 @@ def test_adam_layers_that_skip_steps(tmp_path):
 
 # ---------------------------------------------------------------------------- coefficient rules (issue 15, part 5)
 
-
 def test_coefficient_rules_by_hand(tmp_path):
     from pyunlearn.attribution import coefficient_rule
 
@@ -206,7 +205,6 @@ def test_amnesiac_forget_follows_the_rule(tmp_path):
 
 
 # ------------------------------------------------------------------ the optimizer families
-
 
 @pytest.mark.parametrize("make, family", [
     (lambda p: torch.optim.SGD(p, lr=0.1), attribution.SGDMomentum),

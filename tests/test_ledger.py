@@ -14,7 +14,6 @@ from tests.support.stores import recorded_path as _recorded
 
 # ------------------------------------------------------------------ the ledger's rule
 
-
 NOW = "2026-01-01T00:00:00.000+00:00"
 
 
@@ -105,7 +104,6 @@ def test_a_malformed_format_3_ledger_is_corruption(attrs):
 
 
 # ------------------------------------------------------------------ on a store: compare-and-swap, undo, pending
-
 
 def test_undoing_a_deletion_whose_model_could_not_be_saved(tmp_path):
     model, path = _recorded(tmp_path)

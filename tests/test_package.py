@@ -200,3 +200,18 @@ def test_readme_opens_with_the_two_commands():
     lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("bash scripts/dev.sh")]
     assert lines[:2] == ["bash scripts/dev.sh main", "bash scripts/dev.sh test"]
     assert "bash scripts/dev.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_plain_pytest_runs_everything_and_the_jobs_split_it_by_the_slow_marker():
+    """`pytest` (scripts/dev.sh test, which CI runs) deselects nothing; test-fast and test-slow
+    split the suite by the slow marker, and both halves hold tests (pytest exits 5 on none)."""
+    addopts = re.search(r'^addopts = "(.*)"$', (ROOT / "pyproject.toml").read_text(), flags=re.M)[1]
+    assert "-m" not in addopts.split() and "slow" not in addopts
+    dev = (ROOT / "scripts" / "dev.sh").read_text()
+    assert 'test) exec "$PY" -m pytest -q "$@" ;;' in dev
+    assert 'test-fast) exec "$PY" -m pytest -q -m "not slow" "$@" ;;' in dev
+    assert 'test-slow) exec "$PY" -m pytest -q -m slow "$@" ;;' in dev
+    marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.slow" in p.read_text()}
+    assert "tests/store/test_sigkill.py" in marked and "tests/kernels/test_cuda_build.py" in marked
+    assert len(marked) < len(list((ROOT / "tests").rglob("test_*.py")))
+    assert "`bash scripts/dev.sh test-fast`" in " ".join((ROOT / "README.md").read_text().split())

@@ -124,7 +124,6 @@ def test_an_undone_deletion_stays_in_the_audit_trail(tmp_path):
 
 # ---------------------------------------------------------------------- training after a deletion
 
-
 def test_training_on_a_forgotten_sample_again_is_refused(tmp_path):
     year = Year(tmp_path / "s.zarr")
     year.train([f"u{i}" for i in range(8)], seed=0)
@@ -141,7 +140,6 @@ def test_training_on_a_forgotten_sample_again_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- the red team's cases
-
 
 def test_training_on_from_a_pending_deletion_confirms_it(tmp_path):
     year = Year(tmp_path / "s.zarr")

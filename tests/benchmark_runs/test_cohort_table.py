@@ -2,7 +2,10 @@
 (the claims themselves are read from benchmarks/results/)."""
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.mark.slow
 def test_cohort_table_smoke_run(tmp_path, benchmark_script):
     """The evidence script on the digits: completes, numbers in range, cohort batching touches
     fewer steps than random batching (a property of the sampler, not a claim about accuracy)."""

@@ -1,15 +1,18 @@
-"""benchmarks/fidelity.py on the digits: it completes, writes its JSON and table with the
-noise-floor rows and rule (the claims themselves are read from benchmarks/results/)."""
+"""benchmarks/fidelity.py, saliency_sweep.py and batching_cost.py on the digits: they complete and
+write their JSON and tables (fidelity's with the noise-floor rows and rule); fidelity's class
+units by hand. The claims themselves are read from benchmarks/results/."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from pyunlearn.data import SampleSet
 
 
+@pytest.mark.slow
 def test_digits_smoke_run(tmp_path, benchmark_script):
     fidelity = benchmark_script("fidelity")
     out = tmp_path / "fidelity.json"
@@ -44,6 +47,7 @@ def test_digits_smoke_run(tmp_path, benchmark_script):
     assert "--methods 'Amnesiac keep 0.01 + repair' 'Label flip keep 0.1" in written["meta"]["config"]["command"]
 
 
+@pytest.mark.slow
 def test_saliency_sweep_smoke_run(tmp_path, benchmark_script):
     sweep = benchmark_script("saliency_sweep")
     out = sweep.main(["--data", "digits", "--seeds", "0", "--lrs", "0.001", "0.05", "--ua", "50",
@@ -77,6 +81,7 @@ def test_class_units_hold_one_class_each(benchmark_script):
     assert sorted(int(labels[capped == u][0]) for u in range(2)) == [0, 1] and (capped == 2).sum() == 0
 
 
+@pytest.mark.slow
 def test_batching_cost_smoke_run(tmp_path, benchmark_script):
     batching_cost = benchmark_script("batching_cost")
     out = tmp_path / "batching_cost.json"

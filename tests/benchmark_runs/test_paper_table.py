@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 
+
+@pytest.mark.slow
 def test_digits_smoke_run(tmp_path, benchmark_script):
     paper_table = benchmark_script("paper_table")
     rows = paper_table.main(["--data", "digits", "--forget", "random:20", "--epochs", "2", "--batch-size", "32",

@@ -227,10 +227,12 @@ def ddp_fresh(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_records_the_global_batches_on_the_writer_rank(tmp_path, ddp_fresh):
     _assert_equals_single_process(pu.UpdateStore.open(ddp_fresh / "ddp.zarr", mode="r"), _single_process_run(tmp_path))
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_fit_from_a_checkpoint_continues_the_store(tmp_path, ddp_fresh):
     shutil.copytree(ddp_fresh, tmp_path, dirs_exist_ok=True)  # 12 steps, checkpoints after 4, 8 and 12
     assert torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=True)[

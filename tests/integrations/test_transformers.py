@@ -202,6 +202,7 @@ os._exit(0)  # as tests/test_ddp.py: gloo may abort at interpreter exit
 """
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_trainer_under_torchrun_with_two_processes(tmp_path):
     """The same arguments on both ranks (the store as a path): rank 0 creates and writes the
     store, rank 1 only gathers; each step holds the IDs of both ranks' micro-batches."""

@@ -21,6 +21,7 @@ def test_every_cuda_source_is_built():
     assert found == set(cuda_build_helpers().SOURCES)
 
 
+@pytest.mark.slow  # nvcc, two architectures
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     helpers = cuda_build_helpers()
     nvcc = helpers.find_nvcc()

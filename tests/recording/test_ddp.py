@@ -6,11 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import pyunlearn as pu
 from tests.support import TinyNet, recorded_store
 from tests.support.stores import stored_ids
+
+pytestmark = pytest.mark.slow  # each test starts three interpreters (a launcher and two ranks)
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
 

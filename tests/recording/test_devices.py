@@ -161,7 +161,6 @@ def test_gradient_attribution_records_and_forgets_a_model_on_the_device(device, 
 
 # ---- refusals --------------------------------------------------------------------------------
 
-
 def test_a_model_on_two_devices_is_refused_naming_them(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()

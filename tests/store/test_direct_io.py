@@ -13,7 +13,6 @@ from tests.support.stores import sharded_store as _sharded
 
 # ------------------------------------------------------------------ the shard reader
 
-
 def test_rows_read_from_shards_equal_zarrs(tmp_path):
     import zarr
 
@@ -106,7 +105,6 @@ def test_a_reader_through_zarr_rereads_a_shard_a_writer_replaced_between_its_req
 
 
 # ------------------------------------------------------------------ the shard writer
-
 
 def _twin_arrays(tmp_path, dtype, shape, chunks, shards):
     """The same array in two local folders: one written by zarr, one by write_rows."""

@@ -16,7 +16,6 @@ from tests.support.stores import sharded_store as _sharded
 
 # ------------------------------------------------------------------ missing chunks
 
-
 def test_a_missing_values_chunk_is_corruption_not_zeros(tmp_path):
     model, path = _recorded(tmp_path)
     store = pu.UpdateStore.open(path)
@@ -57,7 +56,6 @@ def test_a_missing_offsets_chunk_is_corruption(tmp_path):
 
 
 # ------------------------------------------------------------------ damaged chunks and rows
-
 
 def test_stored_rows_with_nan_are_refused_before_the_model_changes(tmp_path):
     model, path = _recorded(tmp_path, value_dtype="float32")

@@ -26,6 +26,8 @@ import pyunlearn as pu
 from pyunlearn.kernels import fingerprint
 from tests.support.kill import PRELOAD, scenario
 
+pytestmark = pytest.mark.slow  # 53 runs of the scenario, ~30 s on two cores
+
 TRIALS = int(os.environ.get("PYUNLEARN_KILL_TRIALS", "52"))
 PHASES = ("record", "flush", "forget", "cli-forget")
 

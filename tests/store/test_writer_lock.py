@@ -23,7 +23,6 @@ from tests.support.stores import small_recorded_run as _recorded
 
 # ------------------------------------------------------------------ the lock
 
-
 LOCK = "writer.lock"
 
 
@@ -183,7 +182,6 @@ def test_overwrite_refuses_a_store_in_use(tmp_path):
 
 
 # ------------------------------------------------------------------ the write session
-
 
 def test_a_write_session_releases_only_the_lock_it_took(tmp_path):
     store = recorded_store(tmp_path / "s.zarr", close=True).store

@@ -58,7 +58,6 @@ def test_dense_forgetting_of_every_step_restores_the_initial_model(device, tmp_p
 
 # ---- the other methods -----------------------------------------------------------------------
 
-
 @pytest.mark.parametrize("method, keep", [("label_flip", None), ("label_flip", 0.2), ("gradient_ascent", None),
                                           ("gradient_ascent", 0.2), ("fine_tune", None)])
 def test_the_optimisation_methods_run_on_the_models_device(device, method, keep):
