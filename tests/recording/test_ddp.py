@@ -13,15 +13,17 @@ import pyunlearn as pu
 from tests.support import TinyNet, recorded_store
 from tests.support.stores import stored_ids
 
-pytestmark = pytest.mark.slow  # each test starts three interpreters (a launcher and two ranks)
+pytestmark = pytest.mark.slow  # each launch is a process group of two (a launcher, two forked ranks)
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
 
-# Every worker tears down on every path, DDP's reducer (deleted by the caller) before the
-# process group it uses, then leaves without running C++ static destructors: torch 2.13 with
-# gloo sometimes aborts a rank at interpreter exit ("terminate called without an active
-# exception", ~1 run in 10, seen on the rank that never touches pyunlearn's native code) after
-# all work is done.
+# The ranks are forks of the launcher, which imported torch and pyunlearn and ran nothing (no
+# kernel, no process group): two processes as with spawn, without two more interpreters
+# importing torch. Every worker tears down on every path, DDP's reducer (deleted by the
+# caller) before the process group it uses, then leaves without running C++ static
+# destructors: torch 2.13 with gloo sometimes aborts a rank at interpreter exit ("terminate
+# called without an active exception", ~1 run in 10, seen on the rank that never touches
+# pyunlearn's native code) after all work is done.
 _LEAVE = r"""
 def leave():
     import gc
@@ -76,7 +78,7 @@ def worker(rank, world, path, port, fail):
         leave()
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fail"), nprocs=2)
+    mp.start_processes(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fail"), nprocs=2, start_method="fork")
 """ % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH, "leave": _LEAVE}
 
 
@@ -167,7 +169,7 @@ def worker(rank, path, port, same):
         leave()
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "same"), nprocs=2)
+    mp.start_processes(worker, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "same"), nprocs=2, start_method="fork")
 """
 
 
