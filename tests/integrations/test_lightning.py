@@ -175,7 +175,7 @@ for w in caught:
     if "dropped the store" in str(w.message):
         print(f"rank {rank} warned: {w.message}", flush=True)
 print(f"rank {rank} done, store {'none' if callback.store is None else 'written'}", flush=True)
-# Leave without C++ static destructors (tests/test_ddp.py: gloo sometimes aborts at exit).
+# Leave without C++ static destructors (tests/recording/test_ddp.py: gloo sometimes aborts at exit).
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()

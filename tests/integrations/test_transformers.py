@@ -198,7 +198,7 @@ transformers.Trainer(model=_model(), args=_args(os.path.join(root, "out"), num_t
 print(f"rank {dist.get_rank()} of {dist.get_world_size()}: store {'written' if callback.store else 'none'}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
-os._exit(0)  # as tests/test_ddp.py: gloo may abort at interpreter exit
+os._exit(0)  # as tests/recording/test_ddp.py: gloo may abort at interpreter exit
 """
 
 

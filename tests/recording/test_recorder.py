@@ -440,7 +440,7 @@ def test_a_frozen_parameter_that_starts_to_train_is_refused(tmp_path, how):
 def test_an_accelerate_style_wrapper_is_unwrapped(tmp_path):
     """AcceleratedOptimizer subclasses torch.optim.Optimizer without running its __init__ (no
     hooks of its own) and steps the wrapped optimizer; the recorder hooks the wrapped one. A
-    stand-in here: tests/test_transformers.py runs the real one."""
+    stand-in here: tests/integrations/test_transformers.py runs the real one."""
 
     class Wrapper(torch.optim.Optimizer):
         def __init__(self, optimizer):  # noqa: super().__init__ deliberately not called

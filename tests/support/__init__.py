@@ -1,7 +1,18 @@
 """Shared helpers of the tests (and, through benchmarks/_support.py, the benchmarks): the device
 axis, parameter-set shapes, random layer sets, a tiny model and data set, a store recorded from
 training them, a Lightning module, and S3 on loopback. Not part of the package: pyunlearn ships
-none of this."""
+none of this. Fixtures live in the conftest.py files; helpers of one part of the tests in the
+modules here:
+
+    kernels       bit comparisons, the native kernels on copies, rows, the native tuning knobs
+    strategies    hypothesis strategies for layer sets
+    stores        a store on a back-end, recorded runs to start from, what a store holds
+    old_formats   a new store's metadata as older formats wrote it
+    devices       a recorded run on each device of the `device` axis
+    timeline      Year: a store's life in miniature, keyed by strings
+    huggingface   the tiny BERT run of the Hugging Face tests (needs transformers)
+    kill          the SIGKILL harness's victim
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
