@@ -48,6 +48,9 @@ def _run(folder: Path, kill: tuple[str, float] | None) -> dict[str, float]:
     proc = context.Process(target=scenario, args=(str(folder), sender), daemon=True)
     proc.start()
     sender.close()  # the victim holds the only writing end: its death ends the stream
+    # The fork server reaps the run the moment it ends, so its pid may name another process by
+    # the time of the kill: the signal goes through a pidfd, which names this process only.
+    victim = os.pidfd_open(proc.pid) if hasattr(os, "pidfd_open") else None
     phases: dict[str, float] = {}
     errors: list[str] = []
 
@@ -72,7 +75,13 @@ def _run(folder: Path, kill: tuple[str, float] | None) -> dict[str, float]:
             while note(receiver.recv()) != kill[0]:
                 pass
             time.sleep(kill[1])
-            os.kill(proc.pid, signal.SIGKILL)
+            try:
+                if victim is not None:
+                    signal.pidfd_send_signal(victim, signal.SIGKILL)
+                elif proc.exitcode is None:
+                    proc.kill()  # SIGKILL
+            except ProcessLookupError:
+                pass  # the run ended before this moment: nothing left to kill
             proc.join(60)
             assert proc.exitcode is not None, "the killed run did not end"
             while True:  # what it reported before it died
@@ -82,6 +91,8 @@ def _run(folder: Path, kill: tuple[str, float] | None) -> dict[str, float]:
                     break
     finally:
         receiver.close()
+        if victim is not None:
+            os.close(victim)
     assert not errors, errors[0]
     return phases
 
