@@ -1,4 +1,4 @@
-"""The tests' shared helpers (tests/support.py: ResNet-18 shapes, S3 on loopback) for the
+"""The tests' shared helpers (tests/support/: ResNet-18 shapes, S3 on loopback) for the
 benchmarks, which run as scripts: puts the repository root on sys.path first."""
 import sys
 from pathlib import Path

@@ -87,7 +87,7 @@ fi
 t=$SECONDS
 note "CUDA kernel tests on the GPU (all of them, against the CPU kernels; the emulated backend runs in CI)"
 timeout "${CUDA_TEST_LIMIT_S:-80}" "$PY" -m pytest -q -rs -p no:cacheprovider -k "not emulated" \
-    tests/test_cuda_kernels.py tests/test_cuda_build.py 2>&1 | tee "$OUT/pytest-cuda.log"
+    tests/kernels/test_cuda_kernels.py tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/pytest-cuda.log"
 rc=${PIPESTATUS[0]}
 # The "cuda" backend must have run: its skips (no GPU, module not built) count as a failure here.
 if [ "$rc" -eq 0 ] && ! grep -q "no CUDA device visible\|_native_cuda is not built" "$OUT/pytest-cuda.log"; then
@@ -99,7 +99,8 @@ fi
 t=$SECONDS
 note "device-path tests on the GPU (their CUDA cases; the cpu-* cases run in the suite below and in CI)"
 timeout "${DEVICE_TEST_LIMIT_S:-60}" "$PY" -m pytest -q -rs -p no:cacheprovider -k "(cuda or gpu) and not emulated" \
-    tests/test_device_kernels.py tests/test_devices.py 2>&1 | tee "$OUT/pytest-device.log"
+    tests/kernels/test_device_path.py tests/recording/test_devices.py tests/unlearn/test_devices.py \
+    tests/evaluation/test_metrics.py 2>&1 | tee "$OUT/pytest-device.log"
 rc=${PIPESTATUS[0]}
 # They must have run on the GPU: a skip for want of one counts as a failure here.
 if [ "$rc" -eq 0 ] && ! grep -q "no CUDA device visible" "$OUT/pytest-device.log"; then
@@ -111,7 +112,7 @@ fi
 t=$SECONDS
 note "the test suite, CUDA cases on"
 timeout "${TEST_LIMIT_S:-150}" "$PY" -m pytest -q -x -p no:cacheprovider \
-    --deselect tests/test_cuda_kernels.py --deselect tests/test_cuda_build.py 2>&1 | tee "$OUT/pytest.log"
+    --deselect tests/kernels/test_cuda_kernels.py --deselect tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/pytest.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -eq 0 ]; then
     record tests ok $((SECONDS - t)) "$(tail -1 "$OUT/pytest.log")"

@@ -1,15 +1,16 @@
-"""The package as a user meets it: exports, version, the command, the fallback, the README and docs."""
+"""The package as a user meets it: exports, old import paths, version, what importing loads, type
+information and license, the README and docs."""
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 import pyunlearn
 
@@ -24,17 +25,60 @@ def test_all_names_exist():
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
 
 
-@pytest.mark.parametrize("old, new", sorted(__import__("pyunlearn._deprecated").
-                                            _deprecated.MOVED.items()))
+MOVED = sorted(__import__("pyunlearn._deprecated")._deprecated.MOVED.items())
+
+
+@pytest.mark.parametrize("old, new", MOVED)
 def test_moved_modules_still_import_with_a_deprecation_warning(old, new):
-    """The previous version's import paths, as users wrote them, for one more version."""
-    code = (f"import warnings, importlib; warnings.simplefilter('error'); import pyunlearn\n"
-            f"try:\n    import {old}\nexcept DeprecationWarning as w:\n    print('warned', w)\n"
-            f"warnings.simplefilter('ignore'); import {old} as m; print(m is importlib.import_module({new!r}))\n"
-            f"print(getattr(pyunlearn, {old.split('.')[1]!r}) is m)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == f"warned {old} moved to {new}; the old path goes away in the next version", out
-    assert out[1:3] == ["True", "True"], out
+    """The previous version's import paths, as users wrote them, for one more version. In this
+    process, with the old name forgotten first (test_old_paths_in_a_fresh_interpreter imports
+    them where nothing else was imported)."""
+    attribute = old.split(".")[1]
+    saved = sys.modules.pop(old, None), vars(pyunlearn).pop(attribute, None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(DeprecationWarning) as warned:
+                importlib.import_module(old)
+            assert str(warned.value) == f"{old} moved to {new}; the old path goes away in the next version"
+            warnings.simplefilter("ignore")
+            m = importlib.import_module(old)
+        assert m is importlib.import_module(new)
+        assert getattr(pyunlearn, attribute) is m
+    finally:
+        sys.modules.pop(old, None)
+        vars(pyunlearn).pop(attribute, None)
+        if saved[0] is not None:
+            sys.modules[old] = saved[0]
+        if saved[1] is not None:
+            setattr(pyunlearn, attribute, saved[1])
+
+
+_OLD_PATHS = r"""
+import importlib, warnings
+warnings.simplefilter("error")
+import pyunlearn
+from pyunlearn._deprecated import MOVED
+for old, new in sorted(MOVED.items()):
+    try:
+        importlib.import_module(old)
+    except DeprecationWarning as w:
+        print("warned", w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = importlib.import_module(old)
+    print(m is importlib.import_module(new), getattr(pyunlearn, old.split(".")[1]) is m)
+"""
+
+
+def test_old_paths_in_a_fresh_interpreter():
+    """Warnings as errors in an interpreter that imported nothing else: importing pyunlearn
+    warns nothing; each old path warns once, then is the new module, also as an attribute."""
+    out = subprocess.run([sys.executable, "-c", _OLD_PATHS], capture_output=True, text=True, check=True)
+    expected = []
+    for old, new in MOVED:
+        expected += [f"warned {old} moved to {new}; the old path goes away in the next version", "True True"]
+    assert out.stdout.splitlines() == expected, out.stdout + out.stderr
 
 
 def test_the_top_level_is_the_public_face_and_nothing_defines_errors_elsewhere():
@@ -72,39 +116,16 @@ def test_import_does_not_load_the_extension():
     assert out.stdout.strip() == "False"
 
 
-def test_selfcheck_command_reports_native_kernels():
-    out = subprocess.run([sys.executable, "-m", "pyunlearn.cli", "selfcheck"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "kernels: native (" in out.stdout
-    gpu = torch.cuda.is_available()  # then the same checks run on the GPU too
-    assert out.stdout.count("bit for bit: yes") == (4 if gpu else 2)
-    assert ("cuda: native kernels" in out.stdout or "cuda: torch kernels" in out.stdout) if gpu else \
-        "cuda: no GPU visible to torch" in out.stdout
+def test_the_package_ships_type_information_and_its_license():
+    import importlib.resources
+    from pathlib import Path
 
-
-_FALLBACK = r"""
-import sys, warnings
-sys.modules["pyunlearn.kernels._native"] = None  # as if the extension had not been built
-import torch
-from pyunlearn.kernels import ops
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    for _ in range(3):
-        row = ops.prune_topk([torch.zeros(8)], [torch.arange(8.0)], [2], "float32", refresh=False)
-print(len([w for w in caught if "not built" in str(w.message)]), row.index.tolist(), ops.backend())
-"""
-
-
-def test_missing_extension_falls_back_with_one_warning():
-    out = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1 [7, 1] reference (torch; extension not built)"
-
-
-def test_env_variable_forces_the_reference():
-    env = dict(os.environ, PYUNLEARN_REFERENCE="1")
-    out = subprocess.run([sys.executable, "-m", "pyunlearn.cli", "selfcheck"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    assert "kernels: reference (torch; PYUNLEARN_REFERENCE is set)" in out.stdout
+    assert importlib.resources.files("pyunlearn").joinpath("py.typed").is_file()
+    root = Path(__file__).resolve().parents[1]
+    assert 'pyunlearn = ["py.typed"]' in (root / "pyproject.toml").read_text()  # shipped in wheels too
+    license_text = (root / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (root / "pyproject.toml").read_text()
 
 
 # The pages whose ```python blocks must run as written (```text blocks are not run), and the
@@ -179,3 +200,18 @@ def test_readme_opens_with_the_two_commands():
     lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("bash scripts/dev.sh")]
     assert lines[:2] == ["bash scripts/dev.sh main", "bash scripts/dev.sh test"]
     assert "bash scripts/dev.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_plain_pytest_runs_everything_and_the_jobs_split_it_by_the_slow_marker():
+    """`pytest` (scripts/dev.sh test, which CI runs) deselects nothing; test-fast and test-slow
+    split the suite by the slow marker, and both halves hold tests (pytest exits 5 on none)."""
+    addopts = re.search(r'^addopts = "(.*)"$', (ROOT / "pyproject.toml").read_text(), flags=re.M)[1]
+    assert "-m" not in addopts.split() and "slow" not in addopts
+    dev = (ROOT / "scripts" / "dev.sh").read_text()
+    assert 'test) exec "$PY" -m pytest -q "$@" ;;' in dev
+    assert 'test-fast) exec "$PY" -m pytest -q -m "not slow" "$@" ;;' in dev
+    assert 'test-slow) exec "$PY" -m pytest -q -m slow "$@" ;;' in dev
+    marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.slow" in p.read_text()}
+    assert "tests/store/test_sigkill.py" in marked and "tests/kernels/test_cuda_build.py" in marked
+    assert len(marked) < len(list((ROOT / "tests").rglob("test_*.py")))
+    assert "`bash scripts/dev.sh test-fast`" in " ".join((ROOT / "README.md").read_text().split())
