@@ -71,7 +71,9 @@ GRADIENT_RULES = {"first-order": ("first-order", None), "damped 0.5": ("damped",
 
 class Stores:
     """The update stores recorded while the original model trained, in a temporary folder;
-    `grid`: name → UpdateStore.create options (default STORES). After training, `bytes` holds
+    `grid`: name → UpdateStore.create options (default STORES), recorded once per attribution
+    (named "<attribution>-<name>" beyond "update"), or, where the options name an "attribution",
+    once, under that name. After training, `bytes` holds
     each store's (bytes on disk, dense float32 bytes) (UpdateStore.stats)."""
 
     def __init__(self, model, attributions=("update",), grid: dict | None = None):
@@ -80,9 +82,16 @@ class Stores:
         self.bytes = {}
         for attribution in attributions:
             for name, options in (STORES if grid is None else grid).items():
-                if attribution != "update" and name == "dense":
+                options = dict(options)
+                own = options.pop("attribution", None)  # a store of one attribution only, named as given
+                if own is not None:
+                    if own != attribution:
+                        continue
+                    key = name
+                elif attribution != "update" and name == "dense":
                     continue  # gradient attribution at keep 0.01 only: the dense store costs time
-                key = name if attribution == "update" else f"{attribution}-{name}"
+                else:
+                    key = name if attribution == "update" else f"{attribution}-{name}"
                 self.stores[key] = pu.UpdateStore.create(Path(self.folder) / f"{key}.zarr", model,
                                                          attribution=attribution, **options)
 

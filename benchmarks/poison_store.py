@@ -29,6 +29,7 @@ uncompressed dense float32 updates; its seconds and share of the retrain's; and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 from fidelity import (POISON_SCENARIOS, _fine_tune_share, attach, load, make_trainer, measured_beside, poison_arguments,
                       poison_measure, poison_notes, poison_summary, poison_table, probe_guarded, scenario,
                       training_arguments, with_torch_threads)  # a sibling
+from pyunlearn.attribution import coefficient_rule
 from pyunlearn.evaluation import experiment
 from pyunlearn.unlearn import forget_and_repair, subtracted_steps
 
@@ -53,20 +55,33 @@ def store_key(keep: float, dtype: str) -> str:
 DENSE = store_key(1.0, "float32")
 
 
+def gradient_key(keep: float) -> str:
+    return f"gradient keep {keep:g} float16"
+
+
 def store_options(args) -> dict:
     grid = {store_key(k, d): dict(keep=k, value_dtype=d) for k in args.keeps for d in args.dtypes}
     for spec in args.extra_stores:
         keep, dtype = spec.split(":")
         grid[store_key(float(keep), dtype)] = dict(keep=float(keep), value_dtype=dtype)
     grid.setdefault(DENSE, dict(keep=1.0, value_dtype="float32"))  # the reference for the byte shares
+    grid = {key: {**options, "attribution": "update"} for key, options in grid.items()}
+    for keep in args.gradient_keeps:  # gradient attribution (pyunlearn.attribution): batch gradients + step hyper
+        grid[gradient_key(keep)] = dict(keep=keep, value_dtype="float16", attribution="gradient")
     return grid
 
 
-def subtract(key: str, *, repair: dict | None = None, fine_tune: float = 0.0, lr: float, batch_size: int):
-    """Subtraction with store `key`; then, with `repair`, unlearn.repair of the subtracted steps
-    (options; "max_share": the latest steps, at most that share of training's steps); then
-    `fine_tune` epochs of fine-tuning on retained data at lr / 5 (as fidelity's fine-tune row)."""
+def subtract(key: str, *, repair: dict | None = None, fine_tune: float = 0.0, lr: float, batch_size: int,
+             rule: tuple[str, float | None] | None = None):
+    """Subtraction with store `key` (a gradient store under coefficient `rule`: (name, damping));
+    then, with `repair`, unlearn.repair of the subtracted steps (options; "max_share": the latest
+    steps, at most that share of training's steps); then `fine_tune` epochs of fine-tuning on
+    retained data at lr / 5 (as fidelity's fine-tune row)."""
     def run(model, c):
+        with coefficient_rule(*rule) if rule else contextlib.nullcontext():
+            return _subtract(model, c)
+
+    def _subtract(model, c):
         store = c.artifacts.stores[key]
         stored, raw = c.artifacts.bytes[key]
         extra = {"store_bytes": stored, "dense_store_bytes": c.artifacts.bytes[DENSE][0], "dense_bytes": raw}
@@ -77,6 +92,7 @@ def subtract(key: str, *, repair: dict | None = None, fine_tune: float = 0.0, lr
             options = dict(repair)
             if "max_share" in options:
                 options["max_steps"] = max(1, int(options.pop("max_share") * store.steps))
+            # the training rate: gradient stores record it, update stores do not
             report, fixed = forget_and_repair(model, store, c.split.forget.ids, c.split.retain, lr=lr, **options)
             extra.update(steps_applied=report.steps_applied, subtracted=int(subtracted_steps(report).size),
                          steps_replayed=fixed.steps_replayed, samples_replayed=fixed.samples_replayed,
@@ -108,12 +124,34 @@ def candidates(args) -> dict:
         })
     for share in (0.1, 0.2, 0.3):
         table[f"Fine-tune {share:g} epoch"] = lambda m, c, share=share: _fine_tune_share(m, c, share, lr / 5, bs)
+    for keep in args.search_keeps:  # update attribution's analogue of the gradient rows below
+        table[f"Subtract keep {keep:g} float16 + repair (latest ≤20% of steps) + fine-tune 0.3 epoch"] = \
+            subtract(store_key(keep, "float16"), repair={"max_share": 0.2}, fine_tune=0.3, lr=lr, batch_size=bs)
+    # Gradient attribution: the first-order rule subtracts each removed batch's gradient with the
+    # momentum it carried into every later step (which update attribution leaves in the later,
+    # untouched steps' updates); own step only the step itself, damped 0.5 half way between.
+    for keep in args.gradient_keeps:
+        key = gradient_key(keep)
+        for rule, label in ((("first-order", None), "first-order"), (("own-step", None), "own step"),
+                            (("damped", 0.5), "damped 0.5")):
+            name = f"Gradient keep {keep:g} float16, {label}"
+            row = lambda **o: subtract(key, lr=lr, batch_size=bs, rule=rule, **o)
+            table[name] = row()
+            table[f"{name} + repair (latest ≤20% of steps)"] = row(repair={"max_share": 0.2})
+            if label == "first-order":
+                table[f"{name} + fine-tune 0.3 epoch"] = row(fine_tune=0.3)
+                table[f"{name} + repair (latest ≤20% of steps) + fine-tune 0.3 epoch"] = \
+                    row(repair={"max_share": 0.2}, fine_tune=0.3)
+                table[f"{name} (probe-guarded)"] = guard(row())
+                table[f"{name} + repair (latest ≤20% of steps) (probe-guarded)"] = guard(row(repair={"max_share": 0.2}))
     return table
 
 
 def methods(args, grid: dict) -> dict:
     table = {}
-    for key in grid:
+    for key, options in grid.items():
+        if options["attribution"] != "update":
+            continue  # gradient stores: their rows are among the candidates
         table[f"Subtract {key}"] = subtract(key, lr=args.lr, batch_size=args.batch_size)
         table[f"Subtract {key} + repair"] = subtract(key, repair={}, lr=args.lr, batch_size=args.batch_size)
     table.update(candidates(args))
@@ -126,6 +164,8 @@ def curve(summary: dict, grid: dict) -> list[dict]:
     """The keep × precision curve: per store, subtraction and subtraction + repair."""
     points = []
     for key, options in grid.items():
+        if options["attribution"] != "update":
+            continue
         for repaired in (False, True):
             name = f"Subtract {key}{' + repair' if repaired else ''}"
             if name not in summary["methods"]:
@@ -164,6 +204,8 @@ def parse_args(argv):
     parser.add_argument("--extra-stores", nargs="*", default=list(EXTRA_STORES), help="keep:dtype stores beside the grid")
     parser.add_argument("--search-keeps", type=float, nargs="*", default=[0.1, 0.2],
                         help="the float16 stores the candidates use (each must be recorded: in the grid or extra)")
+    parser.add_argument("--gradient-keeps", type=float, nargs="*", default=[0.01, 0.1],
+                        help="gradient-attribution stores (float16) for the candidates' coefficient rules")
     parser.add_argument("--methods", nargs="+", help="only these rows (default: all)")
     parser.add_argument("--units-per-batch", type=int, default=1)
     parser.add_argument("--mia-seeds", type=int, nargs="+", default=[0])
@@ -196,7 +238,8 @@ def _run(args, argv) -> dict:
         prepare, cohort_of, poisoned = scenario(name, subset, test, args)
         print(f"== {name}", flush=True)
         start = time.perf_counter()
-        trainer = make_trainer(args, cohort_of, ("update",), args.units_per_batch, stores=grid)
+        trainer = make_trainer(args, cohort_of, ("update", "gradient") if args.gradient_keeps else ("update",),
+                               args.units_per_batch, stores=grid)
         notes = {**poison_notes(poisoned), "units_per_batch": args.units_per_batch if cohort_of else None}
         with measured_beside(poison_measure(poisoned, test)) as taken:
             results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, grid),

@@ -95,8 +95,8 @@ def test_poison_store_smoke_run(tmp_path, benchmark_script):
     out = tmp_path / "store.json"
     result = store.main(["--data", "digits", "--subset", "1400", "--epochs", "1", "--seeds", "0",
                          "--scenarios", "backdoor", "--keeps", "0.1", "1.0", "--dtypes", "float16", "float32",
-                         "--extra-stores", "--search-keeps", "0.1", "--mia-seeds", "0", "--mia-samples", "200",
-                         "--out", str(out)])
+                         "--extra-stores", "--search-keeps", "0.1", "--gradient-keeps", "0.1", "--mia-seeds", "0",
+                         "--mia-samples", "200", "--out", str(out)])
     points = result["scenarios"]["backdoor"]["curve"]
     assert len(points) == 2 * 2 * 2  # keep × dtype × (subtract, + repair)
     share = {(p["keep"], p["dtype"]): p["store_share"][0] for p in points}
@@ -104,6 +104,11 @@ def test_poison_store_smoke_run(tmp_path, benchmark_script):
     methods = result["scenarios"]["backdoor"]["poison"]["methods"]
     assert methods["Subtract keep 0.1 float16 + repair (latest ≤10% of steps)"]["steps_replayed"][0] <= 2
     assert "Fine-tune 0.3 epoch" in methods and "Keep × precision" in out.with_suffix(".md").read_text()
+    # gradient attribution: the first-order rule subtracts more than the own step (momentum carried on)
+    first, own = (next(r for r in result["scenarios"]["backdoor"]["rows"] if r["method"] == f"Gradient keep 0.1 float16, {m}")
+                  for m in ("first-order", "own step"))
+    assert first["extra"]["steps_applied"] == own["extra"]["steps_applied"] > 0
+    assert 0 < methods["Gradient keep 0.1 float16, first-order"]["store_share"][0] < 1
 
 
 def test_batching_cost_users_smoke_run(tmp_path, benchmark_script):
