@@ -88,6 +88,11 @@ def test_poison_scenarios_smoke_run(tmp_path, benchmark_script):
     assert unit["forget_classes"] == {0: 14} and unit["units_per_batch"] == 1
     text = out.with_suffix(".md").read_text()
     assert text.count("worst class drop vs Retrain") == 3 and "canary accuracy" in text
+    # poison_report recomputes the summaries from the JSON: over every seed that trained (all, here:
+    # threshold 0) they are the run's own
+    report = benchmark_script("poison_report").report([out], threshold=0.0)
+    assert report.count("| Dense amnesiac (probe-guarded) |") == 3 and "Original collapsed" not in report
+    assert benchmark_script("poison_report").report([out], threshold=101.0).count("No seed trained.") == 3
 
 
 def test_poison_store_smoke_run(tmp_path, benchmark_script):
