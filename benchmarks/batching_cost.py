@@ -3,6 +3,8 @@ and what mixing units into each batch buys back.
 
     python benchmarks/batching_cost.py                                      (the committed run: seeds 0-4)
     python benchmarks/batching_cost.py --data digits --subset 1400 --epochs 1 --seeds 0 1   (smoke)
+    python benchmarks/batching_cost.py --skew user --units-per-batch 2 4 8 16 --plot \
+        --out benchmarks/results/batching_cost-users.json       (per-user units of 1-2 classes, issue 25)
 
 Data, model and training are fidelity.py's, through its own functions (load, make_trainer, which
 calls pyunlearn.models.train): the fixed 20,000-sample Fashion-MNIST subset, SmallCNN(8, 16), 3
@@ -18,6 +20,12 @@ start from the same initial weights (torch.manual_seed(seed)):
   units, CohortBatchSampler(units_per_batch=m): at most 128 // m samples of a unit in a batch
   (64, 32, 16, 8), so a full batch mixes at least m units, and a unit of 200 touches
   ceil(200 / (128 // m)) steps an epoch (4, 7, 13, 25) instead of 2.
+
+--skew user replaces the one-class units by per-user units of one or two classes (fidelity.user_units:
+97 users of 200 samples in the 20,000 subset, 50 of one class and 47 of two, the other 600
+samples units of one): "cohort users" and "cohort users, m units/batch". --plot draws TA against
+the steps touched per unit, and the paired TA difference to random batching against m, to the
+--out path's .png.
 
 Each trained model's test accuracy (%) and mean test cross-entropy (nats) on the full test set;
 mean ± sd over the seeds, and each cohort training's difference to random batching paired by
@@ -41,19 +49,24 @@ import numpy as np
 import torch
 
 from fidelity import SUBSET_SEED, UNITS, class_units, iid_units, load, make_trainer, training_arguments, \
-    with_torch_threads  # a sibling
+    user_units, with_torch_threads  # a sibling
 from pyunlearn.data import CohortBatchSampler, sample_batches
 from pyunlearn.evaluation.metrics import accuracy, losses
 
 VALUES = ("TA", "test_loss")
 
 
-def trainings(subset, mixes) -> dict[str, tuple[np.ndarray | None, int]]:
+SKEWS = {"class": ("cohort skewed", class_units), "user": ("cohort users", user_units)}
+
+
+def trainings(subset, mixes, skew: str = "class") -> dict[str, tuple[np.ndarray | None, int]]:
     """name → (each sample's unit, by position, for CohortBatchSampler, or None: random batches;
-    units_per_batch)."""
-    skewed = class_units(subset)
-    runs = {"random": (None, 1), "cohort iid": (iid_units(subset), 1), "cohort skewed": (skewed, 1)}
-    runs.update({f"cohort skewed, {m} units/batch": (skewed, m) for m in mixes})
+    units_per_batch). skew: the skewed units, "class" (one class each: class_units) or "user"
+    (one or two classes each: user_units)."""
+    label, units = SKEWS[skew]
+    skewed = units(subset)
+    runs = {"random": (None, 1), "cohort iid": (iid_units(subset), 1), label: (skewed, 1)}
+    runs.update({f"{label}, {m} units/batch": (skewed, m) for m in mixes if m != 1})
     return runs
 
 
@@ -105,7 +118,51 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def table(summary: dict, seeds) -> str:
+def plot(summary: dict, label: str, path: Path, command: str) -> None:
+    """TA (mean ± sd over seeds) against the steps touched per unit, for the skewed units at each
+    units_per_batch, beside random batching (its band) and iid units; and the paired TA
+    difference to random batching against units_per_batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixed = [(t, e) for t, e in summary.items() if t == label or t.startswith(label + ",")]
+    ms = [1 if t == label else int(t.split(", ")[1].split()[0]) for t, _ in mixed]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    random = summary["random"]
+    left.axhspan(random["TA"][0] - random["TA"][1], random["TA"][0] + random["TA"][1], color="0.85",
+                 label=f"random batching ± sd ({random['unit_steps'][0]:.0f} steps touched per unit)")
+    left.axhline(random["TA"][0], color="0.4", lw=1)
+    left.errorbar([random["unit_steps"][0]], [random["TA"][0]], yerr=[random["TA"][1]], marker="D", color="0.3",
+                  capsize=3, label="random batching")
+    left.errorbar([e["unit_steps"][0] for _, e in mixed], [e["TA"][0] for _, e in mixed],
+                  yerr=[e["TA"][1] for _, e in mixed], marker="o", capsize=3, label=label)
+    for (t, e), m in zip(mixed, ms):
+        left.annotate(f"m={m}", (e["unit_steps"][0], e["TA"][0]), textcoords="offset points", xytext=(6, -12))
+    if "cohort iid" in summary:
+        e = summary["cohort iid"]
+        left.errorbar([e["unit_steps"][0]], [e["TA"][0]], yerr=[e["TA"][1]], marker="s", color="C2", capsize=3,
+                      label="cohort iid (m=1)")
+    left.set_xscale("log")
+    left.set_xlabel("optimizer steps touched by one unit's deletion (of all epochs)")
+    left.set_ylabel("test accuracy (%)")
+    left.legend(fontsize=8, loc="lower right")
+    diffs = [e["TA_vs_random"] for _, e in mixed]
+    right.errorbar(ms, [d["mean"] for d in diffs], yerr=[d["sd"] for d in diffs], marker="o", capsize=3)
+    right.axhline(0, color="0.4", lw=1)
+    right.set_xscale("log", base=2)
+    right.set_xticks(ms, [str(m) for m in ms])
+    right.set_xlabel("units per batch (m)")
+    right.set_ylabel("TA − random batching (points, paired by seed)")
+    fig.suptitle(f"{label}: what mixing units into batches buys back, and costs in steps touched", fontsize=10)
+    fig.text(0.01, 0.005, command, fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(summary: dict, seeds, label: str = "cohort skewed") -> str:
     def cell(pair, digits):
         return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
@@ -126,7 +183,7 @@ def table(summary: dict, seeds) -> str:
               "mean ± sd of the per-seed differences; `*`: |mean difference| exceeds its sd (only those count). "
               "Steps: optimizer steps over all epochs (mean over seeds). Steps touched: the steps (all epochs) "
               "holding a sample of a unit, mean over the units of more than one sample, and of unit 0 (mean "
-              "over seeds); for random batching, of the class-skewed units."]
+              f"over seeds); for random batching, of the {label} units."]
     return "\n".join(lines)
 
 
@@ -134,7 +191,11 @@ def main(argv=None) -> dict:
     parser = training_arguments(__doc__, seeds=range(5))
     parser.add_argument("--units-per-batch", type=int, nargs="*", default=[2, 4, 8, 16],
                         help="the mixed trainings over the class-skewed units: CohortBatchSampler(units_per_batch=m)")
+    parser.add_argument("--skew", default="class", choices=sorted(SKEWS),
+                        help="the skewed units: class (one class each, 95 units of 200) or user (one or two classes "
+                             "each, 97 users of 200)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "batching_cost.json")
+    parser.add_argument("--plot", action="store_true", help="also plot TA against steps touched per unit to --out .png")
     args = parser.parse_args(argv)
     return with_torch_threads(args.threads, lambda: _run(args, argv))
 
@@ -143,8 +204,9 @@ def _run(args, argv) -> dict:
     from _meta import command_line, meta_comment, run_metadata  # benchmarks/, this script's folder, is on sys.path
 
     subset, test, _ = load(args)
-    units = trainings(subset, args.units_per_batch)
-    skewed = units["cohort skewed"][0]
+    units = trainings(subset, args.units_per_batch, args.skew)
+    label = SKEWS[args.skew][0]
+    skewed = units[label][0]
     runs = []
     for seed in args.seeds:
         for training, (unit, m) in units.items():
@@ -168,8 +230,10 @@ def _run(args, argv) -> dict:
     out = {"meta": meta, "runs": runs, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    md = "\n".join([meta_comment(meta), f"`{command}`", "", table(summary, args.seeds), ""])
+    md = "\n".join([meta_comment(meta), f"`{command}`", "", table(summary, args.seeds, label), ""])
     args.out.with_suffix(".md").write_text(md)
+    if args.plot:
+        plot(summary, label, args.out.with_suffix(".png"), command)
     print(md)
     return out
 

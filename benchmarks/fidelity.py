@@ -38,6 +38,7 @@ rows, noise floor and summary) and fidelity.md (one table per scenario), after e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -48,6 +49,8 @@ import numpy as np
 import torch
 
 import pyunlearn as pu
+import _poison  # a sibling: benchmarks/ is on sys.path when this runs as a script
+from _poison import per_class_accuracy
 from pyunlearn.evaluation import experiment
 from pyunlearn.attribution import coefficient_rule
 from pyunlearn.data import FASHION_MNIST_DEBIAN, CohortBatchSampler, SampleSet, digits, forget_random, idx, split
@@ -57,6 +60,7 @@ from pyunlearn.models import train as fit
 from pyunlearn.unlearn import fine_tune, forget_and_repair, gradient_ascent, label_flip, subtracted_steps
 
 SCENARIOS = ("random1", "random10", "class", "cohort", "cohort-skewed")
+POISON_SCENARIOS = ("backdoor", "backdoor-unit", "canary", "canary-unit")  # issue 25: benchmarks/_poison.py
 SUBSET_SEED = 12345  # the subset is fixed: only the forget set and training change with the seed
 UNITS = 100  # the cohort scenarios' deletion units: 100 units of 1% of the subset each (at most)
 FORGET_SEED = 54321  # the random forget set of training seed s is drawn under FORGET_SEED + s
@@ -66,18 +70,35 @@ GRADIENT_RULES = {"first-order": ("first-order", None), "damped 0.5": ("damped",
 
 
 class Stores:
-    """The update stores recorded while the original model trained, in a temporary folder."""
+    """The update stores recorded while the original model trained, in a temporary folder;
+    `grid`: name → UpdateStore.create options (default STORES), recorded once per attribution
+    (named "<attribution>-<name>" beyond "update"), or, where the options name an "attribution",
+    once, under that name. After training, `bytes` holds
+    each store's (bytes on disk, dense float32 bytes) (UpdateStore.stats)."""
 
-    def __init__(self, model, attributions=("update",)):
+    def __init__(self, model, attributions=("update",), grid: dict | None = None):
         self.folder = tempfile.mkdtemp(prefix="fidelity-")
         self.stores = {}
+        self.bytes = {}
         for attribution in attributions:
-            for name, options in STORES.items():
-                if attribution != "update" and name == "dense":
+            for name, options in (STORES if grid is None else grid).items():
+                options = dict(options)
+                own = options.pop("attribution", None)  # a store of one attribution only, named as given
+                if own is not None:
+                    if own != attribution:
+                        continue
+                    key = name
+                elif attribution != "update" and name == "dense":
                     continue  # gradient attribution at keep 0.01 only: the dense store costs time
-                key = name if attribution == "update" else f"{attribution}-{name}"
+                else:
+                    key = name if attribution == "update" else f"{attribution}-{name}"
                 self.stores[key] = pu.UpdateStore.create(Path(self.folder) / f"{key}.zarr", model,
                                                          attribution=attribution, **options)
+
+    def measure_bytes(self):
+        for key, store in self.stores.items():
+            stats = store.stats()
+            self.bytes[key] = (int(stats.total_bytes), int(stats.dense_bytes))
 
     def close(self):
         for store in self.stores.values():
@@ -85,29 +106,35 @@ class Stores:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",), units_per_batch: int = 1):
+def make_trainer(args, cohort_of: dict[int, int] | None, attributions=("update",), units_per_batch: int = 1,
+                 stores: dict | None = None):
     """train(data, seed, record) for experiment.run; cohort_of maps sample ID → unit (cohort scenario),
-    batched by CohortBatchSampler with `units_per_batch`."""
+    batched by CohortBatchSampler with `units_per_batch`; stores: the update stores to record
+    (name → UpdateStore.create options; default STORES)."""
+
+    stores_options = stores
 
     def train(data: SampleSet, seed: int, record: bool):
         torch.manual_seed(seed)
         model = SmallCNN(args.image_size, (8, 16) if args.image_size == 28 else (16, 32))
-        stores = Stores(model, attributions) if record else None
+        stores = Stores(model, attributions, stores_options) if record else None
         sampler = None
         if cohort_of is not None:
             sampler = CohortBatchSampler(np.array([cohort_of[i] for i in data.ids.tolist()]), args.batch_size, seed=seed,
                                          units_per_batch=units_per_batch)
         fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
             stores=tuple(stores.stores.values()) if record else (), batch_sampler=sampler)
+        if record:
+            stores.measure_bytes()
         return model, stores
 
     return train
 
 
-def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
+def methods(args, held_out: SampleSet | None, gradient: bool = False, poison: bool = False) -> dict:
     """The methods of one scenario; held_out: never-trained samples for gradient ascent's held-out
     target (None: that row is left out); gradient: add gradient attribution under each
-    coefficient rule."""
+    coefficient rule; poison: add the probe-guarded subtraction rows (probe_guarded)."""
     lr = args.lr
 
     # Rows that share a store forget on fresh copies of the original model: the first records the
@@ -116,15 +143,23 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
     def amnesiac(key, repair=None):
         def run(model, c):
             store = c.artifacts.stores[key]
+            stored, raw = c.artifacts.bytes.get(key, (None, None))
+            # measured after training, outside the timing: this store's bytes on disk, the keep 1 float32
+            # store's (if recorded), and the uncompressed dense float32 updates' (numel · 4 · steps)
+            size = {"store_bytes": stored, "dense_store_bytes": c.artifacts.bytes.get("dense", (None,))[0],
+                    "dense_bytes": raw}
             if repair is None:
                 report = pu.amnesiac_forget(model, store, c.split.forget.ids)
-                return {"steps_removed": report.steps_removed, "steps_applied": report.steps_applied}
+                return {"steps_removed": report.steps_removed, "steps_applied": report.steps_applied,
+                        "samples_trained": 0, **size}
             options = dict(repair)
             if "max_share" in options:  # the latest removed steps, at most this share of training's steps
                 options["max_steps"] = max(1, int(options.pop("max_share") * store.steps))
             report, fixed = forget_and_repair(model, store, c.split.forget.ids, c.split.retain, lr=lr, **options)
             return {"steps_removed": report.steps_removed, "steps_replayed": fixed.steps_replayed,
-                    "sample_share": fixed.retrain_share, "subtracted": int(subtracted_steps(report).size)}
+                    "sample_share": fixed.retrain_share, "subtracted": int(subtracted_steps(report).size),
+                    "samples_replayed": fixed.samples_replayed,
+                    "samples_trained": fixed.samples_replayed + fixed.samples_fine_tuned, **size}
         return run
 
     def attributed(rule, damping):
@@ -157,6 +192,14 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
             lambda m, c: {**optimiser(label_flip, 0.1, mask="saliency")(m, c),
                           "fine_tune_steps": _fine_tune_share(m, c, 0.2, lr / 5, args.batch_size)["steps"]},
     }
+    if poison:  # issue 25: subtraction checked on a retained probe, fine-tuned back where a class fell
+        guard = lambda run: probe_guarded(run, lr=lr / 5, batch_size=args.batch_size)
+        table.update({
+            "Dense amnesiac (probe-guarded)": guard(amnesiac("dense")),
+            "Amnesiac keep 0.01 (probe-guarded)": guard(amnesiac("k0.01")),
+            "Dense amnesiac + repair (probe-guarded)": guard(amnesiac("dense", {})),
+            "Amnesiac keep 0.01 + repair (probe-guarded)": guard(amnesiac("k0.01", {})),
+        })
     if held_out is not None:  # the target's run length is its own: the step cap lifted, 20 epochs at most
         table["Gradient ascent to held-out loss (guarded)"] = lambda m, c: _to_held_out_loss(m, c, held_out)
     if gradient:
@@ -165,6 +208,40 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False) -> dict:
     if args.methods:
         table = {m: fn for m, fn in table.items() if m in args.methods}
     return table
+
+
+GUARD_PROBE = 1000  # retained samples the probe guard measures per-class accuracy on
+GUARD_TOLERANCE = 2.0  # points a class may fall below its accuracy before forgetting
+GUARD_ROUND, GUARD_BUDGET = 0.05, 0.3  # fine-tuning in rounds of this share of an epoch, up to that share
+
+
+def probe_guarded(inner, *, lr: float, batch_size: int, probe_size: int = GUARD_PROBE,
+                  tolerance: float = GUARD_TOLERANCE, round_share: float = GUARD_ROUND,
+                  budget_share: float = GUARD_BUDGET):
+    """A method row `inner` (e.g. subtraction) followed by a probe guard: per-class accuracy on a
+    probe of `probe_size` retained samples (drawn under the seed) before and after; while some
+    class has fallen more than `tolerance` points, fine-tune (unlearn.fine_tune, SGD momentum
+    0.9 at `lr`) on retained data for `round_share` of an epoch, until every class is back
+    within `tolerance` or `budget_share` of an epoch is spent. All of it is timed (the probe's
+    forward passes too)."""
+    def run(model, c):
+        probe = c.split.retain.draw(probe_size, seed=c.seed)
+        before = np.array(per_class_accuracy(model, probe))
+        extra = inner(model, c) or {}
+        per_round = max(1, int(round_share * len(c.split.retain) / batch_size))
+        budget = max(1, int(budget_share * len(c.split.retain) / batch_size))
+        drops = [float(np.nanmax(before - np.array(per_class_accuracy(model, probe))))]
+        used = rounds = 0
+        while drops[-1] > tolerance and used < budget:
+            steps = min(per_round, budget - used)
+            used += fine_tune(model, c.split.retain, lr=lr, batch_size=batch_size, seed=c.seed + rounds,
+                              max_steps=steps).steps
+            rounds += 1
+            drops.append(float(np.nanmax(before - np.array(per_class_accuracy(model, probe)))))
+        trained = extra.get("samples_trained", 0) + used * batch_size
+        return {**extra, "samples_trained": trained, "guard_steps": used, "guard_rounds": rounds, "guard_drops": drops,
+                "guard_within": drops[-1] <= tolerance, "guard_epochs": used * batch_size / len(c.split.retain)}
+    return run
 
 
 def _to_held_out_loss(model, c, held_out: SampleSet) -> dict:
@@ -194,7 +271,8 @@ def gap_note(results: experiment.Results) -> list[str]:
 def _fine_tune_share(model, c, share: float, lr: float, batch_size: int) -> dict:
     """unlearn.fine_tune (SGD, momentum 0.9) on `share` of an epoch of retained batches."""
     steps = max(1, int(share * len(c.split.retain) / batch_size))
-    return {"steps": fine_tune(model, c.split.retain, lr=lr, batch_size=batch_size, seed=c.seed, max_steps=steps).steps}
+    steps = fine_tune(model, c.split.retain, lr=lr, batch_size=batch_size, seed=c.seed, max_steps=steps).steps
+    return {"steps": steps, "samples_trained": steps * batch_size}
 
 
 def _unit_size(subset: SampleSet, units: int) -> int:
@@ -237,9 +315,45 @@ def class_units(subset: SampleSet, units: int = UNITS) -> np.ndarray:
     return unit
 
 
+def user_units(subset: SampleSet, units: int = UNITS) -> np.ndarray:
+    """Per-user units of one or two classes (issue 25): each class, shuffled under SUBSET_SEED,
+    is cut into halves of units (len(subset) // units // 2 samples); half of the `units` users
+    get two halves of one class (taken class by class in turn), the others two halves of two
+    different classes (the remaining halves sorted by class, the i-th paired with the one half
+    the list further on); fewer users where the halves run out (98 of 200 in fidelity's 20,000
+    subset: 50 of one class, 48 of two); every other sample a unit of one. Unit numbers shuffled."""
+    half = _unit_size(subset, units) // 2
+    if half < 1:
+        raise SystemExit(f"--subset {len(subset)} is too small for {units} users of two halves")
+    rng = np.random.default_rng(SUBSET_SEED)
+    labels = subset.y.numpy()
+    halves = []  # halves[c]: class c's halves, each an array of positions
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        halves.append([members[k * half : (k + 1) * half] for k in range(len(members) // half)])
+    users = []
+    while len(users) < units // 2 and any(len(h) >= 2 for h in halves):  # one class: class by class in turn
+        for h in halves:
+            if len(h) >= 2 and len(users) < units // 2:
+                users.append(np.concatenate([h.pop(), h.pop()]))
+    rest = [(c, piece) for c, h in enumerate(halves) for piece in h]  # sorted by class
+    n = len(rest) // 2
+    for i in range(n):
+        if len(users) >= units:
+            break
+        (a, first), (b, second) = rest[i], rest[i + n]
+        if a != b:
+            users.append(np.concatenate([first, second]))
+    unit = np.arange(units, units + len(subset))  # everyone else: a unit of one
+    for number, k in enumerate(rng.permutation(len(users))):
+        unit[users[k]] = number
+    return unit
+
+
 def scenario(name: str, subset: SampleSet, test: SampleSet, args):
-    """(prepare, cohort_of) for one scenario."""
-    cohort_of = None
+    """(prepare, cohort_of, poisoned) for one scenario; poisoned: the poison scenarios' _poison.Poisoned,
+    else None."""
+    cohort_of = poisoned = None
     if name == "random1" or name == "random10":
         n = len(subset) // (100 if name == "random1" else 10)
         # Not under the training seed itself: forget_random and the training batches both start
@@ -253,9 +367,135 @@ def scenario(name: str, subset: SampleSet, test: SampleSet, args):
         cohort_of = dict(zip(subset.ids.tolist(), unit.tolist()))
         forget = subset.subset(torch.from_numpy(unit == 0))
         prepare = lambda seed: experiment.Split(train=subset, forget=forget, test=test)
+    elif name in POISON_SCENARIOS:
+        poisoned = _poison.backdoor(subset, test, args.backdoor_share) if name.startswith("backdoor") \
+            else _poison.canary(subset, args.canaries, args.copies)
+        if name.endswith("-unit"):  # the poison is one deletion unit; the others as the cohort scenario's
+            unit = _poison.poison_units(poisoned.train, poisoned.forget, _unit_size(subset, UNITS))
+            cohort_of = dict(zip(poisoned.train.ids.tolist(), unit.tolist()))
+        prepare = lambda seed: experiment.Split(train=poisoned.train, forget=poisoned.forget, test=test)
     else:
-        raise SystemExit(f"--scenarios: unknown {name!r}; known: {SCENARIOS}")
-    return prepare, cohort_of
+        raise SystemExit(f"--scenarios: unknown {name!r}; known: {SCENARIOS + POISON_SCENARIOS}")
+    return prepare, cohort_of, poisoned
+
+
+@contextlib.contextmanager
+def measured_beside(measure):
+    """Inside, experiment.run also calls measure(model, split) → dict for every model it measures
+    (Original, the retrains, each method's, in that order, outside the methods' timing), and the
+    yielded list collects the dicts; attach() puts them into the rows' extra. (experiment.run
+    measures the library's metrics only; the poison scenarios need their own beside them.)"""
+    taken = []
+    library = experiment.measure
+
+    def both(model, retrained, split, **options):
+        values = library(model, retrained, split, **options)
+        taken.append(measure(model, split))
+        return values
+
+    experiment.measure = both
+    try:
+        yield taken
+    finally:
+        experiment.measure = library
+
+
+def attach(results: experiment.Results, taken: list[dict]) -> None:
+    if len(taken) != len(results.rows):
+        raise RuntimeError(f"{len(taken)} extra measurements for {len(results.rows)} rows")
+    for row, values in zip(results.rows, taken):
+        row.extra.update(values)
+
+
+def poison_measure(poisoned: "_poison.Poisoned", test: SampleSet):
+    """The poison scenarios' measurement of one model: the attack metric and test accuracy per class."""
+    return lambda model, split: {"attack": poisoned.attack_value(model), "per_class": per_class_accuracy(model, test)}
+
+
+def _ms(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def poison_summary(results: experiment.Results, attack: str, retrain_samples: int | None = None) -> dict:
+    """Per method, over the seeds: the attack metric, TA, target-class (class 0) test accuracy,
+    the worst class's drop (largest over the classes of the per-class accuracy lost) against
+    Original and against Retrain, time; and the floors: attack — the largest |Retrain seed 2 −
+    Retrain| over the seeds; classes — the largest |Retrain seed 2 − Retrain| over seeds and
+    classes; TA — the library's. A method `meets` the removal target where its mean |attack −
+    Retrain's| and mean |TA − Retrain's| are within their floors and its mean worst-class drop
+    below Retrain is within the class floor. retrain_samples (epochs × retained samples): the
+    work share, samples a method trained on (replayed, fine-tuned) over those a retrain trains on,
+    for the rows that report it (a time share without the machine's noise)."""
+    by = {}
+    for r in results.rows:
+        by.setdefault(r.method, {})[r.seed] = r
+    seeds = sorted(by[experiment.RETRAIN])
+    retrain, original, second = (by[m] for m in (experiment.RETRAIN, experiment.ORIGINAL, experiment.RETRAIN_2))
+    pc = lambda r: np.asarray(r.extra["per_class"], dtype=np.float64)
+    floors = {"attack": max(abs(second[s].extra["attack"] - retrain[s].extra["attack"]) for s in seeds),
+              "classes": max(float(np.nanmax(np.abs(pc(second[s]) - pc(retrain[s])))) for s in seeds),
+              "TA": results.noise_floor()["TA"]}
+    out = {"attack": attack, "floors": floors, "seeds": seeds, "methods": {}}
+    for method, rows in by.items():
+        rows = [rows[s] for s in seeds if s in rows]
+        entry = {
+            "attack": _ms([r.extra["attack"] for r in rows]),
+            "attack_distance": float(np.mean([abs(r.extra["attack"] - retrain[r.seed].extra["attack"]) for r in rows])),
+            "TA": _ms([r.TA for r in rows]),
+            "TA_distance": float(np.mean([abs(r.TA - retrain[r.seed].TA) for r in rows])),
+            "class0": _ms([r.extra["per_class"][_poison.TARGET] for r in rows]),
+            "worst_drop_vs_original": _ms([float(np.nanmax(pc(original[r.seed]) - pc(r))) for r in rows]),
+            "worst_drop_vs_retrain": _ms([float(np.nanmax(pc(retrain[r.seed]) - pc(r))) for r in rows]),
+            "UA": _ms([r.UA for r in rows]), "RA": _ms([r.RA for r in rows]),
+            "seconds": _ms([r.seconds for r in rows]), "time_share": _ms([r.time_share for r in rows]),
+        }
+        for key in ("steps_applied", "subtracted", "steps_replayed", "samples_replayed", "guard_epochs",
+                    "fine_tune_steps", "samples_trained"):
+            if all(key in r.extra for r in rows):
+                entry[key] = _ms([r.extra[key] for r in rows])
+        if retrain_samples and "samples_trained" in entry:
+            entry["work_share"] = _ms([r.extra["samples_trained"] / retrain_samples for r in rows])
+        if all("guard_within" in r.extra for r in rows):
+            entry["guard_within"] = sum(bool(r.extra["guard_within"]) for r in rows)
+        if all(r.extra.get("store_bytes") and r.extra.get("dense_store_bytes") for r in rows):
+            entry["store_share"] = _ms([r.extra["store_bytes"] / r.extra["dense_store_bytes"] for r in rows])
+            entry["store_share_raw"] = _ms([r.extra["store_bytes"] / r.extra["dense_bytes"] for r in rows])
+        entry["meets"] = method not in (experiment.ORIGINAL, experiment.RETRAIN, experiment.RETRAIN_2) and \
+            entry["attack_distance"] <= floors["attack"] and entry["TA_distance"] <= floors["TA"] and \
+            entry["worst_drop_vs_retrain"][0] <= floors["classes"]
+        out["methods"][method] = entry
+    return out
+
+
+def poison_table(summary: dict) -> str:
+    f = summary["floors"]
+    cell = lambda pair, digits=2: f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    lines = [f"| method | {summary['attack']} | TA | class {_poison.TARGET} acc | worst class drop vs Original | "
+             "worst class drop vs Retrain | UA | steps subtracted | steps replayed | store / dense store | seconds | "
+             "time / retrain | work / retrain | meets |", "|" + "---|" * 14]
+    for method, e in summary["methods"].items():
+        steps = e.get("steps_applied", e.get("subtracted"))
+        replayed = "—" if "steps_replayed" not in e else f"{e['steps_replayed'][0]:.0f}"
+        share = "—" if "store_share" not in e else f"{e['store_share'][0]:.3f}"
+        work = "—" if "work_share" not in e else f"{e['work_share'][0]:.3f}"
+        lines.append(
+            f"| {method} | {cell(e['attack'])}{'*' if e['attack_distance'] > f['attack'] else ''} | "
+            f"{cell(e['TA'])}{'*' if e['TA_distance'] > f['TA'] else ''} | {cell(e['class0'])} | "
+            f"{cell(e['worst_drop_vs_original'])} | {cell(e['worst_drop_vs_retrain'])}"
+            f"{'*' if e['worst_drop_vs_retrain'][0] > f['classes'] else ''} | {cell(e['UA'])} | "
+            f"{'—' if steps is None else f'{steps[0]:.0f}'} | "
+            f"{replayed} | {share} | {cell(e['seconds'])} | "
+            f"{e['time_share'][0]:.3f} | {work} | {'yes' if e['meets'] else ''} |")
+    lines += ["", f"Mean ± sd over seeds {summary['seeds']}. Floors (largest |Retrain seed 2 − Retrain| over the "
+              f"seeds): {summary['attack']} {f['attack']:.2f}, TA {f['TA']:.2f}, a class's test accuracy "
+              f"{f['classes']:.2f} (over seeds and classes). `*`: the mean distance to Retrain exceeds the floor "
+              "(worst class drop: the mean drop below Retrain). meets: attack, TA and worst class all within their "
+              "floors (Retrain seed 2 is the floor itself). Worst class drop: max over classes of (reference − method) "
+              "test accuracy, per seed. Store / dense store: the store's bytes on disk over those of the keep 1 "
+              "float32 store recorded beside it. Work / retrain: samples trained on (replayed, fine-tuned) over "
+              "the retrain's (epochs × retained samples)."]
+    return "\n".join(lines)
 
 
 def training_arguments(doc: str, seeds=(0, 1, 2)) -> argparse.ArgumentParser:
@@ -274,6 +514,23 @@ def training_arguments(doc: str, seeds=(0, 1, 2)) -> argparse.ArgumentParser:
     return parser
 
 
+def poison_notes(poisoned: "_poison.Poisoned") -> dict:
+    """What a poison scenario's poison is, for the config and the table's heading."""
+    if poisoned.kind == "backdoor":
+        size = _poison.trigger_size(poisoned.train.x.shape[-1])
+        text = (f"Backdoor: {len(poisoned.forget)} of {len(poisoned.train)} training samples (not of class "
+                f"{_poison.TARGET}) carry a {size}x{size} trigger and the label {_poison.TARGET}; {poisoned.attack}: "
+                f"share of the {len(poisoned.probe)} triggered test images of the other classes predicted "
+                f"{_poison.TARGET}.")
+    else:
+        copies = len(poisoned.forget) // len(poisoned.probe)
+        text = (f"Canary: {len(poisoned.probe)} training samples, each put in {copies} times under one wrong label "
+                f"({len(poisoned.forget)} of {len(poisoned.train)} training samples); {poisoned.attack}: share of "
+                "the canaries predicted as their wrong label.")
+    return {"poison": text, "poison_kind": poisoned.kind, "poisoned_samples": len(poisoned.forget),
+            "attack_metric": poisoned.attack}
+
+
 def unit_notes(cohort_of: dict[int, int], forget: SampleSet) -> dict:
     """What a cohort scenario's units are: how many hold more than one sample, their sizes, and
     the classes of the forgotten unit (class: count)."""
@@ -286,7 +543,8 @@ def unit_notes(cohort_of: dict[int, int], forget: SampleSet) -> dict:
 
 def parse_args(argv):
     parser = training_arguments(__doc__)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS + POISON_SCENARIOS,
+                        help="default: the five of issue 15; the poison scenarios (issue 25) by name")
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all)")
     parser.add_argument("--gradient-scenarios", nargs="*", default=["cohort", "cohort-skewed"], choices=SCENARIOS,
                         help="scenarios that also record a gradient store and compare coefficient rules")
@@ -294,10 +552,18 @@ def parse_args(argv):
     parser.add_argument("--mia-samples", type=int, default=5000)
     parser.add_argument("--mia-protocol", default="sampled", choices=["sampled", "reference"])
     parser.add_argument("--units-per-batch", type=int, default=1,
-                        help="the cohort scenarios' CohortBatchSampler(units_per_batch=...): at most batch // this "
+                        help="the cohort and -unit scenarios' CohortBatchSampler(units_per_batch=...): at most batch // this "
                              "samples of a unit per batch (default 1: a unit fills whole batches)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "fidelity.json")
+    poison_arguments(parser)
     return parser.parse_args(argv)
+
+
+def poison_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backdoor-share", type=float, default=_poison.BACKDOOR_SHARE,
+                        help="backdoor scenarios: the share of the subset poisoned")
+    parser.add_argument("--canaries", type=int, default=_poison.CANARIES, help="canary scenarios: distinct canaries")
+    parser.add_argument("--copies", type=int, default=_poison.COPIES, help="canary scenarios: copies of each")
 
 
 HELD_OUT = 10000  # samples outside the subset, never trained on: the held-out target's validation split
@@ -341,7 +607,7 @@ def _run(args, argv) -> dict:
     out = {"meta": meta, "scenarios": {}}
     md = [meta_comment(meta), f"`{command}`", ""]
     for name in args.scenarios:
-        prepare, cohort_of = scenario(name, subset, test, args)
+        prepare, cohort_of, poisoned = scenario(name, subset, test, args)
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         gradient = name in args.gradient_scenarios
@@ -350,16 +616,28 @@ def _run(args, argv) -> dict:
         notes = unit_notes(cohort_of, prepare(args.seeds[0]).forget) if cohort_of is not None else {}
         if notes:
             notes["units_per_batch"] = args.units_per_batch
-        results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer, methods=methods(args, held_out, gradient),
-                                 mia_seeds=args.mia_seeds, mia_samples=args.mia_samples, mia_protocol=args.mia_protocol,
-                                 config={"scenario": name, **notes}, log=lambda line: print(line, flush=True))
+        if poisoned is not None:
+            notes.update(poison_notes(poisoned))
+        beside = measured_beside(poison_measure(poisoned, test)) if poisoned else contextlib.nullcontext([])
+        with beside as taken:
+            results = experiment.run(seeds=args.seeds, prepare=prepare, train=trainer,
+                                     methods=methods(args, held_out, gradient, poison=poisoned is not None),
+                                     mia_seeds=args.mia_seeds, mia_samples=args.mia_samples,
+                                     mia_protocol=args.mia_protocol, config={"scenario": name, **notes},
+                                     log=lambda line: print(line, flush=True))
+        if poisoned is not None:
+            attach(results, taken)
         out["scenarios"][name] = {**results.to_dict(), "seconds": time.perf_counter() - start}
         md += [f"## {name}", ""]
-        if notes:
+        if cohort_of is not None:
             md += [f"{notes['units']} units of {'/'.join(map(str, notes['unit_sizes']))} samples (the others units of "
                    f"one); the forgotten unit's classes (class: samples): {notes['forget_classes']}; batches: "
                    f"CohortBatchSampler(units_per_batch={args.units_per_batch}), at most "
                    f"{args.batch_size // args.units_per_batch} samples of a unit in a batch", ""]
+        if poisoned is not None:
+            summary = poison_summary(results, poisoned.attack, args.epochs * len(prepare(args.seeds[0]).retain))
+            out["scenarios"][name]["poison"] = summary
+            md += [f"{notes['poison']}", "", poison_table(summary), "", "The library's metrics:", ""]
         md += [results.table(), ""]
         md += gap_note(results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
