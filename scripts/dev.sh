@@ -12,7 +12,16 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
+job="${1:-main}"
+shift || true
+say() { echo "dev.sh: $*" >&2; }
+case "$job" in
+    main|test|test-fast|test-slow|bench) ;;
+    *) echo "unknown job '$job': use main, test, test-fast, test-slow or bench" >&2; exit 2 ;;
+esac
+
 if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
@@ -22,14 +31,27 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 # other spelling (or letting the package's `torch>=2.1` pull it) fetches a multi-GB CUDA build.
 # Where the venv already imports a torch, it is left alone.
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    say "installing torch==2.13.0 (CPU)"
     "${PIP[@]}" "torch==2.13.0"
 fi
-"${PIP[@]}" "setuptools>=64" wheel "pybind11>=2.12" numpy
-# No build isolation: the build needs only setuptools + pybind11 (just installed), never torch.
-"${PIP[@]}" --no-build-isolation -e ".[test]"
 
-job="${1:-main}"
-shift || true
+# The main job needs the package alone; the test jobs also the test extra (Lightning,
+# transformers, moto, tensorstore...: most of the download). An install is skipped when the
+# files it depends on (and the extra) are what the last one in this venv installed.
+case "$job" in main) extra="" ;; *) extra="[test]" ;; esac
+stamp="$VENV/.pyunlearn-install"
+want="$(find pyproject.toml setup.py csrc -type f | LC_ALL=C sort | xargs cat | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+have_extra() { grep -qxF "$1 $want" "$stamp" 2>/dev/null; }
+if have_extra "$extra" || { [ -z "$extra" ] && have_extra "[test]"; }; then
+    say "the package$extra is installed and up to date: skipping pip"
+else
+    say "installing the package$extra (builds the native kernels)"
+    "${PIP[@]}" "setuptools>=64" wheel "pybind11>=2.12" numpy
+    # No build isolation: the build needs only setuptools + pybind11 (just installed), never torch.
+    "${PIP[@]}" --no-build-isolation -e ".$extra"
+    echo "$extra $want" >> "$stamp"
+fi
+
 case "$job" in
     main) "$VENV/bin/pyunlearn" selfcheck && exec "$VENV/bin/pyunlearn" demo "$@" ;;
     test) exec "$PY" -m pytest -q "$@" ;;

@@ -324,4 +324,7 @@ def _point(attrs: dict, version: int, ledger: LegacyLedger) -> ResumePoint | Non
             if point.fingerprint == start.fingerprint and point.steps == start.steps:
                 point = ResumePoint(point.steps, record.fields["fingerprint_after"],
                                     ledger.models[record.fields["model"]].requests)
-    return point
+    # Before format 4 the point held no count of the requests applied to its model: take it
+    # from the model of the ledger it names (a point already on a deletion's model has seen it).
+    named = [m for m in ledger.models if m.fingerprint == point.fingerprint and m.steps == point.steps]
+    return ResumePoint(point.steps, point.fingerprint, named[-1].requests) if named else point

@@ -266,6 +266,10 @@ class StoreMetadata:
             raise CorruptStoreError(f"{where}: the group attributes hold fields format version {version} does not "
                                     f"define ({', '.join(unknown)}): zarr.json was edited, or written by a later "
                                     "pyunlearn. Restore it from a copy, or upgrade pyunlearn")
+        required = [f for f in ("timeline", "store_id", "digests_from") if f not in attrs] if version >= 5 else []
+        if required:
+            raise CorruptStoreError(f"{where}: the group attributes lack fields format version {version} requires "
+                                    f"({', '.join(required)}): zarr.json was damaged or edited. Restore it from a copy")
         attrs = _upgrade(dict(attrs), version)
         try:
             mark = attrs.get("timeline") or {}

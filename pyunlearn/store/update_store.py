@@ -221,6 +221,8 @@ class UpdateStore:
         new = meta.replace(**changes)
         create_digest_array(self._group, new)
         self._commit_meta(new)
+        self._meta = None  # re-opened whole: the arrays (step_digests is new) and the log as written
+        self.refresh()
 
     # ----------------------------------------------------------------- appending steps
     def append(self, row: Row, ids, hyper: tuple[float, ...] | None = None) -> None:

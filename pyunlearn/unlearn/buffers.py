@@ -36,7 +36,23 @@ def warn_stale_buffers(model: torch.nn.Module, method: str) -> None:
         f"{method} changed the weights but left the BatchNorm running statistics of {len(layers)} layer(s) "
         f"({names}) as they were trained, forget samples included: recompute them from retained data with "
         "pyunlearn.unlearn.recompute_batchnorm(model, retain_data)",
-        StaleBuffersWarning, stacklevel=3)
+        StaleBuffersWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first caller outside pyunlearn and contextlib, for warnings.warn
+    called from the function that calls this one: the user's line, whether the warning comes
+    from amnesiac_forget or from the exit of a `with forgetting(...)` block."""
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(2), 2  # the warning's own caller is level 1
+    while frame is not None and (str(Path(frame.f_code.co_filename).resolve()).startswith(package)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @torch.no_grad()

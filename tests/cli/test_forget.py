@@ -29,7 +29,7 @@ def test_forget_on_a_checkpoint_matches_the_library(tmp_path, capsys):
     code = main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "final.pt"),
                  "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "forgot.pt")])
     assert code == 0
-    assert "(1 never seen)" in capsys.readouterr().out
+    assert "applied (3 of 4 IDs found, 1 never seen by a recorded step)" in capsys.readouterr().out
     got = torch.load(tmp_path / "forgot.pt", weights_only=True)
     assert set(got) == set(model.state_dict())
     expected = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -95,20 +95,48 @@ def test_forget_a_lightning_checkpoint_with_a_prefix_and_a_key(tmp_path, capsys)
 
 
 def test_cli_forget_chains_on_a_bfloat16_checkpoint(tmp_path):
-    model, _ = small_recorded_run(tmp_path / "s.zarr")
-    half = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    torch.save(half, tmp_path / "final.pt")
-    store = pu.UpdateStore.open(tmp_path / "s.zarr")
-    store.mark_final(_bf16_model(half))  # the deployed model is the bfloat16 one
+    """A model trained in bfloat16: the output keeps the dtype and is the input of the next forget."""
+    torch.manual_seed(0)
+    model = TinyNet().to(torch.bfloat16)
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        for first in range(1000, 1064, 16):
+            rec.batch(range(first, first + 16))
+            model(torch.randn(16, 8, dtype=torch.bfloat16)).float().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
     store.close()
+    torch.save(model.state_dict(), tmp_path / "final.pt")
     (tmp_path / "a.txt").write_text("1000")
-    (tmp_path / "b.txt").write_text("1001")
+    (tmp_path / "b.txt").write_text("1017")
     args = ["forget", "--store", str(tmp_path / "s.zarr")]
     assert main(args + ["--checkpoint", str(tmp_path / "final.pt"), "--ids", str(tmp_path / "a.txt"),
                         "--out", str(tmp_path / "one.pt")]) == 0
     assert torch.load(tmp_path / "one.pt", weights_only=True)["fc1.weight"].dtype == torch.bfloat16
     assert main(args + ["--checkpoint", str(tmp_path / "one.pt"), "--ids", str(tmp_path / "b.txt"),
                         "--out", str(tmp_path / "two.pt")]) == 0
+    assert [r["status"] for r in pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger.audit()] == ["applied"] * 2
+
+
+def test_a_lower_precision_copy_is_not_the_model_training_ended_with(tmp_path, capsys):
+    """A bfloat16 copy of a float32 run is another model: marking it final would put a model on
+    the timeline that no recorded step produced (issue 24, case 5), so it is refused and the
+    store is unchanged; the CLI refuses to forget from it, naming the models it would accept."""
+    model, _ = small_recorded_run(tmp_path / "s.zarr")
+    half = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    torch.save(half, tmp_path / "half.pt")
+    before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
+    store = pu.UpdateStore.open(tmp_path / "s.zarr")
+    with pytest.raises(pu.ModelMismatchError, match="cannot be marked as their end"):
+        store.mark_final(_bf16_model(half))
+    store.close()
+    assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before
+    (tmp_path / "a.txt").write_text("1000")
+    assert main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "half.pt"),
+                 "--ids", str(tmp_path / "a.txt"), "--out", str(tmp_path / "one.pt")]) == 1
+    assert "is not on the store's timeline" in capsys.readouterr().err
+    assert not (tmp_path / "one.pt").exists()
 
 
 def _bf16_model(state):
@@ -127,7 +155,7 @@ def test_forget_by_keys_on_the_command_line_and_the_ledger_export(tmp_path, monk
     assert main(["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
                  "--keys", str(tmp_path / "keys.txt"), "--request-id", "TICKET-42",
                  "--out", str(tmp_path / "model.pt")]) == 0
-    assert "request TICKET-42: forgot 3 keys (1 never seen)" in capsys.readouterr().out
+    assert "request TICKET-42 applied (2 of 3 keys found, 1 never seen by a recorded step)" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "s.zarr"), "--ledger"]) == 0
     table = capsys.readouterr().out
     assert "TICKET-42" in table and "applied" in table and "1 deletion requests" in table
@@ -135,6 +163,6 @@ def test_forget_by_keys_on_the_command_line_and_the_ledger_export(tmp_path, monk
     exported = json.loads(capsys.readouterr().out)
     (request,) = exported["requests"]
     assert request["request"] == "TICKET-42" and request["status"] == "applied" and request["keys"] == 3
-    assert request["missing_keys"] == 1 and request["version"] == pu.__version__ and request["time"].endswith("+00:00")
+    assert request["missing"] == 1 and request["version"] == pu.__version__ and request["time"].endswith("+00:00")
     assert [m["made_by"] for m in exported["models"]] == ["training", "deletion"]
     assert "example.com" not in json.dumps(exported)

@@ -13,7 +13,7 @@ def test_inspect(cli, tmp_path):
     _recorded_checkpoint(tmp_path)
     out = cli("inspect", str(tmp_path / "s.zarr"))
     assert out.returncode == 0, out.stderr
-    assert "fc1.weight" in out.stdout and "dense float32 equivalent" in out.stdout and "ledger: 0 deletion requests, 0 steps removed" in out.stdout
+    assert "fc1.weight" in out.stdout and "dense float32 equivalent" in out.stdout and "audit log: 1 records, 0 deletion requests, 0 steps removed" in out.stdout
 
 
 def test_inspect_a_folder_without_stores(cli, tmp_path):

@@ -17,7 +17,7 @@ import torch
 
 from pyunlearn.kernels import fingerprints as _model
 from pyunlearn.kernels import reference as _reference
-from pyunlearn.kernels.fingerprints import Fingerprints, fingerprint, same_model
+from pyunlearn.kernels.fingerprints import Fingerprints, fingerprint, fingerprint_algorithm, same_model
 from tests.support import TinyNet
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -141,11 +141,16 @@ def _params(seed=0):
     return [p for p in TinyNet().parameters() if p.requires_grad]
 
 
-def test_default_is_xh128_and_like_picks_the_algorithm():
+def test_default_is_xxh3_and_like_picks_the_algorithm():
+    import xxhash
+
     params = _params()
     new = fingerprint(params)
-    assert re.fullmatch(r"xh128:[0-9a-f]{32}", new)
-    assert new == "xh128:" + _reference.xh128([p.detach().numpy() for p in params]).hex()
+    assert re.fullmatch(r"xxh3:[0-9a-f]{32}", new)
+    # XXH3-128 of the float32 values, layer after layer: what any reader with xxhash computes
+    assert new == "xxh3:" + xxhash.xxh3_128(b"".join(p.detach().numpy().astype("<f4").tobytes() for p in params)).hexdigest()
+    xh128 = "xh128:" + _reference.xh128([p.detach().numpy() for p in params]).hex()  # stores of format 4
+    assert fingerprint(params, like="xh128:" + "0" * 32) == xh128
     old = _old_fingerprint(params)
     assert fingerprint(params, like=old) == old
     assert fingerprint(params, like=new) == new
@@ -208,4 +213,4 @@ def test_fingerprints_hash_each_algorithm_once(monkeypatch):
     assert prints.matches(old) and prints.matches(new) and prints.matches(old)
     assert not prints.matches(None) and not prints.matches("xh128:" + "0" * 32)
     assert prints.get() == new and prints.get(like=old) == old
-    assert len(calls) == 2
+    assert sorted(fingerprint_algorithm(c) if c else "xxh3" for c in calls) == ["sha256", "xh128", "xxh3"]  # each once

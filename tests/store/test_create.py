@@ -23,7 +23,7 @@ def test_create_describes_the_model(tmp_path):
     assert store.k == [math.ceil(0.1 * n) for n in (128, 16, 48, 3)] == [13, 2, 5, 1]
     assert [layer.offset for layer in store.layers] == [0, 13, 15, 20]
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
-    assert attrs["format"] == "pyunlearn.update-store" and attrs["format_version"] == 4
+    assert attrs["format"] == "pyunlearn.update-store" and attrs["format_version"] == 5
     assert attrs["value_dtype"] == "float16" and attrs["row_length"] == 21
     # Every array uses spec codecs only: bytes, blosc, crc32c — inside the spec's sharding codec
     # where the array is sharded (its shard index: bytes, crc32c) — and names its dimensions.

@@ -105,6 +105,30 @@ def test_formats_2_and_3_convert_and_keep_their_deletions(tmp_path, version):
     assert not [f for f in verify(reader) if not f.ok]
 
 
+def test_a_format_3_store_with_a_deletion_trains_on_from_the_deletions_model_only(tmp_path):
+    """Format 3 refused training after a deletion; converted, the deletion's model is where
+    training goes on, and the final model (which still holds the deleted steps) is refused."""
+    name = "v0.2-format3"
+    path = _copy(tmp_path, name)
+    store = pu.UpdateStore.open(path)
+    assert [m.made_by for m in store.ledger.models] == ["training", "deletion"]
+    final = _model(torch.load(FIXTURES / f"{name}.final.pt")["final"])
+    with pytest.raises(pu.RecorderError, match="deletion requests came in after this model"):
+        _one_step(final, store)
+    assert store.steps == FACTS[name]["steps"]
+    _one_step(_model(torch.load(FIXTURES / f"{name}.models.pt")["after"]), store)
+    assert store.steps == FACTS[name]["steps"] + 1 and store.metadata.format_version == 5
+    assert store.ledger.removed_steps.tolist() == FACTS[name]["removed_steps"]
+
+
+def _one_step(model, store):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        rec.batch([2000])
+        model(torch.randn(1, 8)).sum().backward()
+        optimizer.step()
+
+
 def test_a_store_relabelled_with_an_older_version_is_refused(tmp_path):
     from pyunlearn.store.metadata import attrs_checksum
     from tests.support import recorded_store

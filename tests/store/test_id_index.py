@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import pyunlearn as pu
 from pyunlearn.store.id_index import SampleIndex
 from tests.support import TinyNet
-from tests.support.old_formats import as_format_2
 from tests.support.stores import record_on as _record
 from tests.support.stores import stored_ids
 
@@ -66,28 +67,25 @@ def test_runs_stay_few(tmp_path, monkeypatch):
 
 
 def test_a_store_without_the_index_is_scanned_then_indexed(tmp_path, monkeypatch):
-    """A format-2 store (no index) is searched by its CSR arrays; steps written after an
-    upgrade go into runs; both are found."""
+    """A format-2 store (no index; written by pyunlearn 0.2.0) is searched by its CSR arrays;
+    steps written after its conversion go into runs; both are found."""
+    import shutil
+
     monkeypatch.setattr("pyunlearn.store.id_index.TAIL_IDS", 4)
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", TinyNet(), steps_per_chunk=2)
-    row = _row(store)
-    for step in range(10):
-        store.append(row, [step])
-    store.close()
-    path = tmp_path / "s.zarr" / "zarr.json"
-    doc = json.loads(path.read_text())
-    attrs = doc["attributes"]
-    as_format_2(attrs)
-    path.write_text(json.dumps(doc))
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "v0.2-format2.zarr", tmp_path / "s.zarr")
     old = pu.UpdateStore.open(tmp_path / "s.zarr")
-    assert old.metadata.lookup_from == 10 and old.steps_for([3]).steps.tolist() == [3]
-    for step in range(10, 30):
-        old.append(row, [step])
+    first = old.steps
+    assert old.metadata.lookup_from == first and not old.metadata.lookup_runs
+    scanned = int(old.step_ids([2])[0][0])  # an ID step 2 used, found by the scan
+    assert 2 in old.steps_for([scanned]).steps.tolist()
+    row = _row(old)
+    for step in range(first, first + 20):
+        old.append(row, [10_000 + step])
     old.flush()
-    assert old.metadata.lookup_runs and old.metadata.lookup_from == 10
+    assert old.metadata.lookup_runs and old.metadata.lookup_from == first
     again = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
-    got = again.steps_for([3, 25, 99])
-    assert got.steps.tolist() == [3, 25] and got.missing.tolist() == [99]
+    got = again.steps_for([scanned, 10_000 + first + 5, 99_999])
+    assert 2 in got.steps.tolist() and first + 5 in got.steps.tolist() and got.missing.tolist() == [99_999]
 
 
 def test_steps_for_matches_brute_force(back_end):

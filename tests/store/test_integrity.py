@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import pyunlearn as pu
+from tests.support.stores import write_sealed_value
 from tests.support.stores import params_copy as _params
 from tests.support.stores import record_on as _record
 from tests.support.stores import recorded_path as _recorded
@@ -61,10 +62,7 @@ def test_stored_rows_with_nan_are_refused_before_the_model_changes(tmp_path):
     model, path = _recorded(tmp_path, value_dtype="float32")
     store = pu.UpdateStore.open(path)
     steps = store.steps_for([1000, 1001, 1002]).steps
-    import zarr
-
-    values = zarr.open_array(path / "values", mode="r+")
-    values[int(steps[-1]), 0] = np.nan  # a valid chunk (checksum fine) holding NaN
+    write_sealed_value(path, int(steps[-1]), 0, np.nan)  # checksum and place-bound digest fine: a recorded NaN
     before = _params(model)
     with pytest.raises(pu.CorruptStoreError, match=f"step {int(steps[-1])} holds NaN or Inf"):
         pu.amnesiac_forget(model, store, [1000, 1001, 1002])

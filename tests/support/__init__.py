@@ -7,7 +7,6 @@ modules here:
     kernels       bit comparisons, the native kernels on copies, rows, the native tuning knobs
     strategies    hypothesis strategies for layer sets
     stores        a store on a back-end, recorded runs to start from, what a store holds
-    old_formats   a new store's metadata as older formats wrote it
     devices       a recorded run on each device of the `device` axis
     timeline      Year: a store's life in miniature, keyed by strings
     huggingface   the tiny BERT run of the Hugging Face tests (needs transformers)
