@@ -190,7 +190,7 @@ class Record:
         if set(document) != known:
             raise ValueError(f"record {index} has unknown fields {sorted(set(document) - known)}")
         if kind == "deletion":
-            _steps(fields["steps"])
+            checked_steps(fields["steps"])
             for name in ("params", "guard", "evidence"):
                 if fields[name] is not None and not all(isinstance(k, str) and isinstance(v, str)
                                                         for k, v in fields[name].items()):
@@ -282,7 +282,7 @@ class Timeline:
     def unseen_steps(self, seen: int, steps: int) -> np.ndarray:
         """The steps below `steps` that deletions at or after record `seen` (in effect) removed:
         what a model that has seen `seen` records and took `steps` steps still holds."""
-        unseen = _union(r.removed for r in self.deletions_since(seen))
+        unseen = union_steps(r.removed for r in self.deletions_since(seen))
         return unseen[unseen < steps]
 
     # ------------------------------------------------------------------ the whole log (audits)
@@ -297,7 +297,7 @@ class Timeline:
     def steps_removed(self, *, pending: bool) -> np.ndarray:
         """Every step deletions in effect removed (sorted), the pending one's if asked."""
         undone, p = self._undone(), self.state.pending
-        return _union(r.removed for r in self.records if r.kind == "deletion" and r.index not in undone
+        return union_steps(r.removed for r in self.records if r.kind == "deletion" and r.index not in undone
                       and (pending or r.index != p))
 
     @property
@@ -613,12 +613,14 @@ def _matches(model, stored: str | None) -> bool:
     return model.matches(stored) if hasattr(model, "matches") else model == stored
 
 
-def _union(arrays) -> np.ndarray:
+def union_steps(arrays) -> np.ndarray:
+    """The sorted union of arrays of step numbers."""
     arrays = [np.asarray(a, dtype=np.int64) for a in arrays]
     return np.unique(np.concatenate(arrays)) if arrays else np.empty(0, np.int64)
 
 
-def _steps(value) -> np.ndarray:
+def checked_steps(value) -> np.ndarray:
+    """A JSON list of step numbers as int64, checked: ints, sorted, unique, non-negative."""
     if not isinstance(value, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
         raise TypeError("steps must be a list of ints")
     steps = np.asarray(value, dtype=np.int64)

@@ -153,6 +153,14 @@ def test_doc_snippet_runs(page, block, tmp_path, monkeypatch):
     exec(compile(_python_blocks(page)[block], f"{page} block {block}", "exec"), {})
 
 
+def test_the_readme_blocks_run_one_after_the_other(tmp_path, monkeypatch):
+    """A newcomer pastes the README's examples in order into one session, in one folder: no
+    block may trip over what an earlier one left (a store of the same name, say)."""
+    monkeypatch.chdir(tmp_path)
+    for i, block in enumerate(_python_blocks("README.md")):
+        exec(compile(block, f"README.md block {i}", "exec"), {})
+
+
 def _prose(text: str) -> str:
     """The text without fenced code blocks and inline code, where brackets are not links."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
@@ -188,6 +196,18 @@ def test_doc_links_resolve_inside_the_repository(page):
         if anchor and target.suffix == ".md":
             assert anchor in _anchors(target.read_text()), f"{page}: {link}: no heading #{anchor} in {path or page}"
     assert "http://" not in _prose(text) and "https://" not in _prose(text), f"{page} names a URL"
+
+
+NAMED_PATH = re.compile(r"`((?:tests|benchmarks|pyunlearn|scripts|csrc|docs)/[\w./-]+?)(?:::\w+)?`")
+
+
+@pytest.mark.parametrize("page", [p for p in LINKED_PAGES if p != "CHANGELOG.md"])  # history names files as they were
+def test_the_files_the_docs_name_exist(page):
+    """A path in backticks (`tests/store/test_sigkill.py`, `pyunlearn/store/digests.py`) names a
+    file or folder of this repository: moved files must not leave the docs pointing at nothing."""
+    named = set(NAMED_PATH.findall((ROOT / page).read_text()))
+    missing = sorted(p for p in named if "*" not in p and not (ROOT / p.rstrip("/")).exists())
+    assert not missing, f"{page} names files that do not exist: {missing}"
 
 
 def test_link_checker_sees_links():

@@ -131,7 +131,7 @@ class Checkpoint:
             raise ValueError(f"--out {out}: the checkpoint is a {'safetensors' if self.kind == 'safetensors' else 'torch'} "
                              f"file, so the output is one too: name it {'*.safetensors' if self.kind == 'safetensors' else 'something other than *.safetensors'}")
         write = self._write_safetensors if self.kind == "safetensors" else _write_torch
-        _atomic(out, lambda f: write(self.content, f))
+        write_atomically(out, lambda f: write(self.content, f))
 
     def _write_safetensors(self, content: dict, f) -> None:
         safetensors = _safetensors(str(self.path))
@@ -148,14 +148,14 @@ class Checkpoint:
             if self.folder_weights.endswith(".safetensors"):
                 inner = Checkpoint(str(source / self.folder_weights), "safetensors", self.content, None, [],
                                    self.metadata)
-                _atomic(weights, lambda f: inner._write_safetensors(self.content, f))
+                write_atomically(weights, lambda f: inner._write_safetensors(self.content, f))
             else:
-                _atomic(weights, lambda f: _write_torch(self.content, f))
+                write_atomically(weights, lambda f: _write_torch(self.content, f))
             if self.trainer_state is not None:
                 (staging / "trainer_state.json").write_text(json.dumps(self.trainer_state, indent=2, sort_keys=True))
             if self._reset_optimizer and (staging / "optimizer.pt").is_file():
                 optimizer = load_torch(str(staging / "optimizer.pt"))
-                _atomic(staging / "optimizer.pt", lambda f: _write_torch(_cleared_optimizers(optimizer), f))
+                write_atomically(staging / "optimizer.pt", lambda f: _write_torch(_cleared_optimizers(optimizer), f))
             aside = None
             if out.exists():
                 aside = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
@@ -193,8 +193,10 @@ def _write_torch(content: dict, f) -> None:
     torch.save(content, f)
 
 
-def _atomic(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, fsynced, then renamed over `path`."""
+def write_atomically(path: Path, write) -> None:
+    """write(file) into a temporary file beside `path`, fsynced, renamed over `path`, then the
+    folder synced: a reader (or a restart after a crash) finds the old file or the new one, never
+    a partial one, and the rename itself survives a power cut."""
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -206,6 +208,11 @@ def _atomic(path: Path, write) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _update_states(holder, fingerprint: str) -> int:
@@ -254,4 +261,4 @@ def _prefix(entry: dict, names: list[str]) -> str:
     return ""
 
 
-__all__ = ["Checkpoint", "RECORDER_STATE", "load_torch"]
+__all__ = ["Checkpoint", "RECORDER_STATE", "load_torch", "write_atomically"]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CorruptStoreError
-from ..ledger import ResumePoint
+from ..ledger import ResumePoint, checked_steps, union_steps
 
 
 def utc_now() -> str:
@@ -81,8 +81,8 @@ class LegacyLedger:
         open_ = [i for i in self._deletions if self.records[i].fields["pending"] and i not in confirmed]
         self._pending = open_[-1] if open_ else None
         settled = [i for i in self._deletions if i != self._pending]
-        self.removed_steps = _union(self.records[i].removed for i in settled)
-        self._removed_all = _union(self.records[i].removed for i in self._deletions)
+        self.removed_steps = union_steps(self.records[i].removed for i in settled)
+        self._removed_all = union_steps(self.records[i].removed for i in self._deletions)
 
     @classmethod
     def empty(cls) -> "LegacyLedger":
@@ -154,14 +154,14 @@ class LegacyLedger:
         produced, perhaps a pending deletion), as a timeline: the final model, then one deletion
         record per entry, dated None."""
         try:
-            removed = _steps(attrs["removed_steps"])
+            removed = checked_steps(attrs["removed_steps"])
             fingerprint = attrs["fingerprint"]
             if fingerprint is not None and not isinstance(fingerprint, str):
                 raise TypeError("fingerprint must be a string or null")
             pending = attrs.get("pending")
             if pending is not None and not isinstance(pending.get("fingerprint"), str):
                 raise TypeError("pending.fingerprint must be a string")
-            pending_steps = None if pending is None else _steps(pending["steps"])
+            pending_steps = None if pending is None else checked_steps(pending["steps"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptStoreError(f"{where}: the deletion ledger in the group attributes is malformed ({exc}); "
                                     "restore the store's zarr.json from a copy") from None
@@ -215,7 +215,7 @@ def _record_from_json(document: dict, index: int, previous: str) -> Record:
             raise TypeError(f"record {index}'s {name} has the wrong type")
         fields[name] = value
     if kind == "deletion":
-        _steps(fields["steps"])
+        checked_steps(fields["steps"])
     if set(document) != set(fields) | {"kind", "time", "checksum"}:
         raise ValueError(f"record {index} has unknown fields {sorted(set(document) - set(fields))}")
     checksum = _checksum(kind, time, fields, previous)
@@ -237,18 +237,6 @@ def _model_from_json(document: dict, records: int) -> Model:
     return model
 
 
-def _union(arrays) -> np.ndarray:
-    arrays = [np.asarray(a, dtype=np.int64) for a in arrays]
-    return np.unique(np.concatenate(arrays)) if arrays else np.empty(0, np.int64)
-
-
-def _steps(value) -> np.ndarray:
-    if not isinstance(value, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
-        raise TypeError("steps must be a list of ints")
-    steps = np.asarray(value, dtype=np.int64)
-    if steps.size and (np.any(np.diff(steps) <= 0) or steps[0] < 0):
-        raise ValueError("steps must be sorted, unique and non-negative")
-    return steps
 
 
 # ---------------------------------------------------------------------------------- conversion

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -25,28 +24,14 @@ from tests.support import TinyNet, tiny_data, tiny_training
 # What a run imports, the server imports once (torch._dynamo is what the first optimizer imports,
 # ~1.6 s).
 PRELOAD = ["numpy", "torch", "torch._dynamo", "zarr", "pyunlearn", "pyunlearn.cli", "pyunlearn.kernels._native",
-           "tests.support.kill"]
+           "pyunlearn.integrations.checkpoints", "tests.support.kill"]
 
 
 def save_atomically(state: dict, path: Path) -> None:
-    """torch.save into a temporary file beside `path`, fsynced, renamed over `path`, then the
-    folder synced: a reader finds the old file or the new one, never a partial one."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """torch.save through the CLI's own atomic write (pyunlearn.integrations.checkpoints)."""
+    from pyunlearn.integrations.checkpoints import write_atomically
+
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def scenario(folder: str, report) -> None:
@@ -83,7 +68,7 @@ def scenario(folder: str, report) -> None:
         for i in range(6):
             report_ = pu.amnesiac_forget(model, store, [1000 + 3 * i], commit=False)
             save_atomically(model.state_dict(), folder / f"model-api-{i}.pt")
-            store.record_deletion(report_.ledger_after, replacing=report_.ledger_pending)
+            store.confirm(report_.record)
         store.close()
         phase("cli-forget")
         for i in range(4):
