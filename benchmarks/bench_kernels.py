@@ -59,13 +59,14 @@ class Result:
 
 @dataclass
 class Fingerprint:
-    """One model's fingerprint: sha256 (the old algorithm) against xh128, in ms."""
+    """One model's fingerprint: sha256 (before format 4) and xh128 (format 4) against xxh3 (now), in ms."""
 
     sha256: Timing
-    xh128: Timing  # fingerprint(params): all threads, through the Python API
+    xxh3: Timing  # fingerprint(params): XXH3-128 (xxhash), through the Python API
+    xh128: Timing  # fingerprint(params, like="xh128:"): the native hash on all threads
     xh128_native_1_thread: Timing  # the bare native hash on one thread
     xh128_native_all_threads: Timing
-    speedup: float  # sha256 / xh128, best times
+    speedup: float  # sha256 / xxh3, best times
 
 
 @dataclass
@@ -124,11 +125,12 @@ def run(config: Config) -> list[Result]:
 def run_fingerprint(config: Config) -> Fingerprint:
     params = kernels.fingerprint_params(resnet18_cifar_shapes())
     t = race({"sha256": lambda: kernels.fingerprint_sha256(params),
+              "xxh3": lambda: kernels.fingerprint_xxh3(params),
               "xh128": lambda: kernels.fingerprint_xh128(params),
               "native-1": kernels.Xh128Native(params, 1),
               "native-all": kernels.Xh128Native(params, 0)}, config.repeats)
-    return Fingerprint(t["sha256"], t["xh128"], t["native-1"], t["native-all"],
-                       round(t["sha256"].best_ms / t["xh128"].best_ms, 2))
+    return Fingerprint(t["sha256"], t["xxh3"], t["xh128"], t["native-1"], t["native-all"],
+                       round(t["sha256"].best_ms / t["xxh3"].best_ms, 2))
 
 
 def run_pruner(config: Config) -> PerCall:
@@ -150,9 +152,10 @@ def table(results: list[Result], fingerprint: Fingerprint | None = None, per_cal
     if fingerprint is not None:
         f = fingerprint
         lines += ["", "fingerprint of the ResNet-18 shapes (ms, best / median)",
-                  f"  sha256 (before)            {f.sha256.best_ms:>8.2f} / {f.sha256.median_ms:.2f}",
-                  f"  xh128 (fingerprint())      {f.xh128.best_ms:>8.2f} / {f.xh128.median_ms:.2f}   "
+                  f"  sha256 (before format 4)   {f.sha256.best_ms:>8.2f} / {f.sha256.median_ms:.2f}",
+                  f"  xxh3 (fingerprint())       {f.xxh3.best_ms:>8.2f} / {f.xxh3.median_ms:.2f}   "
                   f"{f.speedup:.1f}x faster",
+                  f"  xh128 (format 4)           {f.xh128.best_ms:>8.2f} / {f.xh128.median_ms:.2f}",
                   f"  xh128 native, all threads  {f.xh128_native_all_threads.best_ms:>8.2f} / "
                   f"{f.xh128_native_all_threads.median_ms:.2f}",
                   f"  xh128 native, 1 thread     {f.xh128_native_1_thread.best_ms:>8.2f} / "

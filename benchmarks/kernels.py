@@ -134,9 +134,14 @@ def fingerprint_sha256(params):
     return _fingerprint.fingerprint(params, like="sha256:")
 
 
-def fingerprint_xh128(params):
-    """The fingerprint now: native xh128 on all threads, through the Python API."""
+def fingerprint_xxh3(params):
+    """The fingerprint now (format 5): XXH3-128 from the xxhash package, through the Python API."""
     return _fingerprint.fingerprint(params)
+
+
+def fingerprint_xh128(params):
+    """The fingerprint of format-4 stores: native xh128 on all threads, through the Python API."""
+    return _fingerprint.fingerprint(params, like="xh128:")
 
 
 class Xh128Native:
