@@ -235,3 +235,22 @@ def test_plain_pytest_runs_everything_and_the_jobs_split_it_by_the_slow_marker()
     assert "tests/store/test_sigkill.py" in marked and "tests/kernels/test_cuda_build.py" in marked
     assert len(marked) < len(list((ROOT / "tests").rglob("test_*.py")))
     assert "`bash scripts/dev.sh test-fast`" in " ".join((ROOT / "README.md").read_text().split())
+
+
+def test_the_readmes_three_numbers_are_the_committed_results():
+    """Each of the README's headline numbers is the value in the result file it cites, and that
+    file names the commit the README gives (regenerate both together)."""
+    import json
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    results = ROOT / "benchmarks" / "results"
+    kernels = json.loads((results / "kernels.json").read_text())
+    prune = next(r for r in kernels["results"] if r["kernel"].startswith("prune_topk") and r["keep"] == 0.01)
+    store = json.loads((results / "store.json").read_text())
+    resnet = next(r for r in store["sizes"] if r["model"].startswith("ResNet-18") and r["keep"] == 0.01)
+    ledger = json.loads((results / "ledger.json").read_text())
+    for claim, data in ((f"**{prune['speedup']:.1f}× faster**", kernels), (f"**{resnet['smaller_than_dense']:.1f}× smaller**", store),
+                        (f"**{ledger['summary']['forget_10000_over_10']:.2f}×**", ledger)):
+        assert claim in text, f"README.md does not say {claim}, what its result file holds"
+        commit = data["meta"]["code"]["commit"]
+        assert not data["meta"]["code"]["dirty"] and f"commit {commit[:7]}" in text, (claim, commit)
