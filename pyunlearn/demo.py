@@ -130,8 +130,9 @@ def run(config: DemoConfig, out=print) -> dict:
         "share forgotten); steps: subtracted; ms: to forget")
     stats = results[f"partial amnesiac (keep={config.keep})"][2]
     out(f"\nThe pruned store is {stats.ratio:.0f}x smaller than dense float32 updates ({stats.dense_bytes:,} bytes).")
-    out(f"\nThe stores, the trained model and three more IDs are in {root}/. Forget those from the checkpoint "
-        "(the demo's request is applied too, as a catch-up), then look at the audit log:\n"
+    out(f"\nThe stores, the trained model and three more IDs are in {root}/. Forget those from the trained "
+        "model's checkpoint (it has not had the request above applied, so its steps are subtracted too), then "
+        "read the audit log:\n"
         f"  pyunlearn forget --store {root / 'partial.zarr'} --checkpoint {root / 'model.pt'} "
         f"--ids {root / 'more-ids.txt'} --out {root / 'forgotten.pt'}\n"
         f"  pyunlearn inspect {root / 'partial.zarr'} --ledger")
