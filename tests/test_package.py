@@ -254,3 +254,15 @@ def test_the_readmes_three_numbers_are_the_committed_results():
         assert claim in text, f"README.md does not say {claim}, what its result file holds"
         commit = data["meta"]["code"]["commit"]
         assert not data["meta"]["code"]["dirty"] and f"commit {commit[:7]}" in text, (claim, commit)
+
+
+def test_the_guides_demo_output_is_the_committed_run():
+    """docs/guide.md shows benchmarks/results/demo.txt, the demo's output at the commit its first
+    line names: regenerate both together when the demo or a default changes."""
+    recorded = (ROOT / "benchmarks" / "results" / "demo.txt").read_text().splitlines()
+    assert recorded[0].startswith("$ pyunlearn demo    # at commit ")
+    commit = recorded[0].split("at commit ")[1].split(",")[0]
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    assert f"at commit {commit}," in guide
+    block = re.search(r"^```text\n(Digits \(sklearn.*?)^```", guide, flags=re.S | re.M).group(1)
+    assert block.strip("\n").splitlines() == "\n".join(recorded[1:]).strip("\n").splitlines()
