@@ -11,6 +11,7 @@ default for the demo and tests.
 from __future__ import annotations
 
 import numbers
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -231,7 +232,11 @@ class IdDataset(torch.utils.data.Dataset):
         if self.key is None:
             return torch.tensor(self.first_id + index, dtype=torch.int64), x, y
         key = self.key(root_index(self.dataset, index))
-        return (torch.tensor(key, dtype=torch.int64) if isinstance(key, (int, np.integer)) else key), x, y
+        if isinstance(key, (int, np.integer)):
+            return torch.tensor(key, dtype=torch.int64), x, y
+        # A UUID as its canonical text (the same key: keys.py), which the default collate gathers
+        # into a list as it does str and bytes; it cannot collate UUID objects.
+        return (str(key) if isinstance(key, uuid.UUID) else key), x, y
 
 
 def root_index(dataset, index: int) -> int:

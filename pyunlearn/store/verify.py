@@ -39,12 +39,14 @@ class Finding:
         return f"{'ok' if self.ok else 'FAILED':<7} {self.check:<10} {self.detail}"
 
 
-def verify(store, *, head: str | None = None) -> list[Finding]:
+def verify(store, *, head: str | None = None, chain_only: bool = False) -> list[Finding]:
     """Every check of the module docstring on `store` (an UpdateStore, opened with its secret or
-    audit key for the MACs to be checked)."""
+    audit key for the MACs to be checked). An authenticated log whose MACs cannot be checked (no
+    key at hand) fails the log check: a hash chain alone is what anyone who can write the store
+    can rebuild. chain_only=True accepts it, saying so (an auditor without the key, knowingly)."""
     findings = []
     log = store.ledger.records
-    findings.append(_log(store, log))
+    findings.append(_log(store, log, chain_only))
     if head is not None:
         findings.append(_head(store, log, head))
     if findings[0].ok:
@@ -54,7 +56,7 @@ def verify(store, *, head: str | None = None) -> list[Finding]:
     return findings
 
 
-def _log(store, log) -> Finding:
+def _log(store, log, chain_only: bool = False) -> Finding:
     if not isinstance(log, RecordLog):
         return Finding("log", True, f"{len(log)} records converted in memory from a store of format "
                                     f"{store.metadata.format_version} (its own checks passed); no MACs")
@@ -81,8 +83,13 @@ def _log(store, log) -> Finding:
         return Finding("log", False, str(exc))
     authenticated = store.metadata.audit_key_check is not None
     checked = log.checks_macs and authenticated
+    if macs and not checked and not chain_only:
+        return Finding("log", False, f"{len(log)} records, chained, but their MACs were not checked: without the "
+                                     "secret (PYUNLEARN_SECRET[_FILE]) or the audit key, anyone who can write the store "
+                                     "could have rebuilt this chain. Give the key, or pass --chain-only to accept the "
+                                     "chain alone")
     how = ("MACs checked with the audit key" if checked else
-           "MACs present but not checked: give the secret (PYUNLEARN_SECRET) or the audit key" if macs else
+           "MACs present but NOT checked (--chain-only): the chain alone proves no authorship" if macs else
            "no MACs: this store's log is hash-chained only (create it with secret= or audit_key= to authenticate it)")
     return Finding("log", True, f"{len(log)} records, chained; {how}")
 

@@ -1,7 +1,8 @@
 """Where features cross, end to end as a user following docs/guide.md would combine them: a store
 of string keys recorded by a framework callback, forgotten from by the command line on the
 framework's own checkpoint, then resumed from the command's output; a plain loop's rec.loader
-killed and resumed, with keys in other spellings; and a request that matches nothing."""
+killed and resumed, with keys in other spellings; a request that matches nothing; and
+IdDataset's UUID keys through the default collate (they come out as their canonical text)."""
 from __future__ import annotations
 
 import hashlib
@@ -387,12 +388,8 @@ def test_cli_request_matching_nothing_exits_3_changes_nothing_and_records_not_fo
 
 
 # ----------------------------------------------------------------- 5. IdDataset's UUID keys, collated
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: pyunlearn.data.IdDataset documents keys 'str/bytes/UUID' and that 'the default collate gives a batch of "
-    "keys as a list', but it returns the uuid.UUID object itself (data.py, IdDataset.__getitem__), which "
-    "torch's default_collate refuses (TypeError: batch must contain tensors, ... found <class 'uuid.UUID'>): a "
-    "plain DataLoader, or the Lightning callback's (keys, x, y) batches, cannot carry UUID keys"))
 def test_id_dataset_with_uuid_keys_through_the_default_collate(tmp_path):
+    """Found by this file: IdDataset returned UUID objects, which the default collate refuses."""
     from pyunlearn.data import IdDataset
 
     _, x, y = tiny_data(N)

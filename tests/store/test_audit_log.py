@@ -180,6 +180,27 @@ def test_audit_verify_on_the_command_line(tmp_path, capsys):
     assert "FAILED  head" in capsys.readouterr().out
 
 
+def test_an_auditor_without_the_key_does_not_get_a_pass(tmp_path, monkeypatch, capsys):
+    """An authenticated log whose MACs cannot be checked fails `audit verify` (exit 4): the chain
+    alone is what anyone who can write the store can rebuild. --chain-only accepts it, saying so."""
+    monkeypatch.delenv("PYUNLEARN_AUDIT_KEY", raising=False)
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    key = "an-audit-key-held-by-the-service-01"
+    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5, audit_key=key)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)
+    store.close()
+    assert main(["audit", "verify", str(tmp_path / "s.zarr")]) == 4
+    assert "MACs were not checked" in capsys.readouterr().out
+    assert main(["audit", "verify", str(tmp_path / "s.zarr"), "--chain-only"]) == 0
+    assert "NOT checked (--chain-only)" in capsys.readouterr().out
+    (tmp_path / "key").write_text(key)
+    assert main(["audit", "verify", str(tmp_path / "s.zarr"), "--audit-key-file", str(tmp_path / "key")]) == 0
+    assert "MACs checked with the audit key" in capsys.readouterr().out
+
+
 def test_a_store_with_an_audit_key_refuses_a_writer_without_it(tmp_path, monkeypatch):
     monkeypatch.delenv("PYUNLEARN_AUDIT_KEY", raising=False)
     torch.manual_seed(0)
