@@ -52,7 +52,7 @@ def _edit_attributes(path, edit):
 @pytest.mark.parametrize("edit", [
     lambda a: a["timeline"].update(log=0),  # the log's records hidden: a rolled-back timeline
     lambda a: a.update(committed_steps=a["committed_steps"] - 1),
-    lambda a: a.update(fingerprint_initial=a["fingerprint_initial"][:-1] + "0"),
+    lambda a: a.update(fingerprint_initial=a["fingerprint_initial"][:-1] + ("1" if a["fingerprint_initial"][-1] == "0" else "0")),
     lambda a: a.update(format_version=2),  # '5' -> '2' must not switch the checksum off
     lambda a: a.update(committed_samples=None),
 ], ids=["log", "count", "fingerprint", "version", "malformed"])
