@@ -35,7 +35,7 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
     its value before the run, puts the model back to the last check that passed and stops
     (max_retain_drop=None: no guard). The report says why a run stopped early (`stopped`). The
     budget alone does not hold a model up: without retained data, 15 steps on 2,000 samples
-    collapsed a small CNN (retained accuracy 18%; tests/test_collapse.py); pass `retain_data`.
+    collapsed a small CNN (retained accuracy 18%; tests/unlearn/test_retained_accuracy_guard.py); pass `retain_data`.
 
     With `held_out_data` (samples of the training distribution the model never trained on: a
     validation split, not the test set you report on) and `retain_data`, the run also ends at
