@@ -47,6 +47,14 @@ def test_demo_runs_and_reports(tmp_path):
     assert found.returncode == 0, found.stderr
     assert f"== {tmp_path / 'dense.zarr'} ==" in found.stdout and f"== {tmp_path / 'partial.zarr'} ==" in found.stdout
     assert found.stdout.count("dense float32 equivalent") == 2
+    # The next step it prints runs as printed: a forget from the checkpoint it left, then the log.
+    commands = [line.split() for line in out.stdout.splitlines() if line.startswith("  pyunlearn ")]
+    assert [c[1] for c in commands] == ["forget", "inspect"]
+    forgot = _run(*commands[0][1:])
+    assert forgot.returncode == 0, forgot.stderr
+    assert "applied (3 of 3 IDs found)" in forgot.stdout and (tmp_path / "forgotten.pt").exists()
+    table = _run(*commands[1][1:])
+    assert table.returncode == 0 and table.stdout.count("deletion  applied") == 2
 
 
 def test_the_installed_command_forgets_end_to_end(tmp_path):
