@@ -221,7 +221,7 @@ def _forget(args) -> int:
     confirmed (or undone if the save failed). A failure or a kill at any point leaves a log that
     matches a model on disk (the input checkpoint, or the output one, also when --out is
     --checkpoint)."""
-    from .integrations.checkpoints import Checkpoint
+    from .integrations.checkpoints import Checkpoint, sync_folder
     from .kernels import fingerprint
     from .store import UpdateStore
     from .store.layers import module_for_store
@@ -264,7 +264,7 @@ def _forget(args) -> int:
                 raise
             # In place: if making the rename durable fails, the entry stays pending (later forgets
             # and training settle it) and the error is raised; else it is confirmed.
-            _sync_folder(out_path.parent)
+            sync_folder(out_path.parent)
             if pending:
                 store.confirm(report.record)
             head = store.head
@@ -330,15 +330,6 @@ def _audit(args) -> int:
     bad = [f for f in findings if not f.ok]
     print(f"{args.store}: {'sound' if not bad else f'{len(bad)} check(s) FAILED'}")
     return 0 if not bad else EXIT_AUDIT_FAILED
-
-
-def _sync_folder(folder: Path) -> None:
-    """Makes a rename in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -194,9 +194,10 @@ def _write_torch(content: dict, f) -> None:
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, fsynced, renamed over `path`, then the
-    folder synced: a reader (or a restart after a crash) finds the old file or the new one, never
-    a partial one, and the rename itself survives a power cut."""
+    """write(file) into a temporary file beside `path`, fsynced, then renamed over `path`: a
+    reader finds the old file or the new one, never a partial one. The rename is durable once
+    the folder is synced (sync_folder), which the caller does: `pyunlearn forget` tells a failed
+    save from a failed sync after the rename (the deletion then stays pending)."""
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -208,11 +209,15 @@ def write_atomically(path: Path, write) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+
+
+def sync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 def _update_states(holder, fingerprint: str) -> int:
@@ -261,4 +266,4 @@ def _prefix(entry: dict, names: list[str]) -> str:
     return ""
 
 
-__all__ = ["Checkpoint", "RECORDER_STATE", "load_torch", "write_atomically"]
+__all__ = ["Checkpoint", "RECORDER_STATE", "load_torch", "sync_folder", "write_atomically"]

@@ -63,14 +63,14 @@ def test_cli_a_failed_folder_sync_after_the_rename_leaves_the_deletion_pending(t
     making the rename durable fails, the entry stays pending, so the model on disk is accepted."""
     import os
 
-    import pyunlearn.cli as cli
+    import pyunlearn.integrations.checkpoints as checkpoints
 
     path = _cli_setup(tmp_path)
 
     def failing_sync(folder):
         raise OSError(5, "EIO on directory fsync")
 
-    monkeypatch.setattr(cli, "_sync_folder", failing_sync)
+    monkeypatch.setattr(checkpoints, "sync_folder", failing_sync)  # the CLI syncs the folder after the save
     args = ["forget", "--store", str(path), "--checkpoint", str(tmp_path / "final.pt"),
             "--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "final.pt")]
     assert main(args) == 1 and "EIO" in capsys.readouterr().err

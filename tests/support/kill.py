@@ -28,10 +28,12 @@ PRELOAD = ["numpy", "torch", "torch._dynamo", "zarr", "pyunlearn", "pyunlearn.cl
 
 
 def save_atomically(state: dict, path: Path) -> None:
-    """torch.save through the CLI's own atomic write (pyunlearn.integrations.checkpoints)."""
-    from pyunlearn.integrations.checkpoints import write_atomically
+    """torch.save as the CLI saves (pyunlearn.integrations.checkpoints): atomically, the rename
+    made durable."""
+    from pyunlearn.integrations.checkpoints import sync_folder, write_atomically
 
     write_atomically(path, lambda f: torch.save(state, f))
+    sync_folder(path.parent)
 
 
 def scenario(folder: str, report) -> None:
