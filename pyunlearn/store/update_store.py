@@ -93,8 +93,10 @@ class UpdateStore:
         zstore, where = zarr_store(path, storage_options, read_only=False)
         return WriterLock.break_lock(zstore, where, force=force)
 
-    def refresh(self) -> None:
-        """Re-reads the metadata: a reader sees what a writer committed since."""
+    def refresh(self, *, reopen: bool = False) -> None:
+        """Re-reads the metadata: a reader sees what a writer committed since. reopen: open the
+        arrays and the log anew even if the metadata is the one this handle holds (after a
+        conversion added an array)."""
         try:
             group = zarr.open_group(self._zstore, mode="r" if self._read_only else "r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
@@ -106,7 +108,7 @@ class UpdateStore:
             raise CorruptStoreError(f"{self._where}: its zarr.json is not valid JSON ({exc}): it is empty or was cut "
                                     "short. Restore zarr.json from a copy") from exc
         meta = StoreMetadata.from_attrs(dict(group.attrs), self._where)
-        if meta != getattr(self, "_meta", None):  # else nothing was committed since: the open arrays serve
+        if reopen or meta != getattr(self, "_meta", None):  # else nothing was committed since: the open arrays serve
             self._data = StoreArrays(self._zstore, group, meta, self._where)
             self._ids = IdLookup(group, meta, self._data)
             self._history = History(self._zstore, self._where, meta, self._data, read_only=self._read_only,
@@ -221,8 +223,7 @@ class UpdateStore:
         new = meta.replace(**changes)
         create_digest_array(self._group, new)
         self._commit_meta(new)
-        self._meta = None  # re-opened whole: the arrays (step_digests is new) and the log as written
-        self.refresh()
+        self.refresh(reopen=True)  # the arrays (step_digests is new) and the log as written
 
     # ----------------------------------------------------------------- appending steps
     def append(self, row: Row, ids, hyper: tuple[float, ...] | None = None) -> None:

@@ -9,6 +9,9 @@ forgetting functions warn (`StaleBuffersWarning`) when the model has such buffer
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 
 import torch
@@ -39,18 +42,19 @@ def warn_stale_buffers(model: torch.nn.Module, method: str) -> None:
         StaleBuffersWarning, stacklevel=_user_stacklevel())
 
 
+# The files whose frames a warning skips to reach the user's line: this package's and contextlib's
+# (a `with forgetting(...)` block's exit runs there).
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_CONTEXTLIB = contextlib.__file__
+
+
 def _user_stacklevel() -> int:
     """The stacklevel of the first caller outside pyunlearn and contextlib, for warnings.warn
     called from the function that calls this one: the user's line, whether the warning comes
     from amnesiac_forget or from the exit of a `with forgetting(...)` block."""
-    import contextlib
-    import sys
-    from pathlib import Path
-
-    package = str(Path(__file__).resolve().parents[1])
     frame, level = sys._getframe(2), 2  # the warning's own caller is level 1
-    while frame is not None and (str(Path(frame.f_code.co_filename).resolve()).startswith(package)
-                                 or frame.f_code.co_filename == contextlib.__file__):
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename == _CONTEXTLIB):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -181,37 +181,38 @@ def test_audit_verify_on_the_command_line(tmp_path, capsys):
     assert "FAILED  head" in capsys.readouterr().out
 
 
+AUDIT_KEY = "an-audit-key-held-by-the-service-01"
+
+
+def _recorded_with_audit_key(path):
+    """The model of a closed store of integer IDs created with AUDIT_KEY (its log MAC'ed)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    store = pu.UpdateStore.create(path, model, keep=0.5, audit_key=AUDIT_KEY)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)
+    store.close()
+    return model
+
+
 def test_an_auditor_without_the_key_does_not_get_a_pass(tmp_path, monkeypatch, capsys):
     """An authenticated log whose MACs cannot be checked fails `audit verify` (exit 4): the chain
     alone is what anyone who can write the store can rebuild. --chain-only accepts it, saying so."""
     monkeypatch.delenv("PYUNLEARN_AUDIT_KEY", raising=False)
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    key = "an-audit-key-held-by-the-service-01"
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5, audit_key=key)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)
-    store.close()
+    _recorded_with_audit_key(tmp_path / "s.zarr")
     assert main(["audit", "verify", str(tmp_path / "s.zarr")]) == 4
     assert "MACs were not checked" in capsys.readouterr().out
     assert main(["audit", "verify", str(tmp_path / "s.zarr"), "--chain-only"]) == 0
     assert "NOT checked (--chain-only)" in capsys.readouterr().out
-    (tmp_path / "key").write_text(key)
+    (tmp_path / "key").write_text(AUDIT_KEY)
     assert main(["audit", "verify", str(tmp_path / "s.zarr"), "--audit-key-file", str(tmp_path / "key")]) == 0
     assert "MACs checked with the audit key" in capsys.readouterr().out
 
 
 def test_a_store_with_an_audit_key_refuses_a_writer_without_it(tmp_path, monkeypatch):
     monkeypatch.delenv("PYUNLEARN_AUDIT_KEY", raising=False)
-    torch.manual_seed(0)
-    model = TinyNet()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    key = "an-audit-key-held-by-the-service-01"
-    store = pu.UpdateStore.create(tmp_path / "s.zarr", model, keep=0.5, audit_key=key)
-    with pu.UpdateRecorder(model, optimizer, store) as rec:
-        tiny_training(model, optimizer, tiny_data(32), epochs=1, recorder=rec)
-    store.close()
+    model = _recorded_with_audit_key(tmp_path / "s.zarr")
     before = {p.name for p in (tmp_path / "s.zarr" / "log").iterdir()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(pu.KeyMappingError, match="audit key"):
@@ -220,6 +221,6 @@ def test_a_store_with_an_audit_key_refuses_a_writer_without_it(tmp_path, monkeyp
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     with pytest.raises(pu.KeyMappingError, match="not the one"):
         pu.UpdateStore.open(tmp_path / "s.zarr", audit_key="another-key-of-thirty-two-bytes--")
-    report = pu.amnesiac_forget(model, pu.UpdateStore.open(tmp_path / "s.zarr", audit_key=key), [1003])
-    findings = verify(pu.UpdateStore.open(tmp_path / "s.zarr", mode="r", audit_key=key), head=report.head)
+    report = pu.amnesiac_forget(model, pu.UpdateStore.open(tmp_path / "s.zarr", audit_key=AUDIT_KEY), [1003])
+    findings = verify(pu.UpdateStore.open(tmp_path / "s.zarr", mode="r", audit_key=AUDIT_KEY), head=report.head)
     assert not _failed(findings) and "MACs checked" in findings[0].detail
