@@ -175,7 +175,26 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False, poison: bo
             return {"steps": report.steps, "stopped": report.stopped}
         return run
 
+    def library_forget(key):  # the recommended entry point with its documented defaults (issue 25)
+        def run(model, c):
+            store = c.artifacts.stores[key]
+            probe = c.split.retain.draw(GUARD_PROBE, seed=c.seed)
+            evidence = {} if held_out is None else {"forget_data": c.split.forget,
+                                                    "held_out": held_out.draw(EVIDENCE_HELD_OUT, seed=c.seed)}
+            try:
+                report = pu.forget(model, store, c.split.forget.ids, probe=probe, retain_data=c.split.retain,
+                                   seed=c.seed, **evidence)
+            except pu.GuardFailedError as refused:  # the model is restored: the row measures the original
+                return {"refused": str(refused), "samples_trained": 0}
+            return {"steps_removed": report.forget.steps_removed, "steps_applied": report.forget.steps_applied,
+                    "repair": report.repair, "actions": report.actions, "shape": report.shape.to_record(),
+                    "evidence": report.evidence, "sample_share": report.retrain_share,
+                    "samples_trained": round(report.retrain_share * store.samples)}
+        return run
+
     table = {
+        "pu.forget (keep 0.01 float16)": library_forget("k0.01"),
+        "pu.forget (dense)": library_forget("dense"),
         "Dense amnesiac": amnesiac("dense"),
         "Amnesiac keep 0.01": amnesiac("k0.01"),
         "Dense amnesiac + repair": amnesiac("dense", {}),
@@ -210,6 +229,7 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False, poison: bo
     return table
 
 
+EVIDENCE_HELD_OUT = 2000  # held-out samples pu.forget's membership check compares the forgotten ones with
 GUARD_PROBE = 1000  # retained samples the probe guard measures per-class accuracy on
 GUARD_TOLERANCE = 2.0  # points a class may fall below its accuracy before forgetting
 GUARD_ROUND, GUARD_BUDGET = 0.05, 0.3  # fine-tuning in rounds of this share of an epoch, up to that share
@@ -266,6 +286,24 @@ def gap_note(results: experiment.Results) -> list[str]:
     measuring = np.mean([r.extra["gap_seconds"] / r.retrain_seconds for r in rows])
     return [f"Held-out target: measuring the generalisation gap took {measuring:.3f} of a retrain's time; with the "
             f"gap measured once per model (`generalisation_gap=`), a request costs {once:.3f} of a retrain.", ""]
+
+
+def forget_note(results: experiment.Results) -> list[str]:
+    """Lines under a scenario's table: what each pu.forget row did per seed (the repair chosen,
+    its cost, or the refusal: a refused request leaves the original model, which the row then
+    measures); [] without those rows."""
+    lines = []
+    for method in dict.fromkeys(r.method for r in results.rows if r.method.startswith("pu.forget")):
+        seeds = []
+        for r in (r for r in results.rows if r.method == method):
+            if "refused" in r.extra:
+                seeds.append(f"seed {r.seed} refused (GuardFailedError: the model restored)")
+            else:
+                seeds.append(f"seed {r.seed} {r.extra['repair']} ({r.extra['sample_share']:.3f} of a retrain; "
+                             f"{r.extra['shape']['steps']} steps subtracted, replay cost "
+                             f"{r.extra['shape']['replay_cost']})")
+        lines.append(f"{method}: " + "; ".join(seeds) + ".")
+    return lines + [""] if lines else []
 
 
 def _fine_tune_share(model, c, share: float, lr: float, batch_size: int) -> dict:
@@ -639,7 +677,7 @@ def _run(args, argv) -> dict:
             out["scenarios"][name]["poison"] = summary
             md += [f"{notes['poison']}", "", poison_table(summary), "", "The library's metrics:", ""]
         md += [results.table(), ""]
-        md += gap_note(results)
+        md += gap_note(results) + forget_note(results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
         args.out.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -247,7 +247,8 @@ def _forget(args) -> int:
                 module = _built_model(args.model, checkpoint)
                 guarded = forget(module, store, ids, probe=_samples("--probe", args.probe),
                                  retain_data=None if args.retain is None else _samples("--retain", args.retain),
-                                 budget=args.budget, request_id=args.request_id, commit=False, not_found=not_found)
+                                 budget=args.budget, strategy=args.strategy, request_id=args.request_id,
+                                 commit=False, not_found=not_found)
                 report = guarded.forget
                 print(f"guard: {'; '.join(guarded.actions)}; probe {guarded.before.to_text()} before, "
                       f"{guarded.final.to_text()} after ({guarded.retrain_share:.3f} of a retrain)")
@@ -439,6 +440,9 @@ def main(argv=None) -> int:
     guard.add_argument("--retain", help="retained training data to repair with, as --probe")
     guard.add_argument("--budget", type=_positive_float, default=0.3,
                        help="the repairs' cost as a share of a retrain (default 0.3)")
+    guard.add_argument("--strategy", choices=("auto", "subtract", "replay", "fine-tune"), default="auto",
+                       help="how to repair if the probe falls: auto (default: chosen from the store's statistics of "
+                            "the request, see docs/guide.md), subtract (no repair), replay, fine-tune")
     forget.set_defaults(run=_forget)
 
     audit = commands.add_parser("audit", help="check a store's audit log, forgotten IDs and data (an auditor's check)")

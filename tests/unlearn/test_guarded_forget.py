@@ -11,7 +11,7 @@ import pyunlearn as pu
 from pyunlearn import data
 from pyunlearn.cli import main
 from pyunlearn.models import DigitsCNN, train
-from pyunlearn.unlearn.guarded import Tolerance, _membership, score
+from pyunlearn.unlearn.guarded import REPLAY_KEEP, RequestShape, Tolerance, _membership, choose_repair, score
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,53 @@ def test_a_harmless_subtraction_is_not_repaired(digits_run, tmp_path):
     report = pu.forget(model, store, forget_ids[:1], probe=test_set.draw(300, seed=0),
                        tolerance=Tolerance(overall=0.05, per_class=0.2), strategy="subtract")
     assert report.actions == [f"subtracted {report.forget.steps_applied} steps"] and report.retrain_share == 0
+
+
+def test_auto_fine_tunes_from_a_sparse_store_and_the_record_says_why(digits_run, tmp_path):
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)  # keep 0.1 < REPLAY_KEEP
+    forget_ids = forget_ids[:40]
+    report = pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0),
+                       retain_data=train_set.without(forget_ids), budget=0.6)
+    assert report.repair == "fine-tune" and report.actions[1].startswith("fine-tuned")
+    batches = store.step_ids(report.forget.subtracted)
+    kept = sum(int((~np.isin(b, forget_ids.numpy())).sum()) for b in batches)
+    assert report.shape == RequestShape(steps=report.forget.steps_applied, steps_recorded=store.steps,
+                                        retained_share=kept / sum(b.size for b in batches), pure_steps=0,
+                                        replay_cost=kept / store.samples, keep=0.1)
+    params = store.ledger.audit()[0]["params"]
+    assert params["strategy"] == "auto" and params["repair"] == "fine-tune" and "keeps 0.1 of each update" in params["why"]
+    assert f"replay_cost={report.shape.replay_cost:.4f}" in store.ledger.audit()[0]["guard"]["request"]
+
+
+def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(tmp_path):
+    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    store = pu.UpdateStore.create(tmp_path / "dense.zarr", model, keep=1.0, value_dtype="float32")
+    train(model, train_set, epochs=2, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    first_batch = store.step_ids([0])[0]
+    measured = RequestShape.measure(store, np.array([0, 1]), first_batch)  # step 0 trained on them only
+    assert measured.pure_steps == 1 and measured.retained_share == pytest.approx(32 / 64)
+    assert measured.replay_cost == pytest.approx(32 / store.samples)
+    forget_ids = train_set.ids[:16]  # about 30 of the 90 steps: the dense subtraction takes much of what they learnt
+    probe, retained = test_set.draw(300, seed=0), train_set.without(forget_ids)
+    report = pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, budget=0.6)
+    assert Tolerance().problems(report.before, report.after_subtraction)  # the subtraction had to be repaired
+    assert report.shape.keep == 1.0 and 0 < report.shape.replay_cost <= 0.6
+    assert report.repair == "replay" and report.actions[1].startswith(f"replayed {report.forget.steps_applied} steps")
+    assert store.ledger.audit()[0]["params"]["repair"] == "replay"
+
+
+def test_the_auto_rule():
+    shape = RequestShape(steps=10, steps_recorded=100, retained_share=0.9, pure_steps=0, replay_cost=0.09, keep=1.0)
+    assert choose_repair(shape, budget=0.3)[0] == "replay"
+    assert choose_repair(shape, budget=0.05) == ("fine-tune", "replaying the subtracted steps' retained samples would "
+                                                              "cost 0.090 of a retrain, over the budget 0.05")
+    sparse = RequestShape(10, 100, 0.9, 0, 0.09, keep=REPLAY_KEEP / 2)
+    assert choose_repair(sparse, budget=0.3)[0] == "fine-tune" and "replaying whole steps" in choose_repair(sparse, 0.3)[1]
+    pure = RequestShape(10, 100, 0.0, pure_steps=10, replay_cost=0.0, keep=1.0)
+    assert choose_repair(pure, budget=0.3) == ("fine-tune", "the subtracted steps trained on forgotten samples only: "
+                                                            "nothing to replay")
 
 
 def test_replay_first_when_asked(digits_run, tmp_path):
@@ -137,7 +184,10 @@ def test_guarded_forget_on_the_command_line(digits_run, tmp_path, capsys):
             "--model", "pyunlearn.models:DigitsCNN"]
     assert main(args) == 1  # no retained data to repair with: refused, nothing written
     assert "not within the tolerance" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
-    assert main(args + ["--retain", str(tmp_path / "retain.pt"), "--budget", "0.6"]) == 0
+    retained = ["--retain", str(tmp_path / "retain.pt"), "--budget", "0.6"]
+    assert main(args + retained + ["--strategy", "subtract"]) == 1  # repairs refused: as without retained data
+    assert "not within the tolerance" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+    assert main(args + retained) == 0
     out = capsys.readouterr().out
     assert out.startswith("guard: subtracted") and "applied" in out
     repaired = DigitsCNN()
