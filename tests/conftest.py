@@ -14,6 +14,7 @@ import torch
 from pyunlearn.kernels import backends
 from tests.support import DEVICES, LoopbackS3
 from tests.support.kernels import cuda_build_helpers, native_module
+from tests.support.shared import made_once
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_SECRET = "never-print-this-secret"
@@ -42,7 +43,8 @@ def emulated_cuda(tmp_path_factory):
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.fail("no C++ compiler to build the emulated CUDA kernels (the native build needs one too)")
-    path = cuda_build_helpers().build_emulated(tmp_path_factory.mktemp("cuda-emulated"))
+    folder = made_once(tmp_path_factory, "cuda-emulated", cuda_build_helpers().build_emulated)
+    (path,) = folder.glob("_native_cuda_emu*.so")
     spec = importlib.util.spec_from_file_location("_native_cuda_emu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -228,9 +228,10 @@ def test_plain_pytest_runs_everything_and_the_jobs_split_it_by_the_slow_marker()
     addopts = re.search(r'^addopts = "(.*)"$', (ROOT / "pyproject.toml").read_text(), flags=re.M)[1]
     assert "-m" not in addopts.split() and "slow" not in addopts
     dev = (ROOT / "scripts" / "dev.sh").read_text()
-    assert 'test) exec "$PY" -m pytest -q "$@" ;;' in dev
-    assert 'test-fast) exec "$PY" -m pytest -q -m "not slow" "$@" ;;' in dev
-    assert 'test-slow) exec "$PY" -m pytest -q -m slow "$@" ;;' in dev
+    assert 'test) exec "${PYTEST[@]}" "$@" ;;' in dev
+    assert 'test-fast) exec "${PYTEST[@]}" -m "not slow" "$@" ;;' in dev
+    assert 'test-slow) exec "${PYTEST[@]}" -m slow "$@" ;;' in dev
+    assert 'PYTEST=("$PY" -m pytest -q)' in dev and 'PYTEST+=(-n "$workers")' in dev
     marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.slow" in p.read_text()}
     assert "tests/store/test_sigkill.py" in marked and "tests/kernels/test_cuda_build.py" in marked
     assert len(marked) < len(list((ROOT / "tests").rglob("test_*.py")))

@@ -4,7 +4,6 @@ torchrun). Before, the refusing rank raised in rec.batch and the others went on 
 all-reduce (gloo fails there, NCCL hangs): each test's timeout turns a hang into a failure."""
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import subprocess
@@ -16,14 +15,17 @@ import torch
 
 import pyunlearn as pu
 from tests.support import TinyNet, tiny_data, tiny_lightning_module
+from tests.support.shared import made_once
 
 pytestmark = pytest.mark.slow
 
 SECRET = "frameworks-refusals-secret-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
-# As tests/test_ddp.py: every worker tears down on every path and leaves without running C++
-# static destructors (torch 2.13 with gloo sometimes aborts a rank at interpreter exit).
+# As tests/recording/test_ddp.py: the ranks are forks of a launcher that imported torch and
+# ran nothing, one pair of ranks per mode in turn (one interpreter for every mode); every worker
+# tears down on every path and leaves without running C++ static destructors (torch 2.13 with
+# gloo sometimes aborts a rank at interpreter exit).
 _WORKER = r"""
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 sys.path.insert(0, %(root)r)
@@ -32,10 +34,10 @@ from tests.support import TinyNet
 
 SECRET = %(secret)r
 
-def say(line):  # one write of less than PIPE_BUF bytes: the ranks' lines never interleave
-    os.write(1, (line[:4000] + chr(10)).encode())
-
 def worker(rank, path, port, mode):
+    def say(line):  # one write of less than PIPE_BUF bytes: the ranks' lines never interleave
+        os.write(1, (f"[{mode}] " + line[:4000] + chr(10)).encode())
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.pop("PYUNLEARN_SECRET", None)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -87,8 +89,9 @@ def worker(rank, path, port, mode):
         sys.stdout.flush()
         os._exit(0)
 
-if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3]), nprocs=2)
+if __name__ == "__main__":  # argv: (store path, port, mode) for each mode
+    for path, port, mode in zip(*[iter(sys.argv[1:])] * 3):
+        mp.start_processes(worker, args=(path, int(port), mode), nprocs=2, start_method="fork")
 """ % {"root": str(ROOT), "secret": SECRET}
 
 
@@ -122,21 +125,38 @@ def _raised(stdout: str) -> dict[int, str]:
     return {int(rank): error for rank, error in re.findall(r"rank (\d) raised (.*)", stdout)}
 
 
-@pytest.mark.parametrize("mode", ["forgotten", "no secret on rank 1", "wrong state on rank 1", "other secret",
-                                  "store locked"])
-def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(tmp_path, mode):
-    path = tmp_path / "store.zarr"
-    _store_with_a_deletion(path)
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    with contextlib.ExitStack() as stack:
-        if mode == "store locked":  # another writer of this host holds the store's lock meanwhile
-            stack.enter_context(stack.enter_context(pu.UpdateStore.open(path)).writing())
-        out = subprocess.run([sys.executable, str(script), str(path), str(_free_port()), mode],
-                             capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    raised = _raised(out.stdout)
-    assert set(raised) == {0, 1}, out.stdout[-2000:] + out.stderr[-3000:]
+MODES = ("forgotten", "no secret on rank 1", "wrong state on rank 1", "other secret", "store locked")
+
+
+@pytest.fixture(scope="session")
+def refusals(tmp_path_factory):
+    """Every mode's run, one pair of ranks after another from one launcher (made once for the
+    run): mode → (its stdout lines, the launcher's output, the store's path)."""
+    def run_every_mode(folder):
+        paths = {mode: folder / f"store-{i}.zarr" for i, mode in enumerate(MODES)}
+        for path in paths.values():
+            _store_with_a_deletion(path)
+        script = folder / "worker.py"
+        script.write_text(_WORKER)
+        argv = [str(a) for mode, path in paths.items() for a in (path, _free_port(), mode)]
+        with pu.UpdateStore.open(paths["store locked"]) as held, held.writing():  # another writer of this host
+            out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+        (folder / "stdout.txt").write_text(out.stdout)
+        (folder / "context.txt").write_text(f"exit {out.returncode}\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+
+    folder = made_once(tmp_path_factory, "refusals", run_every_mode)
+    stdout, context = (folder / "stdout.txt").read_text(), (folder / "context.txt").read_text()
+    assert context.startswith("exit 0\n"), context
+    lines = {mode: "\n".join(line[len(mode) + 3:] for line in stdout.splitlines() if line.startswith(f"[{mode}] "))
+             for mode in MODES}
+    return {mode: (lines[mode], context, folder / f"store-{i}.zarr") for i, mode in enumerate(MODES)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(refusals, mode):
+    stdout, context, path = refusals[mode]
+    raised = _raised(stdout)
+    assert set(raised) == {0, 1}, context
     kinds = {error.split(":")[0] for error in raised.values()}
     expected = {"forgotten": ("RecorderError", "rank 1 of 2: this batch holds 1 sample(s) whose deletion was "
                                                "requested"),
@@ -149,12 +169,12 @@ def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(tmp_path, mode):
     assert kinds == {expected[0]}, raised
     assert all(expected[1] in error for error in raised.values()), raised
     if mode == "forgotten":  # raised at step 1, before it ran, on both ranks
-        assert "rank 0 stepped 0" in out.stdout and "rank 1 stepped 0" in out.stdout
-        assert "stepped 1" not in out.stdout
+        assert "rank 0 stepped 0" in stdout and "rank 1 stepped 0" in stdout
+        assert "stepped 1" not in stdout
     else:  # rank 1's first batch or state, or as recording started
-        assert "stepped" not in out.stdout
+        assert "stepped" not in stdout
     if mode in ("forgotten", "no secret on rank 1", "wrong state on rank 1"):
-        assert out.stdout.count("model unchanged by the refused step: True") == 2, out.stdout
+        assert stdout.count("model unchanged by the refused step: True") == 2, stdout
     store = pu.UpdateStore.open(path, mode="r", secret=SECRET)
     assert store.steps == (2 if mode == "forgotten" else 1)  # the steps before it
 

@@ -12,6 +12,7 @@ import torch
 
 import pyunlearn as pu
 from tests.support import tiny_data, tiny_lightning_module
+from tests.support.shared import made_once
 from tests.support.stores import stored_ids
 
 lightning = pytest.importorskip("lightning", reason="the Lightning integration is an optional extra")
@@ -218,13 +219,11 @@ def _assert_equals_single_process(ddp, single):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ddp_fresh(tmp_path_factory):
     """The folder of one fresh two-process fit (its store, ddp.zarr: 12 steps; checkpoints after
-    4, 8 and 12): the tests below read it, or copy it before they change it."""
-    root = tmp_path_factory.mktemp("lightning-ddp")
-    _ddp_fit(root, "fresh")
-    return root
+    4, 8 and 12), made once for the run: the tests below read it, or copy it before they change it."""
+    return made_once(tmp_path_factory, "lightning-ddp", lambda root: _ddp_fit(root, "fresh"))
 
 
 @pytest.mark.slow  # two processes
