@@ -60,9 +60,9 @@ workers=$(( cores < 4 ? cores : 4 ))
 PYTEST=("$PY" -m pytest -q)
 if [ "$workers" -gt 1 ]; then
     PYTEST+=(-n "$workers")
-    # One torch/OpenMP thread per worker unless asked otherwise: with two threads per worker the
-    # threads outnumber the cores and spin waiting for each other (measured on 2 cores: the suite
-    # took 466 s that way, 351 s with one thread each).
+    # One torch/OpenMP thread per worker unless asked otherwise: with more, the threads outnumber
+    # the cores and spin waiting for each other (on 2 cores the suite then did half as much work
+    # again, and took longer than with one thread per worker).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 
