@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +12,7 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
     """The folder `make(folder)` filled, made once for the whole run: the workers of pytest-xdist
     share the run's temporary root, and the first to take the lock makes it while the others
     wait for it (a session fixture alone would make it once per worker). If `make` raises, the
-    folder is not marked done and the next caller tries again (and reports its own failure)."""
+    folder is not marked done and the next caller starts it again from empty."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # each worker's base folder lies in the run's root
@@ -20,7 +21,8 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = root / f"{name}.done"
         if not done.exists():
-            folder.mkdir(exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
             make(folder)
             done.touch()
     return folder
