@@ -57,7 +57,7 @@ from pyunlearn.data import FASHION_MNIST_DEBIAN, CohortBatchSampler, SampleSet, 
 from pyunlearn.evaluation.metrics import generalisation_gap
 from pyunlearn.models import SmallCNN
 from pyunlearn.models import train as fit
-from pyunlearn.unlearn import fine_tune, forget_and_repair, gradient_ascent, label_flip, subtracted_steps
+from pyunlearn.unlearn import dampen, fine_tune, forget_and_repair, gradient_ascent, label_flip, subtracted_steps
 
 SCENARIOS = ("random1", "random10", "class", "cohort", "cohort-skewed")
 POISON_SCENARIOS = ("backdoor", "backdoor-unit", "canary", "canary-unit")  # issue 25: benchmarks/_poison.py
@@ -175,25 +175,31 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False, poison: bo
             return {"steps": report.steps, "stopped": report.stopped}
         return run
 
-    def library_forget(key):  # the recommended entry point with its documented defaults (issue 25)
+    def library_forget(key, **options):  # the recommended entry point with its documented defaults (issue 25)
         def run(model, c):
             store = c.artifacts.stores[key]
             probe = c.split.retain.draw(GUARD_PROBE, seed=c.seed)
-            evidence = {} if held_out is None else {"forget_data": c.split.forget,
-                                                    "held_out": held_out.draw(EVIDENCE_HELD_OUT, seed=c.seed)}
+            evidence = {} if held_out is None else {"held_out": held_out.draw(EVIDENCE_HELD_OUT, seed=c.seed)}
             try:
                 report = pu.forget(model, store, c.split.forget.ids, probe=probe, retain_data=c.split.retain,
-                                   seed=c.seed, **evidence)
+                                   forget_data=c.split.forget, seed=c.seed, **evidence, **options)
             except pu.GuardFailedError as refused:  # the model is restored: the row measures the original
                 return {"refused": str(refused), "samples_trained": 0}
             return {"steps_removed": report.forget.steps_removed, "steps_applied": report.forget.steps_applied,
                     "repair": report.repair, "actions": report.actions, "shape": report.shape.to_record(),
                     "evidence": report.evidence, "sample_share": report.retrain_share,
+                    "dampened": report.dampening.dampened if report.dampening else 0,
                     "samples_trained": round(report.retrain_share * store.samples)}
         return run
 
+    def dampened(m, c):  # selective dampening alone (pyunlearn.unlearn.dampen): no store
+        report = dampen(m, c.split.forget, c.split.retain, seed=c.seed)
+        return {"dampened": report.dampened, "samples_trained": report.samples}
+
     table = {
         "pu.forget (keep 0.01 float16)": library_forget("k0.01"),
+        "pu.forget (keep 0.01 float16, dampen=False)": library_forget("k0.01", dampen=False),
+        "Dampen": dampened,
         "pu.forget (dense)": library_forget("dense"),
         "Dense amnesiac": amnesiac("dense"),
         "Amnesiac keep 0.01": amnesiac("k0.01"),

@@ -6,6 +6,7 @@ statistics from retained data, which none of the others reach."""
 from ._loop import UnlearnReport
 from .amnesiac import Deletion, ForgetReport, amnesiac_forget, forgetting
 from .buffers import StaleBuffersWarning, recompute_batchnorm
+from .dampen import DampenReport, dampen
 from .finetune import fine_tune
 from .gradient import gradient_ascent
 from .guarded import GuardedReport, ProbeScore, Tolerance, forget, score
@@ -16,4 +17,4 @@ from .repair import RepairReport, forget_and_repair, repair, subtracted_steps
 __all__ = ["forget", "GuardedReport", "Tolerance", "ProbeScore", "score", "ForgetReport", "amnesiac_forget",
            "forgetting", "Deletion", "label_flip", "gradient_ascent", "fine_tune", "LayerwiseMask",
            "UnlearnReport", "StaleBuffersWarning", "recompute_batchnorm",
-           "repair", "forget_and_repair", "RepairReport", "subtracted_steps"]
+           "repair", "forget_and_repair", "RepairReport", "subtracted_steps", "dampen", "DampenReport"]

@@ -33,10 +33,14 @@ from ..errors import GuardFailedError
 from ..store import UpdateStore
 from ._loop import model_device, to_device
 from .amnesiac import ForgetReport, forgetting
+from .dampen import DampenReport, apply_dampening, importances
 from .finetune import fine_tune
 from .repair import repair, step_learning_rates
 
 STRATEGIES = ("auto", "subtract", "replay", "fine-tune")
+# Dampening's selection thresholds, tried in turn until the probe holds: the paper's 10 first,
+# then fewer parameters (a unit's own steps can leave its behaviour in shared ones).
+DAMPEN_SELECT = (10.0, 30.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -174,22 +178,29 @@ class GuardedReport:
     seconds: float = 0.0
     shape: RequestShape | None = None  # what the store knew about the request's steps
     repair: str = "none"  # the repair chosen if the probe fell: "replay" or "fine-tune" (then "none" if not needed)
+    dampening: DampenReport | None = None  # the final dampening, if forget_data was given and the probe held
 
 
 def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet, retain_data: SampleSet | None = None,
            forget_data: SampleSet | None = None, held_out: SampleSet | None = None, tolerance: Tolerance = Tolerance(),
            budget: float = 0.3, strategy: str = "auto", lr: float | None = None, batch_size: int | None = None,
            step_epochs: float = 0.05, request_id: str | None = None, commit: bool = True, not_found: str = "raise",
-           seed: int = 0) -> GuardedReport:
+           seed: int = 0, dampen: bool = True) -> GuardedReport:
     """Forgets `ids` from `model` (in place), guarded by `probe` (see the module docstring).
 
     probe: a small validation set (retained training samples or held-out ones; 1,000–2,000
     samples is enough) on which the result must stay within `tolerance` of the model before.
     retain_data: the retained training data (with their IDs): what repairs replay and fine-tune
     on; without it only subtraction is possible, and a probe that falls is GuardFailedError.
-    forget_data and held_out: the forgotten samples and samples never trained on; given both,
-    the record carries a membership check (the forgotten samples' losses against the held-out
-    ones: AUC and a Mann–Whitney p-value, before and after). budget: the repairs' cost as a
+    forget_data: the forgotten samples (with their labels as trained on). Given, the request
+    ends with selective dampening (`unlearn.dampen`): the parameters the forgotten samples need
+    far more than the retained ones (retain_data, or the probe without it) are shrunk, at the
+    first threshold of DAMPEN_SELECT under which the probe stays within the tolerance (none:
+    the model is left as the subtraction and repair made it); it is what removes a behaviour that
+    only the forgotten samples taught, such as a backdoor, which a sparse store's subtraction
+    leaves (docs/guide.md). dampen=False leaves it out. held_out: samples never trained on;
+    given with forget_data, the record carries a membership check (the forgotten samples' losses
+    against the held-out ones: AUC and a Mann–Whitney p-value, before and after). budget: the repairs' cost as a
     share of a retrain (samples processed / samples the recording trained on). strategy:
     "auto" (subtraction; if the probe fell, the repair `choose_repair` picks from what the store
     knows of the request's steps — replay their retained samples first when the store keeps most
@@ -215,11 +226,13 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     step_epochs = ratio("step_epochs", step_epochs)
     if not isinstance(tolerance, Tolerance):
         raise TypeError(f"tolerance must be a pyunlearn.unlearn.Tolerance, got {type(tolerance).__name__}")
-    if (forget_data is None) != (held_out is None):
-        raise ValueError("forget_data and held_out go together (the membership check compares them); pass both or "
-                         "neither")
+    if held_out is not None and forget_data is None:
+        raise ValueError("held_out needs forget_data (the membership check compares them): pass the forgotten samples "
+                         "as forget_data, or leave held_out out")
+    if forget_data is not None:
+        forget_data = checked_samples("forget_data", forget_data, when_empty="pass the forgotten samples, or None")
     before = score(model, probe)
-    evidence_before = _membership(model, forget_data, held_out) if forget_data is not None else None
+    evidence_before = _membership(model, forget_data, held_out) if held_out is not None else None
     exempt = _classes_forgotten(forget_data, retain_data)
     with forgetting(model, store, ids, request_id=request_id, commit=commit, not_found=not_found,
                     keep_copy=True) as deletion:
@@ -258,6 +271,12 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
                 "The model was restored and nothing was recorded. Give retained data to repair with, a larger "
                 "budget, or a store that keeps more of each update (keep)")
+        dampening = None
+        if dampen and forget_data is not None:
+            dampening, note, spent = _dampened(model, forget_data, retain_data if retain_data is not None else probe,
+                                               probe, before, tolerance, exempt, spent, budget, store.samples, seed)
+            actions.append(note)
+            current = score(model, probe)
         evidence = None
         if evidence_before is not None:
             evidence_after = _membership(model, forget_data, held_out)
@@ -268,7 +287,8 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                         "p_after": f"{evidence_after[1]:.3g}"}
         reason = why if repaired != "none" else "the probe held after the subtraction"
         deletion.note(method="amnesiac+guard",
-                      params={"strategy": strategy, "repair": repaired, "why": reason, "budget": budget},
+                      params={"strategy": strategy, "repair": repaired, "why": reason, "budget": budget,
+                              "dampening": dampening.to_text() if dampening else "none"},
                       guard={"probe": str(len(probe)),
                              "tolerance": f"overall {tolerance.overall}, per class {tolerance.per_class}",
                              "request": " ".join(f"{k}={v}" for k, v in shape.to_record().items()),
@@ -277,7 +297,24 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                              "retrain_share": f"{spent:.4f}"},
                       evidence=evidence)
     return GuardedReport(deletion.report, before, after, current, actions, spent, evidence, time.perf_counter() - start,
-                         shape, repaired)
+                         shape, repaired, dampening)
+
+
+def _dampened(model, forget_data, retained, probe, before, tolerance, exempt, spent, budget, trained, seed):
+    """The final dampening (see `forget`): (its report or None, what was done, the cost spent so
+    far with it). The model is left dampened only under a threshold the probe holds under. (A
+    second round, importances measured afresh, changed nothing in the backdoor scenarios: one.)"""
+    found = importances(model, forget_data, retained, seed=seed)
+    cost = found.samples / max(1, trained)
+    if spent + cost > budget:
+        return None, f"not dampened: its {found.samples} samples' gradients would exceed the budget {budget:g}", spent
+    kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for select in DAMPEN_SELECT:
+        report = apply_dampening(model, found, select=select)
+        if not tolerance.problems(before, score(model, probe), exempt):
+            return report, report.to_text(), spent + cost
+        model.load_state_dict(kept)
+    return None, f"dampening undone: the probe fell under every threshold {DAMPEN_SELECT}", spent + cost
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -347,4 +384,4 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["forget", "GuardedReport", "ProbeScore", "Tolerance", "score", "STRATEGIES", "RequestShape", "choose_repair",
-           "REPLAY_KEEP"]
+           "REPLAY_KEEP", "DAMPEN_SELECT"]

@@ -1,0 +1,192 @@
+"""Selective dampening (pyunlearn.unlearn.dampen) and pu.forget's final dampening: it shrinks what
+only the forgotten samples rely on, leaves what the retained ones need, and pu.forget keeps it
+only where the probe holds. Crossed with a recorded store and a backdoor: what subtraction from a
+sparse store leaves, dampening removes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyunlearn as pu
+from pyunlearn import data
+from pyunlearn.models import train
+from pyunlearn.unlearn import dampen, guarded
+from pyunlearn.unlearn.dampen import _mean_squared_gradients, _one_by_one, apply_dampening, importances
+
+
+def _linear_case(features=6, private=4):
+    """A linear model; the forgotten samples alone have feature `private` switched on (the
+    retained ones have it at 0), the other features drawn alike for both."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(features, 3)
+    torch.nn.init.normal_(model.weight, generator=gen)
+    x_kept, x_gone = torch.randn(400, features, generator=gen), torch.randn(60, features, generator=gen)
+    x_kept[:, private], x_gone[:, private] = 0.0, 3.0
+    kept = data.SampleSet(torch.arange(400), x_kept, torch.randint(0, 3, (400,), generator=gen))
+    gone = data.SampleSet(torch.arange(400, 460), x_gone, torch.zeros(60, dtype=torch.long))
+    return model, kept, gone
+
+
+def test_only_what_the_forgotten_samples_alone_rely_on_is_shrunk():
+    model, kept, gone = _linear_case()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = dampen(model, gone, kept)
+    weight = model.weight.detach()
+    assert torch.equal(weight[:, 4], torch.zeros(3))  # the retained samples never use feature 4: shrunk to 0
+    others = [c for c in range(6) if c != 4]
+    assert torch.equal(weight[:, others], before["weight"][:, others])  # used alike by both: untouched
+    assert report.per_layer["weight"] == 3 and report.dampened == 3 + report.per_layer["bias"]
+    assert report.parameters == 6 * 3 + 3 and report.samples == 460
+
+
+def test_a_higher_threshold_or_a_milder_strength_changes_less():
+    model, kept, gone = _linear_case()
+    found = importances(model, gone, kept)
+    ratio = found.forgotten["weight"] / found.retained["weight"].clamp_min(1e-30)
+    strict = apply_dampening(torch.nn.Linear(6, 3), found, select=float(ratio[ratio < 1e6].max()) + 1)
+    assert strict.dampened == 3 + strict.per_layer["bias"]  # above every finite ratio: only feature 4's column
+    mild = torch.nn.Linear(6, 3)
+    start = mild.weight.detach().clone()
+    apply_dampening(mild, found, strength=1e12)  # the shrink factor is capped at 1 ...
+    others = [c for c in range(6) if c != 4]
+    assert torch.equal(mild.weight.detach()[:, others], start[:, others])
+    assert torch.equal(mild.weight.detach()[:, 4], torch.zeros(3))  # ... but what nothing retained needs still goes
+
+
+def test_per_sample_gradients_vectorised_or_one_by_one_agree_and_leave_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+    digits = data.digits().draw(50, seed=0)
+    model.train()
+    model(digits.x)  # BatchNorm statistics that are not the initial ones
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    fast = _mean_squared_gradients(model, digits)
+    assert model.training and all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
+    names = [n for n, p in model.named_parameters()]
+    totals = [torch.zeros_like(p) for p in model.parameters()]
+    model.eval()
+    _one_by_one(model, digits, list(model.parameters()), totals, torch.device("cpu"))
+    for name, total in zip(names, totals):
+        torch.testing.assert_close(fast[name], total / len(digits), rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments_name_themselves():
+    model, kept, gone = _linear_case()
+    with pytest.raises(ValueError, match="select"):
+        dampen(model, gone, kept, select=0)
+    with pytest.raises(ValueError, match="strength"):
+        dampen(model, gone, kept, strength=-1.0)
+    with pytest.raises(ValueError, match="forget_data"):
+        dampen(model, gone.subset(torch.zeros(60, dtype=torch.bool)), kept)
+    with pytest.raises(TypeError, match="retain_data"):
+        dampen(model, gone, [1, 2])
+
+
+# ------------------------------------------------------------------------------ through pu.forget
+TRIGGER_CLASS = 0
+
+
+def _triggered(x):
+    x = x.clone()
+    x[..., -2:, -2:] = x.max()  # a bright 2×2 square in the corner, where digits are blank
+    return x
+
+
+def _mlp():
+    """A model with parameters of its own for every pixel: what dampening needs to find a
+    trigger's (DigitsCNN pools 8×8 to 2×2 and shares every parameter between positions: there,
+    the guard measured nothing that dampening could take without the probe falling)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory):
+    """An MLP trained 8 epochs on 80% of the digits, 5% of them (not of class 0) triggered and
+    relabelled 0, recorded at keep 0.01 float16 (the library's default store)."""
+    folder = tmp_path_factory.mktemp("backdoor")
+    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    candidates = torch.nonzero(train_set.y != TRIGGER_CLASS).flatten()
+    picked = candidates[torch.randperm(len(candidates), generator=gen)[: len(train_set) // 20]]
+    x, y = train_set.x.clone(), train_set.y.clone()
+    x[picked], y[picked] = _triggered(x[picked]), TRIGGER_CLASS
+    poisoned = data.SampleSet(train_set.ids, x, y)
+    torch.manual_seed(0)
+    model = _mlp()
+    store = pu.UpdateStore.create(folder / "s.zarr", model, keep=0.01, value_dtype="float16")
+    train(model, poisoned, epochs=8, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    store.close()
+    others = test_set.subset(test_set.y != TRIGGER_CLASS)
+    attack = data.SampleSet(others.ids, _triggered(others.x), others.y)
+    return folder, model.state_dict(), poisoned, poisoned.subset(picked), test_set, attack
+
+
+def _open(backdoored, tmp_path):
+    import shutil
+
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    shutil.copytree(folder / "s.zarr", tmp_path / "s.zarr")
+    model = _mlp()
+    model.load_state_dict(state)
+    return model, pu.UpdateStore.open(tmp_path / "s.zarr")
+
+
+def _attack_success(model, attack):
+    with torch.no_grad():
+        return float((model.eval()(attack.x).argmax(1) == TRIGGER_CLASS).float().mean())
+
+
+def test_forget_dampens_a_backdoor_that_subtraction_from_a_sparse_store_leaves(backdoored, tmp_path):
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    probe = retained.draw(300, seed=0)
+    original = _mlp()
+    original.load_state_dict(state)
+    assert _attack_success(original, attack) > 0.5  # the backdoor took
+
+    results = {}
+    for dampening in (False, True):
+        model, store = _open(backdoored, tmp_path / str(dampening))
+        report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget,
+                           budget=0.6, dampen=dampening)
+        results[dampening] = _attack_success(model, attack)
+        assert not guarded.Tolerance().problems(report.before, guarded.score(model, probe))
+        params = store.ledger.audit()[0]["params"]
+        if dampening:
+            assert report.dampening is not None and report.dampening.dampened > 0
+            assert params["dampening"].startswith("dampened ") and any(a.startswith("dampened") for a in report.actions)
+        else:
+            assert report.dampening is None and params["dampening"] == "none"
+    assert results[True] < results[False] / 2  # dampening removed most of what the subtraction left
+
+
+def test_forget_undoes_a_dampening_the_probe_does_not_hold_under(backdoored, tmp_path, monkeypatch):
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    probe = retained.draw(300, seed=0)
+
+    def ruinous(model, found, *, select):  # a dampening that wipes out the model
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return pu.unlearn.DampenReport(select, 1.0, 1, 1, {}, 0)
+
+    monkeypatch.setattr(guarded, "apply_dampening", ruinous)
+    model, store = _open(backdoored, tmp_path)
+    report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6)
+    assert report.dampening is None and "undone" in report.actions[-1]
+    assert not guarded.Tolerance().problems(report.before, guarded.score(model, probe))
+    assert report.final == guarded.score(model, probe)
+
+
+def test_held_out_needs_forget_data_but_forget_data_alone_dampens_without_evidence(backdoored, tmp_path):
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    model, store = _open(backdoored, tmp_path)
+    with pytest.raises(ValueError, match="held_out needs forget_data"):
+        pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), held_out=test_set)
+    report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
+                       forget_data=forget, budget=0.6)
+    assert report.evidence is None and store.ledger.audit()[0].get("evidence") in (None, {})
