@@ -228,6 +228,9 @@ def _forget(args) -> int:
     from .unlearn import amnesiac_forget
 
     ids = [] if args.catch_up else _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
+    unguarded = [flag for flag, value in (("--retain", args.retain), ("--forget-data", args.forget_data)) if value]
+    if args.probe is None and unguarded:
+        raise ValueError(f"{' and '.join(unguarded)} take part in guarded forgetting: give --probe (and --model) too")
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
@@ -247,8 +250,10 @@ def _forget(args) -> int:
                 module = _built_model(args.model, checkpoint)
                 guarded = forget(module, store, ids, probe=_samples("--probe", args.probe),
                                  retain_data=None if args.retain is None else _samples("--retain", args.retain),
+                                 forget_data=None if args.forget_data is None else _samples("--forget-data",
+                                                                                             args.forget_data),
                                  budget=args.budget, strategy=args.strategy, request_id=args.request_id,
-                                 commit=False, not_found=not_found)
+                                 commit=False, not_found=not_found, dampen=not args.no_dampen)
                 report = guarded.forget
                 print(f"guard: {'; '.join(guarded.actions)}; probe {guarded.before.to_text()} before, "
                       f"{guarded.final.to_text()} after ({guarded.retrain_share:.3f} of a retrain)")
@@ -443,6 +448,10 @@ def main(argv=None) -> int:
     guard.add_argument("--strategy", choices=("auto", "subtract", "replay", "fine-tune"), default="auto",
                        help="how to repair if the probe falls: auto (default: chosen from the store's statistics of "
                             "the request, see docs/guide.md), subtract (no repair), replay, fine-tune")
+    guard.add_argument("--forget-data", help="the forgotten samples with their labels as trained on, as --probe: the "
+                                             "request then ends by dampening what only they rely on (a backdoor that "
+                                             "subtraction leaves), kept only if the probe holds")
+    guard.add_argument("--no-dampen", action="store_true", help="leave the dampening out although --forget-data is given")
     forget.set_defaults(run=_forget)
 
     audit = commands.add_parser("audit", help="check a store's audit log, forgotten IDs and data (an auditor's check)")

@@ -190,3 +190,33 @@ def test_held_out_needs_forget_data_but_forget_data_alone_dampens_without_eviden
     report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
                        forget_data=forget, budget=0.6)
     assert report.evidence is None and store.ledger.audit()[0].get("evidence") in (None, {})
+
+
+def test_dampening_on_the_command_line(backdoored, tmp_path, capsys):
+    from pyunlearn.cli import main
+
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    model, store = _open(backdoored, tmp_path)
+    store.close()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    retained = poisoned.without(forget.ids)
+    for name, samples in (("probe", retained.draw(300, seed=0)), ("retain", retained), ("forget", forget)):
+        torch.save({"ids": samples.ids, "x": samples.x, "y": samples.y}, tmp_path / f"{name}.pt")
+    import numpy as np
+
+    np.save(tmp_path / "ids.npy", forget.ids.numpy())
+    args = ["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
+            "--ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "out.pt"), "--forget-data",
+            str(tmp_path / "forget.pt")]
+    assert main(args) == 1  # dampening is part of guarded forgetting: no --probe, nothing done
+    assert "--forget-data take part in guarded forgetting" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+    guard = ["--probe", str(tmp_path / "probe.pt"), "--model", "tests.unlearn.test_dampen:_mlp", "--retain", str(tmp_path / "retain.pt"),
+             "--budget", "0.6"]
+    assert main(args + guard) == 0
+    assert "dampened" in capsys.readouterr().out
+    forgotten = _mlp()
+    forgotten.load_state_dict(torch.load(tmp_path / "out.pt"))
+    assert _attack_success(forgotten, attack) < 0.5
+    record = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger.audit()[0]
+    assert record["params"]["dampening"].startswith("dampened")
