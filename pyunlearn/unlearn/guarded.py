@@ -14,6 +14,12 @@ within the tolerance, the deletion is recorded with what was measured and done (
 `evidence`); if not, the model is restored and GuardFailedError says what was measured. A forget
 never reports success on a model that lost more than the tolerance on its probe.
 
+Given the forgotten samples themselves (`forget_data`), the request ends with selective
+dampening (`unlearn.dampen`): what a sparse store's subtraction leaves of a behaviour only those
+samples taught (a backdoor's trigger) sits in parameters they rely on and the retained data
+hardly does; those are shrunk, and kept shrunk only if the probe holds (at the first of
+DAMPEN_SELECT's thresholds it holds under; at none, the dampening is undone).
+
 The decision rule and its measurements are in docs/guide.md ("Forgetting safely"); the building
 blocks (amnesiac_forget, forgetting, repair, fine_tune) stay public.
 """
