@@ -220,3 +220,12 @@ def test_dampening_on_the_command_line(backdoored, tmp_path, capsys):
     assert _attack_success(forgotten, attack) < 0.5
     record = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger.audit()[0]
     assert record["params"]["dampening"].startswith("dampened")
+
+
+def test_frozen_parameters_are_neither_measured_nor_touched():
+    model, kept, gone = _linear_case()
+    model.weight.requires_grad_(False)
+    before = model.weight.detach().clone()
+    report = dampen(model, gone, kept)
+    assert torch.equal(model.weight.detach(), before) and set(report.per_layer) == {"bias"}
+    assert report.parameters == 3
