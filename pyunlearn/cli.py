@@ -230,7 +230,11 @@ def _forget(args) -> int:
     ids = [] if args.catch_up else _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
     unguarded = [flag for flag, value in (("--retain", args.retain), ("--forget-data", args.forget_data)) if value]
     if args.probe is None and unguarded:
-        raise ValueError(f"{' and '.join(unguarded)} take part in guarded forgetting: give --probe (and --model) too")
+        raise ValueError(f"{' and '.join(unguarded)} {'take' if len(unguarded) > 1 else 'takes'} part in guarded "
+                         "forgetting: give --probe (and --model) too")
+    if args.no_dampen and args.forget_data is None:
+        raise ValueError("--no-dampen: there is no dampening to leave out without --forget-data (it needs the "
+                         "forgotten samples); drop --no-dampen")
     out_path = Path(args.out)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: folder {out_path.parent} does not exist")
@@ -450,7 +454,8 @@ def main(argv=None) -> int:
                             "the request, see docs/guide.md), subtract (no repair), replay, fine-tune")
     guard.add_argument("--forget-data", help="the forgotten samples with their labels as trained on, as --probe: the "
                                              "request then ends by dampening what only they rely on (a backdoor that "
-                                             "subtraction leaves), kept only if the probe holds")
+                                             "subtraction leaves), kept only if the probe holds; with --retain, the "
+                                             "classes they hold most of are exempt from the tolerance")
     guard.add_argument("--no-dampen", action="store_true", help="leave the dampening out although --forget-data is given")
     forget.set_defaults(run=_forget)
 

@@ -20,6 +20,7 @@ class's own parameters go. It costs one forward and backward pass per sample of 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from .._validate import positive_int, positive_number
 from ..data import SampleSet, checked_samples
+from ..errors import ModelMismatchError
 from ..store.layers import trainable_parameters
 from ._loop import model_device, to_device
 
@@ -84,8 +86,16 @@ def apply_dampening(model: torch.nn.Module, found: Importances, *, select: float
                     strength: float = STRENGTH) -> DampenReport:
     """Shrinks `model`'s parameters by `found` (in place); see the module docstring."""
     select, strength = positive_number("select", select), positive_number("strength", strength)
+    named = trainable_parameters(model)
+    shapes = {name: tuple(p.shape) for name, p in named}
+    measured = {name: tuple(v.shape) for name, v in found.forgotten.items()}
+    if shapes != measured:
+        differ = sorted(set(shapes) ^ set(measured)) or sorted(n for n in shapes if shapes[n] != measured[n])
+        raise ModelMismatchError(f"found: these importances were measured on another model (parameters that differ: "
+                                 f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); measure them on "
+                                 "this one with importances(model, ...)")
     per_layer, total = {}, 0
-    for name, p in trainable_parameters(model):
+    for name, p in named:
         forgotten, retained = found.forgotten[name].to(p.device), found.retained[name].to(p.device)
         chosen = forgotten > select * retained
         scale = torch.clamp(strength * retained / forgotten.clamp_min(torch.finfo(forgotten.dtype).tiny), max=1.0)
@@ -128,7 +138,11 @@ def _mean_squared_gradients(model: torch.nn.Module, data: SampleSet) -> dict[str
     try:
         try:
             _vectorised(model, data, raw_names, raw, frozen, buffers, totals, chunk, device)
-        except (RuntimeError, NotImplementedError):  # an operation torch.func cannot batch
+        except torch.OutOfMemoryError:
+            raise  # not a reason to go on 100 times slower
+        except (RuntimeError, NotImplementedError) as exc:  # an operation torch.func cannot batch
+            warnings.warn(f"dampening: per-sample gradients one sample at a time (slower), as torch.func could not "
+                          f"vectorise this model: {type(exc).__name__}: {str(exc)[:200]}", RuntimeWarning, stacklevel=3)
             for t in totals:
                 t.zero_()
             _one_by_one(model, data, [p for _, p in named], totals, device)

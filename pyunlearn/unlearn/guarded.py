@@ -39,6 +39,7 @@ from ..errors import GuardFailedError
 from ..store import UpdateStore
 from ._loop import model_device, to_device
 from .amnesiac import ForgetReport, forgetting
+from .dampen import SAMPLES as DAMPEN_SAMPLES
 from .dampen import DampenReport, apply_dampening, importances
 from .finetune import fine_tune
 from .repair import repair, step_learning_rates
@@ -312,10 +313,11 @@ def _dampened(model, forget_data, retained, probe, before, tolerance, exempt, sp
     """The final dampening (see `forget`): (its report or None, what was done, the cost spent so
     far with it). The model is left dampened only under a threshold the probe holds under. (A
     second round, importances measured afresh, changed nothing in the backdoor scenarios: one.)"""
-    found = importances(model, forget_data, retained, seed=seed)
-    cost = found.samples / max(1, trained)
-    if spent + cost > budget:
-        return None, f"not dampened: its {found.samples} samples' gradients would exceed the budget {budget:g}", spent
+    samples = min(len(forget_data), DAMPEN_SAMPLES) + min(len(retained), DAMPEN_SAMPLES)
+    cost = samples / max(1, trained)
+    if spent + cost > budget:  # known before any gradient is taken
+        return None, f"not dampened: its {samples} samples' gradients would exceed the budget {budget:g}", spent
+    found = importances(model, forget_data, retained, samples=DAMPEN_SAMPLES, seed=seed)
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for select in DAMPEN_SELECT:
         report = apply_dampening(model, found, select=select)

@@ -4,6 +4,8 @@ only where the probe holds. Crossed with a recorded store and a backdoor: what s
 sparse store leaves, dampening removes."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_a_higher_threshold_or_a_milder_strength_changes_less():
     assert torch.equal(mild.weight.detach()[:, 4], torch.zeros(3))  # ... but what nothing retained needs still goes
 
 
-def test_per_sample_gradients_vectorised_or_one_by_one_agree_and_leave_the_model_as_it_was():
+def test_per_sample_gradients_vectorised_or_one_by_one_agree_and_leave_the_model_as_it_was(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
@@ -61,7 +63,13 @@ def test_per_sample_gradients_vectorised_or_one_by_one_agree_and_leave_the_model
     model.train()
     model(digits.x)  # BatchNorm statistics that are not the initial ones
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    fast = _mean_squared_gradients(model, digits)
+
+    def not_here(*args):
+        raise AssertionError("the vectorised path fell back")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.import_module("pyunlearn.unlearn.dampen"), "_one_by_one", not_here)
+        fast = _mean_squared_gradients(model, digits)
     assert model.training and all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
     names = [n for n, p in model.named_parameters()]
     totals = [torch.zeros_like(p) for p in model.parameters()]
@@ -209,7 +217,9 @@ def test_dampening_on_the_command_line(backdoored, tmp_path, capsys):
             "--ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "out.pt"), "--forget-data",
             str(tmp_path / "forget.pt")]
     assert main(args) == 1  # dampening is part of guarded forgetting: no --probe, nothing done
-    assert "--forget-data take part in guarded forgetting" in capsys.readouterr().err
+    assert "--forget-data takes part in guarded forgetting" in capsys.readouterr().err
+    assert main(args[:-2] + ["--no-dampen", "--probe", str(tmp_path / "probe.pt"), "--model", "x:y"]) == 1
+    assert "--no-dampen: there is no dampening to leave out" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
     guard = ["--probe", str(tmp_path / "probe.pt"), "--model", "tests.unlearn.test_dampen:_mlp", "--retain", str(tmp_path / "retain.pt"),
              "--budget", "0.6"]
@@ -229,3 +239,41 @@ def test_frozen_parameters_are_neither_measured_nor_touched():
     report = dampen(model, gone, kept)
     assert torch.equal(model.weight.detach(), before) and set(report.per_layer) == {"bias"}
     assert report.parameters == 3
+
+
+def test_an_operation_torch_func_cannot_batch_falls_back_with_a_warning():
+    class Itemised(torch.nn.Linear):
+        def forward(self, x):
+            if float(x.sum().item()) > -1e30:  # data-dependent Python control flow: vmap refuses it
+                return super().forward(x)
+            return x
+
+    model, kept, gone = _linear_case()
+    odd = Itemised(6, 3)
+    odd.load_state_dict(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="one sample at a time"):
+        slow = _mean_squared_gradients(odd, kept)
+    torch.testing.assert_close(slow, _mean_squared_gradients(model, kept), rtol=1e-4, atol=1e-9)
+
+
+def test_importances_of_another_model_are_refused():
+    model, kept, gone = _linear_case()
+    found = importances(model, gone, kept)
+    with pytest.raises(pu.ModelMismatchError, match="found: these importances were measured on another model"):
+        apply_dampening(torch.nn.Linear(5, 3), found)
+    with pytest.raises(pu.ModelMismatchError, match="0.weight"):
+        apply_dampening(torch.nn.Sequential(torch.nn.Linear(6, 3)), found)
+
+
+def test_a_dampening_over_the_budget_is_not_computed(backdoored, tmp_path, monkeypatch):
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("gradients taken for a dampening the budget cannot afford")
+
+    monkeypatch.setattr(guarded, "importances", not_here)
+    model, store = _open(backdoored, tmp_path)
+    report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
+                       forget_data=forget, budget=0.02, strategy="subtract", tolerance=guarded.Tolerance(0.5, 0.9))
+    assert report.dampening is None and report.actions[-1].startswith("not dampened") and report.retrain_share == 0
