@@ -11,7 +11,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn import data
-from pyunlearn.models import train
+from pyunlearn.models import DigitsCNN, train
 from pyunlearn.unlearn import dampen, guarded
 from pyunlearn.unlearn.dampen import _mean_squared_gradients, _one_by_one, apply_dampening, importances
 
@@ -102,16 +102,9 @@ def _triggered(x):
     return x
 
 
-def _mlp():
-    """A model with parameters of its own for every pixel: what dampening needs to find a
-    trigger's (DigitsCNN pools 8×8 to 2×2 and shares every parameter between positions: there,
-    the guard measured nothing that dampening could take without the probe falling)."""
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-
-
 @pytest.fixture(scope="module")
 def backdoored(tmp_path_factory):
-    """An MLP trained 8 epochs on 80% of the digits, 5% of them (not of class 0) triggered and
+    """DigitsCNN trained 8 epochs on 80% of the digits, 5% of them (not of class 0) triggered and
     relabelled 0, recorded at keep 0.01 float16 (the library's default store)."""
     folder = tmp_path_factory.mktemp("backdoor")
     train_set, test_set = data.split(data.digits(), 0.2, seed=0)
@@ -122,7 +115,7 @@ def backdoored(tmp_path_factory):
     x[picked], y[picked] = _triggered(x[picked]), TRIGGER_CLASS
     poisoned = data.SampleSet(train_set.ids, x, y)
     torch.manual_seed(0)
-    model = _mlp()
+    model = DigitsCNN()
     store = pu.UpdateStore.create(folder / "s.zarr", model, keep=0.01, value_dtype="float16")
     train(model, poisoned, epochs=8, batch_size=32, lr=0.05, seed=0, stores=(store,))
     store.close()
@@ -136,7 +129,7 @@ def _open(backdoored, tmp_path):
 
     folder, state, poisoned, forget, test_set, attack = backdoored
     shutil.copytree(folder / "s.zarr", tmp_path / "s.zarr")
-    model = _mlp()
+    model = DigitsCNN()
     model.load_state_dict(state)
     return model, pu.UpdateStore.open(tmp_path / "s.zarr")
 
@@ -150,7 +143,7 @@ def test_forget_dampens_a_backdoor_that_subtraction_from_a_sparse_store_leaves(b
     folder, state, poisoned, forget, test_set, attack = backdoored
     retained = poisoned.without(forget.ids)
     probe = retained.draw(300, seed=0)
-    original = _mlp()
+    original = DigitsCNN()
     original.load_state_dict(state)
     assert _attack_success(original, attack) > 0.5  # the backdoor took
 
@@ -221,11 +214,11 @@ def test_dampening_on_the_command_line(backdoored, tmp_path, capsys):
     assert main(args[:-2] + ["--no-dampen", "--probe", str(tmp_path / "probe.pt"), "--model", "x:y"]) == 1
     assert "--no-dampen: there is no dampening to leave out" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
-    guard = ["--probe", str(tmp_path / "probe.pt"), "--model", "tests.unlearn.test_dampen:_mlp", "--retain", str(tmp_path / "retain.pt"),
-             "--budget", "0.6"]
+    guard = ["--probe", str(tmp_path / "probe.pt"), "--model", "pyunlearn.models:DigitsCNN",
+             "--retain", str(tmp_path / "retain.pt"), "--budget", "0.6"]
     assert main(args + guard) == 0
     assert "dampened" in capsys.readouterr().out
-    forgotten = _mlp()
+    forgotten = DigitsCNN()
     forgotten.load_state_dict(torch.load(tmp_path / "out.pt"))
     assert _attack_success(forgotten, attack) < 0.5
     record = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger.audit()[0]
