@@ -406,3 +406,49 @@ def test_id_dataset_with_uuid_keys_through_the_default_collate(tmp_path):
             optimizer.step()
     assert store.steps_for([str(KEYS[2]).upper()]).steps.tolist() == [0]
     store.close()
+
+
+# ----------------------------------------------------------------- 5. keys + guarded CLI + dampening + resume
+def test_keys_guarded_cli_with_forget_data_dampens_records_and_training_resumes(tmp_path, capsys, monkeypatch):
+    """A store of keys, forgotten from by the guarded command line with --forget-data (the
+    dampening at its end), verified by `audit verify`; training resumes from the output and
+    refuses the forgotten key."""
+    monkeypatch.setenv("PYUNLEARN_SECRET", SECRET)
+    _recorded_keyed_checkpoint(tmp_path)
+    path = tmp_path / "s.zarr"
+    _, x, y = tiny_data(N)
+    gone = [3, 17, 40]
+    kept = [i for i in range(N) if i not in gone]
+    as_file = lambda name, rows: torch.save(  # noqa: E731 - samples as the CLI reads them (IDs are positions here)
+        {"ids": torch.tensor(rows), "x": x[rows], "y": y[rows]}, tmp_path / f"{name}.pt")
+    as_file("probe", kept), as_file("retain", kept), as_file("forget", gone)
+    (tmp_path / "keys.txt").write_text("".join(f"{KEYS[i]}\n" for i in gone), encoding="utf-8")
+    code, out, err = _cli(capsys, "forget", "--store", path, "--checkpoint", tmp_path / "final.pt", "--keys",
+                          tmp_path / "keys.txt", "--request-id", "R-D", "--out", tmp_path / "after.pt",
+                          "--probe", tmp_path / "probe.pt", "--model", "tests.support:TinyNet",
+                          "--retain", tmp_path / "retain.pt", "--forget-data", tmp_path / "forget.pt",
+                          "--budget", "1")
+    assert code == 0, err
+    assert "request R-D applied" in out and "dampened 0 of 195 parameters" in out  # the frozen one not counted
+    store = pu.UpdateStore.open(path, mode="r", secret=SECRET)
+    (record,) = [r for r in store.ledger.audit() if r["request"] == "R-D"]
+    assert record["method"] == "amnesiac+guard" and record["keys"] == 3
+    assert record["params"]["dampening"].startswith("dampened 0 of 195")  # nothing only the 3 keys rely on
+    assert record["params"]["dampening"] in record["guard"]["actions"]
+    store.close()
+    assert _cli(capsys, "audit", "verify", path)[0] == 0
+
+    saved = torch.load(tmp_path / "after.pt", weights_only=True)
+    model, optimizer, loader = _plain_setup()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    store = pu.UpdateStore.open(path, secret=SECRET)
+    rec = pu.UpdateRecorder(model, optimizer, store, state=saved["recorder"])
+    with pytest.raises(pu.RecorderError, match="deletion was requested"):
+        rec.batch([KEYS[1], KEYS[gone[0]]])
+    rec.batch([KEYS[1], KEYS[2]])  # training goes on from the deletion's model
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[[1, 2]]), y[[1, 2]]).backward()
+    optimizer.step()
+    rec.close()
+    store.close()
