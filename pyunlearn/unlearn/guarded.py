@@ -311,20 +311,31 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
 
 def _dampened(model, forget_data, retained, probe, before, tolerance, exempt, spent, budget, trained, seed):
     """The final dampening (see `forget`): (its report or None, what was done, the cost spent so
-    far with it). The model is left dampened only under a threshold the probe holds under. (A
-    second round, importances measured afresh, changed nothing in the backdoor scenarios: one.)"""
+    far with it). The model is left dampened only under a threshold the probe holds under and
+    that does not make the forgotten samples fit their labels better: the importances are
+    magnitudes, and after a subtraction a parameter that now resists the forgotten samples can
+    weigh as much as one they rely on (measured: a digits backdoor's attack rose from 16% to 31%
+    before this check). (A second round, importances measured afresh, changed nothing in the
+    backdoor scenarios: one.)"""
     samples = min(len(forget_data), DAMPEN_SAMPLES) + min(len(retained), DAMPEN_SAMPLES)
     cost = samples / max(1, trained)
     if spent + cost > budget:  # known before any gradient is taken
         return None, f"not dampened: its {samples} samples' gradients would exceed the budget {budget:g}", spent
     found = importances(model, forget_data, retained, samples=DAMPEN_SAMPLES, seed=seed)
+    forgotten = forget_data.draw(DAMPEN_SAMPLES, seed=seed)
+    fit_before = score(model, forgotten).loss
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    refits = 0
     for select in DAMPEN_SELECT:
         report = apply_dampening(model, found, select=select)
         if not tolerance.problems(before, score(model, probe), exempt):
-            return report, report.to_text(), spent + cost
+            if score(model, forgotten).loss >= fit_before:
+                return report, report.to_text(), spent + cost
+            refits += 1
         model.load_state_dict(kept)
-    return None, f"dampening undone: the probe fell under every threshold {DAMPEN_SELECT}", spent + cost
+    why = f"the probe fell under every threshold {DAMPEN_SELECT}" if not refits else (
+        f"under every threshold of {DAMPEN_SELECT} the probe fell or the forgotten samples fit their labels better")
+    return None, f"dampening undone: {why}", spent + cost
 
 
 # ---------------------------------------------------------------------------------- helpers

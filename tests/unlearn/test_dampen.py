@@ -270,3 +270,24 @@ def test_a_dampening_over_the_budget_is_not_computed(backdoored, tmp_path, monke
     report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
                        forget_data=forget, budget=0.02, strategy="subtract", tolerance=guarded.Tolerance(0.5, 0.9))
     assert report.dampening is None and report.actions[-1].startswith("not dampened") and report.retrain_share == 0
+
+
+def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(backdoored, tmp_path, monkeypatch):
+    """Importances are magnitudes: after a subtraction a parameter resisting the forgotten samples
+    can be chosen, and shrinking it fits them again. Such a dampening is undone."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    probe = retained.draw(300, seed=0)
+
+    def refitting(model, found, *, select):  # a small step towards the forgotten samples' labels
+        pu.unlearn.fine_tune(model, forget, lr=0.005, batch_size=len(forget), max_steps=1)
+        return pu.unlearn.DampenReport(select, 1.0, 1, 1, {}, 0)
+
+    monkeypatch.setattr(guarded, "apply_dampening", refitting)
+    model, store = _open(backdoored, tmp_path)
+    report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6)
+    assert report.dampening is None and "fit their labels better" in report.actions[-1]
+    undamped, store2 = _open(backdoored, tmp_path / "plain")
+    pu.forget(undamped, store2, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6,
+              dampen=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), undamped.state_dict().values()))
