@@ -17,8 +17,9 @@ never reports success on a model that lost more than the tolerance on its probe.
 Given the forgotten samples themselves (`forget_data`), the request ends with selective
 dampening (`unlearn.dampen`): what a sparse store's subtraction leaves of a behaviour only those
 samples taught (a backdoor's trigger) sits in parameters they rely on and the retained data
-hardly does; those are shrunk, and kept shrunk only if the probe holds (at the first of
-DAMPEN_SELECT's thresholds it holds under; at none, the dampening is undone).
+hardly does; those are shrunk, and kept shrunk only if the probe holds and the forgotten samples
+do not fit their labels better (at the first of DAMPEN_SELECT's thresholds where both hold; at
+none, the dampening is undone).
 
 The decision rule and its measurements are in docs/guide.md ("Forgetting safely"); the building
 blocks (amnesiac_forget, forgetting, repair, fine_tune) stay public.
@@ -204,8 +205,9 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     forget_data: the forgotten samples (with their labels as trained on). Given, the request
     ends with selective dampening (`unlearn.dampen`): the parameters the forgotten samples need
     far more than the retained ones (retain_data, or the probe without it) are shrunk, at the
-    first threshold of DAMPEN_SELECT under which the probe stays within the tolerance (none:
-    the model is left as the subtraction and repair made it); it is what removes a behaviour that
+    first threshold of DAMPEN_SELECT under which the probe stays within the tolerance and the
+    forgotten samples' loss does not fall (none: the model is left as the subtraction and
+    repair made it); it is what removes a behaviour that
     only the forgotten samples taught, such as a backdoor, which a sparse store's subtraction
     leaves (docs/guide.md). dampen=False leaves it out. held_out: samples never trained on;
     given with forget_data, the record carries a membership check (the forgotten samples' losses
