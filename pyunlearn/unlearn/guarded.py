@@ -211,7 +211,8 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     such as a backdoor, which a sparse store's subtraction leaves (docs/guide.md). dampen=False
     leaves it out. held_out: samples never trained on; given with forget_data, the record
     carries a membership check (the forgotten samples' losses against the held-out ones: AUC and
-    a Mann–Whitney p-value, before and after). budget: the repairs' cost as a share of a retrain (samples processed / samples the recording trained on). strategy:
+    a Mann–Whitney p-value, before and after). budget: the repairs' cost as a share of a retrain
+    (samples processed / samples the recording trained on). strategy:
     "auto" (subtraction; if the probe fell, the repair `choose_repair` picks from what the store
     knows of the request's steps — replay their retained samples first when the store keeps most
     of each update and the replay fits the budget, else fine-tune — then fine-tuning in small
