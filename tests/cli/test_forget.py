@@ -166,3 +166,12 @@ def test_forget_by_keys_on_the_command_line_and_the_ledger_export(tmp_path, monk
     assert request["missing"] == 1 and request["version"] == pu.__version__ and request["time"].endswith("+00:00")
     assert [m["made_by"] for m in exported["models"]] == ["training", "deletion"]
     assert "example.com" not in json.dumps(exported)
+
+
+def test_the_strategy_choices_are_the_librarys(capsys):
+    """The CLI spells the strategies out (its --help must not import torch); they must stay the library's."""
+    from pyunlearn.unlearn.guarded import STRATEGIES
+
+    with pytest.raises(SystemExit):
+        main(["forget", "--help"])
+    assert "{" + ",".join(STRATEGIES) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
