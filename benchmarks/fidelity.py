@@ -188,7 +188,7 @@ def methods(args, held_out: SampleSet | None, gradient: bool = False, poison: bo
             return {"steps_removed": report.forget.steps_removed, "steps_applied": report.forget.steps_applied,
                     "repair": report.repair, "actions": report.actions, "shape": report.shape.to_record(),
                     "evidence": report.evidence, "sample_share": report.retrain_share,
-                    "dampened": report.dampening.dampened if report.dampening else 0,
+                    "dampened": sum(d.dampened for d in report.dampenings),
                     "samples_trained": round(report.retrain_share * store.samples)}
         return run
 

@@ -156,10 +156,11 @@ def test_forget_dampens_a_backdoor_that_subtraction_from_a_sparse_store_leaves(b
         assert not guarded.Tolerance().problems(report.before, guarded.score(model, probe))
         params = store.ledger.audit()[0]["params"]
         if dampening:
-            assert report.dampening is not None and report.dampening.dampened > 0
-            assert params["dampening"].startswith("dampened ") and any(a.startswith("dampened") for a in report.actions)
+            assert report.dampenings and all(d.dampened > 0 for d in report.dampenings)
+            kept = [a for a in report.actions if ", dampened " in a]
+            assert len(kept) == len(report.dampenings) and params["dampening"].count("dampened ") == len(kept)
         else:
-            assert report.dampening is None and params["dampening"] == "none"
+            assert report.dampenings == () and params["dampening"] == "none"
     assert results[True] < results[False] / 2  # dampening removed most of what the subtraction left
 
 
@@ -177,7 +178,8 @@ def test_forget_undoes_a_dampening_the_probe_does_not_hold_under(backdoored, tmp
     monkeypatch.setattr(guarded, "apply_dampening", ruinous)
     model, store = _open(backdoored, tmp_path)
     report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6)
-    assert report.dampening is None and "undone" in report.actions[-1]
+    assert report.dampenings == () and "undone" in report.actions[-1]
+    assert report.repair == "none" or "before the repair, dampening undone" in report.actions[1]
     assert not guarded.Tolerance().problems(report.before, guarded.score(model, probe))
     assert report.final == guarded.score(model, probe)
 
@@ -222,7 +224,7 @@ def test_dampening_on_the_command_line(backdoored, tmp_path, capsys):
     forgotten.load_state_dict(torch.load(tmp_path / "out.pt"))
     assert _attack_success(forgotten, attack) < 0.5
     record = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger.audit()[0]
-    assert record["params"]["dampening"].startswith("dampened")
+    assert "dampened" in record["params"]["dampening"]
 
 
 def test_frozen_parameters_are_neither_measured_nor_touched():
@@ -269,7 +271,7 @@ def test_a_dampening_over_the_budget_is_not_computed(backdoored, tmp_path, monke
     model, store = _open(backdoored, tmp_path)
     report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
                        forget_data=forget, budget=0.02, strategy="subtract", tolerance=guarded.Tolerance(0.5, 0.9))
-    assert report.dampening is None and report.actions[-1].startswith("not dampened") and report.retrain_share == 0
+    assert report.dampenings == () and report.actions[-1].startswith("after the subtraction, not dampened") and report.retrain_share == 0
 
 
 def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(backdoored, tmp_path, monkeypatch):
@@ -286,8 +288,36 @@ def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(b
     monkeypatch.setattr(guarded, "apply_dampening", refitting)
     model, store = _open(backdoored, tmp_path)
     report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6)
-    assert report.dampening is None and "fit their labels better" in report.actions[-1]
+    assert report.dampenings == () and "fit their labels better" in report.actions[-1]
     undamped, store2 = _open(backdoored, tmp_path / "plain")
     pu.forget(undamped, store2, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6,
               dampen=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), undamped.state_dict().values()))
+
+
+def test_a_repair_is_preceded_by_a_dampening_held_to_the_subtracted_model(backdoored, tmp_path, monkeypatch):
+    """When the probe falls after the subtraction, one dampening comes before the repair (held to
+    the subtracted model's probe: the repair answers for the rest) and one after it (held to the
+    model before the request), in that order around the fine-tuning."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    calls, real_dampened, real_fine_tune = [], guarded._dampened, guarded.fine_tune
+
+    def dampened(*args):
+        calls.append(("dampen", args[4]))  # its reference: what the probe is held to
+        return real_dampened(*args)
+
+    def tuned(*args, **kwargs):
+        calls.append(("tune", None))
+        return real_fine_tune(*args, **kwargs)
+
+    monkeypatch.setattr(guarded, "_dampened", dampened)
+    monkeypatch.setattr(guarded, "fine_tune", tuned)
+    model, store = _open(backdoored, tmp_path)
+    report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
+                       forget_data=forget, budget=0.6)
+    assert report.repair == "fine-tune"  # this request's subtraction needs a repair
+    assert calls[0] == ("dampen", report.after_subtraction) and calls[-1] == ("dampen", report.before)
+    assert [kind for kind, _ in calls[1:-1]] == ["tune"] * (len(calls) - 2) and len(calls) > 2
+    assert report.actions[1].startswith("before the repair, ") and report.actions[-1].startswith("after the repair, ")
+    assert not guarded.Tolerance().problems(report.before, guarded.score(model, retained.draw(300, seed=0)))
