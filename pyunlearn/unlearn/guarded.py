@@ -7,8 +7,9 @@ is for, and what the audit log records), then measures a small validation probe 
 per class — against the model before the request. Subtraction alone can cost a model many points
 under random batching (a step removed takes its retained batch-mates' learning with it), so when
 the probe has fallen by more than the tolerance, it repairs within a budget (a share of a
-retrain): it fine-tunes on retained data in small increments, measuring after each (or first
-replays the removed steps' retained samples, if asked). If the probe is back
+retrain): it fine-tunes on retained data in small increments, measuring after each, at a
+learning rate that falls over the increments the budget affords (or first replays the removed
+steps' retained samples, if asked). If the probe is back
 within the tolerance, the deletion is recorded with what was measured and done (the record's
 `guard`), and with a membership check if the forgotten samples and held-out ones are given (its
 `evidence`); if not, the model is restored and GuardFailedError says what was measured. A forget
@@ -221,7 +222,8 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     increments until the probe is back), "subtract" (no repair: refuse if the probe falls),
     "replay" (replay the removed steps' retained samples first, then fine-tune), "fine-tune"
     (fine-tuning only). lr: the repairs' learning rate (default: the median learning rate the store
-    recorded). batch_size: the repairs' batch size (default: the store's mean batch, so a repair
+    recorded); fine-tuning starts at it and falls linearly towards 0 over the increments the
+    budget affords. batch_size: the repairs' batch size (default: the store's mean batch, so a repair
     takes steps of the size training took). step_epochs: a fine-tuning increment between two
     measurements, as a share of an epoch of retain_data. request_id, commit, not_found: as amnesiac_forget.
     """
@@ -279,16 +281,25 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 problems = tolerance.problems(before, current, exempt)
             if problems:
                 increment = max(1, math.ceil(step_epochs * len(retain_data) / batch_size))
-                tuned = 0
-                while problems and spent + increment * batch_size / max(1, store.samples) <= budget:
-                    fine_tune(model, retain_data, epochs=1, lr=rate, batch_size=batch_size, seed=seed + tuned,
+                share = increment * batch_size / max(1, store.samples)  # one increment, as a share of a retrain
+                affordable, planned = 0, spent  # counted as the loop below spends, float for float
+                while planned + share <= budget:
+                    affordable, planned = affordable + 1, planned + share
+                tuned, last_rate = 0, rate
+                while problems and spent + share <= budget:
+                    # The rate falls linearly towards 0 over the increments the budget affords, so the last
+                    # ones settle the model: at a constant rate a class of the probe swung by more than its
+                    # tolerance near the budget's edge, and requests were refused (docs/guide.md).
+                    last_rate = rate * (1 - tuned / increment / max(1, affordable))
+                    fine_tune(model, retain_data, epochs=1, lr=last_rate, batch_size=batch_size, seed=seed + tuned,
                               max_steps=increment)
                     tuned += increment
-                    spent += increment * batch_size / max(1, store.samples)
+                    spent += share
                     current = score(model, probe)
                     problems = tolerance.problems(before, current, exempt)
                 if tuned:
-                    actions.append(f"fine-tuned {tuned} steps of {batch_size} retained samples at lr {rate:g}")
+                    actions.append(f"fine-tuned {tuned} steps of {batch_size} retained samples at lr {rate:g} "
+                                   f"falling to {last_rate:.3g}")
         if problems:
             raise GuardFailedError(
                 f"after {'; '.join(actions)}, the probe ({len(probe)} samples) is not within the tolerance of the "
