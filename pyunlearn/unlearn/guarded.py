@@ -348,15 +348,14 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
     now resists the forgotten samples can weigh as much as one they rely on (measured: a digits
     backdoor's attack rose from 16% to 31% before this check).
 
-    Why before a repair too: measured, not derived. On Fashion-MNIST backdoors (5 training
-    seeds; attack success with one dampening after the repair / with one before it as well),
-    9.0/5.0, 4.0/3.6, 31.6/9.2, 4.7/3.3, and as one deletion unit 3.7/2.6, 10.3/9.8, 6.8/2.7;
-    one seed each way was refused, by one class of the probe at the budget's edge (the
-    backdoor's third seed with both, the unit's fifth with one). Our reading: fine-tuning on
-    retained data re-grows what the forgotten samples share with them, so importances taken
-    after it single out the forgotten samples' own parameters less sharply. A second round at
-    the same point, nothing in between, helped one backdoor seed of three and cost another a
-    point of test accuracy: it is not done."""
+    Why before a repair too: measured, not derived (benchmarks/README.md, "pu.forget with
+    dampening"). On the Fashion-MNIST backdoor, one dampening after the repair left attack
+    success 9.0, 4.0, 9.2 (seeds 0-2, at 125a375); one before it as well, 4.8, 3.3, 2.8 (at
+    8ee9608, which also annealed the repair; uncommitted runs that separated the two changes
+    found the annealing alone did not lower the attack). Our reading: fine-tuning on retained data re-grows what the forgotten samples share with them,
+    so importances taken after it single out the forgotten samples' own parameters less
+    sharply. A second round at the same point, nothing in between, helped one backdoor seed of
+    three and cost another a point of test accuracy: it is not done."""
     samples = min(len(forget_data), DAMPEN_SAMPLES) + min(len(retained), DAMPEN_SAMPLES)
     cost = samples / max(1, trained)
     if spent + cost > budget:  # known before any gradient is taken
