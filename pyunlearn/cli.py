@@ -454,9 +454,10 @@ def main(argv=None) -> int:
                        help="how to repair if the probe falls: auto (default: chosen from the store's statistics of "
                             "the request, see docs/guide.md), subtract (no repair), replay, fine-tune")
     guard.add_argument("--forget-data", help="the forgotten samples with their labels as trained on, as --probe: the "
-                                             "request then ends by dampening what only they rely on (a backdoor that "
-                                             "subtraction leaves), kept only if the probe holds; with --retain, the "
-                                             "classes they hold most of are exempt from the tolerance")
+                                             "request then dampens what only they rely on (a backdoor that "
+                                             "subtraction leaves), before a repair and at the end, each kept only "
+                                             "if the probe holds; with --retain, the classes they hold most of are "
+                                             "exempt from the tolerance")
     guard.add_argument("--no-dampen", action="store_true", help="leave the dampening out although --forget-data is given")
     forget.set_defaults(run=_forget)
 

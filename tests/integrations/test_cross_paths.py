@@ -433,7 +433,8 @@ def test_keys_guarded_cli_with_forget_data_dampens_records_and_training_resumes(
     store = pu.UpdateStore.open(path, mode="r", secret=SECRET)
     (record,) = [r for r in store.ledger.audit() if r["request"] == "R-D"]
     assert record["method"] == "amnesiac+guard" and record["keys"] == 3
-    assert record["params"]["dampening"].startswith("after the subtraction, dampened 0 of 195")  # nothing only the 3 keys rely on
+    # nothing only the 3 keys rely on
+    assert record["params"]["dampening"].startswith("after the subtraction, dampened 0 of 195")
     assert record["params"]["dampening"] in record["guard"]["actions"]
     store.close()
     assert _cli(capsys, "audit", "verify", path)[0] == 0

@@ -1,4 +1,4 @@
-"""Selective dampening (pyunlearn.unlearn.dampen) and pu.forget's final dampening: it shrinks what
+"""Selective dampening (pyunlearn.unlearn.dampen) and pu.forget's dampenings: it shrinks what
 only the forgotten samples rely on, leaves what the retained ones need, and pu.forget keeps it
 only where the probe holds. Crossed with a recorded store and a backdoor: what subtraction from a
 sparse store leaves, dampening removes."""
@@ -272,7 +272,8 @@ def test_a_dampening_over_the_budget_is_not_computed(backdoored, tmp_path, monke
     model, store = _open(backdoored, tmp_path)
     report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
                        forget_data=forget, budget=0.02, strategy="subtract", tolerance=guarded.Tolerance(0.5, 0.9))
-    assert report.dampenings == () and report.actions[-1].startswith("after the subtraction, not dampened") and report.retrain_share == 0
+    assert report.dampenings == () and report.retrain_share == 0
+    assert report.actions[-1].startswith("after the subtraction, not dampened")
 
 
 def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(backdoored, tmp_path, monkeypatch):
@@ -287,12 +288,14 @@ def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(b
         return pu.unlearn.DampenReport(select, 1.0, 1, 1, {}, 0)
 
     monkeypatch.setattr(guarded, "apply_dampening", refitting)
+    loose = guarded.Tolerance(0.5, 0.9)  # no repair: the one dampening is at the same point as no dampening
     model, store = _open(backdoored, tmp_path)
-    report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6)
-    assert report.dampenings == () and "fit their labels better" in report.actions[-1]
+    report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6,
+                       tolerance=loose)
+    assert report.dampenings == () and "fit their labels better" in report.actions[-1] and report.repair == "none"
     undamped, store2 = _open(backdoored, tmp_path / "plain")
     pu.forget(undamped, store2, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6,
-              dampen=False)
+              dampen=False, tolerance=loose)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), undamped.state_dict().values()))
 
 
@@ -347,3 +350,59 @@ def test_the_repair_anneals_its_learning_rate_over_what_the_budget_affords(backd
     assert rates[0] == 0.05 and all(b < a for a, b in zip(rates, rates[1:]))
     assert rates[1] == pytest.approx(0.05 * (1 - 1 / affordable)) and rates[-1] >= 0.05 / affordable - 1e-12
     assert f"at lr 0.05 falling to {rates[-1]:.3g}" in report.actions[-1]
+
+
+def test_the_annealed_repair_spends_the_budget_to_its_last_increment_then_refuses(backdoored, tmp_path, monkeypatch):
+    """A tolerance the repair can never meet: every increment the budget affords is taken, the
+    last at the rate over their number (never 0), then the request is refused."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+
+    class Never(guarded.Tolerance):
+        def problems(self, before, after, exempt=frozenset()):
+            return ["never within"]
+
+    rates, real_fine_tune = [], guarded.fine_tune
+
+    def tuned(*args, lr, **kwargs):
+        rates.append(lr)
+        return real_fine_tune(*args, lr=lr, **kwargs)
+
+    monkeypatch.setattr(guarded, "fine_tune", tuned)
+    model, store = _open(backdoored, tmp_path)
+    budget, batch = 0.05, round(store.samples / store.steps)
+    share = math.ceil(0.01 * len(retained) / batch) * batch / store.samples
+    with pytest.raises(pu.GuardFailedError, match="never within"):
+        pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained, budget=budget,
+                  lr=0.05, dampen=False, step_epochs=0.01, tolerance=Never())
+    affordable = int(budget / share + 1e-9)
+    assert affordable >= 3 and len(rates) == affordable
+    assert rates[-1] == pytest.approx(0.05 / affordable) and min(rates) > 0
+    assert all(b < a for a, b in zip(rates, rates[1:]))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))  # restored
+
+
+def test_a_dampening_that_alone_brings_the_probe_back_is_recorded_as_such(backdoored, tmp_path, monkeypatch):
+    """If the dampening after the subtraction brings the probe back, no repair runs and no second
+    dampening: the record says the dampening restored the probe, not that it held."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    probe = retained.draw(300, seed=0)
+    calls = []
+
+    def restoring(model, forget_data, retained_, probe_, reference, *rest):  # stands in for a dampening that works
+        calls.append(reference)
+        model.load_state_dict(state)
+        spent = rest[3]
+        return pu.unlearn.DampenReport(10.0, 1.0, 7, 9, {}, 10), "dampened 7 of 9 parameters", spent + 0.01, \
+            guarded.score(model, probe_)
+
+    monkeypatch.setattr(guarded, "_dampened", restoring)
+    model, store = _open(backdoored, tmp_path)
+    report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.6)
+    assert len(calls) == 1 and calls[0] == report.after_subtraction  # once, held to the subtracted model
+    assert report.repair == "none" and len(report.dampenings) == 1
+    assert report.actions[1] == "after the subtraction, dampened 7 of 9 parameters"
+    params = store.ledger.audit()[0]["params"]
+    assert params["why"].startswith("the dampening after the subtraction brought the probe back")
+    assert params["dampening"].startswith("after the subtraction, ")
