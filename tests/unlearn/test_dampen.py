@@ -327,12 +327,8 @@ def test_a_repair_is_preceded_by_a_dampening_held_to_the_subtracted_model(backdo
     assert not guarded.Tolerance().problems(report.before, guarded.score(model, retained.draw(300, seed=0)))
 
 
-def test_the_repair_anneals_its_learning_rate_over_what_the_budget_affords(backdoored, tmp_path, monkeypatch):
-    """Fine-tuning starts at the given rate and falls linearly towards 0 over the increments the
-    budget affords (at a constant rate, a class of the probe swung past its tolerance near the
-    budget's edge). Not a dampening matter, but this module's fixture needs a repair."""
-    folder, state, poisoned, forget, test_set, attack = backdoored
-    retained = poisoned.without(forget.ids)
+def _fine_tuning_rates(monkeypatch) -> list[float]:
+    """The learning rate of every fine-tuning increment forget's repair takes, in order."""
     rates, real_fine_tune = [], guarded.fine_tune
 
     def tuned(*args, lr, **kwargs):
@@ -340,6 +336,16 @@ def test_the_repair_anneals_its_learning_rate_over_what_the_budget_affords(backd
         return real_fine_tune(*args, lr=lr, **kwargs)
 
     monkeypatch.setattr(guarded, "fine_tune", tuned)
+    return rates
+
+
+def test_the_repair_anneals_its_learning_rate_over_what_the_budget_affords(backdoored, tmp_path, monkeypatch):
+    """Fine-tuning starts at the given rate and falls linearly towards 0 over the increments the
+    budget affords (at a constant rate, a class of the probe swung past its tolerance near the
+    budget's edge). Not a dampening matter, but this module's fixture needs a repair."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    rates = _fine_tuning_rates(monkeypatch)
     model, store = _open(backdoored, tmp_path)
     budget, probe = 0.6, retained.draw(300, seed=0)
     report = pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, budget=budget, lr=0.05,
@@ -362,13 +368,7 @@ def test_the_annealed_repair_spends_the_budget_to_its_last_increment_then_refuse
         def problems(self, before, after, exempt=frozenset()):
             return ["never within"]
 
-    rates, real_fine_tune = [], guarded.fine_tune
-
-    def tuned(*args, lr, **kwargs):
-        rates.append(lr)
-        return real_fine_tune(*args, lr=lr, **kwargs)
-
-    monkeypatch.setattr(guarded, "fine_tune", tuned)
+    rates = _fine_tuning_rates(monkeypatch)
     model, store = _open(backdoored, tmp_path)
     budget, batch = 0.05, round(store.samples / store.steps)
     share = math.ceil(0.01 * len(retained) / batch) * batch / store.samples
