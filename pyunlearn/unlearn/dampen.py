@@ -75,10 +75,17 @@ def importances(model: torch.nn.Module, forget_data: SampleSet, retain_data: Sam
     do not move; the mode is restored), from at most `samples` of each drawn under `seed`."""
     forget_data = checked_samples("forget_data", forget_data, when_empty="there is nothing to dampen for")
     retain_data = checked_samples("retain_data", retain_data, when_empty="dampening compares with retained samples")
-    samples = positive_int("samples", samples)
-    forgotten, retained = forget_data.draw(samples, seed=seed), retain_data.draw(samples, seed=seed + 1)
+    forgotten, retained = drawn_samples(forget_data, retain_data, samples=positive_int("samples", samples), seed=seed)
     return Importances(_mean_squared_gradients(model, forgotten), _mean_squared_gradients(model, retained),
                        len(forgotten), len(retained))
+
+
+def drawn_samples(forget_data: SampleSet, retain_data: SampleSet, *, samples: int = SAMPLES,
+                  seed: int = 0) -> tuple[SampleSet, SampleSet]:
+    """The forgotten and retained samples `importances(..., samples=samples, seed=seed)` takes
+    its gradients over: at most `samples` of each (a set no larger is taken whole), so a caller
+    can know the cost, or measure the same forgotten samples, before or after."""
+    return forget_data.draw(samples, seed=seed), retain_data.draw(samples, seed=seed + 1)
 
 
 @torch.no_grad()

@@ -42,8 +42,7 @@ from ..errors import GuardFailedError
 from ..store import UpdateStore
 from ._loop import model_device, to_device
 from .amnesiac import ForgetReport, forgetting
-from .dampen import SAMPLES as DAMPEN_SAMPLES
-from .dampen import DampenReport, apply_dampening, importances
+from .dampen import DampenReport, apply_dampening, drawn_samples, importances
 from .finetune import fine_tune
 from .repair import repair, step_learning_rates
 
@@ -262,12 +261,12 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
         spent, current, repaired = 0.0, after, "none"
         problems = tolerance.problems(before, current, exempt)
         dampenings, dampen_at_end = [], dampen and forget_data is not None
+        compared = retain_data if retain_data is not None else probe  # what a dampening weighs the forgotten against
         held = "the probe held after the subtraction"  # the record's why, if no repair runs
         if problems and strategy != "subtract" and retain_data is not None:
             if dampen_at_end:  # before the repair as well as after it: see _dampened
                 kept, note, spent, dampened_score = _dampened(
-                    model, forget_data, retain_data, probe, after, tolerance, exempt, spent, budget, store.samples,
-                    seed)
+                    model, forget_data, compared, probe, after, tolerance, exempt, spent, budget, store.samples, seed)
                 if kept is not None:
                     current = dampened_score
                     problems = tolerance.problems(before, current, exempt)
@@ -316,8 +315,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 "budget, or a store that keeps more of each update (keep)")
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
-                model, forget_data, retain_data if retain_data is not None else probe, probe, before, tolerance, exempt,
-                spent, budget, store.samples, seed)
+                model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
             where = "after the repair" if repaired != "none" else "after the subtraction"
             actions.append(f"{where}, {note}")
             if kept is not None:
@@ -365,12 +363,12 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
     single out the forgotten samples' own parameters less sharply. A second round at the same
     point, nothing in between, helped one backdoor seed of three and cost another a point of
     test accuracy: it is not done."""
-    samples = min(len(forget_data), DAMPEN_SAMPLES) + min(len(retained), DAMPEN_SAMPLES)
+    forgotten, compared = drawn_samples(forget_data, retained, seed=seed)  # what the importances are taken over
+    samples = len(forgotten) + len(compared)
     cost = samples / max(1, trained)
     if spent + cost > budget:  # known before any gradient is taken
         return None, f"not dampened: its {samples} samples' gradients would exceed the budget {budget:g}", spent, None
-    found = importances(model, forget_data, retained, samples=DAMPEN_SAMPLES, seed=seed)
-    forgotten = forget_data.draw(DAMPEN_SAMPLES, seed=seed)  # the forgotten samples the importances were taken on
+    found = importances(model, forgotten, compared, seed=seed)  # already drawn: each taken whole
     fit_before = score(model, forgotten).loss
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     refits = 0
