@@ -80,12 +80,15 @@ def importances(model: torch.nn.Module, forget_data: SampleSet, retain_data: Sam
                        len(forgotten), len(retained))
 
 
-def drawn_samples(forget_data: SampleSet, retain_data: SampleSet, *, samples: int = SAMPLES,
+def drawn_samples(forget_data: SampleSet, retain_data: SampleSet, *, samples: int = SAMPLES, most: int | None = None,
                   seed: int = 0) -> tuple[SampleSet, SampleSet]:
     """The forgotten and retained samples `importances(..., samples=samples, seed=seed)` takes
     its gradients over: at most `samples` of each (a set no larger is taken whole), so a caller
-    can know the cost, or measure the same forgotten samples, before or after."""
-    return forget_data.draw(samples, seed=seed), retain_data.draw(samples, seed=seed + 1)
+    can know the cost, or measure the same forgotten samples, before or after. most: at most this
+    many in all (the cost's cap): the forgotten side takes up to half, the retained side the rest."""
+    forgotten = forget_data.draw(samples if most is None else min(samples, max(1, most // 2)), seed=seed)
+    retained = samples if most is None else min(samples, max(1, most - len(forgotten)))
+    return forgotten, retain_data.draw(retained, seed=seed + 1)
 
 
 @torch.no_grad()

@@ -52,6 +52,11 @@ STRATEGIES = ("auto", "subtract", "replay", "fine-tune")
 # are half unlearned), so more parameters pass a given threshold than on the original model:
 # on a backdoor, 10 and 30 took the model down and 300 held the probe with the attack at 4%.
 DAMPEN_SELECT = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+# What one dampening's gradients may cost: at most this share of the budget, so the two a request
+# can take leave the repair two thirds of it. A fixed count of samples (dampen.SAMPLES per side)
+# is nearly a whole small training set: on the digits (1,437 samples) each dampening cost 0.125
+# of a retrain, and two took 0.25 of the default budget 0.3, over ten times what the repair took.
+DAMPEN_BUDGET_SHARE = 1 / 6
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,10 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     leaves (docs/guide.md). The dampening before a repair can also cost a request its
     acceptance: it is held only to the subtracted model's probe, and the repair must then make
     up for it within the budget (measured: a canary seed accepted without it was refused with
-    it). dampen=False leaves both out. held_out: samples never trained on; given with
-    forget_data, the record carries a membership check (the forgotten samples' losses against the held-out ones: AUC and
+    it). Each dampening takes the gradients of at most 2,000 samples of each side, and of no more
+    samples than a sixth of the budget pays for (DAMPEN_BUDGET_SHARE; the probe and the fit check
+    judge the result however few). dampen=False leaves both out. held_out: samples never trained
+    on; given with forget_data, the record carries a membership check (the forgotten samples' losses against the held-out ones: AUC and
     a Mann–Whitney p-value, before and after). budget: the repairs' cost as a share of a retrain
     (samples processed / samples the recording trained on). strategy:
     "auto" (subtraction; if the probe fell, the repair `choose_repair` picks from what the store
@@ -347,6 +354,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
 def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt, spent, budget, trained, seed):
     """One dampening (see `forget`): (its report, what was done, the cost spent so far with it,
     the probe's score of the dampened model), the report and score None where nothing was kept.
+    Its samples are drawn within DAMPEN_BUDGET_SHARE of the budget (dampen.drawn_samples' `most`).
     The model is left dampened only under a threshold under which the probe stays within the
     tolerance of `reference` (the model before the request; before a repair, the subtracted
     model: the repair that follows answers for the rest) and the forgotten samples do not fit
@@ -363,10 +371,11 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
     single out the forgotten samples' own parameters less sharply. A second round at the same
     point, nothing in between, helped one backdoor seed of three and cost another a point of
     test accuracy: it is not done."""
-    forgotten, compared = drawn_samples(forget_data, retained, seed=seed)  # what the importances are taken over
+    most = int(budget * DAMPEN_BUDGET_SHARE * trained + 1e-9)
+    forgotten, compared = drawn_samples(forget_data, retained, most=most, seed=seed)  # what the importances take
     samples = len(forgotten) + len(compared)
     cost = samples / max(1, trained)
-    if spent + cost > budget:  # known before any gradient is taken
+    if spent + cost > budget:  # after a repair that spent nearly all of it; known before any gradient is taken
         return None, f"not dampened: its {samples} samples' gradients would exceed the budget {budget:g}", spent, None
     found = importances(model, forgotten, compared, seed=seed)  # already drawn: each taken whole
     fit_before = score(model, forgotten).loss
@@ -452,4 +461,4 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["forget", "GuardedReport", "ProbeScore", "Tolerance", "score", "STRATEGIES", "RequestShape", "choose_repair",
-           "REPLAY_KEEP", "DAMPEN_SELECT"]
+           "REPLAY_KEEP", "DAMPEN_SELECT", "DAMPEN_BUDGET_SHARE"]

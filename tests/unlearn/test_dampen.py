@@ -16,6 +16,8 @@ from pyunlearn.models import DigitsCNN, train
 from pyunlearn.unlearn import dampen, guarded
 from pyunlearn.unlearn.dampen import _mean_squared_gradients, _one_by_one, apply_dampening, importances
 
+dampen_module = importlib.import_module("pyunlearn.unlearn.dampen")  # the package's `dampen` is the function
+
 
 def _linear_case(features=6, private=4):
     """A linear model; the forgotten samples alone have feature `private` switched on (the
@@ -261,7 +263,7 @@ def test_importances_of_another_model_are_refused():
         apply_dampening(torch.nn.Sequential(torch.nn.Linear(6, 3)), found)
 
 
-def test_a_dampening_over_the_budget_is_not_computed(backdoored, tmp_path, monkeypatch):
+def test_a_dampening_past_what_the_repair_left_of_the_budget_is_not_computed(backdoored, tmp_path, monkeypatch):
     folder, state, poisoned, forget, test_set, attack = backdoored
     retained = poisoned.without(forget.ids)
 
@@ -270,10 +272,49 @@ def test_a_dampening_over_the_budget_is_not_computed(backdoored, tmp_path, monke
 
     monkeypatch.setattr(guarded, "importances", not_here)
     model, store = _open(backdoored, tmp_path)
+    probe = retained.draw(300, seed=0)
+    spent, budget = 0.29, 0.3  # a repair spent all but 0.01 of it; the dampening's draw would cost more
+    assert int(budget * guarded.DAMPEN_BUDGET_SHARE * store.samples) / store.samples > budget - spent
+    kept, note, after, measured = guarded._dampened(model, forget, retained, probe, guarded.score(model, probe),
+                                                    guarded.Tolerance(), set(), spent, budget, store.samples, 0)
+    assert kept is None and measured is None and after == spent
+    assert note.startswith("not dampened: its ") and note.endswith("would exceed the budget 0.3")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))
+
+
+def test_a_dampening_draws_no_more_samples_than_its_share_of_the_budget(backdoored, tmp_path, monkeypatch):
+    """On a small training set a fixed 2,000 retained samples is nearly all of it: each dampening
+    takes at most DAMPEN_BUDGET_SHARE of the budget, the forgotten side up to half of that."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    drawn, real_importances = [], guarded.importances
+
+    def counted(model, forgotten, compared, **kwargs):
+        drawn.append((len(forgotten), len(compared)))
+        return real_importances(model, forgotten, compared, **kwargs)
+
+    monkeypatch.setattr(guarded, "importances", counted)
+    model, store = _open(backdoored, tmp_path)
+    budget = 0.6
+    most = int(budget * guarded.DAMPEN_BUDGET_SHARE * store.samples)
+    assert most < len(forget) + min(len(retained), dampen_module.SAMPLES)  # the cap binds on this data
     report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
-                       forget_data=forget, budget=0.02, strategy="subtract", tolerance=guarded.Tolerance(0.5, 0.9))
-    assert report.dampenings == () and report.retrain_share == 0
-    assert report.actions[-1].startswith("after the subtraction, not dampened")
+                       forget_data=forget, budget=budget)
+    assert drawn and all(pair == (len(forget), most - len(forget)) for pair in drawn)  # the forgotten whole
+    assert all(d.samples == most for d in report.dampenings)
+    assert report.retrain_share <= budget
+
+
+def test_drawn_samples_within_a_cap_split_it_between_the_sides():
+    model, kept, gone = _linear_case()  # 400 retained, 60 forgotten
+    forgotten, retained = dampen_module.drawn_samples(gone, kept, most=101, seed=0)
+    assert (len(forgotten), len(retained)) == (50, 51)  # the forgotten side takes up to half
+    assert torch.equal(forgotten.ids, gone.draw(50, seed=0).ids)  # the same draw as without a cap, shorter
+    forgotten, retained = dampen_module.drawn_samples(gone, kept, most=300, seed=0)
+    assert (len(forgotten), len(retained)) == (60, 240)  # a smaller side is taken whole, the other gets the rest
+    forgotten, retained = dampen_module.drawn_samples(gone, kept, samples=100, most=10_000, seed=0)
+    assert (len(forgotten), len(retained)) == (60, 100)  # `samples` still bounds each side
+    assert [len(s) for s in dampen_module.drawn_samples(gone, kept, seed=0)] == [60, 400]
 
 
 def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(backdoored, tmp_path, monkeypatch):
