@@ -318,8 +318,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
             raise GuardFailedError(
                 f"after {'; '.join(actions)}, the probe ({len(probe)} samples) is not within the tolerance of the "
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
-                "The model was restored and nothing was recorded. Give retained data to repair with, a larger "
-                "budget, or a store that keeps more of each update (keep)")
+                f"The model was restored and nothing was recorded. {_what_may_help(retain_data, strategy, dampenings)}")
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -395,6 +394,20 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list) -> str:
+    """A refusal's advice: only what applies to this call."""
+    if retain_data is None:
+        return "Give retained data to repair with (retain_data), or retrain"
+    if strategy == "subtract":
+        return "Let it repair (strategy='auto'), or retrain"
+    advice = "Give a larger budget, or retrain"
+    if dampenings:  # kept before the repair: the repair had to make up for it too
+        advice += (". A dampening before the repair was kept, and the repair had to make up for what it changed: "
+                   "without it (dampen=False, --no-dampen) the request may be accepted, leaving what only the "
+                   "forgotten samples taught (measured: a canary request refused with it was accepted without)")
+    return advice
+
+
 def _recorded_rate(store: UpdateStore) -> float:
     """The median learning rate the store recorded (update stores since format 4, gradient stores)."""
     rates = step_learning_rates(store, np.arange(store.steps))

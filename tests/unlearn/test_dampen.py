@@ -423,6 +423,35 @@ def test_the_annealed_repair_spends_the_budget_to_its_last_increment_then_refuse
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))  # restored
 
 
+def test_a_refusal_after_a_dampening_before_the_repair_says_it_may_pass_without(backdoored, tmp_path, monkeypatch):
+    """The dampening before a repair can cost a request its acceptance (measured on a canary): a
+    refusal after one was kept names dampen=False as a way out; with none kept, it does not."""
+    folder, state, poisoned, forget, test_set, attack = backdoored
+    retained = poisoned.without(forget.ids)
+    probe = retained.draw(300, seed=0)
+
+    class Never(guarded.Tolerance):
+        def problems(self, before, after, exempt=frozenset()):
+            return ["never within"]
+
+    def kept(model, forget_data, retained_, probe_, reference, *rest):  # a dampening kept that changed nothing
+        return pu.unlearn.DampenReport(10.0, 1.0, 7, 9, {}, 10), "dampened 7 of 9 parameters", rest[3] + 0.01, \
+            guarded.score(model, probe_)
+
+    def undone(model, forget_data, retained_, probe_, reference, *rest):
+        return None, "dampening undone: the probe fell under every threshold", rest[3] + 0.01, None
+
+    for stand_in, advised in ((kept, True), (undone, False)):
+        monkeypatch.setattr(guarded, "_dampened", stand_in)
+        model, store = _open(backdoored, tmp_path / stand_in.__name__)
+        with pytest.raises(pu.GuardFailedError) as refused:
+            pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.05,
+                      step_epochs=0.01, tolerance=Never())
+        message = str(refused.value)
+        assert message.startswith("after subtracted ") and "never within" in message
+        assert ("dampen=False" in message) is advised and "Give a larger budget" in message
+
+
 def test_a_dampening_that_alone_brings_the_probe_back_is_recorded_as_such(backdoored, tmp_path, monkeypatch):
     """If the dampening after the subtraction brings the probe back, no repair runs and no second
     dampening: the record says the dampening restored the probe, not that it held."""

@@ -42,10 +42,23 @@ def _setup(digits_run, tmp_path):
 def test_without_retained_data_a_collapsed_probe_is_refused_and_the_model_restored(digits_run, tmp_path):
     model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(pu.GuardFailedError, match="not within the tolerance.*restored and nothing was recorded"):
+    with pytest.raises(pu.GuardFailedError, match="not within the tolerance.*restored and nothing was recorded. "
+                                                  r"Give retained data to repair with \(retain_data\), or retrain$"):
         pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert len(store.ledger) == 1 and store.forgotten_ids().size == 0
+
+
+def test_a_refusal_advises_only_what_applies_to_the_call(digits_run, tmp_path):
+    """With retained data given, the advice is not to give it; with strategy="subtract", to let
+    it repair; with a repair that ran out of budget, a larger budget."""
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    probe, retained = test_set.draw(300, seed=0), train_set.without(forget_ids)
+    with pytest.raises(pu.GuardFailedError, match=r"Let it repair \(strategy='auto'\), or retrain$"):
+        pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, strategy="subtract")
+    with pytest.raises(pu.GuardFailedError) as refused:
+        pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, budget=0.01)
+    assert str(refused.value).endswith("Give a larger budget, or retrain") and "retain_data" not in str(refused.value)
 
 
 def test_repairs_bring_the_probe_back_and_the_record_says_what_was_done(digits_run, tmp_path):
