@@ -448,7 +448,7 @@ def main(argv=None) -> int:
                                        "the model's code)")
     guard.add_argument("--retain", help="retained training data to repair with, as --probe")
     guard.add_argument("--budget", type=_positive_float, default=0.3,
-                       help="the repairs' cost as a share of a retrain (default 0.3)")
+                       help="what the repairs and dampenings may cost, as a share of a retrain (default 0.3)")
     # guarded.STRATEGIES, spelt out so that --help imports no torch (tests/cli/test_forget.py checks they agree)
     guard.add_argument("--strategy", choices=("auto", "subtract", "replay", "fine-tune"), default="auto",
                        help="how to repair if the probe falls: auto (default: chosen from the store's statistics of "

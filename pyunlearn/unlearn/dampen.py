@@ -82,13 +82,19 @@ def importances(model: torch.nn.Module, forget_data: SampleSet, retain_data: Sam
 
 def drawn_samples(forget_data: SampleSet, retain_data: SampleSet, *, samples: int = SAMPLES, most: int | None = None,
                   seed: int = 0) -> tuple[SampleSet, SampleSet]:
-    """The forgotten and retained samples `importances(..., samples=samples, seed=seed)` takes
-    its gradients over: at most `samples` of each (a set no larger is taken whole), so a caller
-    can know the cost, or measure the same forgotten samples, before or after. most: at most this
-    many in all (the cost's cap): the forgotten side takes up to half, the retained side the rest."""
-    forgotten = forget_data.draw(samples if most is None else min(samples, max(1, most // 2)), seed=seed)
-    retained = samples if most is None else min(samples, max(1, most - len(forgotten)))
-    return forgotten, retain_data.draw(retained, seed=seed + 1)
+    """The forgotten and retained samples whose gradients a dampening takes: at most `samples` of
+    each (a set no larger is taken whole), drawn under `seed` as `importances` draws them, so a
+    caller can know the cost, or measure the same forgotten samples, before or after. most: at
+    most this many in all (a cost's cap, at least 2): the forgotten side takes up to half, or
+    more where the retained side cannot use its half, and the retained side the rest."""
+    if most is None:
+        return forget_data.draw(samples, seed=seed), retain_data.draw(samples, seed=seed + 1)
+    most = positive_int("most", most)
+    if most < 2:
+        raise ValueError(f"most must be at least 2 (a sample of each side), got {most}")
+    usable = min(len(retain_data), samples)  # what the retained side can take at most
+    forgotten = forget_data.draw(min(samples, max(most // 2, most - usable)), seed=seed)
+    return forgotten, retain_data.draw(min(usable, most - len(forgotten)), seed=seed + 1)
 
 
 @torch.no_grad()

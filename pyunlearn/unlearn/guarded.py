@@ -53,10 +53,16 @@ STRATEGIES = ("auto", "subtract", "replay", "fine-tune")
 # on a backdoor, 10 and 30 took the model down and 300 held the probe with the attack at 4%.
 DAMPEN_SELECT = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 # What one dampening's gradients may cost: at most this share of the budget, so the two a request
-# can take leave the repair two thirds of it. A fixed count of samples (dampen.SAMPLES per side)
-# is nearly a whole small training set: on the digits (1,437 samples) each dampening cost 0.125
-# of a retrain, and two took 0.25 of the default budget 0.3, over ten times what the repair took.
+# can take cost at most a third of it. Up to dampen.SAMPLES per side is nearly a whole small
+# training set: on the digits (1,437 samples) each dampening cost 0.125 of a retrain, and two
+# took 0.25 of the default budget 0.3, 8 to 30 times what the repair took.
 DAMPEN_BUDGET_SHARE = 1 / 6
+
+
+def dampening_draw(budget: float, trained: int) -> int:
+    """The most samples one dampening in `forget` takes gradients of: DAMPEN_BUDGET_SHARE of
+    `budget` (a share of a retrain), for a recording that trained on `trained` samples."""
+    return int(budget * DAMPEN_BUDGET_SHARE * trained + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,7 @@ class GuardedReport:
     after_subtraction: ProbeScore
     final: ProbeScore
     actions: list[str] = field(default_factory=list)
-    retrain_share: float = 0.0  # samples processed by the repairs over the samples the recording trained on
+    retrain_share: float = 0.0  # samples processed by the repairs and dampenings over those the recording trained on
     evidence: dict[str, str] | None = None
     seconds: float = 0.0
     shape: RequestShape | None = None  # what the store knew about the request's steps
@@ -223,9 +229,11 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     it). Each dampening takes the gradients of at most 2,000 samples of each side, and of no more
     samples than a sixth of the budget pays for (DAMPEN_BUDGET_SHARE; the probe and the fit check
     judge the result however few). dampen=False leaves both out. held_out: samples never trained
-    on; given with forget_data, the record carries a membership check (the forgotten samples' losses against the held-out ones: AUC and
-    a Mann–Whitney p-value, before and after). budget: the repairs' cost as a share of a retrain
-    (samples processed / samples the recording trained on). strategy:
+    on; given with forget_data, the record carries a membership check (the forgotten samples'
+    losses against the held-out ones: AUC and a Mann–Whitney p-value, before and after). budget:
+    what the repairs and dampenings may cost, as a share of a retrain (samples processed /
+    samples the recording trained on; the probe's and the check's forward passes are not
+    counted, and take time on top). strategy:
     "auto" (subtraction; if the probe fell, the repair `choose_repair` picks from what the store
     knows of the request's steps — replay their retained samples first when the store keeps most
     of each update and the replay fits the budget, else fine-tune — then fine-tuning in small
@@ -353,7 +361,9 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
 def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt, spent, budget, trained, seed):
     """One dampening (see `forget`): (its report, what was done, the cost spent so far with it,
     the probe's score of the dampened model), the report and score None where nothing was kept.
-    Its samples are drawn within DAMPEN_BUDGET_SHARE of the budget (dampen.drawn_samples' `most`).
+    Its samples are drawn within DAMPEN_BUDGET_SHARE of the whole budget (`dampening_draw`), not
+    of what is left: a dampening after a repair that left less is not computed, rather than
+    computed on fewer samples than the others.
     The model is left dampened only under a threshold under which the probe stays within the
     tolerance of `reference` (the model before the request; before a repair, the subtracted
     model: the repair that follows answers for the rest) and the forgotten samples do not fit
@@ -370,7 +380,10 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
     single out the forgotten samples' own parameters less sharply. A second round at the same
     point, nothing in between, helped one backdoor seed of three and cost another a point of
     test accuracy: it is not done."""
-    most = int(budget * DAMPEN_BUDGET_SHARE * trained + 1e-9)
+    most = dampening_draw(budget, trained)
+    if most < 2:
+        return None, f"not dampened: its share of the budget {budget:g} pays for fewer than 2 samples' gradients", \
+            spent, None
     forgotten, compared = drawn_samples(forget_data, retained, most=most, seed=seed)  # what the importances take
     samples = len(forgotten) + len(compared)
     cost = samples / max(1, trained)
@@ -474,4 +487,4 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["forget", "GuardedReport", "ProbeScore", "Tolerance", "score", "STRATEGIES", "RequestShape", "choose_repair",
-           "REPLAY_KEEP", "DAMPEN_SELECT", "DAMPEN_BUDGET_SHARE"]
+           "REPLAY_KEEP", "DAMPEN_SELECT", "DAMPEN_BUDGET_SHARE", "dampening_draw"]

@@ -274,11 +274,16 @@ def test_a_dampening_past_what_the_repair_left_of_the_budget_is_not_computed(bac
     model, store = _open(backdoored, tmp_path)
     probe = retained.draw(300, seed=0)
     spent, budget = 0.29, 0.3  # a repair spent all but 0.01 of it; the dampening's draw would cost more
-    assert int(budget * guarded.DAMPEN_BUDGET_SHARE * store.samples) / store.samples > budget - spent
+    assert guarded.dampening_draw(budget, store.samples) / store.samples > budget - spent
     kept, note, after, measured = guarded._dampened(model, forget, retained, probe, guarded.score(model, probe),
                                                     guarded.Tolerance(), set(), spent, budget, store.samples, 0)
     assert kept is None and measured is None and after == spent
     assert note.startswith("not dampened: its ") and note.endswith("would exceed the budget 0.3")
+    # a budget whose sixth pays for fewer than one sample of each side: none computed either
+    kept, note, after, measured = guarded._dampened(model, forget, retained, probe, guarded.score(model, probe),
+                                                    guarded.Tolerance(), set(), 0.0, 0.3, 30, 0)
+    assert kept is None and after == 0.0
+    assert note == "not dampened: its share of the budget 0.3 pays for fewer than 2 samples' gradients"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))
 
 
@@ -296,25 +301,31 @@ def test_a_dampening_draws_no_more_samples_than_its_share_of_the_budget(backdoor
     monkeypatch.setattr(guarded, "importances", counted)
     model, store = _open(backdoored, tmp_path)
     budget = 0.6
-    most = int(budget * guarded.DAMPEN_BUDGET_SHARE * store.samples)
+    most = guarded.dampening_draw(budget, store.samples)
+    assert most == math.floor(budget / 6 * store.samples + 1e-9)  # a sixth of what the budget pays for
     assert most < len(forget) + min(len(retained), dampen_module.SAMPLES)  # the cap binds on this data
     report = pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained,
                        forget_data=forget, budget=budget)
     assert drawn and all(pair == (len(forget), most - len(forget)) for pair in drawn)  # the forgotten whole
     assert all(d.samples == most for d in report.dampenings)
-    assert report.retrain_share <= budget
+    assert len(drawn) * most / store.samples <= report.retrain_share <= budget  # each draw is charged
 
 
 def test_drawn_samples_within_a_cap_split_it_between_the_sides():
     model, kept, gone = _linear_case()  # 400 retained, 60 forgotten
     forgotten, retained = dampen_module.drawn_samples(gone, kept, most=101, seed=0)
     assert (len(forgotten), len(retained)) == (50, 51)  # the forgotten side takes up to half
-    assert torch.equal(forgotten.ids, gone.draw(50, seed=0).ids)  # the same draw as without a cap, shorter
+    assert torch.equal(forgotten.ids, gone.draw(50, seed=0).ids)  # drawn under the seed importances uses
     forgotten, retained = dampen_module.drawn_samples(gone, kept, most=300, seed=0)
     assert (len(forgotten), len(retained)) == (60, 240)  # a smaller side is taken whole, the other gets the rest
+    forgotten, retained = dampen_module.drawn_samples(kept, gone, most=300, seed=0)
+    assert (len(forgotten), len(retained)) == (240, 60)  # and the other way round
     forgotten, retained = dampen_module.drawn_samples(gone, kept, samples=100, most=10_000, seed=0)
     assert (len(forgotten), len(retained)) == (60, 100)  # `samples` still bounds each side
     assert [len(s) for s in dampen_module.drawn_samples(gone, kept, seed=0)] == [60, 400]
+    for bad in (1, 0, -3, 2.5, True):
+        with pytest.raises((ValueError, TypeError), match="most"):
+            dampen_module.drawn_samples(gone, kept, most=bad, seed=0)
 
 
 def test_forget_undoes_a_dampening_that_makes_the_forgotten_samples_fit_better(backdoored, tmp_path, monkeypatch):
