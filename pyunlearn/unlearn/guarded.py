@@ -408,12 +408,12 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 # ---------------------------------------------------------------------------------- helpers
 def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list) -> str:
-    """A refusal's advice: only what applies to this call."""
+    """A refusal's advice: only what applies to this call (by its Python and its CLI names)."""
     if retain_data is None:
-        return "Give retained data to repair with (retain_data), or retrain"
+        return "Give retained data to repair with (retain_data, --retain), or retrain"
     if strategy == "subtract":
-        return "Let it repair (strategy='auto'), or retrain"
-    advice = "Give a larger budget, or retrain"
+        return "Let it repair (strategy='auto', --strategy auto), or retrain"
+    advice = "Give a larger budget (budget, --budget), or retrain"
     if dampenings:  # kept before the repair: the repair had to make up for it too
         advice += (". A dampening before the repair was kept, and the repair had to make up for what it changed: "
                    "without it (dampen=False, --no-dampen) the request may be accepted, leaving what only the "

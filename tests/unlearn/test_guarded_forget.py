@@ -43,7 +43,7 @@ def test_without_retained_data_a_collapsed_probe_is_refused_and_the_model_restor
     model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(pu.GuardFailedError, match="not within the tolerance.*restored and nothing was recorded. "
-                                                  r"Give retained data to repair with \(retain_data\), or retrain$"):
+                                                  r"Give retained data to repair with \(retain_data, --retain\), or retrain$"):
         pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert len(store.ledger) == 1 and store.forgotten_ids().size == 0
@@ -54,11 +54,12 @@ def test_a_refusal_advises_only_what_applies_to_the_call(digits_run, tmp_path):
     it repair; with a repair that ran out of budget, a larger budget."""
     model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
     probe, retained = test_set.draw(300, seed=0), train_set.without(forget_ids)
-    with pytest.raises(pu.GuardFailedError, match=r"Let it repair \(strategy='auto'\), or retrain$"):
+    with pytest.raises(pu.GuardFailedError, match=r"Let it repair \(strategy='auto', --strategy auto\), or retrain$"):
         pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, strategy="subtract")
     with pytest.raises(pu.GuardFailedError) as refused:
         pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, budget=0.01)
-    assert str(refused.value).endswith("Give a larger budget, or retrain") and "retain_data" not in str(refused.value)
+    assert str(refused.value).endswith("Give a larger budget (budget, --budget), or retrain")
+    assert "retain_data" not in str(refused.value)
 
 
 def test_repairs_bring_the_probe_back_and_the_record_says_what_was_done(digits_run, tmp_path):
@@ -196,10 +197,12 @@ def test_guarded_forget_on_the_command_line(digits_run, tmp_path, capsys):
             "--ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "out.pt"), "--probe", str(tmp_path / "probe.pt"),
             "--model", "pyunlearn.models:DigitsCNN"]
     assert main(args) == 1  # no retained data to repair with: refused, nothing written
-    assert "not within the tolerance" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+    err = capsys.readouterr().err
+    assert "not within the tolerance" in err and "--retain" in err and not (tmp_path / "out.pt").exists()
     retained = ["--retain", str(tmp_path / "retain.pt"), "--budget", "0.6"]
     assert main(args + retained + ["--strategy", "subtract"]) == 1  # repairs refused: as without retained data
-    assert "not within the tolerance" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+    err = capsys.readouterr().err
+    assert "not within the tolerance" in err and "--strategy auto" in err and not (tmp_path / "out.pt").exists()
     assert main(args + retained) == 0
     out = capsys.readouterr().out
     assert out.startswith("guard: subtracted") and "applied" in out
