@@ -228,7 +228,9 @@ def _forget(args) -> int:
     from .unlearn import amnesiac_forget
 
     ids = [] if args.catch_up else _read_ids(Path(args.ids)) if args.ids else _read_keys(Path(args.keys))
-    unguarded = [flag for flag, value in (("--retain", args.retain), ("--forget-data", args.forget_data)) if value]
+    unguarded = [flag for flag, value in (("--retain", args.retain), ("--forget-data", args.forget_data),
+                                          ("--tolerance-overall", args.tolerance_overall),
+                                          ("--tolerance-per-class", args.tolerance_per_class)) if value is not None]
     if args.probe is None and unguarded:
         raise ValueError(f"{' and '.join(unguarded)} {'take' if len(unguarded) > 1 else 'takes'} part in guarded "
                          "forgetting: give --probe (and --model) too")
@@ -249,15 +251,17 @@ def _forget(args) -> int:
                                          not_found=not_found)
                 checkpoint.replace({name: p for name, p in module.named_parameters()})
             else:  # guarded: the model's own code runs the probe
-                from .unlearn import forget
+                from .unlearn import Tolerance, forget
 
+                given = {"overall": args.tolerance_overall, "per_class": args.tolerance_per_class}
+                tolerance = Tolerance(**{name: value for name, value in given.items() if value is not None})
                 module = _built_model(args.model, checkpoint)
                 guarded = forget(module, store, ids, probe=_samples("--probe", args.probe),
                                  retain_data=None if args.retain is None else _samples("--retain", args.retain),
                                  forget_data=None if args.forget_data is None else _samples("--forget-data",
                                                                                              args.forget_data),
                                  budget=args.budget, strategy=args.strategy, request_id=args.request_id,
-                                 commit=False, not_found=not_found, dampen=not args.no_dampen)
+                                 commit=False, not_found=not_found, dampen=not args.no_dampen, tolerance=tolerance)
                 report = guarded.forget
                 print(f"guard: {'; '.join(guarded.actions)}; probe {guarded.before.to_text()} before, "
                       f"{guarded.final.to_text()} after ({guarded.retrain_share:.3f} of a retrain)")
@@ -379,6 +383,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share of accuracy in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -459,6 +473,12 @@ def main(argv=None) -> int:
                                              "if the probe holds; with --retain, the classes they hold most of are "
                                              "exempt from the tolerance")
     guard.add_argument("--no-dampen", action="store_true", help="leave the dampening out although --forget-data is given")
+    # unlearn.Tolerance's defaults, spelt out so that --help imports no torch (tests/cli/test_forget.py checks they agree)
+    guard.add_argument("--tolerance-overall", type=_share, metavar="SHARE",
+                       help="how far the probe's accuracy may fall below the model before the request (default 0.01)")
+    guard.add_argument("--tolerance-per-class", type=_share, metavar="SHARE",
+                       help="how far each class's accuracy on the probe may fall (default 0.03, or twice the class's "
+                            "binomial standard error on the probe if larger)")
     forget.set_defaults(run=_forget)
 
     audit = commands.add_parser("audit", help="check a store's audit log, forgotten IDs and data (an auditor's check)")

@@ -175,3 +175,15 @@ def test_the_strategy_choices_are_the_librarys(capsys):
     with pytest.raises(SystemExit):
         main(["forget", "--help"])
     assert "{" + ",".join(STRATEGIES) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
+
+
+def test_the_tolerance_defaults_the_help_states_are_the_librarys(capsys):
+    """--tolerance-overall and --tolerance-per-class default to unlearn.Tolerance's own values,
+    which --help spells out (it must not import torch)."""
+    from pyunlearn.unlearn import Tolerance
+
+    with pytest.raises(SystemExit):
+        main(["forget", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"model before the request (default {Tolerance().overall:g})" in text
+    assert f"may fall (default {Tolerance().per_class:g}," in text
