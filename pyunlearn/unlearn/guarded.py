@@ -422,8 +422,8 @@ def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: lis
                    "forgotten samples taught (measured: a canary request refused with it was accepted without)")
     if all(line.startswith("class ") for line in problems):
         advice += (". Only classes fell, and a class moves between two retrains of one model by far more than "
-                   "the default 3 points (the largest such move was 7.5 to 51 points across the scenarios of "
-                   "benchmarks/README.md), so a retrain might not meet this tolerance either; if a class may move "
+                   "the default 3 points (the largest such move was 7.5 to 51 points in pyunlearn's Fashion-MNIST "
+                   "and digits benchmarks), so a retrain might not meet this tolerance either; if a class may move "
                    "as much as retraining moves it, say so (Tolerance(per_class=...), --tolerance-per-class)")
     return advice
 
