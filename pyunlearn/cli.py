@@ -405,6 +405,7 @@ def _ratio(text: str) -> float:
 
 def main(argv=None) -> int:
     from ._version import __version__
+    from .unlearn.guarded import STRATEGIES, Tolerance  # imported with the package already
 
     parser = argparse.ArgumentParser(prog="pyunlearn", description="Make trained PyTorch models forget training samples.")
     parser.add_argument("--version", action="version", version=f"pyunlearn {__version__}")
@@ -463,8 +464,7 @@ def main(argv=None) -> int:
     guard.add_argument("--retain", help="retained training data to repair with, as --probe")
     guard.add_argument("--budget", type=_positive_float, default=0.3,
                        help="what the repairs and dampenings may cost, as a share of a retrain (default 0.3)")
-    # guarded.STRATEGIES, spelt out so that --help imports no torch (tests/cli/test_forget.py checks they agree)
-    guard.add_argument("--strategy", choices=("auto", "subtract", "replay", "fine-tune"), default="auto",
+    guard.add_argument("--strategy", choices=STRATEGIES, default="auto",
                        help="how to repair if the probe falls: auto (default: chosen from the store's statistics of "
                             "the request, see docs/guide.md), subtract (no repair), replay, fine-tune")
     guard.add_argument("--forget-data", help="the forgotten samples with their labels as trained on, as --probe: the "
@@ -473,12 +473,12 @@ def main(argv=None) -> int:
                                              "if the probe holds; with --retain, the classes they hold most of are "
                                              "exempt from the tolerance")
     guard.add_argument("--no-dampen", action="store_true", help="leave the dampening out although --forget-data is given")
-    # unlearn.Tolerance's defaults, spelt out so that --help imports no torch (tests/cli/test_forget.py checks they agree)
     guard.add_argument("--tolerance-overall", type=_share, metavar="SHARE",
-                       help="how far the probe's accuracy may fall below the model before the request (default 0.01)")
+                       help="how far the probe's accuracy may fall below the model before the request (default "
+                            f"{Tolerance().overall:g})")
     guard.add_argument("--tolerance-per-class", type=_share, metavar="SHARE",
-                       help="how far each class's accuracy on the probe may fall (default 0.03, or twice the class's "
-                            "binomial standard error on the probe if larger)")
+                       help=f"how far each class's accuracy on the probe may fall (default {Tolerance().per_class:g}, "
+                            "or twice the class's binomial standard error on the probe if larger)")
     forget.set_defaults(run=_forget)
 
     audit = commands.add_parser("audit", help="check a store's audit log, forgotten IDs and data (an auditor's check)")

@@ -327,7 +327,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 f"after {'; '.join(actions)}, the probe ({len(probe)} samples) is not within the tolerance of the "
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
                 f"The model was restored and nothing was recorded. "
-                f"{_what_may_help(retain_data, strategy, dampenings, problems)}")
+                f"{_what_may_help(retain_data, strategy, dampenings, problems, tolerance)}")
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -408,23 +408,25 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, problems: list[str]) -> str:
+def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, problems: list[str],
+                   tolerance: Tolerance) -> str:
     """A refusal's advice: only what applies to this call (by its Python and its CLI names)."""
-    if retain_data is None:
+    if strategy == "subtract":  # nothing repairs under it, retained data or not
+        advice = ("Let it repair (strategy='auto', --strategy auto" + (")" if retain_data is not None else
+                  ", with retained data: retain_data, --retain)") + ", or retrain")
+    elif retain_data is None:
         advice = "Give retained data to repair with (retain_data, --retain), or retrain"
-    elif strategy == "subtract":
-        advice = "Let it repair (strategy='auto', --strategy auto), or retrain"
     else:
         advice = "Give a larger budget (budget, --budget), or retrain"
     if dampenings:  # kept before the repair: the repair had to make up for it too
         advice += (". A dampening before the repair was kept, and the repair had to make up for what it changed: "
                    "without it (dampen=False, --no-dampen) the request may be accepted, leaving what only the "
                    "forgotten samples taught (measured: a canary request refused with it was accepted without)")
-    if all(line.startswith("class ") for line in problems):
-        advice += (". Only classes fell, and a class moves between two retrains of one model by far more than "
-                   "the default 3 points (the largest such move was 7.5 to 51 points in pyunlearn's Fashion-MNIST "
-                   "and digits benchmarks), so a retrain might not meet this tolerance either; if a class may move "
-                   "as much as retraining moves it, say so (Tolerance(per_class=...), --tolerance-per-class)")
+    if problems and all(line.startswith("class ") for line in problems):
+        advice += (f". Only classes fell past their tolerance (per class {tolerance.per_class:g}, or twice a "
+                   "class's binomial standard error on the probe): a class can move by tens of points between two "
+                   "retrains of one model, so a retrain might not meet it either; if a class may move as much as "
+                   "retraining moves it, say so (Tolerance(per_class=...), --tolerance-per-class)")
     return advice
 
 

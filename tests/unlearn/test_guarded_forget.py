@@ -183,14 +183,19 @@ def test_the_tolerance_allows_a_small_probes_noise_and_exempts_forgotten_classes
         Tolerance(per_class=1.5)
 
 
-def test_a_refusal_where_only_classes_fell_says_retraining_moves_classes_more(digits_run, tmp_path):
+def test_a_refusal_where_only_classes_fell_says_retraining_moves_classes_more():
     from pyunlearn.unlearn.guarded import _what_may_help
 
-    retained = digits_run[2]
+    retained = data.SampleSet(torch.arange(2), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))  # given, at all
     classes = ["class 4 0.8936 → 0.7553 (allowed 0.0636)", "class 5 0.9903 → 0.9515 (allowed 0.0300)"]
-    advice = _what_may_help(retained, "auto", [], classes)
+    advice = _what_may_help(retained, "auto", [], classes, Tolerance(per_class=0.05))
     assert advice.startswith("Give a larger budget") and "--tolerance-per-class" in advice
-    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], ["accuracy 0.9 → 0.8"] + classes)
+    assert "(per class 0.05, or twice" in advice  # the tolerance the call used, not the default
+    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], ["accuracy 0.9 → 0.8"] + classes,
+                                                         Tolerance())
+    # strategy="subtract" without retained data: both are needed for a repair
+    assert _what_may_help(None, "subtract", [], ["accuracy 0.9 → 0.8"], Tolerance()) == (
+        "Let it repair (strategy='auto', --strategy auto, with retained data: retain_data, --retain), or retrain")
 
 
 def test_the_tolerance_on_the_command_line(digits_run, tmp_path, capsys):
@@ -201,24 +206,27 @@ def test_the_tolerance_on_the_command_line(digits_run, tmp_path, capsys):
     torch.save(model.state_dict(), tmp_path / "model.pt")
     probe = test_set.draw(300, seed=0)
     torch.save({"ids": probe.ids, "x": probe.x, "y": probe.y}, tmp_path / "probe.pt")
-    np.save(tmp_path / "ids.npy", forget_ids[:3].numpy())  # a few samples: the subtraction costs classes, not all
+    np.save(tmp_path / "many.npy", forget_ids[:40].numpy())  # its subtraction collapses a class (the test below)
+    np.save(tmp_path / "few.npy", forget_ids[:3].numpy())
     plain = ["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
-             "--ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "out.pt")]
-    args = plain + ["--probe", str(tmp_path / "probe.pt"), "--model", "pyunlearn.models:DigitsCNN"]
-    loose = ["--tolerance-overall", "0.99", "--tolerance-per-class", "0.99"]
-    assert main(plain + loose[:2]) == 1  # a tolerance without a probe: nothing to hold it to
+             "--out", str(tmp_path / "out.pt")]
+    guard = ["--probe", str(tmp_path / "probe.pt"), "--model", "pyunlearn.models:DigitsCNN"]
+    loose = ["--tolerance-overall", "0.98", "--tolerance-per-class", "0.99"]
+    few = plain + ["--ids", str(tmp_path / "few.npy")]
+    assert main(few + loose[:2]) == 1  # a tolerance without a probe: nothing to hold it to
     assert "--tolerance-overall takes part in guarded forgetting" in capsys.readouterr().err
     for bad in ("1", "-0.1", "lots"):
         with pytest.raises(SystemExit) as usage:
-            main(args + ["--tolerance-per-class", bad])
+            main(few + guard + ["--tolerance-per-class", bad])
         assert usage.value.code == 2 and "--tolerance-per-class" in capsys.readouterr().err
-    assert main(args) == 1  # the default tolerance: this subtraction is refused
-    capsys.readouterr()
+    assert main(plain + ["--ids", str(tmp_path / "many.npy")] + guard + ["--tolerance-per-class", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "not within the tolerance" in err and "(allowed 0.5000)" in err  # refused, held to the flag's value
     assert not (tmp_path / "out.pt").exists() and len(pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger) == 1
-    assert main(args + loose) == 0  # told that the probe may fall this far: the subtraction alone is kept
+    assert main(few + guard + loose) == 0  # told that the probe may fall this far: the subtraction alone is kept
     assert "applied" in capsys.readouterr().out and (tmp_path / "out.pt").exists()
     reader = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
-    assert reader.ledger.audit()[-1]["guard"]["tolerance"] == "overall 0.99, per class 0.99"
+    assert reader.ledger.audit()[-1]["guard"]["tolerance"] == "overall 0.98, per class 0.99"
 
 
 def test_guarded_forget_on_the_command_line(digits_run, tmp_path, capsys):
