@@ -373,34 +373,23 @@ def _request_id(text: str) -> str:
     return text
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def _float_in(expected: str, inside, outside: str):
+    """An argparse type: a number for which inside(value) holds; `expected` and `outside` word
+    the errors for text that is not a number and for a number out of range."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not inside(value):
+            raise argparse.ArgumentTypeError(f"{outside}, got {value}")
+        return value
+    return parse
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share of accuracy in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+_positive_float = _float_in("a positive number", lambda v: 0.0 < v < float("inf"), "must be positive")
+_share = _float_in("a share of accuracy in [0, 1)", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+_ratio = _float_in("a number in (0, 1]", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 
 
 def main(argv=None) -> int:

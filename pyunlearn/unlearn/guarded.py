@@ -117,10 +117,14 @@ class Tolerance:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"Tolerance.{name} must be a share of accuracy in [0, 1), got {value!r}")
 
+    def overall_fell(self, before: ProbeScore, after: ProbeScore) -> bool:
+        """Whether the probe's overall accuracy fell by more than `overall`."""
+        return after.accuracy < before.accuracy - self.overall
+
     def problems(self, before: ProbeScore, after: ProbeScore, exempt: set[int] = frozenset()) -> list[str]:
         """What fell too far, one line each (empty: within the tolerance)."""
         out = []
-        if after.accuracy < before.accuracy - self.overall:
+        if self.overall_fell(before, after):
             out.append(f"accuracy {before.accuracy:.4f} → {after.accuracy:.4f}")
         for c, (acc, n) in before.per_class.items():
             if c in exempt or c not in after.per_class:
@@ -326,8 +330,9 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
             raise GuardFailedError(
                 f"after {'; '.join(actions)}, the probe ({len(probe)} samples) is not within the tolerance of the "
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
-                f"The model was restored and nothing was recorded. "
-                f"{_what_may_help(retain_data, strategy, dampenings, problems, tolerance)}")
+                "The model was restored and nothing was recorded. "
+                + _what_may_help(retain_data, strategy, dampenings, tolerance.overall_fell(before, current),
+                                 tolerance))
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -408,12 +413,15 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, problems: list[str],
+def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, overall_fell: bool,
                    tolerance: Tolerance) -> str:
-    """A refusal's advice: only what applies to this call (by its Python and its CLI names)."""
-    if strategy == "subtract":  # nothing repairs under it, retained data or not
-        advice = ("Let it repair (strategy='auto', --strategy auto" + (")" if retain_data is not None else
-                  ", with retained data: retain_data, --retain)") + ", or retrain")
+    """A refusal's advice: only what applies to this call (by its Python and its CLI names).
+    overall_fell: whether the overall accuracy is among what fell (else only classes did)."""
+    if strategy == "subtract" and retain_data is not None:  # nothing repairs under it
+        advice = "Let it repair (strategy='auto', --strategy auto), or retrain"
+    elif strategy == "subtract":
+        advice = ("Let it repair (strategy='auto', --strategy auto, with retained data: retain_data, --retain), "
+                  "or retrain")
     elif retain_data is None:
         advice = "Give retained data to repair with (retain_data, --retain), or retrain"
     else:
@@ -422,7 +430,7 @@ def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: lis
         advice += (". A dampening before the repair was kept, and the repair had to make up for what it changed: "
                    "without it (dampen=False, --no-dampen) the request may be accepted, leaving what only the "
                    "forgotten samples taught (measured: a canary request refused with it was accepted without)")
-    if problems and all(line.startswith("class ") for line in problems):
+    if not overall_fell:
         advice += (f". Only classes fell past their tolerance (per class {tolerance.per_class:g}, or twice a "
                    "class's binomial standard error on the probe): a class can move by tens of points between two "
                    "retrains of one model, so a retrain might not meet it either; if a class may move as much as "

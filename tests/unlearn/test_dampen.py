@@ -379,6 +379,13 @@ def test_a_repair_is_preceded_by_a_dampening_held_to_the_subtracted_model(backdo
     assert not guarded.Tolerance().problems(report.before, guarded.score(model, retained.draw(300, seed=0)))
 
 
+class _Never(guarded.Tolerance):
+    """A tolerance no repair can meet."""
+
+    def problems(self, before, after, exempt=frozenset()):
+        return ["never within"]
+
+
 def _fine_tuning_rates(monkeypatch) -> list[float]:
     """The learning rate of every fine-tuning increment forget's repair takes, in order."""
     rates, real_fine_tune = [], guarded.fine_tune
@@ -416,17 +423,13 @@ def test_the_annealed_repair_spends_the_budget_to_its_last_increment_then_refuse
     folder, state, poisoned, forget, test_set, attack = backdoored
     retained = poisoned.without(forget.ids)
 
-    class Never(guarded.Tolerance):
-        def problems(self, before, after, exempt=frozenset()):
-            return ["never within"]
-
     rates = _fine_tuning_rates(monkeypatch)
     model, store = _open(backdoored, tmp_path)
     budget, batch = 0.05, round(store.samples / store.steps)
     share = math.ceil(0.01 * len(retained) / batch) * batch / store.samples
     with pytest.raises(pu.GuardFailedError, match="never within"):
         pu.forget(model, store, forget.ids, probe=retained.draw(300, seed=0), retain_data=retained, budget=budget,
-                  lr=0.05, dampen=False, step_epochs=0.01, tolerance=Never())
+                  lr=0.05, dampen=False, step_epochs=0.01, tolerance=_Never())
     affordable = int(budget / share + 1e-9)
     assert affordable >= 3 and len(rates) == affordable
     assert rates[-1] == pytest.approx(0.05 / affordable) and min(rates) > 0
@@ -441,10 +444,6 @@ def test_a_refusal_after_a_dampening_before_the_repair_says_it_may_pass_without(
     retained = poisoned.without(forget.ids)
     probe = retained.draw(300, seed=0)
 
-    class Never(guarded.Tolerance):
-        def problems(self, before, after, exempt=frozenset()):
-            return ["never within"]
-
     def kept(model, forget_data, retained_, probe_, reference, *rest):  # a dampening kept that changed nothing
         return pu.unlearn.DampenReport(10.0, 1.0, 7, 9, {}, 10), "dampened 7 of 9 parameters", rest[3] + 0.01, \
             guarded.score(model, probe_)
@@ -457,7 +456,7 @@ def test_a_refusal_after_a_dampening_before_the_repair_says_it_may_pass_without(
         model, store = _open(backdoored, tmp_path / stand_in.__name__)
         with pytest.raises(pu.GuardFailedError) as refused:
             pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.05,
-                      step_epochs=0.01, tolerance=Never())
+                      step_epochs=0.01, tolerance=_Never())
         message = str(refused.value)
         assert message.startswith("after subtracted ") and "never within" in message
         assert ("dampen=False" in message) is advised and "Give a larger budget" in message

@@ -187,14 +187,12 @@ def test_a_refusal_where_only_classes_fell_says_retraining_moves_classes_more():
     from pyunlearn.unlearn.guarded import _what_may_help
 
     retained = data.SampleSet(torch.arange(2), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))  # given, at all
-    classes = ["class 4 0.8936 → 0.7553 (allowed 0.0636)", "class 5 0.9903 → 0.9515 (allowed 0.0300)"]
-    advice = _what_may_help(retained, "auto", [], classes, Tolerance(per_class=0.05))
+    advice = _what_may_help(retained, "auto", [], False, Tolerance(per_class=0.05))  # overall held: only classes fell
     assert advice.startswith("Give a larger budget") and "--tolerance-per-class" in advice
     assert "(per class 0.05, or twice" in advice  # the tolerance the call used, not the default
-    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], ["accuracy 0.9 → 0.8"] + classes,
-                                                         Tolerance())
+    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], True, Tolerance())
     # strategy="subtract" without retained data: both are needed for a repair
-    assert _what_may_help(None, "subtract", [], ["accuracy 0.9 → 0.8"], Tolerance()) == (
+    assert _what_may_help(None, "subtract", [], True, Tolerance()) == (
         "Let it repair (strategy='auto', --strategy auto, with retained data: retain_data, --retain), or retrain")
 
 
