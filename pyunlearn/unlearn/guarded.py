@@ -151,12 +151,12 @@ class RequestShape:
     keep: float  # the share of each update the store keeps
 
     @classmethod
-    def measure(cls, store: UpdateStore, steps: np.ndarray, forgotten: np.ndarray) -> "RequestShape":
-        """`forgotten`: every forgotten ID (this request's and earlier ones', as the store maps them)."""
-        batches = store.step_ids(steps) if steps.size else []
+    def measure(cls, store: UpdateStore, batches: list[np.ndarray], forgotten: np.ndarray) -> "RequestShape":
+        """`batches`: the sample IDs of each subtracted step (`store.step_ids`); `forgotten`: every
+        forgotten ID (this request's and earlier ones', as the store maps them)."""
         sizes = np.array([b.size for b in batches], dtype=np.int64)
         kept = np.array([int((~np.isin(b, forgotten)).sum()) for b in batches], dtype=np.int64)
-        return cls(steps=int(steps.size), steps_recorded=int(store.steps),
+        return cls(steps=len(batches), steps_recorded=int(store.steps),
                    retained_share=float(kept.sum() / sizes.sum()) if sizes.sum() else 0.0,
                    pure_steps=int((kept == 0).sum()), replay_cost=float(kept.sum() / max(1, store.samples)),
                    keep=float(store.keep))
@@ -275,7 +275,8 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                     keep_copy=True) as deletion:
         after = score(model, probe)
         actions = [f"subtracted {deletion.subtracted.size} steps"]
-        shape = RequestShape.measure(store, deletion.subtracted, np.union1d(store.forgotten_ids(), deletion.ids))
+        batches = store.step_ids(deletion.subtracted)  # read once: the shape and a replay both need them
+        shape = RequestShape.measure(store, batches, np.union1d(store.forgotten_ids(), deletion.ids))
         chosen, why = choose_repair(shape, budget) if strategy == "auto" else (strategy, "asked for")
         spent, current, repaired = 0.0, after, "none"
         problems = tolerance.problems(before, current, exempt)
@@ -300,7 +301,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
             repaired = chosen if problems else "none"
             if problems and chosen == "replay":
                 replayed = repair(model, store, deletion.subtracted, retain_data, lr=lr, batch_size=batch_size,
-                                  recompute_buffers=False, seed=seed)
+                                  recompute_buffers=False, seed=seed, step_ids=batches)
                 spent += replayed.retrain_share
                 actions.append(f"replayed {replayed.steps_replayed} steps ({replayed.samples_replayed} retained "
                                f"samples, {replayed.retrain_share:.4f} of a retrain)")

@@ -59,7 +59,7 @@ def step_learning_rates(store: UpdateStore, steps: np.ndarray) -> np.ndarray | N
 def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: SampleSet, *, lr=None,
            momentum: float = 0.0, max_steps: int | None = None, fine_tune_epochs: float = 0.0,
            fine_tune_lr: float | None = None, batch_size: int = 128, recompute_buffers: bool = True,
-           seed: int = 0) -> RepairReport:
+           seed: int = 0, step_ids: list[np.ndarray] | None = None) -> RepairReport:
     """After the steps `removed_steps` were subtracted from `model` (an array of step numbers, or
     the ForgetReport of the `amnesiac_forget` call, see `subtracted_steps`), replays each of
     them in step order on the retained samples of its batch: the step's sample IDs found in
@@ -75,8 +75,11 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
     weights). fine_tune_epochs: then SGD (momentum 0.9) on random retained batches for that
     share of an epoch of `data` (may be fractional) at `fine_tune_lr` (default: the mean replay
     learning rate). recompute_buffers: finally recompute BatchNorm running statistics from
-    `data`. In place; returns a RepairReport whose retrain_share is the samples processed over
-    those the recording trained on.
+    `data`. step_ids: the removed steps' sample IDs, one array per step in ascending step order,
+    as `store.step_ids` returned them, for a caller that has read them already
+    (`pyunlearn.forget` measures the request with them): the store is not read twice. None
+    reads them. In place; returns a RepairReport whose retrain_share is the samples processed
+    over those the recording trained on.
     """
     start = time.perf_counter()
     if not isinstance(store, UpdateStore):
@@ -90,8 +93,13 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
                       else np.asarray(removed_steps, dtype=np.int64).ravel())
     if steps.size and (steps[0] < 0 or steps[-1] >= store.steps):
         raise ValueError(f"removed_steps must lie in [0, {store.steps}) (the store's committed steps)")
+    if step_ids is not None and len(step_ids) != steps.size:
+        raise ValueError(f"step_ids must hold one array per removed step ({steps.size}), got {len(step_ids)}; "
+                         "leave it out to read them from the store")
     if max_steps is not None:
-        steps = steps[-positive_int("max_steps, if not None,", max_steps):]
+        latest = min(steps.size, positive_int("max_steps, if not None,", max_steps))
+        steps = steps[steps.size - latest:]
+        step_ids = None if step_ids is None else step_ids[len(step_ids) - latest:]
     if not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
     if float(fine_tune_epochs) < 0.0 or not math.isfinite(float(fine_tune_epochs)):
@@ -109,7 +117,8 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
     was_training = model.training
     model.train()
     try:
-        for step, ids, rate in zip(steps.tolist(), store.step_ids(steps), rates):
+        batches = store.step_ids(steps) if step_ids is None else step_ids
+        for step, ids, rate in zip(steps.tolist(), batches, rates):
             rows = [position[i] for i in ids.tolist() if i in position]
             if not rows:
                 continue

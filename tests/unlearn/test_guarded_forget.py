@@ -107,7 +107,7 @@ def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(tmp_pat
     store = pu.UpdateStore.create(tmp_path / "dense.zarr", model, keep=1.0, value_dtype="float32")
     train(model, train_set, epochs=2, batch_size=32, lr=0.05, seed=0, stores=(store,))
     first_batch = store.step_ids([0])[0]
-    measured = RequestShape.measure(store, np.array([0, 1]), first_batch)  # step 0 trained on them only
+    measured = RequestShape.measure(store, store.step_ids([0, 1]), first_batch)  # step 0 trained on them only
     assert measured.pure_steps == 1 and measured.retained_share == pytest.approx(32 / 64)
     assert measured.replay_cost == pytest.approx(32 / store.samples)
     forget_ids = train_set.ids[:16]  # about 30 of the 90 steps: the dense subtraction takes much of what they learnt
@@ -117,6 +117,24 @@ def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(tmp_pat
     assert report.shape.keep == 1.0 and 0 < report.shape.replay_cost <= 0.6
     assert report.repair == "replay" and report.actions[1].startswith(f"replayed {report.forget.steps_applied} steps")
     assert store.ledger.audit()[0]["params"]["repair"] == "replay"
+
+
+def test_a_replay_reads_the_steps_batches_once(tmp_path, monkeypatch):
+    """The request's shape and the replay both need the subtracted steps' sample IDs: forget
+    reads them from the store once and hands them to the replay."""
+    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    store = pu.UpdateStore.create(tmp_path / "dense.zarr", model, keep=1.0, value_dtype="float32")
+    train(model, train_set, epochs=2, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    reads = []
+    read = pu.UpdateStore.step_ids
+    monkeypatch.setattr(pu.UpdateStore, "step_ids", lambda self, steps: reads.append(len(steps)) or read(self, steps))
+    forget_ids = train_set.ids[:16]
+    report = pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0),
+                       retain_data=train_set.without(forget_ids), budget=0.6, strategy="replay")
+    assert report.repair == "replay" and reads == [report.forget.steps_applied]
+    store.close()
 
 
 def test_the_auto_rule():

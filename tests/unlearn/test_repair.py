@@ -112,6 +112,15 @@ def test_repair_budget_fine_tune_and_errors(tmp_path):
     r = repair(m, store, steps, retain, lr=0.1, max_steps=2, fine_tune_epochs=0.5, batch_size=20)
     assert r.steps_replayed == 2 and r.fine_tune_steps == 3 and r.samples_fine_tuned == 60
     assert r.retrain_share == pytest.approx((r.samples_replayed + 60) / store.samples)
+    # The steps' sample IDs read beforehand (as pu.forget does) replay the same, max_steps included.
+    given = copy.deepcopy(model)
+    g = repair(given, store, steps, retain, lr=0.1, max_steps=2, fine_tune_epochs=0.5, batch_size=20,
+               step_ids=store.step_ids(steps))
+    assert (g.steps_replayed, g.samples_replayed, g.samples_fine_tuned) == (2, r.samples_replayed, 60)
+    for p, q in zip(given.parameters(), m.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match=r"step_ids must hold one array per removed step \(%d\), got 1" % steps.size):
+        repair(copy.deepcopy(model), store, steps, retain, lr=0.1, step_ids=store.step_ids(steps[:1]))
     with pytest.raises(ValueError, match="lr, given per step"):
         repair(copy.deepcopy(model), store, steps, retain, lr=[0.1, 0.1])
     with pytest.raises(ValueError, match="removed_steps"):
