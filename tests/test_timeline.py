@@ -4,7 +4,6 @@ after each, and training after a deletion only from a model that has it. (Keys a
 tests/test_keys.py; forgetting by keys on the command line: tests/cli/test_forget.py.)"""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 with the keys of exactly the samples it holds."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

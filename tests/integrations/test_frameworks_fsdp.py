@@ -3,33 +3,24 @@ the writer rank records a gathered copy, so the store equals a single-process ru
 same global batches, and forgetting works on the gathered model."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 import pyunlearn as pu
 from tests.support import TinyNet, recorded_store
+from tests.support.distributed import dense_update, free_port, run_script
 
 GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 64, 2
-ROOT = Path(__file__).resolve().parent.parent
 
 _WORKER = r"""
-import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-sys.path.insert(0, %(root)r)
+import sys, torch, torch.multiprocessing as mp
 import pyunlearn as pu
 from tests.support import TinyNet, tiny_data
-
-def say(line):  # one write of less than PIPE_BUF bytes: the ranks' lines never interleave
-    os.write(1, (line[:4000] + chr(10)).encode())
+from tests.support.distributed import join, leave, rank_rows, say
 
 def worker(rank, world, path, port, mode):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     from torch.distributed.fsdp import fully_shard
     torch.manual_seed(0)
     model = TinyNet()
@@ -43,18 +34,13 @@ def worker(rank, world, path, port, mode):
     assert type(model.fc1.weight).__name__ == "DTensor"
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     ids, x, y = tiny_data(%(samples)d)
-    gen = torch.Generator().manual_seed(0)
     try:
         rec = pu.UpdateRecorder(model, optimizer, store, rows_per_handoff=1)
-        for _ in range(%(epochs)d):
-            order = torch.randperm(%(samples)d, generator=gen)
-            for start in range(0, %(samples)d, %(batch)d):
-                half = %(batch)d // world
-                sel = order[start : start + %(batch)d][rank * half : (rank + 1) * half]
-                rec.batch(ids[sel])
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
-                optimizer.step()
+        for sel in rank_rows(rank, world, %(samples)d, %(epochs)d, %(batch)d):
+            rec.batch(ids[sel])
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+            optimizer.step()
         rec.close()
         # The gathered model (a full state_dict): what forgetting works on.
         full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
@@ -65,32 +51,17 @@ def worker(rank, world, path, port, mode):
     except pu.PyunlearnError as exc:
         say(f"rank {rank} raised {type(exc).__name__}: " + str(exc).replace(chr(10), " "))
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+        leave()
 
 if __name__ == "__main__":
     mp.spawn(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3]), nprocs=2)
-""" % {"root": str(ROOT), "samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH}
+""" % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH}
 
 
 def _run(tmp_path, mode):
-    script = tmp_path / "fsdp_worker.py"
-    script.write_text(_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "fsdp.zarr"), str(port), mode],
-                         capture_output=True, text=True, timeout=240)
+    out = run_script(tmp_path / "fsdp_worker.py", _WORKER, tmp_path / "fsdp.zarr", free_port(), mode)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
-
-
-def _dense(store, step):
-    out = [torch.zeros(layer.shape) for layer in store.layers]
-    pu.kernels.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
-    return out
 
 
 @pytest.mark.slow
@@ -107,7 +78,7 @@ def test_fsdp2_sharded_training_records_the_global_model(tmp_path):
         n = single.store.samples if name == "sample_ids" else steps + 1
         assert np.array_equal(fsdp._data.read(name, slice(0, n)), single.store._data.read(name, slice(0, n)))
     for step in range(steps):  # FSDP averages two half-batch gradients: equal to float rounding
-        for a, b in zip(_dense(fsdp, step), _dense(single.store, step)):
+        for a, b in zip(dense_update(fsdp, step), dense_update(single.store, step)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
     # The gathered model is the one the store's timeline ends with, so a deletion applies to it.

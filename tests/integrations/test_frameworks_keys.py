@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import pyunlearn as pu
-from tests.support import TinyNet, tiny_data, tiny_lightning_module
+from tests.support import tiny_data, tiny_lightning_module
 
 SECRET = "frameworks-keys-secret-0123456789"
 N, BATCH, ACCUMULATE, EPOCHS = 24, 4, 2, 2

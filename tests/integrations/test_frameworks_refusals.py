@@ -5,42 +5,36 @@ all-reduce (gloo fails there, NCCL hangs): each test's timeout turns a hang into
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import pyunlearn as pu
-from tests.support import TinyNet, tiny_data, tiny_lightning_module
+from tests.support import TinyNet, tiny_lightning_module
+from tests.support.distributed import free_port, run_script
 from tests.support.shared import made_once
 
 pytestmark = pytest.mark.slow
 
 SECRET = "frameworks-refusals-secret-0123456789"
-ROOT = Path(__file__).resolve().parent.parent
 
 # As tests/recording/test_ddp.py: the ranks are forks of a launcher that imported torch and
 # ran nothing, one pair of ranks per mode in turn (one interpreter for every mode); every worker
-# tears down on every path and leaves without running C++ static destructors (torch 2.13 with
-# gloo sometimes aborts a rank at interpreter exit).
+# tears down on every path (tests/support/distributed.py: leave).
 _WORKER = r"""
-import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-sys.path.insert(0, %(root)r)
+import os, sys, torch, torch.multiprocessing as mp
 import pyunlearn as pu
 from tests.support import TinyNet
+from tests.support.distributed import join, leave, say as say_line
 
 SECRET = %(secret)r
 
 def worker(rank, path, port, mode):
-    def say(line):  # one write of less than PIPE_BUF bytes: the ranks' lines never interleave
-        os.write(1, (f"[{mode}] " + line[:4000] + chr(10)).encode())
+    def say(line):
+        say_line(f"[{mode}] " + line)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.pop("PYUNLEARN_SECRET", None)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join(rank, 2, port)
     model = TinyNet()
     model.load_state_dict(torch.load(path + ".model.pt", weights_only=True))  # the deletion's model
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -81,24 +75,13 @@ def worker(rank, path, port, mode):
     finally:
         if store is not None:
             store.close()
-        import gc
         del ddp
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+        leave()
 
 if __name__ == "__main__":  # argv: (store path, port, mode) for each mode
     for path, port, mode in zip(*[iter(sys.argv[1:])] * 3):
         mp.start_processes(worker, args=(path, int(port), mode), nprocs=2, start_method="fork")
-""" % {"root": str(ROOT), "secret": SECRET}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+""" % {"secret": SECRET}
 
 
 def _store_with_a_deletion(path, module=None, forgotten="forgotten-user"):
@@ -136,11 +119,9 @@ def refusals(tmp_path_factory):
         paths = {mode: folder / f"store-{i}.zarr" for i, mode in enumerate(MODES)}
         for path in paths.values():
             _store_with_a_deletion(path)
-        script = folder / "worker.py"
-        script.write_text(_WORKER)
-        argv = [str(a) for mode, path in paths.items() for a in (path, _free_port(), mode)]
+        argv = [a for mode, path in paths.items() for a in (path, free_port(), mode)]
         with pu.UpdateStore.open(paths["store locked"]) as held, held.writing():  # another writer of this host
-            out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+            out = run_script(folder / "worker.py", _WORKER, *argv, timeout=300)
         (folder / "stdout.txt").write_text(out.stdout)
         (folder / "context.txt").write_text(f"exit {out.returncode}\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
 
@@ -183,14 +164,11 @@ def test_a_refusal_on_one_rank_stops_every_rank_before_the_step(refusals, mode):
 # Each rank gets every other sample of a batch of 16 (DistributedSampler, shuffle off): the
 # forgotten key, sample 5, is in rank 1's first batch.
 _LIGHTNING_SCRIPT = r"""
-import os, sys, torch, torch.distributed as dist, lightning
-sys.path.insert(0, %(root)r)
+import os, sys, torch, lightning
 import pyunlearn as pu
 from pyunlearn.integrations.lightning import RecordUpdates
 from tests.support import tiny_data, tiny_lightning_module
-
-def say(line):  # one write of less than PIPE_BUF bytes: the ranks' lines never interleave
-    os.write(1, (line[:4000] + chr(10)).encode())
+from tests.support.distributed import say
 
 class Module(tiny_lightning_module()):
     def train_dataloader(self):
@@ -215,7 +193,7 @@ except Exception as exc:
     say(f"rank {trainer.global_rank} raised {type(exc).__name__}: {message}")
 sys.stdout.flush()
 os._exit(0)
-""" % {"root": str(ROOT), "secret": SECRET}
+""" % {"secret": SECRET}
 
 
 def test_lightning_ddp_a_forgotten_sample_on_one_rank_stops_both(tmp_path):
@@ -223,10 +201,7 @@ def test_lightning_ddp_a_forgotten_sample_on_one_rank_stops_both(tmp_path):
     path = tmp_path / "lit.zarr"
     module = tiny_lightning_module()()
     _store_with_a_deletion(path, module, forgotten="user5")
-    script = tmp_path / "lit_ddp.py"
-    script.write_text(_LIGHTNING_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(path), str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+    out = run_script(tmp_path / "lit_ddp.py", _LIGHTNING_SCRIPT, path, tmp_path, timeout=300, cwd=tmp_path)
     raised = _raised(out.stdout)
     assert set(raised) == {0, 1}, out.stdout[-2000:] + out.stderr[-4000:]
     for error in raised.values():
@@ -241,11 +216,8 @@ def test_lightning_ddp_a_forgotten_sample_on_one_rank_stops_both(tmp_path):
 # the rank that holds no store.
 _TORCHRUN_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist, transformers
-sys.path.insert(0, %(root)r)
 from pyunlearn.integrations.transformers import RecordUpdates
-
-def say(line):  # one write of less than PIPE_BUF bytes: the ranks' lines never interleave
-    os.write(1, (line[:4000] + chr(10)).encode())
+from tests.support.distributed import leave, say
 
 root, path = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -273,11 +245,8 @@ except Exception as exc:
     message = str(exc).replace(chr(10), " ")
     say(f"rank {rank} raised {type(exc).__name__}: {message}")
     callback.close()
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)
-""" % {"root": str(ROOT), "secret": SECRET}
+leave()
+""" % {"secret": SECRET}
 
 
 def test_trainer_under_torchrun_a_forgotten_sample_on_rank_1_stops_both(tmp_path):
@@ -288,11 +257,8 @@ def test_trainer_under_torchrun_a_forgotten_sample_on_rank_1_stops_both(tmp_path
     path = tmp_path / "hf.zarr"
     torch.manual_seed(0)
     _store_with_a_deletion(path, transformers.BertForSequenceClassification(config), forgotten="user5")
-    script = tmp_path / "hf_ddp.py"
-    script.write_text(_TORCHRUN_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path), str(path)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = run_script(tmp_path / "hf_ddp.py", _TORCHRUN_SCRIPT, tmp_path, path, torchrun=True, timeout=300,
+                     cwd=tmp_path)
     raised = _raised(out.stdout)
     assert set(raised) == {0, 1}, out.stdout[-2000:] + out.stderr[-4000:]
     for error in raised.values():

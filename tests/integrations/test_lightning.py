@@ -12,6 +12,7 @@ import torch
 
 import pyunlearn as pu
 from tests.support import tiny_data, tiny_lightning_module
+from tests.support.distributed import dense_update
 from tests.support.shared import made_once
 from tests.support.stores import stored_ids
 
@@ -154,6 +155,7 @@ import pyunlearn as pu
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pyunlearn.integrations.lightning import RecordUpdates
 from tests.support import tiny_data, tiny_lightning_module
+from tests.support.distributed import dense_update
 
 class Module(tiny_lightning_module()):
     def train_dataloader(self):  # after the process group exists; Lightning's own sampler would shuffle
@@ -204,18 +206,12 @@ def _single_process_run(tmp_path):
     return store
 
 
-def _dense(store, step):
-    out = [torch.zeros(layer.shape) for layer in store.layers]
-    pu.kernels.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
-    return out
-
-
 def _assert_equals_single_process(ddp, single):
     assert ddp.steps == single.steps == 12
     for i in range(1000, 1064):  # each sample in the same steps: the global batches
         assert ddp.steps_for([i]).steps.tolist() == single.steps_for([i]).steps.tolist(), i
     for step in range(12):  # DDP averages two 8-sample gradients: equal to float rounding
-        for a, b in zip(_dense(ddp, step), _dense(single, step)):
+        for a, b in zip(dense_update(ddp, step), dense_update(single, step)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -190,15 +190,14 @@ _TORCHRUN_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist, transformers
 from pyunlearn.integrations.transformers import RecordUpdates
 from tests.support.huggingface import args as _args, dataset as _dataset, model as _model
+from tests.support.distributed import leave
 
 root = sys.argv[1]
 callback = RecordUpdates(os.path.join(root, "ddp.zarr"), create=dict(keep=1.0, value_dtype="float32"))
 transformers.Trainer(model=_model(), args=_args(os.path.join(root, "out"), num_train_epochs=1),
                      train_dataset=_dataset(), callbacks=[callback]).train()
 print(f"rank {dist.get_rank()} of {dist.get_world_size()}: store {'written' if callback.store else 'none'}", flush=True)
-dist.barrier()
-dist.destroy_process_group()
-os._exit(0)  # as tests/recording/test_ddp.py: gloo may abort at interpreter exit
+leave()  # gloo may abort at interpreter exit: see tests/support/distributed.py
 """
 
 
@@ -206,21 +205,12 @@ os._exit(0)  # as tests/recording/test_ddp.py: gloo may abort at interpreter exi
 def test_trainer_under_torchrun_with_two_processes(tmp_path):
     """The same arguments on both ranks (the store as a path): rank 0 creates and writes the
     store, rank 1 only gathers; each step holds the IDs of both ranks' micro-batches."""
-    import socket
-    import subprocess
-    import sys
+    from tests.support.distributed import run_script
 
-    script = tmp_path / "hf_ddp.py"
-    script.write_text(_TORCHRUN_SCRIPT)
     for attempt in range(2):  # a second try only if the processes never got to train (a port taken meanwhile)
         root = tmp_path / f"try{attempt}"
         root.mkdir()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(root)],
-                             capture_output=True, text=True, timeout=300, cwd=root)
+        out = run_script(tmp_path / "hf_ddp.py", _TORCHRUN_SCRIPT, root, torchrun=True, timeout=300, cwd=root)
         if out.returncode == 0 or (root / "ddp.zarr").exists():
             break
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -1,16 +1,13 @@
 """Recording under DistributedDataParallel: two CPU processes (gloo) against one process."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 import pyunlearn as pu
 from tests.support import TinyNet, recorded_store
+from tests.support.distributed import dense_update, free_port, run_script
 from tests.support.stores import stored_ids
 
 pytestmark = pytest.mark.slow  # each launch is a process group of two (a launcher, two forked ranks)
@@ -19,30 +16,15 @@ GLOBAL_BATCH, SAMPLES, EPOCHS = 16, 96, 2
 
 # The ranks are forks of the launcher, which imported torch and pyunlearn and ran nothing (no
 # kernel, no process group): two processes as with spawn, without two more interpreters
-# importing torch. Every worker tears down on every path, DDP's reducer (deleted by the
-# caller) before the process group it uses, then leaves without running C++ static
-# destructors: torch 2.13 with gloo sometimes aborts a rank at interpreter exit ("terminate
-# called without an active exception", ~1 run in 10, seen on the rank that never touches
-# pyunlearn's native code) after all work is done.
-_LEAVE = r"""
-def leave():
-    import gc
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
-"""
-
+# importing torch. Every worker tears down on every path (tests/support/distributed.py: leave).
 _WORKER = r"""
-import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import sys, torch, torch.multiprocessing as mp
 import pyunlearn as pu
 from tests.support import TinyNet, tiny_data
-%(leave)s
+from tests.support.distributed import join, leave, rank_rows, say
 
 def worker(rank, world, path, port, fail):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     torch.manual_seed(0)
     model = TinyNet()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -53,46 +35,32 @@ def worker(rank, world, path, port, fail):
             raise OSError("disk full")
         store.append = broken
     ids, x, y = tiny_data(%(samples)d)
-    gen = torch.Generator().manual_seed(0)
     rec = pu.UpdateRecorder(ddp, optimizer, store, rows_per_handoff=1)
     try:
-        for _ in range(%(epochs)d):
-            order = torch.randperm(%(samples)d, generator=gen)
-            for start in range(0, %(samples)d, %(batch)d):
-                half = %(batch)d // world
-                sel = order[start : start + %(batch)d][rank * half : (rank + 1) * half]
-                rec.batch(ids[sel])
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x[sel]), y[sel]).backward()
-                optimizer.step()
-                if fail:
-                    import time; time.sleep(0.05)  # let the writer fail before the next step
+        for sel in rank_rows(rank, world, %(samples)d, %(epochs)d, %(batch)d):
+            rec.batch(ids[sel])
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x[sel]), y[sel]).backward()
+            optimizer.step()
+            if fail:
+                import time; time.sleep(0.05)  # let the writer fail before the next step
         rec.close()
         if rank == 0:
             torch.save(model.state_dict(), path + ".pt")
             store.close()
     except pu.RecorderError as exc:
-        print(f"rank {rank} stopped: {exc}", flush=True)
+        say(f"rank {rank} stopped: {exc}")
     finally:
         del ddp
         leave()
 
 if __name__ == "__main__":
     mp.start_processes(worker, args=(2, sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fail"), nprocs=2, start_method="fork")
-""" % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH, "leave": _LEAVE}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+""" % {"samples": SAMPLES, "epochs": EPOCHS, "batch": GLOBAL_BATCH}
 
 
 def _run_ddp(path, mode="ok"):
-    script = path.parent / "ddp_worker.py"  # a file: spawned processes import the worker from it
-    script.write_text(_WORKER)
-    return subprocess.run([sys.executable, str(script), str(path), str(_free_port()), mode],
-                          capture_output=True, text=True, timeout=240)
+    return run_script(path.parent / "ddp_worker.py", _WORKER, path, free_port(), mode)
 
 
 def _single_process(path):
@@ -100,12 +68,6 @@ def _single_process(path):
     run = recorded_store(path, keep=1.0, value_dtype="float32", steps_per_chunk=4, n=SAMPLES, epochs=EPOCHS,
                          batch_size=GLOBAL_BATCH)
     return run.model, run.store
-
-
-def _dense(store, step):
-    out = [torch.zeros(layer.shape) for layer in store.layers]
-    pu.kernels.subtract_sparse(out, store.read([step]), store.k, alpha=-1.0)
-    return out
 
 
 def test_ddp_store_equals_a_single_process_run(tmp_path):
@@ -117,7 +79,7 @@ def test_ddp_store_equals_a_single_process_run(tmp_path):
     for ddp_array, single_array in zip(stored_ids(ddp), stored_ids(single)):  # sample IDs, offsets
         assert np.array_equal(ddp_array, single_array)
     for step in range(single.steps):
-        for a, b in zip(_dense(ddp, step), _dense(single, step)):
+        for a, b in zip(dense_update(ddp, step), dense_update(single, step)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # Forgetting works on the DDP-trained model as on the single-process one.
     trained = TinyNet()
@@ -138,15 +100,14 @@ def test_a_failing_writer_stops_every_rank(tmp_path):
 
 
 _SECRETS_WORKER = r"""
-import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import os, sys, torch, torch.multiprocessing as mp
 import pyunlearn as pu
 from tests.support import TinyNet
-""" + _LEAVE + r"""
+from tests.support.distributed import join, leave, say
 
 def worker(rank, path, port, same):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ["PYUNLEARN_SECRET"] = "the store's secret, 16+ bytes" if same or rank == 0 else "another secret, 16+ bytes"
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join(rank, 2, port)
     torch.manual_seed(0)
     model = TinyNet()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -159,9 +120,9 @@ def worker(rank, path, port, same):
                 optimizer.zero_grad()
                 ddp(torch.randn(1, 8)).sum().backward()
                 optimizer.step()
-        print(f"rank {rank} recorded", flush=True)
+        say(f"rank {rank} recorded")
     except pu.RecorderError as exc:
-        print(f"rank {rank} refused: {exc}", flush=True)
+        say(f"rank {rank} refused: {exc}")
     finally:
         if rank == 0:
             store.close()
@@ -174,12 +135,9 @@ if __name__ == "__main__":
 
 
 def test_ranks_with_different_secrets_are_refused_before_any_step(tmp_path):
-    script = tmp_path / "secrets_worker.py"
-    script.write_text(_SECRETS_WORKER)
     for mode in ("different", "same"):
         path = tmp_path / f"{mode}.zarr"
-        result = subprocess.run([sys.executable, str(script), str(path), str(_free_port()), mode],
-                                capture_output=True, text=True, timeout=240)
+        result = run_script(tmp_path / "secrets_worker.py", _SECRETS_WORKER, path, free_port(), mode)
         assert result.returncode == 0, result.stderr[-3000:]
         store = pu.UpdateStore.open(path, mode="r", secret="the store's secret, 16+ bytes")
         if mode == "different":

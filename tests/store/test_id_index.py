@@ -3,7 +3,6 @@ ID finds: across runs, merges, the unindexed tail, truncation, stores written be
 existed, and on every back-end."""
 from __future__ import annotations
 
-import json
 
 from pathlib import Path
 

@@ -10,7 +10,6 @@ handles fork), so each fork is as clean as a new interpreter that imported the s
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 import traceback
 from pathlib import Path
