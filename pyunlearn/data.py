@@ -271,7 +271,7 @@ class CohortBatchSampler(torch.utils.data.Sampler):
     cost accuracy when units are homogeneous: with units of one class, benchmarks/batching_cost.py's
     CNN did not train at all. A larger m mixes the batches at a price in steps touched: a unit of
     n samples touches ceil(n / share) batches an epoch instead of ceil(n / batch_size), up to m
-    times as many (see docs/guide.md, "What cohort batching cost", for both, measured).
+    times as many (see docs/methods.md, "What cohort batching cost", for both, measured).
     """
 
     def __init__(self, cohort_of, batch_size: int, *, seed: int = 0, units_per_batch: int = 1):

@@ -142,8 +142,9 @@ _BLOCKS = [(page, i) for page in DOC_PAGES for i in range(len(_python_blocks(pag
 
 
 def test_the_docs_pages_exist():
-    assert {"docs/format.md", "docs/guide.md", "docs/kernels.md"} <= set(DOC_PAGES)
-    assert all(_python_blocks(page) for page in ("README.md", "docs/format.md", "docs/guide.md", "docs/kernels.md"))
+    pages = ("docs/format.md", "docs/guide.md", "docs/integrations.md", "docs/kernels.md", "docs/methods.md")
+    assert set(pages) <= set(DOC_PAGES)
+    assert all(_python_blocks(page) for page in ("README.md", *pages))
 
 
 @pytest.mark.parametrize("page, block", _BLOCKS, ids=[f"{page}-{i}" for page, i in _BLOCKS])

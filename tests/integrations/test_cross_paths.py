@@ -1,8 +1,9 @@
-"""Where features cross, end to end as a user following docs/guide.md would combine them: a store
-of string keys recorded by a framework callback, forgotten from by the command line on the
-framework's own checkpoint, then resumed from the command's output; a plain loop's rec.loader
-killed and resumed, with keys in other spellings; a request that matches nothing; and
-IdDataset's UUID keys through the default collate (they come out as their canonical text)."""
+"""Where features cross, end to end as a user following docs/guide.md and docs/integrations.md
+would combine them: a store of string keys recorded by a framework callback, forgotten from by
+the command line on the framework's own checkpoint, then resumed from the command's output; a
+plain loop's rec.loader killed and resumed, with keys in other spellings; a request that
+matches nothing; and IdDataset's UUID keys through the default collate (they come out as their
+canonical text)."""
 from __future__ import annotations
 
 import hashlib

@@ -102,10 +102,10 @@ def test_dense_lora_with_sgd_forgetting_every_key_gives_the_initial_adapters(tmp
 
 @pytest.mark.slow
 def test_lora_storage_per_step_on_gpt2_small_shapes(tmp_path, capsys):
-    """The measurement the guide quotes: LoRA r=8 on c_attn of a GPT-2-small-shaped model (12
-    blocks, 768 wide; 294,912 adapter parameters), built from a config, 8 optimizer steps of 2
-    sequences of 32 tokens, AdamW at 1e-4: bytes per step of the store at keep 0.01 and 0.1
-    (float16 values) against dense float32 adapter updates."""
+    """The measurement docs/integrations.md quotes: LoRA r=8 on c_attn of a GPT-2-small-shaped
+    model (12 blocks, 768 wide; 294,912 adapter parameters), built from a config, 8 optimizer
+    steps of 2 sequences of 32 tokens, AdamW at 1e-4: bytes per step of the store at keep 0.01
+    and 0.1 (float16 values) against dense float32 adapter updates."""
     results = {}
     for keep in (0.01, 0.1):
         torch.manual_seed(0)
