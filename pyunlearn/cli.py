@@ -69,8 +69,6 @@ def _find_stores(path: str) -> list[str]:
     """`path` itself if it is a store (or not a local folder: a URL or a missing path, whose
     open says what is wrong), else the Zarr stores in the folders under it, up to 3 levels
     down (e.g. the demo's --store folder, which holds partial.zarr and dense.zarr)."""
-    import os
-
     root = Path(path)
     if not root.is_dir() or (root / "zarr.json").exists():
         return [path]
