@@ -48,6 +48,22 @@ class Evaluation:
         return float(np.mean([abs(a - b) for a, b in zip(asdict(self).values(), asdict(reference).values())]))
 
 
+def class_logits(output) -> torch.Tensor:
+    """A model's output as class logits, (batch, classes): what the metrics, the unlearning
+    methods and `pyunlearn.forget`'s guard read from `model(x)`. A tensor is the logits; a
+    Hugging Face model's output (a ModelOutput, as BertForSequenceClassification returns) gives
+    its `.logits`. Anything else is refused: which element of a tuple holds the logits is the
+    model's to say."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"model(x) returned {type(output).__name__}, not class logits: pyunlearn reads model(x) as a "
+                    "(batch, classes) tensor, or the .logits of a Hugging Face output. Wrap the model in a module "
+                    "whose forward returns the logits")
+
+
 @torch.no_grad()
 def predictions(model: torch.nn.Module, data: SampleSet, batch_size: int = 1024) -> torch.Tensor:
     """Softmax probabilities on the host, in eval mode (the model's mode is restored). The model
@@ -60,7 +76,7 @@ def predictions(model: torch.nn.Module, data: SampleSet, batch_size: int = 1024)
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([torch.softmax(model(data.x[i : i + batch_size].to(device)), dim=1).cpu()
+        return torch.cat([torch.softmax(class_logits(model(data.x[i : i + batch_size].to(device))), dim=1).cpu()
                           for i in range(0, len(data), batch_size)])
     finally:
         model.train(was_training)

@@ -13,7 +13,7 @@ import torch
 
 from .._validate import positive_int, positive_number
 from ..data import SampleSet, checked_samples
-from ..evaluation.metrics import accuracy, mean_loss, measured_gap
+from ..evaluation.metrics import accuracy, class_logits, mean_loss, measured_gap
 from ..kernels import ops
 from ..kernels.checks import one_device
 from ..store.layers import trainable_parameters
@@ -160,7 +160,7 @@ def saliency(model: torch.nn.Module, data: SampleSet, batch_size: int = 256) -> 
         device = model_device(model, "saliency")
         for _, x, y in data.batches(batch_size, shuffle=False):
             x, y = to_device((x, y), device)
-            F.cross_entropy(model(x), y, reduction="sum").backward()
+            F.cross_entropy(class_logits(model(x)), y, reduction="sum").backward()
         return [None if p.grad is None else p.grad.detach().abs().clone() for p in params]
     finally:
         for p, g in zip(params, saved):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .._validate import positive_int, positive_number
 from ..data import SampleSet, checked_samples
 from ..errors import ModelMismatchError
+from ..evaluation.metrics import class_logits
 from ..store.layers import trainable_parameters
 from ._loop import model_device, to_device
 
@@ -173,7 +174,7 @@ def _vectorised(model, data, raw_names, raw, frozen, buffers, totals, chunk, dev
     params = {k: raw[k].detach() for k in raw_names}
 
     def loss(p, x, y):
-        return F.cross_entropy(functional_call(model, ({**p, **frozen}, buffers), (x[None],)), y[None])
+        return F.cross_entropy(class_logits(functional_call(model, ({**p, **frozen}, buffers), (x[None],))), y[None])
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
     for _, x, y in data.batches(chunk, shuffle=False):
@@ -188,7 +189,7 @@ def _one_by_one(model, data, params, totals, device):
     try:
         for _, x, y in data.batches(1, shuffle=False):
             x, y = to_device((x, y), device)
-            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
+            grads = torch.autograd.grad(F.cross_entropy(class_logits(model(x)), y), params, allow_unused=True)
             for total, g in zip(totals, grads):
                 if g is not None:
                     total += g.float().pow(2)

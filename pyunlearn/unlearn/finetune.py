@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data import SampleSet
+from ..evaluation.metrics import class_logits
 from ._loop import UnlearnReport, check_data, optimise
 
 
@@ -14,5 +15,5 @@ def fine_tune(model: torch.nn.Module, retain_data: SampleSet, *, epochs: int = 1
     that ends first (a share of an epoch: after label flipping, say), in place."""
     retain_data = check_data("retain_data", retain_data)
     return optimise(model, "fine-tune", lambda g: retain_data.batches(batch_size, generator=g),
-                    lambda b: F.cross_entropy(model(b[1]), b[2]), epochs=epochs, lr=lr, keep=None, seed=seed,
-                    max_steps=max_steps)
+                    lambda b: F.cross_entropy(class_logits(model(b[1])), b[2]), epochs=epochs, lr=lr, keep=None,
+                    seed=seed, max_steps=max_steps)

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from ..data import SampleSet
 from .._validate import finite_number, positive_int
+from ..evaluation.metrics import class_logits
 from ._loop import HeldOutTarget, RetainGuard, UnlearnReport, check_data, optimise
 from .buffers import warn_stale_buffers
 
@@ -89,9 +90,9 @@ def gradient_ascent(model: torch.nn.Module, forget_data: SampleSet, keep: float 
 
     def loss(pair):
         (_, x, y), retained = pair
-        value = -F.cross_entropy(model(x), y)
+        value = -F.cross_entropy(class_logits(model(x)), y)
         if retained is not None:
-            value = value + retain_weight * F.cross_entropy(model(retained[1]), retained[2])
+            value = value + retain_weight * F.cross_entropy(class_logits(model(retained[1])), retained[2])
         return value
 
     report = optimise(model, "gradient ascent", batches, loss, epochs=epochs, lr=lr, keep=keep, seed=seed, clip=clip,

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .._validate import positive_number, ratio
 from ..data import SampleSet, checked_samples
 from ..errors import GuardFailedError
+from ..evaluation.metrics import class_logits
 from ..store import UpdateStore
 from ._loop import model_device, to_device
 from .amnesiac import ForgetReport, forgetting
@@ -90,7 +91,7 @@ def score(model: torch.nn.Module, probe: SampleSet, batch_size: int = 512) -> Pr
         losses, correct = [], []
         for _, x, y in probe.batches(batch_size, shuffle=False):
             x, y = to_device((x, y), device)
-            logits = model(x)
+            logits = class_logits(model(x))
             losses.append(F.cross_entropy(logits, y, reduction="none").float().cpu())
             correct.append((logits.argmax(1) == y).cpu())
     finally:
@@ -467,8 +468,8 @@ def _losses(model, data: SampleSet, batch_size: int = 512) -> np.ndarray:
     was_training = model.training
     model.eval()
     try:
-        out = [F.cross_entropy(model(to_device(x, device)), to_device(y, device), reduction="none").float().cpu()
-               for _, x, y in data.batches(batch_size, shuffle=False)]
+        out = [F.cross_entropy(class_logits(model(to_device(x, device))), to_device(y, device), reduction="none")
+               .float().cpu() for _, x, y in data.batches(batch_size, shuffle=False)]
     finally:
         model.train(was_training)
     return torch.cat(out).numpy().astype(np.float64)

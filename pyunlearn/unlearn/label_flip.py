@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data import SampleSet
+from ..evaluation.metrics import class_logits
 from ._loop import RetainGuard, UnlearnReport, check_data, model_device, optimise
 from .buffers import warn_stale_buffers
 
@@ -45,7 +46,7 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
         model.eval()
         try:
             with torch.no_grad():
-                classes = int(model(forget_data.x[:1].to(model_device(model, "label flip"))).shape[1])
+                classes = int(class_logits(model(forget_data.x[:1].to(model_device(model, "label flip")))).shape[1])
         finally:
             model.train(was_training)
     if classes < 2:
@@ -58,7 +59,7 @@ def label_flip(model: torch.nn.Module, forget_data: SampleSet, keep: float | Non
         relabelled = SampleSet(forget_data.ids, forget_data.x, flipped)
         return relabelled.batches(batch_size, generator=generator)
 
-    report = optimise(model, "label flip", batches, lambda b: F.cross_entropy(model(b[1]), b[2]),
+    report = optimise(model, "label flip", batches, lambda b: F.cross_entropy(class_logits(model(b[1])), b[2]),
                       epochs=epochs, lr=lr, keep=keep, seed=seed, max_steps=max_steps, guard=guard,
                       mask=mask, saliency_data=forget_data)
     warn_stale_buffers(model, "label_flip")  # it trained, in train mode, on forget batches

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from .._validate import positive_int, positive_number
 from ..data import SampleSet
+from ..evaluation.metrics import class_logits
 from ..store import UpdateStore
 from ..store.layers import trainable_parameters
 from ._loop import model_device, to_device
@@ -126,7 +127,7 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
             optimizer.param_groups[0]["lr"] = float(rate)
             optimizer.zero_grad()
             x, y = to_device((data.x[batch], data.y[batch]), device)
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(class_logits(model(x)), y).backward()
             optimizer.step()
             replayed, samples = replayed + 1, samples + len(rows)
         tuned = tuned_samples = 0
@@ -144,7 +145,7 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
                 for _, x, y in data.batches(batch_size, generator=generator):
                     x, y = to_device((x, y), device)
                     tune.zero_grad()
-                    F.cross_entropy(model(x), y).backward()
+                    F.cross_entropy(class_logits(model(x)), y).backward()
                     tune.step()
                     tuned, tuned_samples = tuned + 1, tuned_samples + len(y)
                     if tuned >= tune_steps:

@@ -7,7 +7,7 @@ import torch
 
 import pyunlearn as pu
 from pyunlearn.data import SampleSet
-from pyunlearn.evaluation.metrics import Evaluation, accuracy, evaluate, mia_efficacy
+from pyunlearn.evaluation.metrics import Evaluation, accuracy, class_logits, evaluate, mia_efficacy
 from tests.support import TinyNet, tiny_data
 
 
@@ -281,3 +281,26 @@ def test_evaluate_progress_is_off_unless_asked(capsys):
     assert "evaluating" not in capsys.readouterr().err  # standard error is not a terminal here
     metrics.evaluate(DigitsCNN(), forget=forget, retain=retain, test=test_set, mia_samples=50, progress=True)
     assert "evaluating: 100%" in capsys.readouterr().err
+
+
+def test_class_logits_reads_a_tensor_or_a_hugging_face_output_and_refuses_the_rest():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output:  # what a transformers ModelOutput offers: attributes, .logits among them
+        logits: torch.Tensor
+        loss: torch.Tensor | None = None
+
+    logits = torch.randn(3, 4)
+    assert class_logits(logits) is logits and class_logits(Output(logits)) is logits
+    for output in ((logits, torch.zeros(3)), {"logits": logits}, Output(logits=None)):
+        with pytest.raises(TypeError, match=f"model\\(x\\) returned {type(output).__name__}, not class logits.*Wrap the "
+                                            "model in a module whose forward returns the logits"):
+            class_logits(output)
+    with pytest.raises(TypeError, match="returned tuple"):  # the metrics say so, not cross_entropy
+        accuracy(_TupleNet(), SampleSet(torch.arange(4), torch.randn(4, 8), torch.zeros(4, dtype=torch.long)))
+
+
+class _TupleNet(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :4], x

@@ -118,6 +118,55 @@ def test_batches_without_the_id_column_are_refused(tmp_path):
         RecordUpdates()
 
 
+def _samples(rows):
+    """The rows as a SampleSet: token IDs as x (attention masks are all ones), labels as y."""
+    from pyunlearn.data import SampleSet
+
+    return SampleSet(torch.tensor([r["ids"] for r in rows]), torch.tensor([r["input_ids"] for r in rows]),
+                     torch.tensor([r["labels"] for r in rows]))
+
+
+def test_every_method_and_metric_reads_a_hugging_face_models_logits(tmp_path):
+    """A transformers model returns a ModelOutput, not a tensor: pu.forget (its probe, repair,
+    dampening and membership check), the other methods and the metrics read its .logits.
+    Before, each failed inside cross_entropy on the Trainer's own model."""
+    from pyunlearn import unlearn
+    from pyunlearn.evaluation import metrics
+
+    model = _model()
+    callback = RecordUpdates(tmp_path / "s.zarr", create=dict(keep=1.0, value_dtype="float32"))
+    transformers.Trainer(model=model, args=_args(tmp_path / "run"), train_dataset=_dataset(),
+                         callbacks=[callback]).train()
+    callback.close()
+    forget, retain = _samples(_dataset()[:2]), _samples(_dataset()).without(IDS[:2])
+    generator = torch.Generator().manual_seed(7)
+    unseen = [{"ids": 900 + i, "input_ids": torch.randint(1, 40, (8,), generator=generator).tolist(),
+               "labels": i % 2} for i in range(16)]
+    held_out = _samples(unseen)
+
+    store = pu.UpdateStore.open(tmp_path / "s.zarr")
+    steps = store.steps_for(IDS[:2]).steps.size
+    before = [p.detach().clone() for p in model.parameters()]
+    report = pu.forget(model, store, IDS[:2], probe=retain, retain_data=retain, forget_data=forget,
+                       held_out=held_out, budget=1.0)
+    assert report.forget.steps_removed == steps > 0
+    assert not pu.unlearn.Tolerance().problems(report.before, report.final)  # the guard's promise, measured
+    (record,) = store.ledger.audit()
+    assert record["method"] == "amnesiac+guard" and {"auc_before", "auc_after"} <= record["evidence"].keys()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    store.close()
+
+    for name, run in (("fine_tune", lambda: unlearn.fine_tune(model, retain, epochs=1, batch_size=4)),
+                      ("label_flip", lambda: unlearn.label_flip(model, forget, classes=2, max_steps=2)),
+                      ("gradient_ascent", lambda: unlearn.gradient_ascent(model, forget, retain_data=retain,
+                                                                          max_steps=2, max_retain_drop=None))):
+        before = [p.detach().clone() for p in model.parameters()]
+        assert run().steps > 0, name
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), name
+    result = metrics.evaluate(model, forget=forget, retain=retain, test=held_out, mia_samples=8, progress=False)
+    assert all(0 <= value <= 100 for value in (result.UA, result.RA, result.TA, result.MIA))
+
+
 def test_resume_from_checkpoint_continues_the_store_from_its_step(tmp_path):
     """A run checkpointing every 2 steps goes on to step 6; resuming from checkpoint-2 drops the
     4 later steps and records the rest again. The store then equals a straight run's."""
