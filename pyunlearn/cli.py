@@ -254,10 +254,10 @@ def _forget(args) -> int:
                 given = {"overall": args.tolerance_overall, "per_class": args.tolerance_per_class}
                 tolerance = Tolerance(**{name: value for name, value in given.items() if value is not None})
                 module = _built_model(args.model, checkpoint)
-                guarded = forget(module, store, ids, probe=_samples("--probe", args.probe),
-                                 retain_data=None if args.retain is None else _samples("--retain", args.retain),
+                guarded = forget(module, store, ids, probe=_samples("--probe", args.probe, store),
+                                 retain_data=None if args.retain is None else _samples("--retain", args.retain, store),
                                  forget_data=None if args.forget_data is None else _samples("--forget-data",
-                                                                                             args.forget_data),
+                                                                                             args.forget_data, store),
                                  budget=args.budget, strategy=args.strategy, request_id=args.request_id,
                                  commit=False, not_found=not_found, dampen=not args.no_dampen, tolerance=tolerance)
                 report = guarded.forget
@@ -315,8 +315,10 @@ def _built_model(factory: str | None, checkpoint):
     return model
 
 
-def _samples(arg: str, path: str):
-    """A SampleSet saved with torch.save({"ids": ..., "x": ..., "y": ...}) (loaded weights_only)."""
+def _samples(arg: str, path: str, store):
+    """A SampleSet saved with torch.save({"ids": ..., "x": ..., "y": ...}) (loaded weights_only);
+    "keys" (a list of str) instead of "ids" names the samples by their keys, mapped with the
+    store's secret as the recorder mapped them (a replay finds the steps' samples by ID)."""
     import torch
 
     from .data import SampleSet
@@ -324,10 +326,13 @@ def _samples(arg: str, path: str):
     from .integrations.checkpoints import load_torch
 
     saved = load_torch(path)
-    if not isinstance(saved, dict) or not {"ids", "x", "y"} <= saved.keys():
-        raise ValueError(f"{arg} {path}: expected a dict of tensors 'ids', 'x', 'y' (torch.save of a SampleSet's "
-                         "fields)")
-    return SampleSet(torch.as_tensor(saved["ids"], dtype=torch.int64), saved["x"], torch.as_tensor(saved["y"]).long())
+    named = isinstance(saved, dict) and len({"ids", "keys"} & saved.keys()) == 1
+    if not named or not {"x", "y"} <= saved.keys():
+        raise ValueError(f"{arg} {path}: expected a dict of 'x', 'y' (tensors) and either 'ids' (a tensor of the "
+                         "store's sample IDs) or 'keys' (a list of str, on a store of keys): torch.save of a "
+                         "SampleSet's fields")
+    ids = saved["ids"] if "ids" in saved else store.ids_for(saved["keys"], arg)
+    return SampleSet(torch.as_tensor(ids, dtype=torch.int64), saved["x"], torch.as_tensor(saved["y"]).long())
 
 
 def _audit(args) -> int:
@@ -444,11 +449,13 @@ def main(argv=None) -> int:
                         help="empty the optimizer state saved in the checkpoint (momentum, Adam's moments: they still "
                              "carry the forgotten samples' gradients); its settings stay")
     guard = forget.add_argument_group("guarded forgetting (pyunlearn.forget): measure a probe, repair within a budget")
-    guard.add_argument("--probe", help="a validation probe: torch.save({'ids', 'x', 'y'}) of retained or held-out "
-                                       "samples; the result must stay within the tolerance on it, or nothing changes")
+    guard.add_argument("--probe", help="a validation probe: torch.save({'ids' or 'keys', 'x', 'y'}) of retained or "
+                                       "held-out samples; the result must stay within the tolerance on it, or nothing "
+                                       "changes")
     guard.add_argument("--model", help="package.module:function returning the untrained model (the probe needs "
                                        "the model's code)")
-    guard.add_argument("--retain", help="retained training data to repair with, as --probe")
+    guard.add_argument("--retain", help="retained training data to repair with, as --probe; a replay finds each "
+                                        "step's samples by ID: on a store of keys, name them by 'keys'")
     guard.add_argument("--budget", type=_positive_float, default=0.3,
                        help="what the repairs and dampenings may cost, as a share of a retrain (default 0.3)")
     guard.add_argument("--strategy", choices=STRATEGIES, default="auto",

@@ -148,24 +148,38 @@ class RequestShape:
     steps_recorded: int  # the steps the store holds
     retained_share: float  # of the samples the subtracted steps trained on, the share not forgotten
     pure_steps: int  # subtracted steps that trained on forgotten samples only (nothing to replay)
-    replay_cost: float  # the subtracted steps' retained samples over all samples trained on
+    replay_cost: float  # the retained samples a replay would take (see replayable) over all samples trained on
     keep: float  # the share of each update the store keeps
+    replayable: int | None = None  # the subtracted steps' retained samples that retain_data holds (None: not given)
 
     @classmethod
-    def measure(cls, store: UpdateStore, batches: list[np.ndarray], forgotten: np.ndarray) -> "RequestShape":
+    def measure(cls, store: UpdateStore, batches: list[np.ndarray], forgotten: np.ndarray,
+                retained: np.ndarray | None = None) -> "RequestShape":
         """`batches`: the sample IDs of each subtracted step (`store.step_ids`); `forgotten`: every
-        forgotten ID (this request's and earlier ones', as the store maps them)."""
+        forgotten ID (this request's and earlier ones', as the store maps them); `retained`: the
+        IDs of the retained data a replay would take its samples from (None: all the steps'
+        retained samples count)."""
         sizes = np.array([b.size for b in batches], dtype=np.int64)
         kept = np.array([int((~np.isin(b, forgotten)).sum()) for b in batches], dtype=np.int64)
+        replayable = None if retained is None else sum(
+            int((np.isin(b, retained) & ~np.isin(b, forgotten)).sum()) for b in batches)
         return cls(steps=len(batches), steps_recorded=int(store.steps),
                    retained_share=float(kept.sum() / sizes.sum()) if sizes.sum() else 0.0,
-                   pure_steps=int((kept == 0).sum()), replay_cost=float(kept.sum() / max(1, store.samples)),
-                   keep=float(store.keep))
+                   pure_steps=int((kept == 0).sum()),
+                   replay_cost=float((kept.sum() if replayable is None else replayable) / max(1, store.samples)),
+                   keep=float(store.keep), replayable=replayable)
 
     def to_record(self) -> dict[str, str]:
-        return {"steps": str(self.steps), "steps_recorded": str(self.steps_recorded),
-                "retained_share": f"{self.retained_share:.4f}", "pure_steps": str(self.pure_steps),
-                "replay_cost": f"{self.replay_cost:.4f}", "keep": f"{self.keep:g}"}
+        record = {"steps": str(self.steps), "steps_recorded": str(self.steps_recorded),
+                  "retained_share": f"{self.retained_share:.4f}", "pure_steps": str(self.pure_steps),
+                  "replay_cost": f"{self.replay_cost:.4f}", "keep": f"{self.keep:g}"}
+        if self.replayable is not None:
+            record["replayable"] = str(self.replayable)
+        return record
+
+
+NOTHING_TO_REPLAY = ("retain_data holds none of the subtracted steps' retained samples (on a store of keys, its IDs "
+                     "must be the store's: store.ids_for(keys); the command line maps a --retain file's 'keys')")
 
 
 def choose_repair(shape: RequestShape, budget: float) -> tuple[str, str]:
@@ -180,8 +194,10 @@ def choose_repair(shape: RequestShape, budget: float) -> tuple[str, str]:
     if shape.keep < REPLAY_KEEP:
         return "fine-tune", (f"the store keeps {shape.keep:g} of each update (< {REPLAY_KEEP}): replaying whole steps "
                              "would add back more than the subtraction removed")
-    if shape.replay_cost <= 0:
+    if shape.retained_share <= 0:
         return "fine-tune", "the subtracted steps trained on forgotten samples only: nothing to replay"
+    if shape.replay_cost <= 0:
+        return "fine-tune", f"{NOTHING_TO_REPLAY}: nothing to replay"
     if shape.replay_cost > budget:
         return "fine-tune", (f"replaying the subtracted steps' retained samples would cost {shape.replay_cost:.3f} of a "
                              f"retrain, over the budget {budget:g}")
@@ -277,7 +293,8 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
         after = score(model, probe)
         actions = [f"subtracted {deletion.subtracted.size} steps"]
         batches = store.step_ids(deletion.subtracted)  # read once: the shape and a replay both need them
-        shape = RequestShape.measure(store, batches, np.union1d(store.forgotten_ids(), deletion.ids))
+        shape = RequestShape.measure(store, batches, np.union1d(store.forgotten_ids(), deletion.ids),
+                                     None if retain_data is None else retain_data.ids.numpy())
         chosen, why = choose_repair(shape, budget) if strategy == "auto" else (strategy, "asked for")
         spent, current, repaired = 0.0, after, "none"
         problems = tolerance.problems(before, current, exempt)
@@ -300,6 +317,9 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 if strategy == "auto":  # the dampening's cost is no longer the repair's to spend
                     chosen, why = choose_repair(shape, budget - spent)
             repaired = chosen if problems else "none"
+            if problems and chosen == "replay" and shape.replayable == 0 and shape.retained_share > 0:
+                raise ValueError(f"strategy='replay': {NOTHING_TO_REPLAY}. The model was restored and nothing was "
+                                 "recorded")
             if problems and chosen == "replay":
                 replayed = repair(model, store, deletion.subtracted, retain_data, lr=lr, batch_size=batch_size,
                                   recompute_buffers=False, seed=seed, step_ids=batches)

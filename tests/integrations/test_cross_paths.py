@@ -48,7 +48,28 @@ def _keyed_loader(users):
     return torch.utils.data.DataLoader(list(zip(users, x[index], y[index])), batch_size=16)
 
 
-def test_lightning_keys_cli_forget_on_its_ckpt_then_fit_resumes_and_refuses_the_key(tmp_path, capsys, monkeypatch):
+def _guard_files(tmp_path, keys: list[str], forgotten: list[int], x, y, model: str) -> list:
+    """The guarded command line's arguments, and its samples as it reads them, named by their
+    keys: all as the probe, all but rows `forgotten` as retained data (a replay finds them by the
+    IDs the keys map to), `forgotten` as the forgotten samples."""
+    rows = range(len(y))
+    for name, chosen in (("probe", list(rows)), ("retain", [i for i in rows if i not in forgotten]),
+                         ("forget", forgotten)):
+        torch.save({"keys": [keys[i] for i in chosen], "x": x[chosen], "y": y[chosen]}, tmp_path / f"{name}.pt")
+    # A probe of 64 samples: one sample is 1.6 points, past the default overall tolerance (1 point).
+    return ["--probe", tmp_path / "probe.pt", "--model", model, "--retain", tmp_path / "retain.pt",
+            "--forget-data", tmp_path / "forget.pt", "--budget", "1", "--tolerance-overall", "0.05"]
+
+
+def _replayable(request: dict) -> int:
+    """Of the subtracted steps' retained samples, how many the --retain file held (found by the
+    IDs its keys map to): the record's guard says."""
+    return int(request["guard"]["request"].split("replayable=")[1].split()[0])
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guarded"])
+def test_lightning_keys_cli_forget_on_its_ckpt_then_fit_resumes_and_refuses_the_key(tmp_path, capsys, monkeypatch,
+                                                                                     guarded):
     lightning = pytest.importorskip("lightning", reason="the Lightning integration is an optional extra")
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -73,10 +94,14 @@ def test_lightning_keys_cli_forget_on_its_ckpt_then_fit_resumes_and_refuses_the_
     store.close()
 
     (tmp_path / "keys.txt").write_text(USERS[3] + "\n", encoding="utf-8")
+    _, x, y = tiny_data(N)
+    guard = _guard_files(tmp_path, USERS, [3], x, y, "tests.support:tiny_lightning_model") if guarded else []
     code, out, err = _cli(capsys, "forget", "--store", path, "--checkpoint", checkpoint, "--keys",
-                          tmp_path / "keys.txt", "--request-id", "GDPR-LIT-1", "--out", tmp_path / "forgotten.ckpt")
+                          tmp_path / "keys.txt", "--request-id", "GDPR-LIT-1", "--out", tmp_path / "forgotten.ckpt",
+                          *guard)
     assert code == 0, err
     assert "request GDPR-LIT-1 applied (1 of 1 keys found)" in out and "1 recorder state updated" in out
+    assert ("guard: subtracted 2 steps" in out) == guarded, out
     forgotten = torch.load(tmp_path / "forgotten.ckpt", weights_only=True)
     assert set(forgotten) == set(torch.load(checkpoint, weights_only=True))  # a Lightning checkpoint still
 
@@ -89,6 +114,8 @@ def test_lightning_keys_cli_forget_on_its_ckpt_then_fit_resumes_and_refuses_the_
     (request,) = store.ledger.audit()
     assert request["request"] == "GDPR-LIT-1" and request["status"] == "applied"
     assert request["steps"] == [0, 4] and request["keys"] == 1 and request["missing"] == 0
+    assert request["method"] == ("amnesiac+guard" if guarded else "amnesiac")
+    assert not guarded or _replayable(request) > 0
     assert len(store.steps_for([USERS[5]]).steps) == 3
     assert [r.kind for r in store.ledger.records][-1] == "segment"
     store.close()
@@ -135,8 +162,11 @@ def _keyed_rows(users):
     return [{**{k: v for k, v in rows[u].items() if k != "ids"}, "user": u} for u in users]
 
 
+@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guarded"])
 def test_trainer_keys_cli_forget_on_its_checkpoint_folder_then_resume_and_refuse(tmp_path, capsys, monkeypatch,
-                                                                                   _fresh_accelerate_state):
+                                                                                   _fresh_accelerate_state, guarded):
+    """Guarded: the command builds the Trainer's model (--model), measures its probe, repairs
+    and dampens it: a transformers model's output is a ModelOutput, read by its .logits."""
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
     transformers = pytest.importorskip("transformers", reason="the Trainer integration needs transformers")
     datasets = pytest.importorskip("datasets", reason="the key column is a datasets.Dataset's")
@@ -168,10 +198,14 @@ def test_trainer_keys_cli_forget_on_its_checkpoint_folder_then_resume_and_refuse
 
     (tmp_path / "keys.json").write_text(json.dumps([forgotten]), encoding="utf-8")
     out_folder = tmp_path / "run" / "checkpoint-6-forgotten"
+    rows = _keyed_rows(users)  # token IDs as the samples' x
+    guard = _guard_files(tmp_path, users, [users.index(forgotten)], torch.tensor([r["input_ids"] for r in rows]),
+                         torch.tensor([r["labels"] for r in rows]), "tests.support.huggingface:model") if guarded else []
     code, out, err = _cli(capsys, "forget", "--store", path, "--checkpoint", checkpoint, "--keys",
-                          tmp_path / "keys.json", "--request-id", "GDPR-HF-1", "--out", out_folder)
+                          tmp_path / "keys.json", "--request-id", "GDPR-HF-1", "--out", out_folder, *guard)
     assert code == 0, err
     assert "request GDPR-HF-1 applied (1 of 1 keys found)" in out and "1 recorder state updated" in out
+    assert ("guard: subtracted 2 steps" in out) == guarded, out
     assert sorted(p.name for p in out_folder.iterdir()) == sorted(p.name for p in checkpoint.iterdir())
 
     # Training resumes from the command's output folder, on the same store, without the key.
@@ -183,6 +217,8 @@ def test_trainer_keys_cli_forget_on_its_checkpoint_folder_then_resume_and_refuse
     (request,) = store.ledger.audit()
     assert request["request"] == "GDPR-HF-1" and request["status"] == "applied"
     assert request["steps"] == forgotten_steps and request["keys"] == 1 and request["missing"] == 0
+    assert request["method"] == ("amnesiac+guard" if guarded else "amnesiac")
+    assert not guarded or _replayable(request) > 0
     assert [r.kind for r in store.ledger.records][-1] == "segment"
     steps = store.steps
     store.close()

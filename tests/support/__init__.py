@@ -156,6 +156,9 @@ def tiny_lightning_module():
             torch.manual_seed(0)
             self.net = TinyNet()
 
+        def forward(self, x):  # what guarded forgetting measures the probe with
+            return self.net(x)
+
         def training_step(self, batch, batch_idx):
             _, x, y = batch
             return torch.nn.functional.cross_entropy(self.net(x), y)
@@ -164,6 +167,12 @@ def tiny_lightning_module():
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
 
     return TinyLightningModule
+
+
+def tiny_lightning_model():
+    """An untrained tiny_lightning_module(): the model `pyunlearn forget --model` builds to load
+    a Lightning checkpoint into."""
+    return tiny_lightning_module()()
 
 
 class LoopbackS3:

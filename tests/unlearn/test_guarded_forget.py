@@ -3,6 +3,8 @@ lost more than its tolerance on the probe; it repairs within a budget and says w
 what it cost; it records a membership check when asked."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ import pyunlearn as pu
 from pyunlearn import data
 from pyunlearn.cli import main
 from pyunlearn.models import DigitsCNN, train
-from pyunlearn.unlearn.guarded import REPLAY_KEEP, RequestShape, Tolerance, _membership, choose_repair, score
+from pyunlearn.unlearn.guarded import (NOTHING_TO_REPLAY, REPLAY_KEEP, RequestShape, Tolerance, _membership,
+                                      choose_repair, score)
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +97,38 @@ def test_auto_fine_tunes_from_a_sparse_store_and_the_record_says_why(digits_run,
     kept = sum(int((~np.isin(b, forget_ids.numpy())).sum()) for b in batches)
     assert report.shape == RequestShape(steps=report.forget.steps_applied, steps_recorded=store.steps,
                                         retained_share=kept / sum(b.size for b in batches), pure_steps=0,
-                                        replay_cost=kept / store.samples, keep=0.1)
+                                        replay_cost=kept / store.samples, keep=0.1, replayable=kept)
     params = store.ledger.audit()[0]["params"]
     assert params["strategy"] == "auto" and params["repair"] == "fine-tune" and "keeps 0.1 of each update" in params["why"]
     assert f"replay_cost={report.shape.replay_cost:.4f}" in store.ledger.audit()[0]["guard"]["request"]
 
 
-def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(tmp_path):
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """DigitsCNN trained 2 epochs on 80% of the digits, recorded dense (keep 1.0, float32): the
+    store replay is chosen from. Read-only for the tests: `_dense_setup` copies it."""
+    folder = tmp_path_factory.mktemp("dense")
     train_set, test_set = data.split(data.digits(), 0.2, seed=0)
     torch.manual_seed(0)
     model = DigitsCNN()
-    store = pu.UpdateStore.create(tmp_path / "dense.zarr", model, keep=1.0, value_dtype="float32")
+    store = pu.UpdateStore.create(folder / "dense.zarr", model, keep=1.0, value_dtype="float32")
     train(model, train_set, epochs=2, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    store.close()
+    return folder, model.state_dict(), train_set, test_set
+
+
+def _dense_setup(dense_run, tmp_path):
+    import shutil
+
+    folder, state, train_set, test_set = dense_run
+    shutil.copytree(folder / "dense.zarr", tmp_path / "dense.zarr")
+    model = DigitsCNN()
+    model.load_state_dict(state)
+    return model, pu.UpdateStore.open(tmp_path / "dense.zarr"), train_set, test_set
+
+
+def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(dense_run, tmp_path):
+    model, store, train_set, test_set = _dense_setup(dense_run, tmp_path)
     first_batch = store.step_ids([0])[0]
     measured = RequestShape.measure(store, store.step_ids([0, 1]), first_batch)  # step 0 trained on them only
     assert measured.pure_steps == 1 and measured.retained_share == pytest.approx(32 / 64)
@@ -119,14 +142,10 @@ def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(tmp_pat
     assert store.ledger.audit()[0]["params"]["repair"] == "replay"
 
 
-def test_a_replay_reads_the_steps_batches_once(tmp_path, monkeypatch):
+def test_a_replay_reads_the_steps_batches_once(dense_run, tmp_path, monkeypatch):
     """The request's shape and the replay both need the subtracted steps' sample IDs: forget
     reads them from the store once and hands them to the replay."""
-    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    store = pu.UpdateStore.create(tmp_path / "dense.zarr", model, keep=1.0, value_dtype="float32")
-    train(model, train_set, epochs=2, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    model, store, train_set, test_set = _dense_setup(dense_run, tmp_path)
     reads = []
     read = pu.UpdateStore.step_ids
     monkeypatch.setattr(pu.UpdateStore, "step_ids", lambda self, steps: reads.append(len(steps)) or read(self, steps))
@@ -134,6 +153,45 @@ def test_a_replay_reads_the_steps_batches_once(tmp_path, monkeypatch):
     report = pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0),
                        retain_data=train_set.without(forget_ids), budget=0.6, strategy="replay")
     assert report.repair == "replay" and reads == [report.forget.steps_applied]
+    store.close()
+
+
+def test_retained_data_with_none_of_the_steps_samples_is_not_replayed(dense_run, tmp_path):
+    """A replay finds each subtracted step's retained samples in retain_data by ID. IDs of
+    another space (a store of keys given positions, say) find none: auto fine-tunes and says
+    why, and an explicit replay is refused with the model and the store as they were. Before,
+    the replay ran on nothing and the record said "replay"."""
+    model, store, train_set, test_set = _dense_setup(dense_run, tmp_path)
+    forget_ids = train_set.ids[:16]
+    retained = train_set.without(forget_ids)
+    elsewhere = data.SampleSet(retained.ids + 10**6, retained.x, retained.y)  # the same samples, other IDs
+    probe = test_set.draw(300, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^strategy='replay': retain_data holds none of the subtracted steps' "
+                                         r"retained samples \(on a store of keys.*store.ids_for\(keys\).*restored"):
+        pu.forget(model, store, forget_ids, probe=probe, retain_data=elsewhere, budget=0.6, strategy="replay")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert len(store.ledger) == 1 and store.forgotten_ids().size == 0
+
+    report = pu.forget(model, store, forget_ids, probe=probe, retain_data=elsewhere, budget=0.6)
+    assert report.shape.replayable == 0 and report.shape.replay_cost == 0 and report.shape.retained_share > 0
+    assert report.repair == "fine-tune" and not any(a.startswith("replayed") for a in report.actions)
+    record = store.ledger.audit()[0]
+    assert record["params"]["why"].startswith("retain_data holds none of the subtracted steps' retained samples")
+    assert "replayable=0" in record["guard"]["request"]
+    store.close()
+
+
+def test_the_request_shape_counts_what_retain_data_can_replay(dense_run, tmp_path):
+    _, store, train_set, _ = _dense_setup(dense_run, tmp_path)
+    batches = store.step_ids([0, 1, 2])
+    forgotten = batches[0][:5]
+    some = np.concatenate([batches[1][:7], batches[2][:3], forgotten])  # a retained subset; forgotten IDs don't count
+    shape = RequestShape.measure(store, batches, forgotten, some)
+    assert shape.replayable == 10 and shape.replay_cost == pytest.approx(10 / store.samples)
+    everything = RequestShape.measure(store, batches, forgotten)
+    assert everything.replayable is None and everything.replay_cost == pytest.approx((96 - 5) / store.samples)
+    assert shape.to_record()["replayable"] == "10" and "replayable" not in everything.to_record()
     store.close()
 
 
@@ -147,6 +205,8 @@ def test_the_auto_rule():
     pure = RequestShape(10, 100, 0.0, pure_steps=10, replay_cost=0.0, keep=1.0)
     assert choose_repair(pure, budget=0.3) == ("fine-tune", "the subtracted steps trained on forgotten samples only: "
                                                             "nothing to replay")
+    unmatched = RequestShape(10, 100, 0.9, pure_steps=0, replay_cost=0.0, keep=1.0, replayable=0)
+    assert choose_repair(unmatched, budget=0.3) == ("fine-tune", f"{NOTHING_TO_REPLAY}: nothing to replay")
 
 
 def test_replay_first_when_asked(digits_run, tmp_path):
@@ -273,3 +333,25 @@ def test_guarded_forget_on_the_command_line(digits_run, tmp_path, capsys):
     reader = pu.UpdateStore.open(tmp_path / "s.zarr", mode="r")
     assert [r.kind for r in reader.ledger.records] == ["segment", "deletion", "confirm"]
     assert reader.ledger.records[1].fields["fingerprint_after"] == pu.kernels.fingerprint(reader.check_model(repaired))
+
+
+def test_the_command_lines_samples_by_ids_or_keys(digits_run, tmp_path, capsys):
+    """A samples file names its samples by 'ids' or by 'keys' (mapped with the store's secret, as
+    the recorder mapped them); keys on a store of integer IDs, or both, or neither, are refused
+    with what the file must hold, before anything changes."""
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    store.close()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    probe = test_set.draw(100, seed=0)
+    np.save(tmp_path / "ids.npy", forget_ids[:4].numpy())
+    args = ["forget", "--store", str(tmp_path / "s.zarr"), "--checkpoint", str(tmp_path / "model.pt"),
+            "--ids", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "out.pt"), "--probe", str(tmp_path / "probe.pt"),
+            "--model", "pyunlearn.models:DigitsCNN"]
+    for fields, error in (({"keys": [f"k{i}" for i in range(100)]}, "--probe: .*recorded its samples by integer ID; keys cannot be matched"),
+                          ({"ids": probe.ids, "keys": ["a"] * 100}, "either 'ids' .* or 'keys'"),
+                          ({}, "either 'ids' .* or 'keys'")):
+        torch.save({**fields, "x": probe.x, "y": probe.y}, tmp_path / "probe.pt")
+        assert main(args) == 1
+        assert re.search(error, capsys.readouterr().err)
+        assert not (tmp_path / "out.pt").exists()
+    assert len(pu.UpdateStore.open(tmp_path / "s.zarr", mode="r").ledger) == 1
