@@ -354,7 +354,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
                 "The model was restored and nothing was recorded. "
                 + _what_may_help(retain_data, strategy, dampenings, tolerance.overall_fell(before, current),
-                                 tolerance))
+                                 tolerance, len(probe)))
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -436,7 +436,7 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 # ---------------------------------------------------------------------------------- helpers
 def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, overall_fell: bool,
-                   tolerance: Tolerance) -> str:
+                   tolerance: Tolerance, probe_size: int) -> str:
     """A refusal's advice: only what applies to this call (by its Python and its CLI names).
     overall_fell: whether the overall accuracy is among what fell (else only classes did)."""
     if strategy == "subtract" and retain_data is not None:  # nothing repairs under it
@@ -452,6 +452,11 @@ def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: lis
         advice += (". A dampening before the repair was kept, and the repair had to make up for what it changed: "
                    "without it (dampen=False, --no-dampen) the request may be accepted, leaving what only the "
                    "forgotten samples taught (measured: a canary request refused with it was accepted without)")
+    if overall_fell and 0 < tolerance.overall < 1.0 / probe_size:  # one changed prediction is past the tolerance
+        advice += (f". One sample of the probe is {100.0 / probe_size:.2g} points of its accuracy, more than the overall "
+                   f"tolerance ({tolerance.overall:g}): a probe of {probe_size} samples refuses a request that changes "
+                   f"one prediction. Give a larger probe (over {math.ceil(1.0 / tolerance.overall)} samples), or "
+                   "loosen the tolerance (Tolerance(overall=...), --tolerance-overall)")
     if not overall_fell:
         advice += (f". Only classes fell past their tolerance (per class {tolerance.per_class:g}, or twice a "
                    "class's binomial standard error on the probe): a class can move by tens of points between two "

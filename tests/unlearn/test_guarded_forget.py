@@ -265,13 +265,30 @@ def test_a_refusal_where_only_classes_fell_says_retraining_moves_classes_more():
     from pyunlearn.unlearn.guarded import _what_may_help
 
     retained = data.SampleSet(torch.arange(2), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))  # given, at all
-    advice = _what_may_help(retained, "auto", [], False, Tolerance(per_class=0.05))  # overall held: only classes fell
+    advice = _what_may_help(retained, "auto", [], False, Tolerance(per_class=0.05), 1000)  # only classes fell
     assert advice.startswith("Give a larger budget") and "--tolerance-per-class" in advice
     assert "(per class 0.05, or twice" in advice  # the tolerance the call used, not the default
-    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], True, Tolerance())
+    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], True, Tolerance(), 1000)
     # strategy="subtract" without retained data: both are needed for a repair
-    assert _what_may_help(None, "subtract", [], True, Tolerance()) == (
+    assert _what_may_help(None, "subtract", [], True, Tolerance(), 1000) == (
         "Let it repair (strategy='auto', --strategy auto, with retained data: retain_data, --retain), or retrain")
+
+
+def test_a_refusal_on_a_probe_too_small_for_the_overall_tolerance_says_so():
+    """On a probe of 64 samples one changed prediction is 1.6 points, past the default overall
+    tolerance of 1 point: the refusal says so, and what size would resolve it."""
+    from pyunlearn.unlearn.guarded import _what_may_help
+
+    retained = data.SampleSet(torch.arange(2), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
+    advice = _what_may_help(retained, "auto", [], True, Tolerance(), 64)
+    assert advice.endswith(". One sample of the probe is 1.6 points of its accuracy, more than the overall tolerance "
+                           "(0.01): a probe of 64 samples refuses a request that changes one prediction. Give a larger "
+                           "probe (over 100 samples), or loosen the tolerance (Tolerance(overall=...), "
+                           "--tolerance-overall)")
+    for quiet in (_what_may_help(retained, "auto", [], True, Tolerance(), 100),  # one sample is the tolerance
+                  _what_may_help(retained, "auto", [], False, Tolerance(), 64),  # the overall held
+                  _what_may_help(retained, "auto", [], True, Tolerance(overall=0.0), 64)):  # no size resolves 0
+        assert "larger probe" not in quiet
 
 
 def test_the_tolerance_on_the_command_line(digits_run, tmp_path, capsys):
