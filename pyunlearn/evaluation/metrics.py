@@ -53,15 +53,19 @@ def class_logits(output) -> torch.Tensor:
     methods and `pyunlearn.forget`'s guard read from `model(x)`. A tensor is the logits; a
     Hugging Face model's output (a ModelOutput, as BertForSequenceClassification returns) gives
     its `.logits`. Anything else is refused: which element of a tuple holds the logits is the
-    model's to say."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(f"model(x) returned {type(output).__name__}, not class logits: pyunlearn reads model(x) as a "
-                    "(batch, classes) tensor, or the .logits of a Hugging Face output. Wrap the model in a module "
-                    "whose forward returns the logits")
+    model's to say, and logits of another shape (a language model's, per token) are not a
+    class per sample, which is what these measure."""
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model(x) returned {type(output).__name__}, not class logits: pyunlearn reads model(x) as a "
+                        "(batch, classes) tensor, or the .logits of a Hugging Face output. Wrap the model in a module "
+                        "whose forward returns the logits")
+    if logits.ndim != 2:
+        raise ValueError(f"model(x) gave logits of shape {tuple(logits.shape)}, not (batch, classes): the metrics, "
+                         "the unlearning methods and pyunlearn.forget's guard measure classifiers, one class per "
+                         "sample. For other models, forget with amnesiac_forget (subtraction alone) and measure "
+                         "the result your own way")
+    return logits
 
 
 @torch.no_grad()

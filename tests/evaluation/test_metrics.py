@@ -297,6 +297,8 @@ def test_class_logits_reads_a_tensor_or_a_hugging_face_output_and_refuses_the_re
         with pytest.raises(TypeError, match=f"model\\(x\\) returned {type(output).__name__}, not class logits.*Wrap the "
                                             "model in a module whose forward returns the logits"):
             class_logits(output)
+    with pytest.raises(ValueError, match=r"logits of shape \(3, 5, 4\), not \(batch, classes\).*amnesiac_forget"):
+        class_logits(Output(torch.randn(3, 5, 4)))  # a language model's, one row per token
     with pytest.raises(TypeError, match="returned tuple"):  # the metrics say so, not cross_entropy
         accuracy(_TupleNet(), SampleSet(torch.arange(4), torch.randn(4, 8), torch.zeros(4, dtype=torch.long)))
 
