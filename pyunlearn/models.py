@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .data import SampleSet, sample_batches
+from .evaluation.metrics import class_logits
 from .recording import UpdateRecorder
 from .store import UpdateStore
 
@@ -56,7 +57,7 @@ def train(model, data: SampleSet, *, epochs: int, batch_size: int, lr: float, se
                 for recorder in recorders:
                     recorder.batch(ids)
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
+                nn.functional.cross_entropy(class_logits(model(x)), y).backward()
                 optimizer.step()
                 if bar is not None:
                     bar.update()

@@ -159,10 +159,16 @@ class RequestShape:
         forgotten ID (this request's and earlier ones', as the store maps them); `retained`: the
         IDs of the retained data a replay would take its samples from (None: all the steps'
         retained samples count)."""
+        if not isinstance(batches, (list, tuple)) or not all(isinstance(b, np.ndarray) for b in batches):
+            raise TypeError("batches must be the list store.step_ids(steps) returns, one array of sample IDs per "
+                            f"subtracted step (before this version, measure took the step numbers), got "
+                            f"{type(batches).__name__}")
         sizes = np.array([b.size for b in batches], dtype=np.int64)
-        kept = np.array([int((~np.isin(b, forgotten)).sum()) for b in batches], dtype=np.int64)
-        replayable = None if retained is None else sum(
-            int((np.isin(b, retained) & ~np.isin(b, forgotten)).sum()) for b in batches)
+        ids = np.concatenate(batches) if batches else np.empty(0, np.int64)  # one lookup for all steps, not one each
+        step_of = np.repeat(np.arange(len(batches)), sizes)
+        kept_mask = ~np.isin(ids, forgotten)
+        kept = np.bincount(step_of[kept_mask], minlength=len(batches)).astype(np.int64)
+        replayable = None if retained is None else int((kept_mask & np.isin(ids, retained)).sum())
         return cls(steps=len(batches), steps_recorded=int(store.steps),
                    retained_share=float(kept.sum() / sizes.sum()) if sizes.sum() else 0.0,
                    pure_steps=int((kept == 0).sum()),
@@ -188,9 +194,10 @@ def choose_repair(shape: RequestShape, budget: float) -> tuple[str, str]:
     subtraction took from them, but only a store that keeps most of each update (keep ≥
     REPLAY_KEEP) took that much: from a sparse store, replaying whole steps adds back far more
     than was removed (measured: 3 points above Retrain on a 1% random request, at 0.82 of a
-    retrain). Steps that held forgotten samples only have nothing to replay, and a replay that
-    costs more than the budget cannot be afforded: fine-tuning in small increments, measured
-    after each, repairs then (in our measurements the cheapest repair; docs/guide.md)."""
+    retrain). Steps that held forgotten samples only have nothing to replay, nor do retained
+    samples retain_data does not hold (a replay finds them by ID), and a replay that costs more
+    than the budget cannot be afforded: fine-tuning in small increments, measured after each,
+    repairs then (in our measurements the cheapest repair; docs/guide.md)."""
     if shape.keep < REPLAY_KEEP:
         return "fine-tune", (f"the store keeps {shape.keep:g} of each update (< {REPLAY_KEEP}): replaying whole steps "
                              "would add back more than the subtraction removed")
@@ -259,7 +266,8 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     knows of the request's steps — replay their retained samples first when the store keeps most
     of each update and the replay fits the budget, else fine-tune — then fine-tuning in small
     increments until the probe is back), "subtract" (no repair: refuse if the probe falls),
-    "replay" (replay the removed steps' retained samples first, then fine-tune), "fine-tune"
+    "replay" (replay the removed steps' retained samples first, then fine-tune; a ValueError,
+    with nothing changed, if the probe fell and retain_data holds none to replay), "fine-tune"
     (fine-tuning only). lr: the repairs' learning rate (default: the median learning rate the store
     recorded); fine-tuning starts at it and falls linearly towards 0 over the increments the
     budget affords. batch_size: the repairs' batch size (default: the store's mean batch, so a repair
@@ -298,6 +306,11 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
         chosen, why = choose_repair(shape, budget) if strategy == "auto" else (strategy, "asked for")
         spent, current, repaired = 0.0, after, "none"
         problems = tolerance.problems(before, current, exempt)
+        if problems and strategy == "replay" and shape.replay_cost <= 0:  # asked for, before any gradient is spent
+            nothing = ("the subtracted steps trained on forgotten samples only" if shape.retained_share <= 0
+                       else NOTHING_TO_REPLAY)
+            raise ValueError(f"strategy='replay': {nothing}: nothing to replay. The model was restored and nothing was "
+                             "recorded; strategy='auto' or 'fine-tune' repairs by fine-tuning")
         dampenings, dampen_at_end = [], dampen and forget_data is not None
         compared = retain_data if retain_data is not None else probe  # what a dampening weighs the forgotten against
         held = "the probe held after the subtraction"  # the record's why, if no repair runs
@@ -317,9 +330,6 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 if strategy == "auto":  # the dampening's cost is no longer the repair's to spend
                     chosen, why = choose_repair(shape, budget - spent)
             repaired = chosen if problems else "none"
-            if problems and chosen == "replay" and shape.replayable == 0 and shape.retained_share > 0:
-                raise ValueError(f"strategy='replay': {NOTHING_TO_REPLAY}. The model was restored and nothing was "
-                                 "recorded")
             if problems and chosen == "replay":
                 replayed = repair(model, store, deletion.subtracted, retain_data, lr=lr, batch_size=batch_size,
                                   recompute_buffers=False, seed=seed, step_ids=batches)

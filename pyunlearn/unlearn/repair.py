@@ -90,8 +90,12 @@ def repair(model: torch.nn.Module, store: UpdateStore, removed_steps, data: Samp
                         f"{type(data).__name__}")
     if len(data) == 0:
         raise ValueError("data is empty: there are no retained samples to replay")
-    steps = np.unique(subtracted_steps(removed_steps) if isinstance(removed_steps, ForgetReport)
-                      else np.asarray(removed_steps, dtype=np.int64).ravel())
+    given = (subtracted_steps(removed_steps) if isinstance(removed_steps, ForgetReport)
+             else np.asarray(removed_steps, dtype=np.int64).ravel())
+    steps = np.unique(given)
+    if step_ids is not None and not np.array_equal(given, steps):  # each array belongs to the step at its place
+        raise ValueError("removed_steps must be in ascending order without repeats when step_ids is given (step_ids "
+                         "holds one array per step, in that order); leave step_ids out to read them from the store")
     if steps.size and (steps[0] < 0 or steps[-1] >= store.steps):
         raise ValueError(f"removed_steps must lie in [0, {store.steps}) (the store's committed steps)")
     if step_ids is not None and len(step_ids) != steps.size:

@@ -150,12 +150,12 @@ def test_a_store_path_with_create_options_records_the_same(tmp_path):
 # batch_size=16.
 _DDP_SCRIPT = r"""
 import os, sys, warnings
-import torch, torch.distributed as dist, lightning
+import torch, lightning
 import pyunlearn as pu
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pyunlearn.integrations.lightning import RecordUpdates
 from tests.support import tiny_data, tiny_lightning_module
-from tests.support.distributed import dense_update
+from tests.support.distributed import leave
 
 class Module(tiny_lightning_module()):
     def train_dataloader(self):  # after the process group exists; Lightning's own sampler would shuffle
@@ -178,11 +178,7 @@ for w in caught:
     if "dropped the store" in str(w.message):
         print(f"rank {rank} warned: {w.message}", flush=True)
 print(f"rank {rank} done, store {'none' if callback.store is None else 'written'}", flush=True)
-# Leave without C++ static destructors (tests/recording/test_ddp.py: gloo sometimes aborts at exit).
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)
+leave()  # without C++ static destructors: gloo sometimes aborts at exit (tests/support/distributed.py)
 """
 
 

@@ -127,9 +127,10 @@ def _samples(rows):
 
 
 def test_every_method_and_metric_reads_a_hugging_face_models_logits(tmp_path):
-    """A transformers model returns a ModelOutput, not a tensor: pu.forget (its probe, repair,
-    dampening and membership check), the other methods and the metrics read its .logits.
-    Before, each failed inside cross_entropy on the Trainer's own model."""
+    """A transformers model returns a ModelOutput, not a tensor: pu.forget (its probe, dampening
+    and membership check), repair, the other methods and the metrics read its .logits. Before,
+    each failed inside cross_entropy on the Trainer's own model. Token IDs alone are the input
+    here (the rows are unpadded: a padded batch would need its attention mask)."""
     from pyunlearn import unlearn
     from pyunlearn.evaluation import metrics
 
@@ -150,19 +151,21 @@ def test_every_method_and_metric_reads_a_hugging_face_models_logits(tmp_path):
     report = pu.forget(model, store, IDS[:2], probe=retain, retain_data=retain, forget_data=forget,
                        held_out=held_out, budget=1.0)
     assert report.forget.steps_removed == steps > 0
-    assert not pu.unlearn.Tolerance().problems(report.before, report.final)  # the guard's promise, measured
+    assert any("dampened" in action and "samples' gradients" in action for action in report.actions), report.actions
     (record,) = store.ledger.audit()
     assert record["method"] == "amnesiac+guard" and {"auc_before", "auc_after"} <= record["evidence"].keys()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    store.close()
 
-    for name, run in (("fine_tune", lambda: unlearn.fine_tune(model, retain, epochs=1, batch_size=4)),
+    for name, run in (("repair", lambda: unlearn.repair(model, store, report.forget, retain, lr=1e-3,
+                                                         fine_tune_epochs=0.5, batch_size=4)),("fine_tune", lambda: unlearn.fine_tune(model, retain, epochs=1, batch_size=4)),
                       ("label_flip", lambda: unlearn.label_flip(model, forget, classes=2, max_steps=2)),
                       ("gradient_ascent", lambda: unlearn.gradient_ascent(model, forget, retain_data=retain,
                                                                           max_steps=2, max_retain_drop=None))):
         before = [p.detach().clone() for p in model.parameters()]
-        assert run().steps > 0, name
+        done = run()
+        assert (done.steps_replayed + done.fine_tune_steps if name == "repair" else done.steps) > 0, name
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), name
+    store.close()
     result = metrics.evaluate(model, forget=forget, retain=retain, test=held_out, mia_samples=8, progress=False)
     assert all(0 <= value <= 100 for value in (result.UA, result.RA, result.TA, result.MIA))
 

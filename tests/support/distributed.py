@@ -56,8 +56,8 @@ def join(rank: int, world: int, port: int) -> None:
 
 
 def say(line: str) -> None:
-    """One write of less than PIPE_BUF bytes: the ranks' lines never interleave."""
-    os.write(1, (line[:4000] + "\n").encode())
+    """One write of at most PIPE_BUF (4,096) bytes: the ranks' lines never interleave."""
+    os.write(1, line.encode()[:4000] + b"\n")
 
 
 def rank_rows(rank: int, world: int, samples: int, epochs: int, global_batch: int):

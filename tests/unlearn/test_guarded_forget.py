@@ -182,6 +182,34 @@ def test_retained_data_with_none_of_the_steps_samples_is_not_replayed(dense_run,
     store.close()
 
 
+def test_an_asked_for_replay_of_steps_that_held_forgotten_samples_only_is_refused(tmp_path):
+    """The last 10 steps trained on the forgotten samples alone (a deletion unit batched on its
+    own), the earlier ones on the others: subtracting those steps leaves nothing to replay, so
+    strategy="replay" is refused before any gradient is spent, and nothing changes."""
+    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
+    unit = train_set.ids[:320]
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    store = pu.UpdateStore.create(tmp_path / "unit.zarr", model, keep=1.0, value_dtype="float32")
+    generator = torch.Generator().manual_seed(0)
+    with pu.UpdateRecorder(model, optimizer, store) as rec:
+        for part in (train_set.without(unit), train_set.without(unit), train_set.subset(torch.arange(320))):
+            for ids, x, y in part.batches(32, generator=generator):
+                rec.batch(ids)
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^strategy='replay': the subtracted steps trained on forgotten samples only: "
+                                         "nothing to replay. The model was restored and nothing was recorded"):
+        pu.forget(model, store, unit, probe=test_set, retain_data=train_set.without(unit), strategy="replay",
+                  tolerance=Tolerance(overall=0.0, per_class=0.0))  # any fall of the probe calls for the repair
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert len(store.ledger) == 1 and store.forgotten_ids().size == 0
+    store.close()
+
+
 def test_the_request_shape_counts_what_retain_data_can_replay(dense_run, tmp_path):
     _, store, train_set, _ = _dense_setup(dense_run, tmp_path)
     batches = store.step_ids([0, 1, 2])
@@ -192,6 +220,8 @@ def test_the_request_shape_counts_what_retain_data_can_replay(dense_run, tmp_pat
     everything = RequestShape.measure(store, batches, forgotten)
     assert everything.replayable is None and everything.replay_cost == pytest.approx((96 - 5) / store.samples)
     assert shape.to_record()["replayable"] == "10" and "replayable" not in everything.to_record()
+    with pytest.raises(TypeError, match="batches must be the list store.step_ids\\(steps\\) returns"):
+        RequestShape.measure(store, np.array([0, 1, 2]), forgotten)  # step numbers, as measure took before
     store.close()
 
 

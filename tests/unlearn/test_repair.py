@@ -119,6 +119,9 @@ def test_repair_budget_fine_tune_and_errors(tmp_path):
     assert (g.steps_replayed, g.samples_replayed, g.samples_fine_tuned) == (2, r.samples_replayed, 60)
     for p, q in zip(given.parameters(), m.parameters()):
         assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="removed_steps must be in ascending order without repeats when step_ids"):
+        reverse = steps[::-1]  # store.step_ids keeps the order given: each array must meet its own step
+        repair(copy.deepcopy(model), store, reverse, retain, lr=0.1, step_ids=store.step_ids(reverse))
     with pytest.raises(ValueError, match=r"step_ids must hold one array per removed step \(%d\), got 1" % steps.size):
         repair(copy.deepcopy(model), store, steps, retain, lr=0.1, step_ids=store.step_ids(steps[:1]))
     with pytest.raises(ValueError, match="lr, given per step"):
