@@ -304,7 +304,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
         shape = RequestShape.measure(store, batches, np.union1d(store.forgotten_ids(), deletion.ids),
                                      None if retain_data is None else retain_data.ids.numpy())
         chosen, why = choose_repair(shape, budget) if strategy == "auto" else (strategy, "asked for")
-        spent, current, repaired = 0.0, after, "none"
+        spent, current, repaired, repair_ran = 0.0, after, "none", False
         problems = tolerance.problems(before, current, exempt)
         if problems and strategy == "replay" and shape.replay_cost <= 0:  # asked for, before any gradient is spent
             nothing = ("the subtracted steps trained on forgotten samples only" if shape.retained_share <= 0
@@ -333,7 +333,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
             if problems and chosen == "replay":
                 replayed = repair(model, store, deletion.subtracted, retain_data, lr=lr, batch_size=batch_size,
                                   recompute_buffers=False, seed=seed, step_ids=batches)
-                spent += replayed.retrain_share
+                spent, repair_ran = spent + replayed.retrain_share, True
                 actions.append(f"replayed {replayed.steps_replayed} steps ({replayed.samples_replayed} retained "
                                f"samples, {replayed.retrain_share:.4f} of a retrain)")
                 current = score(model, probe)
@@ -356,6 +356,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                     current = score(model, probe)
                     problems = tolerance.problems(before, current, exempt)
                 if tuned:
+                    repair_ran = True
                     falling = f" falling to {last_rate:.3g}" if tuned > increment else ""
                     actions.append(f"fine-tuned {tuned} steps of {batch_size} retained samples at lr {rate:g}{falling}")
         if problems:
@@ -364,7 +365,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
                 "The model was restored and nothing was recorded. "
                 + _what_may_help(retain_data, strategy, dampenings, tolerance.overall_fell(before, current),
-                                 tolerance, len(probe)))
+                                 tolerance, len(probe), repair_ran))
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -446,9 +447,10 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 # ---------------------------------------------------------------------------------- helpers
 def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, overall_fell: bool,
-                   tolerance: Tolerance, probe_size: int) -> str:
+                   tolerance: Tolerance, probe_size: int, repair_ran: bool = True) -> str:
     """A refusal's advice: only what applies to this call (by its Python and its CLI names).
-    overall_fell: whether the overall accuracy is among what fell (else only classes did)."""
+    overall_fell: whether the overall accuracy is among what fell (else only classes did);
+    repair_ran: whether any replay or fine-tuning increment ran."""
     if strategy == "subtract" and retain_data is not None:  # nothing repairs under it
         advice = "Let it repair (strategy='auto', --strategy auto), or retrain"
     elif strategy == "subtract":
@@ -458,10 +460,12 @@ def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: lis
         advice = "Give retained data to repair with (retain_data, --retain), or retrain"
     else:
         advice = "Give a larger budget (budget, --budget), or retrain"
-    if dampenings:  # kept before the repair: the repair had to make up for it too
-        advice += (". A dampening before the repair was kept, and the repair had to make up for what it changed: "
-                   "without it (dampen=False, --no-dampen) the request may be accepted, leaving what only the "
-                   "forgotten samples taught (measured: a canary request refused with it was accepted without)")
+    if dampenings:  # kept before the repair: the repair had to make up for it too, or had nothing left to do it
+        cost = ("the repair had to make up for what it changed" if repair_ran
+                else "what it cost left too little of the budget for any repair")
+        advice += (f". A dampening before the repair was kept, and {cost}: without it (dampen=False, --no-dampen) "
+                   "the request may be accepted, leaving what only the forgotten samples taught (measured: a "
+                   "canary request refused with it was accepted without)")
     if overall_fell and 0 < tolerance.overall < 1.0 / probe_size:  # one changed prediction is past the tolerance
         advice += (f". One sample of the probe is {100.0 / probe_size:.2g} points of its accuracy, more than the overall "
                    f"tolerance ({tolerance.overall:g}): a probe of {probe_size} samples refuses a request that changes "

@@ -444,22 +444,31 @@ def test_a_refusal_after_a_dampening_before_the_repair_says_it_may_pass_without(
     retained = poisoned.without(forget.ids)
     probe = retained.draw(300, seed=0)
 
-    def kept(model, forget_data, retained_, probe_, reference, *rest):  # a dampening kept that changed nothing
-        return pu.unlearn.DampenReport(10.0, 1.0, 7, 9, {}, 10), "dampened 7 of 9 parameters", rest[3] + 0.01, \
+    def kept(model, forget_data, retained_, probe_, reference, tolerance, exempt, spent, *rest):  # changed nothing
+        return pu.unlearn.DampenReport(10.0, 1.0, 7, 9, {}, 10), "dampened 7 of 9 parameters", spent + 0.01, \
             guarded.score(model, probe_)
 
-    def undone(model, forget_data, retained_, probe_, reference, *rest):
-        return None, "dampening undone: the probe fell under every threshold", rest[3] + 0.01, None
+    def kept_at_the_whole_budget(model, forget_data, retained_, probe_, reference, tolerance, exempt, spent, budget,
+                                 *rest):
+        return pu.unlearn.DampenReport(10.0, 1.0, 7, 9, {}, 10), "dampened 7 of 9 parameters", budget, \
+            guarded.score(model, probe_)
 
-    for stand_in, advised in ((kept, True), (undone, False)):
+    def undone(model, forget_data, retained_, probe_, reference, tolerance, exempt, spent, *rest):
+        return None, "dampening undone: the probe fell under every threshold", spent + 0.01, None
+
+    for stand_in, advice in ((kept, "the repair had to make up for what it changed"),
+                             (kept_at_the_whole_budget, "what it cost left too little of the budget for any repair"),
+                             (undone, None)):
         monkeypatch.setattr(guarded, "_dampened", stand_in)
         model, store = _open(backdoored, tmp_path / stand_in.__name__)
         with pytest.raises(pu.GuardFailedError) as refused:
             pu.forget(model, store, forget.ids, probe=probe, retain_data=retained, forget_data=forget, budget=0.05,
                       step_epochs=0.01, tolerance=_Never())
         message = str(refused.value)
-        assert message.startswith("after subtracted ") and "never within" in message
-        assert ("dampen=False" in message) is advised and "Give a larger budget" in message
+        assert message.startswith("after subtracted ") and "never within" in message and "Give a larger budget" in message
+        assert ("dampen=False" in message) is (advice is not None)
+        assert advice is None or f"A dampening before the repair was kept, and {advice}: without it" in message
+        assert ("fine-tuned" in message) is (stand_in is not kept_at_the_whole_budget)  # nothing left to repair with
 
 
 def test_a_dampening_that_alone_brings_the_probe_back_is_recorded_as_such(backdoored, tmp_path, monkeypatch):
