@@ -340,8 +340,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 problems = tolerance.problems(before, current, exempt)
             if problems:
                 rate = lr if lr is not None else _recorded_rate(store)
-                increment = max(1, math.ceil(step_epochs * len(retain_data) / batch_size))
-                share = increment * batch_size / max(1, store.samples)  # one increment, as a share of a retrain
+                increment, share = _increment(step_epochs, len(retain_data), batch_size, store.samples)
                 affordable = max(1, int((budget - spent) / share + 1e-9))
                 tuned, last_rate = 0, rate
                 while problems and spent + share <= budget:
@@ -365,7 +364,9 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
                 "The model was restored and nothing was recorded. "
                 + _what_may_help(retain_data, strategy, dampenings, tolerance.overall_fell(before, current),
-                                 tolerance, len(probe), repair_ran))
+                                 tolerance, len(probe), repair_ran,
+                                 None if retain_data is None else
+                                 _increment(step_epochs, len(retain_data), batch_size, store.samples)[1] / budget))
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -446,11 +447,20 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _increment(step_epochs: float, retained: int, batch_size: int, trained: int) -> tuple[int, float]:
+    """One fine-tuning increment between two measurements: (its steps, its cost as a share of a
+    retrain)."""
+    steps = max(1, math.ceil(step_epochs * retained / batch_size))
+    return steps, steps * batch_size / max(1, trained)
+
+
 def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, overall_fell: bool,
-                   tolerance: Tolerance, probe_size: int, repair_ran: bool = True) -> str:
+                   tolerance: Tolerance, probe_size: int, repair_ran: bool, increment_share: float | None) -> str:
     """A refusal's advice: only what applies to this call (by its Python and its CLI names).
     overall_fell: whether the overall accuracy is among what fell (else only classes did);
-    repair_ran: whether any replay or fine-tuning increment ran."""
+    repair_ran: whether any replay or fine-tuning increment ran; increment_share: one
+    fine-tuning increment's cost over the budget (None without retained data)."""
+    too_dear = not repair_ran and increment_share is not None and increment_share > 1  # not even one could run
     if strategy == "subtract" and retain_data is not None:  # nothing repairs under it
         advice = "Let it repair (strategy='auto', --strategy auto), or retrain"
     elif strategy == "subtract":
@@ -460,7 +470,10 @@ def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: lis
         advice = "Give retained data to repair with (retain_data, --retain), or retrain"
     else:
         advice = "Give a larger budget (budget, --budget), or retrain"
-    if dampenings:  # kept before the repair: the repair had to make up for it too, or had nothing left to do it
+    if too_dear and strategy != "subtract":
+        advice += (f". One fine-tuning increment (step_epochs) costs {increment_share:.2g} times the budget: no "
+                   "repair could run, so give a budget of at least one increment, or a smaller step_epochs")
+    elif dampenings:  # kept before the repair: the repair had to make up for it too, or had nothing left to do it
         cost = ("the repair had to make up for what it changed" if repair_ran
                 else "what it cost left too little of the budget for any repair")
         advice += (f". A dampening before the repair was kept, and {cost}: without it (dampen=False, --no-dampen) "

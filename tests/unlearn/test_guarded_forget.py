@@ -60,7 +60,8 @@ def test_a_refusal_advises_only_what_applies_to_the_call(digits_run, tmp_path):
     with pytest.raises(pu.GuardFailedError, match=r"Let it repair \(strategy='auto', --strategy auto\), or retrain$"):
         pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, strategy="subtract")
     with pytest.raises(pu.GuardFailedError) as refused:
-        pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, budget=0.01)
+        pu.forget(model, store, forget_ids, probe=probe, retain_data=retained, budget=0.03)  # 2 increments fit
+    assert "fine-tuned" in str(refused.value)
     assert str(refused.value).endswith("Give a larger budget (budget, --budget), or retrain")
     assert "retain_data" not in str(refused.value)
 
@@ -295,13 +296,27 @@ def test_a_refusal_where_only_classes_fell_says_retraining_moves_classes_more():
     from pyunlearn.unlearn.guarded import _what_may_help
 
     retained = data.SampleSet(torch.arange(2), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))  # given, at all
-    advice = _what_may_help(retained, "auto", [], False, Tolerance(per_class=0.05), 1000)  # only classes fell
+    advice = _what_may_help(retained, "auto", [], False, Tolerance(per_class=0.05), 1000, True, 0.1)  # classes fell
     assert advice.startswith("Give a larger budget") and "--tolerance-per-class" in advice
     assert "(per class 0.05, or twice" in advice  # the tolerance the call used, not the default
-    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], True, Tolerance(), 1000)
+    assert "--tolerance-per-class" not in _what_may_help(retained, "auto", [], True, Tolerance(), 1000, True, 0.1)
     # strategy="subtract" without retained data: both are needed for a repair
-    assert _what_may_help(None, "subtract", [], True, Tolerance(), 1000) == (
+    assert _what_may_help(None, "subtract", [], True, Tolerance(), 1000, True, 0.1) == (
         "Let it repair (strategy='auto', --strategy auto, with retained data: retain_data, --retain), or retrain")
+
+
+def test_a_refusal_where_not_one_repair_increment_fits_the_budget_says_so(digits_run, tmp_path):
+    """An increment of one epoch of the retained data costs about a sixth of this recording's 6
+    epochs, three times the budget 0.05: no repair can run, and the refusal says that, not
+    only "a larger budget"."""
+    model, store, train_set, test_set, forget_ids = _setup(digits_run, tmp_path)
+    with pytest.raises(pu.GuardFailedError, match=r"fine-tuning increment \(step_epochs\) costs 3 times the budget: no "
+                                                  "repair could run, so give a budget of at least one increment, or a "
+                                                  "smaller step_epochs$") as refused:
+        pu.forget(model, store, forget_ids, probe=test_set.draw(300, seed=0), retain_data=train_set.without(forget_ids),
+                  budget=0.05, step_epochs=1.0)
+    assert "fine-tuned" not in str(refused.value) and "dampen=False" not in str(refused.value)
+    store.close()
 
 
 def test_a_refusal_on_a_probe_too_small_for_the_overall_tolerance_says_so():
@@ -310,14 +325,14 @@ def test_a_refusal_on_a_probe_too_small_for_the_overall_tolerance_says_so():
     from pyunlearn.unlearn.guarded import _what_may_help
 
     retained = data.SampleSet(torch.arange(2), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
-    advice = _what_may_help(retained, "auto", [], True, Tolerance(), 64)
+    advice = _what_may_help(retained, "auto", [], True, Tolerance(), 64, True, 0.1)
     assert advice.endswith(". One sample of the probe is 1.6 points of its accuracy, more than the overall tolerance "
                            "(0.01): a probe of 64 samples refuses a request that changes one prediction. Give a larger "
                            "probe (over 100 samples), or loosen the tolerance (Tolerance(overall=...), "
                            "--tolerance-overall)")
-    for quiet in (_what_may_help(retained, "auto", [], True, Tolerance(), 100),  # one sample is the tolerance
-                  _what_may_help(retained, "auto", [], False, Tolerance(), 64),  # the overall held
-                  _what_may_help(retained, "auto", [], True, Tolerance(overall=0.0), 64)):  # no size resolves 0
+    for quiet in (_what_may_help(retained, "auto", [], True, Tolerance(), 100, True, 0.1),  # one sample is the tolerance
+                  _what_may_help(retained, "auto", [], False, Tolerance(), 64, True, 0.1),  # the overall held
+                  _what_may_help(retained, "auto", [], True, Tolerance(overall=0.0), 64, True, 0.1)):  # no size resolves 0
         assert "larger probe" not in quiet
 
 
