@@ -286,6 +286,9 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
     if batch_size is None:
         batch_size = max(1, round(store.samples / max(1, store.steps)))
     step_epochs = ratio("step_epochs", step_epochs)
+    # One fine-tuning increment between two measurements: its steps, and its cost as a share of a retrain.
+    increment = max(1, math.ceil(step_epochs * len(retain_data) / batch_size)) if retain_data is not None else 0
+    share = increment * batch_size / max(1, store.samples)
     if not isinstance(tolerance, Tolerance):
         raise TypeError(f"tolerance must be a pyunlearn.unlearn.Tolerance, got {type(tolerance).__name__}")
     if held_out is not None and forget_data is None:
@@ -340,7 +343,6 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 problems = tolerance.problems(before, current, exempt)
             if problems:
                 rate = lr if lr is not None else _recorded_rate(store)
-                increment, share = _increment(step_epochs, len(retain_data), batch_size, store.samples)
                 affordable = max(1, int((budget - spent) / share + 1e-9))
                 tuned, last_rate = 0, rate
                 while problems and spent + share <= budget:
@@ -364,9 +366,7 @@ def forget(model: torch.nn.Module, store: UpdateStore, ids, *, probe: SampleSet,
                 f"model before the request: {'; '.join(problems)} (spent {spent:.3f} of a retrain, budget {budget}). "
                 "The model was restored and nothing was recorded. "
                 + _what_may_help(retain_data, strategy, dampenings, tolerance.overall_fell(before, current),
-                                 tolerance, len(probe), repair_ran,
-                                 None if retain_data is None else
-                                 _increment(step_epochs, len(retain_data), batch_size, store.samples)[1] / budget))
+                                 tolerance, len(probe), repair_ran, None if retain_data is None else share / budget))
         if dampen_at_end:
             kept, note, spent, dampened_score = _dampened(
                 model, forget_data, compared, probe, before, tolerance, exempt, spent, budget, store.samples, seed)
@@ -447,13 +447,6 @@ def _dampened(model, forget_data, retained, probe, reference, tolerance, exempt,
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _increment(step_epochs: float, retained: int, batch_size: int, trained: int) -> tuple[int, float]:
-    """One fine-tuning increment between two measurements: (its steps, its cost as a share of a
-    retrain)."""
-    steps = max(1, math.ceil(step_epochs * retained / batch_size))
-    return steps, steps * batch_size / max(1, trained)
-
-
 def _what_may_help(retain_data: SampleSet | None, strategy: str, dampenings: list, overall_fell: bool,
                    tolerance: Tolerance, probe_size: int, repair_ran: bool, increment_share: float | None) -> str:
     """A refusal's advice: only what applies to this call (by its Python and its CLI names).
