@@ -17,29 +17,41 @@ from pyunlearn.unlearn.guarded import (NOTHING_TO_REPLAY, REPLAY_KEEP, RequestSh
                                       choose_repair, score)
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """DigitsCNN trained 6 epochs on 80% of the digits, recorded at keep 0.1; the split and a
-    10% random forget set. Read-only for the tests: each copies the model."""
-    folder = tmp_path_factory.mktemp("guarded")
+def _recorded_digits(folder, epochs: int, **store_options):
+    """DigitsCNN trained `epochs` epochs on 80% of the digits, recorded into folder/s.zarr:
+    (folder, its final state, the training split, the test split)."""
     train_set, test_set = data.split(data.digits(), 0.2, seed=0)
     torch.manual_seed(0)
     model = DigitsCNN()
-    store = pu.UpdateStore.create(folder / "s.zarr", model, keep=0.1)
-    train(model, train_set, epochs=6, batch_size=32, lr=0.05, seed=0, stores=(store,))
+    store = pu.UpdateStore.create(folder / "s.zarr", model, **store_options)
+    train(model, train_set, epochs=epochs, batch_size=32, lr=0.05, seed=0, stores=(store,))
     store.close()
-    forget_ids = train_set.ids[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1))[:144]]
-    return folder, model.state_dict(), train_set, test_set, forget_ids
+    return folder, model.state_dict(), train_set, test_set
 
 
-def _setup(digits_run, tmp_path):
+def _copy_of(run, tmp_path):
+    """A test's own copy of a recorded run: (the trained model, its store opened for writing)."""
     import shutil
 
-    folder, state, train_set, test_set, forget_ids = digits_run
+    folder, state = run[:2]
     shutil.copytree(folder / "s.zarr", tmp_path / "s.zarr")
     model = DigitsCNN()
     model.load_state_dict(state)
-    return model, pu.UpdateStore.open(tmp_path / "s.zarr"), train_set, test_set, forget_ids
+    return model, pu.UpdateStore.open(tmp_path / "s.zarr")
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """Trained 6 epochs, recorded at keep 0.1; with a 10% random forget set. Read-only for the
+    tests: each copies it (`_setup`)."""
+    run = _recorded_digits(tmp_path_factory.mktemp("guarded"), 6, keep=0.1)
+    train_set = run[2]
+    forget_ids = train_set.ids[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1))[:144]]
+    return (*run, forget_ids)
+
+
+def _setup(digits_run, tmp_path):
+    return (*_copy_of(digits_run, tmp_path), *digits_run[2:])
 
 
 def test_without_retained_data_a_collapsed_probe_is_refused_and_the_model_restored(digits_run, tmp_path):
@@ -106,26 +118,13 @@ def test_auto_fine_tunes_from_a_sparse_store_and_the_record_says_why(digits_run,
 
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
-    """DigitsCNN trained 2 epochs on 80% of the digits, recorded dense (keep 1.0, float32): the
-    store replay is chosen from. Read-only for the tests: `_dense_setup` copies it."""
-    folder = tmp_path_factory.mktemp("dense")
-    train_set, test_set = data.split(data.digits(), 0.2, seed=0)
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    store = pu.UpdateStore.create(folder / "dense.zarr", model, keep=1.0, value_dtype="float32")
-    train(model, train_set, epochs=2, batch_size=32, lr=0.05, seed=0, stores=(store,))
-    store.close()
-    return folder, model.state_dict(), train_set, test_set
+    """Trained 2 epochs, recorded dense (keep 1.0, float32): the store replay is chosen from.
+    Read-only for the tests: `_dense_setup` copies it."""
+    return _recorded_digits(tmp_path_factory.mktemp("dense"), 2, keep=1.0, value_dtype="float32")
 
 
 def _dense_setup(dense_run, tmp_path):
-    import shutil
-
-    folder, state, train_set, test_set = dense_run
-    shutil.copytree(folder / "dense.zarr", tmp_path / "dense.zarr")
-    model = DigitsCNN()
-    model.load_state_dict(state)
-    return model, pu.UpdateStore.open(tmp_path / "dense.zarr"), train_set, test_set
+    return (*_copy_of(dense_run, tmp_path), *dense_run[2:])
 
 
 def test_auto_replays_from_a_dense_store_when_the_replay_fits_the_budget(dense_run, tmp_path):
