@@ -157,7 +157,8 @@ def test_every_method_and_metric_reads_a_hugging_face_models_logits(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
     for name, run in (("repair", lambda: unlearn.repair(model, store, report.forget, retain, lr=1e-3,
-                                                         fine_tune_epochs=0.5, batch_size=4)),("fine_tune", lambda: unlearn.fine_tune(model, retain, epochs=1, batch_size=4)),
+                                                         fine_tune_epochs=0.5, batch_size=4)),
+                      ("fine_tune", lambda: unlearn.fine_tune(model, retain, epochs=1, batch_size=4)),
                       ("label_flip", lambda: unlearn.label_flip(model, forget, classes=2, max_steps=2)),
                       ("gradient_ascent", lambda: unlearn.gradient_ascent(model, forget, retain_data=retain,
                                                                           max_steps=2, max_retain_drop=None))):
